@@ -1,0 +1,1108 @@
+//! Pipeline files: YAML → raw structs ([`types`]) → [`ValidPipeline`] → [`Pipeline`].
+//!
+//! Validation never stops at the first problem: every section and every
+//! step is read on its own, and each problem carries the line and column it
+//! refers to, what was expected and, for misspellings, a suggestion.
+//! `rivulet validate` prints them all; only a [`ValidPipeline`] can be run.
+
+pub mod types;
+
+use crate::operators::window::{parse_aggregate, WindowDef, WindowKind};
+use crate::plan::{Pipeline, PipelineBuilder, DEFAULT_MAX_PAYLOAD};
+use crate::sinks::{FileSink, Sink};
+use crate::sources::file::FileSource;
+use crate::sources::generator::{self, Generator, GeneratorOptions};
+use crate::time::{parse_duration, parse_rfc3339};
+use marked_yaml::Node;
+use std::fmt;
+use std::time::Duration;
+use types::*;
+
+/// One problem in a pipeline file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based; 0 when the position is unknown.
+    pub line: usize,
+    pub column: usize,
+    /// Where in the file's structure, like `steps[2].window`.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line > 0 {
+            write!(f, "{}:{}: ", self.line, self.column)?;
+        }
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Every problem found in a file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {error}")]
+    Read { file: String, error: std::io::Error },
+    #[error("{}", render(.file, .problems))]
+    Invalid {
+        file: String,
+        problems: Vec<Problem>,
+    },
+    #[error("{file}: {message}")]
+    Build { file: String, message: String },
+}
+
+fn render(file: &str, problems: &[Problem]) -> String {
+    let mut s = format!(
+        "{file}: {} problem{}",
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    );
+    for p in problems {
+        s.push_str(&format!("\n  {file}:{p}"));
+    }
+    s
+}
+
+/// The closest candidate to a misspelled `word`, if one is close enough.
+pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (strsim::damerau_levenshtein(word, c), c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 3) && *d < c.len())
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+const TOP_KEYS: &[&str] = &[
+    "name",
+    "source",
+    "steps",
+    "sink",
+    "late",
+    "dead_letter",
+    "state",
+    "workers",
+];
+
+/// The time settings of a valid pipeline.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TimeSpec {
+    None,
+    Event {
+        field: String,
+        max_out_of_orderness: i64,
+        idle_timeout: Option<i64>,
+    },
+    Processing,
+}
+
+/// A checked source.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SourceSpec {
+    File {
+        path: String,
+    },
+    Generator(GeneratorSpec),
+    Mqtt {
+        url: String,
+        topics: Vec<String>,
+        qos: u8,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GeneratorSpec {
+    pub sensors: u32,
+    pub rate: Option<f64>,
+    pub disorder_ms: i64,
+    pub seed: u64,
+    pub count: Option<u64>,
+    pub start_ms: Option<i64>,
+}
+
+/// A checked sink.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SinkSpec {
+    File {
+        path: String,
+    },
+    Stdout,
+    Mqtt {
+        url: String,
+        topic: String,
+        qos: u8,
+        retain: bool,
+    },
+}
+
+/// A checked step.
+#[derive(Clone, Debug)]
+pub enum StepSpec {
+    Map(Vec<(String, String)>),
+    Filter(String),
+    KeyBy(Vec<String>),
+    Window(WindowDef),
+}
+
+/// A pipeline file that passed validation.
+#[derive(Clone, Debug)]
+pub struct ValidPipeline {
+    pub name: String,
+    pub source: SourceSpec,
+    pub time: TimeSpec,
+    pub max_payload: usize,
+    pub steps: Vec<StepSpec>,
+    pub sinks: Vec<SinkSpec>,
+    pub late: Vec<SinkSpec>,
+    pub dead_letter: Vec<SinkSpec>,
+    pub state_dir: Option<String>,
+    pub checkpoint_interval: Option<i64>,
+    pub workers: Option<usize>,
+}
+
+/// Reads and validates a pipeline file.
+pub fn load(path: &str) -> Result<ValidPipeline, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+        file: path.to_string(),
+        error,
+    })?;
+    validate(&text).map_err(|problems| ConfigError::Invalid {
+        file: path.to_string(),
+        problems,
+    })
+}
+
+struct Checker {
+    problems: Vec<Problem>,
+}
+
+impl Checker {
+    fn at(&mut self, line: usize, column: usize, path: &str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            line,
+            column,
+            path: path.to_string(),
+            message: message.into(),
+        });
+    }
+    fn node(&mut self, node: &Node, path: &str, message: impl Into<String>) {
+        let (l, c) = pos(node);
+        self.at(l, c, path, message);
+    }
+    fn sp<T>(&mut self, v: &Sp<T>, path: &str, message: impl Into<String>) {
+        self.at(v.line, v.column, path, message);
+    }
+    /// Deserializes one section, recording its problem.
+    fn section<T: serde::de::DeserializeOwned>(&mut self, node: &Node, path: &str) -> Option<T> {
+        match marked_yaml::from_node::<T>(node) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let (line, column) = e
+                    .start_mark()
+                    .map(|m| (m.line(), m.column()))
+                    .unwrap_or_else(|| pos(node));
+                let message = match &*e {
+                    marked_yaml::Error::UnknownFieldError(field, expected, _) => {
+                        let hint = suggest(field, expected.iter().copied())
+                            .map(|s| format!("did you mean `{s}`? "))
+                            .unwrap_or_default();
+                        format!(
+                            "unknown key `{field}`; {hint}expected one of: {}",
+                            expected.join(", ")
+                        )
+                    }
+                    other => tidy_serde_message(&other.to_string()),
+                };
+                self.at(line, column, path, message);
+                None
+            }
+        }
+    }
+    fn duration(&mut self, d: &DurationText, path: &str) -> Option<i64> {
+        match parse_duration(d) {
+            Ok(ms) => Some(ms),
+            Err(e) => {
+                self.sp(d, path, e);
+                None
+            }
+        }
+    }
+    fn positive(&mut self, d: &DurationText, path: &str) -> Option<i64> {
+        let ms = self.duration(d, path)?;
+        if ms == 0 {
+            self.sp(d, path, "must be greater than zero");
+            return None;
+        }
+        Some(ms)
+    }
+    fn expr(&mut self, e: &Sp<Scalar>, path: &str) -> Option<crate::expr::Ast> {
+        match crate::expr::parse(&e.0) {
+            Ok(ast) => {
+                let mut problems = Vec::new();
+                ast.check_functions(&mut problems);
+                for p in &problems {
+                    self.sp(e, path, p.clone());
+                }
+                problems.is_empty().then_some(ast)
+            }
+            Err(err) => {
+                self.at(
+                    e.line,
+                    e.column + err.column.saturating_sub(1),
+                    path,
+                    format!("bad expression `{}`: {}", e.0, err.message),
+                );
+                None
+            }
+        }
+    }
+}
+
+fn pos(node: &Node) -> (usize, usize) {
+    node.span()
+        .start()
+        .map(|m| (m.line(), m.column()))
+        .unwrap_or((0, 0))
+}
+
+/// serde's messages name Rust types; say what the file should hold instead.
+fn tidy_serde_message(m: &str) -> String {
+    m.replace("unknown variant", "unknown kind")
+        .replace("variant identifier", "kind")
+        .replace("struct ", "")
+        .replace(
+            "data did not match any variant of untagged enum OneOrMany",
+            "expected one item or a list",
+        )
+}
+
+/// Validates pipeline text; returns every problem found.
+pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
+    let mut c = Checker {
+        problems: Vec::new(),
+    };
+    let root = match marked_yaml::parse_yaml_with_options(
+        0,
+        text,
+        marked_yaml::LoaderOptions::default().error_on_duplicate_keys(true),
+    ) {
+        Ok(n) => n,
+        Err(e) => {
+            let (line, column, msg) = load_error(&e);
+            c.at(line, column, "", msg);
+            return Err(c.problems);
+        }
+    };
+    let Some(map) = root.as_mapping() else {
+        c.node(
+            &root,
+            "",
+            "a pipeline file is a mapping with `name`, `source`, `steps` and `sink`",
+        );
+        return Err(c.problems);
+    };
+    for (k, _) in map.iter() {
+        if !TOP_KEYS.contains(&k.as_str()) {
+            let hint = suggest(k.as_str(), TOP_KEYS.iter().copied())
+                .map(|s| format!("did you mean `{s}`? "))
+                .unwrap_or_default();
+            let (l, col) = k
+                .span()
+                .start()
+                .map(|m| (m.line(), m.column()))
+                .unwrap_or((0, 0));
+            c.at(
+                l,
+                col,
+                "",
+                format!(
+                    "unknown key `{}`; {hint}expected one of: {}",
+                    k.as_str(),
+                    TOP_KEYS.join(", ")
+                ),
+            );
+        }
+    }
+    let get = |k: &str| map.get_node(k);
+
+    let name = match get("name") {
+        Some(n) => c.section::<String>(n, "name"),
+        None => {
+            c.node(&root, "", "missing `name`");
+            None
+        }
+    };
+    let source = match get("source") {
+        Some(n) => c.section::<SourceConfig>(n, "source").map(|s| (s, n)),
+        None => {
+            c.node(&root, "", "missing `source`");
+            None
+        }
+    };
+    let checked_source = source
+        .as_ref()
+        .and_then(|(s, n)| check_source(&mut c, s, n));
+
+    // Steps, each on its own so one bad step does not hide the others.
+    let mut steps: Vec<(StepConfig, &Node)> = Vec::new();
+    if let Some(n) = get("steps") {
+        match n.as_sequence() {
+            Some(seq) => {
+                for (i, item) in seq.iter().enumerate() {
+                    if let Some(s) = c.section::<StepConfig>(item, &format!("steps[{i}]")) {
+                        steps.push((s, item));
+                    }
+                }
+            }
+            None => c.node(n, "steps", "expected a list of steps (`- map: ...`, `- filter: ...`, `- key_by: ...`, `- window: ...`)"),
+        }
+    }
+
+    let sinks = match get("sink") {
+        Some(n) => sink_list(&mut c, n, "sink"),
+        None => {
+            c.node(
+                &root,
+                "",
+                "missing `sink` (for example `sink: { stdout: {} }`)",
+            );
+            Vec::new()
+        }
+    };
+    let late = get("late")
+        .map(|n| sink_list(&mut c, n, "late"))
+        .unwrap_or_default();
+    let dead_letter = get("dead_letter")
+        .map(|n| sink_list(&mut c, n, "dead_letter"))
+        .unwrap_or_default();
+
+    let mut state_dir = None;
+    let mut checkpoint_interval = None;
+    if let Some(n) = get("state") {
+        if let Some(s) = c.section::<StateConfig>(n, "state") {
+            if s.dir.trim().is_empty() {
+                c.sp(&s.dir, "state.dir", "must not be empty");
+            }
+            state_dir = Some(s.dir.value.clone());
+            if let Some(d) = &s.checkpoint_interval {
+                checkpoint_interval = c.positive(d, "state.checkpoint_interval");
+            }
+        }
+    }
+    let workers = get("workers").and_then(|n| {
+        let w = c.section::<usize>(n, "workers")?;
+        if w == 0 || w > 256 {
+            c.node(n, "workers", format!("must be between 1 and 256, got {w}"));
+            return None;
+        }
+        Some(w)
+    });
+
+    // Steps: meaning and order.
+    let known = checked_source.as_ref().and_then(|s| s.0.known_fields());
+    let mut known = known;
+    let time = checked_source
+        .as_ref()
+        .map(|s| s.1.clone())
+        .unwrap_or(TimeSpec::None);
+    if let (Some(fields), TimeSpec::Event { field, .. }, Some((src, _))) = (&known, &time, &source)
+    {
+        if let Some(et) = &src.event_time {
+            check_field(
+                &mut c,
+                fields,
+                field,
+                et.field.line,
+                et.field.column,
+                "source.event_time.field",
+            );
+        }
+    }
+    let mut specs = Vec::new();
+    let mut seen_key: Option<usize> = None;
+    let mut seen_window: Option<usize> = None;
+    for (i, (step, node)) in steps.iter().enumerate() {
+        let path = format!("steps[{i}]");
+        if let Some(w) = seen_window {
+            c.node(node, &path, format!("steps after the window (steps[{w}]) are not supported; the window must be the last step"));
+        }
+        match step {
+            StepConfig::Map(assign) => {
+                let mut out = Vec::new();
+                for (k, v) in assign {
+                    let p = format!("{path}.map.{}", k.value);
+                    if let Some(ast) = c.expr(v, &p) {
+                        if let Some(fields) = &known {
+                            let mut used = Vec::new();
+                            ast.fields(&mut used);
+                            for f in used {
+                                check_field(&mut c, fields, &f, v.line, v.column, &p);
+                            }
+                        }
+                    }
+                    if !valid_field_name(k) {
+                        c.sp(k, &p, "a field name is letters, digits and `_`, with `.` between nested names");
+                    }
+                    if let Some(fields) = &mut known {
+                        fields.push(k.value.clone());
+                    }
+                    out.push((k.value.clone(), v.0.clone()));
+                }
+                if assign.is_empty() {
+                    c.node(node, &path, "`map` needs at least one `field: expression`");
+                }
+                specs.push(StepSpec::Map(out));
+            }
+            StepConfig::Filter(e) => {
+                let p = format!("{path}.filter");
+                if let Some(ast) = c.expr(e, &p) {
+                    if let Some(fields) = &known {
+                        let mut used = Vec::new();
+                        ast.fields(&mut used);
+                        for f in used {
+                            check_field(&mut c, fields, &f, e.line, e.column, &p);
+                        }
+                    }
+                }
+                specs.push(StepSpec::Filter(e.0.clone()));
+            }
+            StepConfig::KeyBy(k) => {
+                let p = format!("{path}.key_by");
+                if let Some(first) = seen_key {
+                    c.node(
+                        node,
+                        &p,
+                        format!("only one key_by is allowed (already at steps[{first}])"),
+                    );
+                }
+                seen_key = Some(i);
+                let fields: Vec<String> = k.value.0.clone();
+                if fields.is_empty() {
+                    c.node(node, &p, "key_by needs at least one field");
+                }
+                for f in &fields {
+                    if !valid_field_name(f) {
+                        c.sp(k, &p, format!("`{f}` is not a field name"));
+                    } else if let Some(known) = &known {
+                        check_field(&mut c, known, f, k.line, k.column, &p);
+                    }
+                }
+                specs.push(StepSpec::KeyBy(fields));
+            }
+            StepConfig::Window(w) => {
+                if let Some(first) = seen_window {
+                    c.node(
+                        node,
+                        &path,
+                        format!("only one window is allowed (already at steps[{first}])"),
+                    );
+                }
+                seen_window = Some(i);
+                if let Some(def) =
+                    check_window(&mut c, w, node, &format!("{path}.window"), known.as_deref())
+                {
+                    specs.push(StepSpec::Window(def));
+                }
+                if time == TimeSpec::None && checked_source.is_some() {
+                    c.node(node, &path, "a window needs time: set `source.event_time` (or `source.time: processing`)");
+                }
+            }
+        }
+    }
+    if let (Some(k), None) = (seen_key, seen_window) {
+        c.node(
+            steps[k].1,
+            &format!("steps[{k}].key_by"),
+            "key_by without a window has no effect; add a `window` step after it",
+        );
+    }
+
+    if !c.problems.is_empty() {
+        c.problems.sort_by_key(|p| (p.line == 0, p.line, p.column));
+        return Err(c.problems);
+    }
+    let (Some(name), Some((source, time, max_payload))) = (name, checked_source) else {
+        return Err(c.problems);
+    };
+    Ok(ValidPipeline {
+        name,
+        source,
+        time,
+        max_payload,
+        steps: specs,
+        sinks,
+        late,
+        dead_letter,
+        state_dir,
+        checkpoint_interval,
+        workers,
+    })
+}
+
+fn load_error(e: &marked_yaml::LoadError) -> (usize, usize, String) {
+    use marked_yaml::LoadError as E;
+    let (m, msg) = match e {
+        E::TopLevelMustBeMapping(m) => (
+            Some(*m),
+            "a pipeline file is a mapping with `name`, `source`, `steps` and `sink`".to_string(),
+        ),
+        E::TopLevelMustBeSequence(m) => (Some(*m), "expected a list".into()),
+        E::UnexpectedAnchor(m) => (
+            Some(*m),
+            "YAML anchors and aliases are not supported".into(),
+        ),
+        E::MappingKeyMustBeScalar(m) => (Some(*m), "keys must be plain words".into()),
+        E::UnexpectedTag(m) => (Some(*m), "YAML tags are not supported".into()),
+        E::ScanError(m, err) => (Some(*m), format!("not valid YAML: {err}")),
+        E::DuplicateKey(d) => (
+            d.key.span().start().copied(),
+            format!("duplicate key `{}`", d.key.as_str()),
+        ),
+    };
+    let (l, c) = m.map(|m| (m.line(), m.column())).unwrap_or((0, 0));
+    (l, c, msg)
+}
+
+fn valid_field_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('.').all(|part| {
+            let mut ch = part.chars();
+            ch.next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && ch.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+}
+
+fn check_field(
+    c: &mut Checker,
+    known: &[String],
+    field: &str,
+    line: usize,
+    column: usize,
+    path: &str,
+) {
+    if known.iter().any(|k| k == field) {
+        return;
+    }
+    let hint = suggest(field, known.iter().map(String::as_str))
+        .map(|s| format!("; did you mean `{s}`?"))
+        .unwrap_or_default();
+    c.at(
+        line,
+        column,
+        path,
+        format!(
+            "unknown field `{field}`{hint} (fields known here: {})",
+            known.join(", ")
+        ),
+    );
+}
+
+impl SourceSpec {
+    /// The fields every event has, where the source says.
+    pub fn known_fields(&self) -> Option<Vec<String>> {
+        match self {
+            SourceSpec::Generator(_) => {
+                Some(generator::FIELDS.iter().map(|s| s.to_string()).collect())
+            }
+            _ => None,
+        }
+    }
+}
+
+fn check_source(
+    c: &mut Checker,
+    s: &SourceConfig,
+    node: &Node,
+) -> Option<(SourceSpec, TimeSpec, usize)> {
+    let kinds = [s.mqtt.is_some(), s.file.is_some(), s.generator.is_some()];
+    let count = kinds.iter().filter(|k| **k).count();
+    if count != 1 {
+        c.node(
+            node,
+            "source",
+            format!(
+                "a source needs exactly one of `mqtt`, `file`, `generator`; found {}",
+                if count == 0 {
+                    "none".to_string()
+                } else {
+                    count.to_string()
+                }
+            ),
+        );
+    }
+    let mut ok = count == 1;
+    if let Some(f) = &s.format {
+        if f.value != "json" {
+            c.sp(
+                f,
+                "source.format",
+                format!("unknown format `{}`; expected `json`", f.value),
+            );
+            ok = false;
+        }
+    }
+    let max_payload = match &s.max_payload {
+        Some(m) => match parse_size(&m.value.0) {
+            Ok(n) => n,
+            Err(e) => {
+                c.sp(m, "source.max_payload", e);
+                ok = false;
+                DEFAULT_MAX_PAYLOAD
+            }
+        },
+        None => DEFAULT_MAX_PAYLOAD,
+    };
+    let time = match (&s.event_time, &s.time) {
+        (Some(_), Some(t)) if t.value == "processing" => {
+            c.sp(
+                t,
+                "source.time",
+                "`time: processing` and `event_time` exclude each other; keep one",
+            );
+            ok = false;
+            TimeSpec::None
+        }
+        (_, Some(t)) if t.value != "processing" && t.value != "event" => {
+            c.sp(
+                t,
+                "source.time",
+                format!(
+                    "unknown time `{}`; expected `processing` (or set `event_time`)",
+                    t.value
+                ),
+            );
+            ok = false;
+            TimeSpec::None
+        }
+        (None, Some(t)) if t.value == "processing" => TimeSpec::Processing,
+        (None, Some(t)) => {
+            c.sp(
+                t,
+                "source.time",
+                "`time: event` needs an `event_time` section",
+            );
+            ok = false;
+            TimeSpec::None
+        }
+        (Some(et), _) => {
+            if !valid_field_name(&et.field) {
+                c.sp(
+                    &et.field,
+                    "source.event_time.field",
+                    format!("`{}` is not a field name", et.field.value),
+                );
+                ok = false;
+            }
+            let bound = et
+                .max_out_of_orderness
+                .as_ref()
+                .and_then(|d| c.duration(d, "source.event_time.max_out_of_orderness"));
+            let idle = et
+                .idle_timeout
+                .as_ref()
+                .and_then(|d| c.positive(d, "source.event_time.idle_timeout"));
+            if et.max_out_of_orderness.is_some() && bound.is_none()
+                || et.idle_timeout.is_some() && idle.is_none()
+            {
+                ok = false;
+            }
+            TimeSpec::Event {
+                field: et.field.value.clone(),
+                max_out_of_orderness: bound.unwrap_or(0),
+                idle_timeout: idle,
+            }
+        }
+        (None, None) => TimeSpec::None,
+    };
+    let spec = if let Some(f) = &s.file {
+        if f.path.trim().is_empty() {
+            c.sp(
+                &f.path,
+                "source.file.path",
+                "must not be empty (use `-` for standard input)",
+            );
+            ok = false;
+        }
+        SourceSpec::File {
+            path: f.path.value.clone(),
+        }
+    } else if let Some(g) = &s.generator {
+        let rate = match &g.rate {
+            None => Some(1000.0),
+            Some(r) if r.value.0 == "unlimited" => None,
+            Some(r) => match r.value.0.parse::<f64>() {
+                Ok(x) if x > 0.0 && x.is_finite() => Some(x),
+                _ => {
+                    c.sp(r, "source.generator.rate", format!("bad rate `{}`: expected events per second (a positive number) or `unlimited`", r.value.0));
+                    ok = false;
+                    None
+                }
+            },
+        };
+        let disorder_ms = g
+            .disorder
+            .as_ref()
+            .map(|d| c.duration(d, "source.generator.disorder"))
+            .unwrap_or(Some(0));
+        let start_ms = match &g.start {
+            None => None,
+            Some(st) => match st
+                .value
+                .0
+                .parse::<i64>()
+                .map_err(|_| ())
+                .or_else(|_| parse_rfc3339(&st.value.0).map_err(|_| ()))
+            {
+                Ok(ms) => Some(ms),
+                Err(()) => {
+                    c.sp(
+                        st,
+                        "source.generator.start",
+                        format!(
+                            "bad start `{}`: expected epoch milliseconds or an RFC 3339 time",
+                            st.value.0
+                        ),
+                    );
+                    ok = false;
+                    None
+                }
+            },
+        };
+        if g.sensors == Some(0) {
+            c.node(node, "source.generator.sensors", "must be at least 1");
+            ok = false;
+        }
+        ok &= disorder_ms.is_some();
+        SourceSpec::Generator(GeneratorSpec {
+            sensors: g.sensors.unwrap_or(10),
+            rate,
+            disorder_ms: disorder_ms.unwrap_or(0),
+            seed: g.seed.unwrap_or(1),
+            count: g.count,
+            start_ms,
+        })
+    } else if let Some(m) = &s.mqtt {
+        ok &= check_url(c, &m.url, "source.mqtt.url");
+        if m.topics.is_empty() {
+            c.node(
+                node,
+                "source.mqtt.topics",
+                "needs at least one topic filter",
+            );
+            ok = false;
+        }
+        let qos = m.qos.as_ref().map(|q| q.value).unwrap_or(0);
+        if let Some(q) = &m.qos {
+            if q.value > 1 {
+                c.sp(
+                    q,
+                    "source.mqtt.qos",
+                    format!("qos {} is not supported; expected 0 or 1", q.value),
+                );
+                ok = false;
+            }
+        }
+        SourceSpec::Mqtt {
+            url: m.url.value.clone(),
+            topics: m.topics.iter().map(|t| t.value.clone()).collect(),
+            qos,
+        }
+    } else {
+        return None;
+    };
+    ok.then_some((spec, time, max_payload))
+}
+
+fn check_url(c: &mut Checker, url: &Sp<String>, path: &str) -> bool {
+    let good = ["mqtt://", "mqtts://", "tcp://", "ssl://"]
+        .iter()
+        .any(|p| url.starts_with(p) && url.len() > p.len());
+    if !good {
+        c.sp(
+            url,
+            path,
+            format!(
+                "bad broker URL `{}`: expected `mqtt://host:port` or `mqtts://host:port`",
+                url.value
+            ),
+        );
+    }
+    good
+}
+
+fn sink_list(c: &mut Checker, node: &Node, path: &str) -> Vec<SinkSpec> {
+    let items: Vec<(&Node, String)> = match node.as_sequence() {
+        Some(seq) => seq
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n, format!("{path}[{i}]")))
+            .collect(),
+        None => vec![(node, path.to_string())],
+    };
+    let mut out = Vec::new();
+    for (n, p) in items {
+        let Some(s) = c.section::<SinkConfig>(n, &p) else {
+            continue;
+        };
+        out.push(match s {
+            SinkConfig::File(f) => {
+                if f.path.trim().is_empty() {
+                    c.sp(
+                        &f.path,
+                        &format!("{p}.file.path"),
+                        "must not be empty (use `-` for standard output)",
+                    );
+                }
+                SinkSpec::File { path: f.path.value }
+            }
+            SinkConfig::Stdout(_) => SinkSpec::Stdout,
+            SinkConfig::Mqtt(m) => {
+                check_url(c, &m.url, &format!("{p}.mqtt.url"));
+                if m.topic.trim().is_empty() {
+                    c.sp(&m.topic, &format!("{p}.mqtt.topic"), "must not be empty");
+                }
+                let qos = m.qos.as_ref().map(|q| q.value).unwrap_or(0);
+                if qos > 1 {
+                    c.node(
+                        n,
+                        &format!("{p}.mqtt.qos"),
+                        format!("qos {qos} is not supported; expected 0 or 1"),
+                    );
+                }
+                SinkSpec::Mqtt {
+                    url: m.url.value,
+                    topic: m.topic.value,
+                    qos,
+                    retain: m.retain.unwrap_or(false),
+                }
+            }
+        });
+    }
+    out
+}
+
+fn check_window(
+    c: &mut Checker,
+    w: &WindowConfig,
+    node: &Node,
+    path: &str,
+    known: Option<&[String]>,
+) -> Option<WindowDef> {
+    let kinds = [
+        w.tumbling.is_some(),
+        w.sliding.is_some(),
+        w.session.is_some(),
+    ];
+    let count = kinds.iter().filter(|k| **k).count();
+    if count != 1 {
+        c.node(
+            node,
+            path,
+            format!(
+                "a window needs exactly one of `tumbling`, `sliding`, `session`; found {}",
+                if count == 0 {
+                    "none".to_string()
+                } else {
+                    count.to_string()
+                }
+            ),
+        );
+    }
+    let kind = if let Some(t) = &w.tumbling {
+        c.positive(t, &format!("{path}.tumbling"))
+            .map(|size| WindowKind::Tumbling { size })
+    } else if let Some(s) = &w.sliding {
+        let size = c.positive(&s.size, &format!("{path}.sliding.size"));
+        let slide = c.positive(&s.slide, &format!("{path}.sliding.slide"));
+        match (size, slide) {
+            (Some(size), Some(slide)) => Some(WindowKind::Sliding { size, slide }),
+            _ => None,
+        }
+    } else if let Some(s) = &w.session {
+        c.positive(&s.gap, &format!("{path}.session.gap"))
+            .map(|gap| WindowKind::Session { gap })
+    } else {
+        None
+    };
+    let lateness = match &w.allowed_lateness {
+        Some(d) => c.duration(d, &format!("{path}.allowed_lateness")),
+        None => Some(0),
+    };
+    let mut aggregates = Vec::new();
+    let mut ok = true;
+    match &w.aggregate {
+        None => {
+            c.node(node, path, "a window needs `aggregate:` with at least one result field, like `readings: count()`");
+            ok = false;
+        }
+        Some(a) if a.is_empty() => {
+            c.node(
+                node,
+                path,
+                "`aggregate:` is empty; add at least one result field, like `readings: count()`",
+            );
+            ok = false;
+        }
+        Some(a) => {
+            for (name, call) in a {
+                let p = format!("{path}.aggregate.{}", name.value);
+                if ["window_start", "window_end"].contains(&name.as_str()) {
+                    c.sp(
+                        name,
+                        &p,
+                        format!("`{}` is a reserved result field", name.value),
+                    );
+                    ok = false;
+                }
+                match parse_aggregate(&call.0) {
+                    Ok((func, arg)) => {
+                        if let (Some(known), Some(arg)) = (known, &arg) {
+                            let mut used = Vec::new();
+                            arg.fields(&mut used);
+                            for f in used {
+                                check_field(c, known, &f, call.line, call.column, &p);
+                            }
+                        }
+                        aggregates.push(crate::operators::window::Aggregate {
+                            name: name.value.clone(),
+                            func,
+                            arg,
+                        });
+                    }
+                    Err(e) => {
+                        c.sp(call, &p, e);
+                        ok = false;
+                    }
+                }
+            }
+        }
+    }
+    let (Some(kind), Some(allowed_lateness), true) = (kind, lateness, ok) else {
+        return None;
+    };
+    Some(WindowDef {
+        kind,
+        allowed_lateness,
+        aggregates,
+    })
+}
+
+/// Parses a byte size: `4096`, `64KiB`, `1MiB`, `1MB`.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let scale: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1000,
+        "KiB" => 1 << 10,
+        "MB" => 1_000_000,
+        "MiB" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "GiB" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "bad size `{s}`: expected bytes, or a number with B, KiB, MiB, KB or MB"
+            ))
+        }
+    };
+    num.parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("bad size `{s}`: expected a positive number of bytes, like `64KiB`"))
+}
+
+/// Run-time choices that override the file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub workers: Option<usize>,
+}
+
+impl ValidPipeline {
+    /// Opens the source and sinks and builds the dataflow.
+    pub fn build(&self, file: &str, overrides: &Overrides) -> Result<PipelineBuilder, ConfigError> {
+        let err = |message: String| ConfigError::Build {
+            file: file.to_string(),
+            message,
+        };
+        let mut b = Pipeline::builder(&self.name).max_payload(self.max_payload);
+        b = match &self.source {
+            SourceSpec::File { path } => {
+                b.source(FileSource::open(path).map_err(|e| err(e.to_string()))?)
+            }
+            SourceSpec::Generator(g) => b.source(Generator::new(GeneratorOptions {
+                sensors: g.sensors,
+                rate: g.rate,
+                disorder_ms: g.disorder_ms,
+                seed: g.seed,
+                count: g.count,
+                start_ms: g
+                    .start_ms
+                    .unwrap_or_else(|| crate::time::Clock::now_ms(&crate::time::SystemClock)),
+            })),
+            SourceSpec::Mqtt { .. } => {
+                return Err(err(
+                    "the MQTT source is not available in this build yet".into()
+                ))
+            }
+        };
+        b = match &self.time {
+            TimeSpec::None => b,
+            TimeSpec::Processing => b.processing_time(),
+            TimeSpec::Event {
+                field,
+                max_out_of_orderness,
+                idle_timeout,
+            } => {
+                let b = b.event_time(field, Duration::from_millis(*max_out_of_orderness as u64));
+                match idle_timeout {
+                    Some(ms) => b.idle_timeout(Duration::from_millis(*ms as u64)),
+                    None => b,
+                }
+            }
+        };
+        for s in &self.steps {
+            b = match s {
+                StepSpec::Map(a) => b.map(a.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+                StepSpec::Filter(f) => b.filter(f),
+                StepSpec::KeyBy(k) => b.key_by(k),
+                StepSpec::Window(w) => b.window(w.clone()),
+            };
+        }
+        let open = |s: &SinkSpec| -> Result<Box<dyn Sink>, ConfigError> {
+            match s {
+                SinkSpec::File { path } => Ok(Box::new(
+                    FileSink::open(path).map_err(|e| err(e.to_string()))?,
+                )),
+                SinkSpec::Stdout => Ok(Box::new(FileSink::stdout())),
+                SinkSpec::Mqtt { .. } => Err(err(
+                    "the MQTT sink is not available in this build yet".into(),
+                )),
+            }
+        };
+        for s in &self.sinks {
+            b = b.boxed_sink(open(s)?);
+        }
+        for s in &self.late {
+            b = b.late(open(s)?);
+        }
+        for s in &self.dead_letter {
+            b = b.dead_letter(open(s)?);
+        }
+        if let Some(w) = overrides.workers.or(self.workers) {
+            b = b.workers(w);
+        }
+        Ok(b)
+    }
+}
+
+/// The JSON Schema of pipeline files.
+pub fn json_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(PipelineFile)).unwrap_or_default()
+}

@@ -1,0 +1,352 @@
+//! The pipeline file as written: serde structs whose doc comments are the
+//! user documentation (they become the descriptions in `rivulet schema`).
+//!
+//! These types only describe shape. Meaning (durations, expressions, which
+//! fields exist, step order) is checked in [`super::validate`].
+
+use indexmap::IndexMap;
+use schemars::JsonSchema;
+use serde::Deserialize;
+use std::borrow::Cow;
+
+/// A value with the line and column where it was written.
+#[derive(Clone, Debug)]
+pub struct Sp<T> {
+    pub value: T,
+    /// 1-based line, 0 when unknown.
+    pub line: usize,
+    /// 1-based column, 0 when unknown.
+    pub column: usize,
+}
+
+impl<T> std::ops::Deref for Sp<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+impl<T: PartialEq> PartialEq for Sp<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.value == other.value
+    }
+}
+impl<T: Eq> Eq for Sp<T> {}
+impl<T: std::hash::Hash> std::hash::Hash for Sp<T> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.value.hash(state)
+    }
+}
+
+impl<'de, T: Deserialize<'de> + Clone> Deserialize<'de> for Sp<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = marked_yaml::Spanned::<T>::deserialize(d)?;
+        let (line, column) = s
+            .span()
+            .start()
+            .map(|m| (m.line(), m.column()))
+            .unwrap_or((0, 0));
+        Ok(Sp {
+            value: (*s).clone(),
+            line,
+            column,
+        })
+    }
+}
+
+impl<T: JsonSchema> JsonSchema for Sp<T> {
+    fn inline_schema() -> bool {
+        T::inline_schema()
+    }
+    fn schema_name() -> Cow<'static, str> {
+        T::schema_name()
+    }
+    fn schema_id() -> Cow<'static, str> {
+        T::schema_id()
+    }
+    fn json_schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        T::json_schema(g)
+    }
+}
+
+/// A number or a word, as YAML scalars arrive (`1000`, `unlimited`, `64KiB`).
+///
+/// YAML scalars reach serde as strings; keeping the text lets validation
+/// give one precise message for every malformed value.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scalar(pub String);
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number or a string")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl JsonSchema for Scalar {
+    fn schema_name() -> Cow<'static, str> {
+        "NumberOrString".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "type": ["number", "string"] })
+    }
+}
+
+/// A duration: a whole number and a unit, `ms`, `s`, `m` or `h` (`250ms`, `5s`).
+pub type DurationText = Sp<String>;
+
+/// A rivulet pipeline file.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "rivulet pipeline")]
+pub struct PipelineFile {
+    /// Name of the pipeline, shown in logs.
+    pub name: String,
+    pub source: SourceConfig,
+    /// Processing steps, applied in order.
+    #[serde(default)]
+    pub steps: Vec<StepConfig>,
+    /// Where results go: one sink or a list of sinks.
+    pub sink: OneOrMany<SinkConfig>,
+    /// Where events too late for their window go (the late side output).
+    /// Without it late events are counted and dropped.
+    pub late: Option<OneOrMany<SinkConfig>>,
+    /// Where events that cannot be processed go, each with the reason.
+    /// Without it they are counted and logged.
+    pub dead_letter: Option<OneOrMany<SinkConfig>>,
+    pub state: Option<StateConfig>,
+    /// Worker threads that own disjoint key groups (default: number of cores).
+    pub workers: Option<usize>,
+}
+
+/// One item or a list of items.
+#[derive(Clone, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    pub fn into_vec(self) -> Vec<T> {
+        match self {
+            OneOrMany::One(t) => vec![t],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// Where events come from, how they are decoded and how they are timed.
+/// Exactly one of `mqtt`, `file` and `generator`.
+#[derive(Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub mqtt: Option<MqttSourceConfig>,
+    pub file: Option<FileSourceConfig>,
+    pub generator: Option<GeneratorConfig>,
+    /// Payload format: `json` (one JSON object per event; the default).
+    pub format: Option<Sp<String>>,
+    /// Use the time carried by each event (event time).
+    pub event_time: Option<EventTimeConfig>,
+    /// `processing` to window by arrival time instead of `event_time`.
+    pub time: Option<Sp<String>>,
+    /// Largest accepted event, in bytes or with a unit (`64KiB`, `1MiB`).
+    /// Larger events go to the dead-letter output. Default 1MiB.
+    #[schemars(with = "Scalar")]
+    pub max_payload: Option<Sp<Scalar>>,
+}
+
+/// Read events from an MQTT broker.
+#[derive(Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSourceConfig {
+    /// Broker URL, `mqtt://host:port` or `mqtts://host:port`.
+    pub url: Sp<String>,
+    /// Topic filters; `{name}` in a level binds that level to field `name`.
+    pub topics: Vec<Sp<String>>,
+    /// Quality of service: 0 or 1.
+    pub qos: Option<Sp<u8>>,
+    /// MQTT client id (default: derived from the pipeline name).
+    pub client_id: Option<String>,
+}
+
+/// Read JSON Lines from a file; `-` reads standard input. A bounded stream:
+/// when the input ends every open window fires.
+#[derive(Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FileSourceConfig {
+    pub path: Sp<String>,
+}
+
+/// Synthetic sensor readings: `{"sensor_id": "sensor-7", "ts": <epoch ms>,
+/// "temperature": <°F>, "humidity": <%>}`.
+#[derive(Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GeneratorConfig {
+    /// Number of distinct sensors (keys). Default 10.
+    pub sensors: Option<u32>,
+    /// Events per second (paced in real time), or `unlimited`. Default 1000.
+    #[schemars(with = "Scalar")]
+    pub rate: Option<Sp<Scalar>>,
+    /// Each event's timestamp lags by a random amount up to this duration.
+    /// Default `0ms` (in order).
+    pub disorder: Option<DurationText>,
+    /// Random seed; the same seed gives the same events. Default 1.
+    pub seed: Option<u64>,
+    /// Total number of events, then the stream ends. Default: unbounded.
+    pub count: Option<u64>,
+    /// Event time of the first event: epoch milliseconds or RFC 3339.
+    /// Default: the wall clock at start.
+    #[schemars(with = "Scalar")]
+    pub start: Option<Sp<Scalar>>,
+}
+
+/// Event time: where each event's timestamp is and how out of order events may arrive.
+#[derive(Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EventTimeConfig {
+    /// Field holding the timestamp: epoch milliseconds, or an RFC 3339 string.
+    pub field: Sp<String>,
+    /// How far behind the largest timestamp seen an event may be and still be on time.
+    pub max_out_of_orderness: Option<DurationText>,
+    /// After this long without events, the watermark advances with the wall
+    /// clock so that open windows still fire.
+    pub idle_timeout: Option<DurationText>,
+}
+
+/// One processing step: exactly one of `map`, `filter`, `key_by`, `window`.
+#[derive(Clone, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum StepConfig {
+    /// New or replaced fields: `name: expression`, evaluated in order.
+    Map(IndexMap<Sp<String>, Sp<Scalar>>),
+    /// Keep only events for which the expression is `true`.
+    Filter(Sp<Scalar>),
+    /// Partition by one field or a list of fields.
+    #[schemars(with = "OneOrMany<String>")]
+    KeyBy(Sp<FieldList>),
+    /// An event-time (or processing-time) window with aggregates.
+    Window(WindowConfig),
+}
+
+/// A window: exactly one of `tumbling`, `sliding`, `session`.
+#[derive(Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WindowConfig {
+    /// Fixed, non-overlapping windows of this size, aligned to the epoch.
+    pub tumbling: Option<DurationText>,
+    /// Overlapping windows of `size`, one starting every `slide`.
+    pub sliding: Option<SlidingConfig>,
+    /// Windows of activity separated by at least `gap` of silence.
+    pub session: Option<SessionConfig>,
+    /// How long after a window fires late events still update it (default 0ms).
+    pub allowed_lateness: Option<DurationText>,
+    /// Result fields: `name: count() | count(e) | sum(e) | avg(e) | min(e) | max(e) | first(e) | last(e)`.
+    pub aggregate: Option<IndexMap<Sp<String>, Sp<Scalar>>>,
+}
+
+#[derive(Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SlidingConfig {
+    pub size: DurationText,
+    pub slide: DurationText,
+}
+
+#[derive(Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionConfig {
+    pub gap: DurationText,
+}
+
+/// An output: exactly one of `file`, `stdout`, `mqtt`.
+#[derive(Clone, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum SinkConfig {
+    /// JSON Lines appended to a file; `-` is standard output.
+    File(FileSinkConfig),
+    /// JSON Lines on standard output.
+    Stdout(StdoutSinkConfig),
+    /// Publish each result to an MQTT broker.
+    Mqtt(MqttSinkConfig),
+}
+
+#[derive(Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FileSinkConfig {
+    pub path: Sp<String>,
+}
+
+#[derive(Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StdoutSinkConfig {}
+
+#[derive(Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSinkConfig {
+    /// Broker URL, `mqtt://host:port` or `mqtts://host:port`.
+    pub url: Sp<String>,
+    /// Topic template; `{field}` is replaced by the result's field.
+    pub topic: Sp<String>,
+    /// Quality of service: 0 or 1.
+    pub qos: Option<Sp<u8>>,
+    /// Publish with the retain flag.
+    pub retain: Option<bool>,
+}
+
+/// Where keyed state and checkpoints are kept.
+#[derive(Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// Directory of the state files.
+    pub dir: Sp<String>,
+    /// How often state is checkpointed (default 10s).
+    pub checkpoint_interval: Option<DurationText>,
+}
+
+/// One field name or a list of them (`key_by: sensor_id`, `key_by: [site, id]`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FieldList(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for FieldList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = FieldList;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a field name or a list of field names")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<FieldList, E> {
+                Ok(FieldList(vec![v.to_string()]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<FieldList, A::Error> {
+                let mut out = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    out.push(s);
+                }
+                Ok(FieldList(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}

@@ -1,0 +1,26 @@
+//! rivulet: a stream processor for the edge.
+//!
+//! Map of the crate:
+//! - [`config`]: the pipeline file: serde structs, validation with line and
+//!   column, compilation to a [`plan::Pipeline`].
+//! - [`plan`]: the dataflow builder (what YAML compiles to; Rust users use it directly).
+//! - [`expr`]: the expression language of `map`, `filter` and aggregates.
+//! - [`decode`]: JSON payloads into slots; [`value`]: values and key encoding.
+//! - [`time`]: clocks, durations, timestamps, the watermark rule.
+//! - [`operators`]: steps (`map`, `filter`, your own) and [`operators::window`].
+//! - [`sources`], [`sinks`]: where events come from and results go.
+//! - [`exec`]: threads, bounded queues, deterministic output order, shutdown.
+
+pub mod config;
+pub mod decode;
+pub mod exec;
+pub mod expr;
+pub mod operators;
+pub mod plan;
+pub mod sinks;
+pub mod sources;
+pub mod time;
+pub mod value;
+
+pub use exec::{RunOptions, RunStats};
+pub use plan::Pipeline;

@@ -1,0 +1,520 @@
+//! Keyed event-time windows with Flink's semantics.
+//!
+//! One [`WindowOperator`] lives on each worker and holds the windows of the
+//! keys in that worker's key groups. The rules, as in Flink's
+//! `WindowOperator` with the default `EventTimeTrigger`:
+//!
+//! - An event is assigned to its windows (one tumbling window, `size/slide`
+//!   sliding windows, or a session window `[ts, ts + gap)` merged with every
+//!   window of the key it touches; windows that touch end-to-start merge).
+//! - A window is *late* when `end − 1 + allowed_lateness <= watermark`; the
+//!   event skips late windows. An event that skipped all its windows and
+//!   whose `ts + allowed_lateness <= watermark` goes to the late output.
+//! - A window fires when the watermark reaches `end − 1`. An event added to
+//!   a window that already fired (within the allowed lateness) fires it
+//!   again at once with the updated result.
+//! - A window's state is dropped when the watermark reaches
+//!   `end − 1 + allowed_lateness`.
+//!
+//! Timers live in one ordered map per worker. A timer names the key and the
+//! exact window bounds; one whose window has since merged or gone is
+//! ignored when it comes due, which is how timers are "deleted".
+//!
+//! Costs: an event costs one hash lookup and, for a new window, one small
+//! allocation and one timer entry. Firing allocates the output line.
+
+mod acc;
+
+pub use acc::{Acc, AggFunc};
+
+use crate::expr::Ast;
+use crate::value::{decode_key, write_json_str, Value};
+use hashbrown::HashTable;
+use std::collections::BTreeMap;
+
+/// Window shape; all sizes in milliseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WindowKind {
+    Tumbling { size: i64 },
+    Sliding { size: i64, slide: i64 },
+    Session { gap: i64 },
+}
+
+/// One named aggregate of a window result.
+#[derive(Clone, Debug)]
+pub struct Aggregate {
+    pub name: String,
+    pub func: AggFunc,
+    /// The argument expression (`None` for `count()`).
+    pub arg: Option<Ast>,
+}
+
+/// A window step: its shape, lateness and aggregates.
+#[derive(Clone, Debug)]
+pub struct WindowDef {
+    pub kind: WindowKind,
+    pub allowed_lateness: i64,
+    pub aggregates: Vec<Aggregate>,
+}
+
+impl WindowDef {
+    fn of(kind: WindowKind) -> Self {
+        WindowDef {
+            kind,
+            allowed_lateness: 0,
+            aggregates: Vec::new(),
+        }
+    }
+    pub fn tumbling(size: std::time::Duration) -> Self {
+        Self::of(WindowKind::Tumbling {
+            size: size.as_millis() as i64,
+        })
+    }
+    pub fn sliding(size: std::time::Duration, slide: std::time::Duration) -> Self {
+        Self::of(WindowKind::Sliding {
+            size: size.as_millis() as i64,
+            slide: slide.as_millis() as i64,
+        })
+    }
+    pub fn session(gap: std::time::Duration) -> Self {
+        Self::of(WindowKind::Session {
+            gap: gap.as_millis() as i64,
+        })
+    }
+    pub fn allowed_lateness(mut self, d: std::time::Duration) -> Self {
+        self.allowed_lateness = d.as_millis() as i64;
+        self
+    }
+    /// Adds an aggregate written as in pipeline files: `avg(celsius)`,
+    /// `count()`. Errors are reported by `PipelineBuilder::build`.
+    pub fn aggregate(mut self, name: &str, call: &str) -> Self {
+        match parse_aggregate(call) {
+            Ok((func, arg)) => self.aggregates.push(Aggregate {
+                name: name.to_string(),
+                func,
+                arg,
+            }),
+            Err(e) => self.aggregates.push(Aggregate {
+                name: format!("{name}\u{0}{e}"),
+                func: AggFunc::Count,
+                arg: None,
+            }),
+        }
+        self
+    }
+
+    /// Problems recorded by [`WindowDef::aggregate`] or shape errors.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .aggregates
+            .iter()
+            .filter_map(|a| a.name.split_once('\u{0}'))
+            .map(|(n, e)| format!("aggregate `{n}`: {e}"))
+            .collect();
+        let bad = |what: &str, v: i64| (v <= 0).then(|| format!("window {what} must be positive"));
+        match self.kind {
+            WindowKind::Tumbling { size } => out.extend(bad("size", size)),
+            WindowKind::Sliding { size, slide } => {
+                out.extend(bad("size", size));
+                out.extend(bad("slide", slide));
+            }
+            WindowKind::Session { gap } => out.extend(bad("gap", gap)),
+        }
+        if self.allowed_lateness < 0 {
+            out.push("allowed_lateness must not be negative".into());
+        }
+        if self.aggregates.is_empty() {
+            out.push("a window needs at least one aggregate".into());
+        }
+        out
+    }
+
+    /// Start of every window `ts` belongs to (not for sessions).
+    fn assign(&self, ts: i64, out: &mut Vec<(i64, i64)>) {
+        out.clear();
+        match self.kind {
+            WindowKind::Tumbling { size } => {
+                let start = ts - ts.rem_euclid(size);
+                out.push((start, start + size));
+            }
+            WindowKind::Sliding { size, slide } => {
+                let mut start = ts - ts.rem_euclid(slide);
+                while start > ts - size {
+                    out.push((start, start + size));
+                    start -= slide;
+                }
+            }
+            WindowKind::Session { gap } => out.push((ts, ts + gap)),
+        }
+    }
+}
+
+/// Parses `count()`, `avg(expr)` …
+pub fn parse_aggregate(call: &str) -> Result<(AggFunc, Option<Ast>), String> {
+    let ast = crate::expr::parse(call)
+        .map_err(|e| format!("{} (at column {} of `{call}`)", e.message, e.column))?;
+    let Ast::Call(name, mut args) = ast else {
+        return Err(format!(
+            "`{call}` is not an aggregate call; expected one of count(), count(e), sum(e), avg(e), min(e), max(e), first(e), last(e)"
+        ));
+    };
+    if args.len() > 1 {
+        return Err(format!("`{name}` takes one argument, got {}", args.len()));
+    }
+    let arg = args.pop();
+    match AggFunc::from_name(&name, arg.is_some()) {
+        Some(f) => {
+            if let Some(a) = &arg {
+                let mut problems = Vec::new();
+                a.check_functions(&mut problems);
+                if let Some(p) = problems.into_iter().next() {
+                    return Err(p);
+                }
+            }
+            Ok((f, arg))
+        }
+        None if AggFunc::NAMES.contains(&name.as_str()) => Err(format!(
+            "`{name}` needs {} argument",
+            if name == "count" {
+                "zero or one"
+            } else {
+                "one"
+            }
+        )),
+        None => {
+            let hint = crate::config::suggest(&name, AggFunc::NAMES.iter().copied())
+                .map(|s| format!("; did you mean `{s}`?"))
+                .unwrap_or_default();
+            Err(format!("unknown aggregate function `{name}`{hint}"))
+        }
+    }
+}
+
+/// A window result or late event produced by the operator.
+#[derive(Debug)]
+pub struct Emitted {
+    pub start: i64,
+    pub end: i64,
+    pub key: Box<[u8]>,
+    pub line: Vec<u8>,
+}
+
+struct Win {
+    start: i64,
+    end: i64,
+    accs: Box<[Acc]>,
+}
+
+struct KeyState {
+    key: Box<[u8]>,
+    hash: u64,
+    /// Bumped when the slot is reused for another key, so old timers miss.
+    gen: u32,
+    /// Sorted by start.
+    windows: Vec<Win>,
+}
+
+#[derive(Clone, Copy)]
+struct Timer {
+    key: u32,
+    gen: u32,
+    start: i64,
+    end: i64,
+}
+
+/// The windows of one worker's keys.
+pub struct WindowOperator {
+    def: WindowDef,
+    funcs: Vec<AggFunc>,
+    key_names: Vec<String>,
+    keys: Vec<KeyState>,
+    free: Vec<u32>,
+    index: HashTable<u32>,
+    timers: BTreeMap<i64, Vec<Timer>>,
+    watermark: i64,
+    assigned: Vec<(i64, i64)>,
+    emitted: Vec<Emitted>,
+}
+
+impl WindowOperator {
+    pub fn new(def: WindowDef, key_names: Vec<String>) -> Self {
+        let funcs = def.aggregates.iter().map(|a| a.func).collect();
+        WindowOperator {
+            def,
+            funcs,
+            key_names,
+            keys: Vec::new(),
+            free: Vec::new(),
+            index: HashTable::new(),
+            timers: BTreeMap::new(),
+            watermark: i64::MIN,
+            assigned: Vec::new(),
+            emitted: Vec::new(),
+        }
+    }
+
+    pub fn watermark(&self) -> i64 {
+        self.watermark
+    }
+
+    /// Number of keys with open windows.
+    pub fn open_keys(&self) -> usize {
+        self.keys.len() - self.free.len()
+    }
+
+    /// Number of open windows.
+    pub fn open_windows(&self) -> usize {
+        self.keys.iter().map(|k| k.windows.len()).sum()
+    }
+
+    fn key_id(&mut self, key: &[u8], hash: u64) -> u32 {
+        let keys = &self.keys;
+        if let Some(&id) = self.index.find(hash, |&id| &*keys[id as usize].key == key) {
+            return id;
+        }
+        let id = match self.free.pop() {
+            Some(id) => {
+                let k = &mut self.keys[id as usize];
+                k.key = key.into();
+                k.hash = hash;
+                k.gen = k.gen.wrapping_add(1);
+                id
+            }
+            None => {
+                self.keys.push(KeyState {
+                    key: key.into(),
+                    hash,
+                    gen: 0,
+                    windows: Vec::new(),
+                });
+                (self.keys.len() - 1) as u32
+            }
+        };
+        let keys = &self.keys;
+        self.index
+            .insert_unique(hash, id, |&i| keys[i as usize].hash);
+        id
+    }
+
+    fn release_if_empty(&mut self, id: u32) {
+        let k = &self.keys[id as usize];
+        if !k.windows.is_empty() {
+            return;
+        }
+        let (hash, keys) = (k.hash, &self.keys);
+        if let Ok(entry) = self.index.find_entry(hash, |&i| i == id) {
+            entry.remove();
+        }
+        let _ = keys;
+        self.free.push(id);
+    }
+
+    fn add_timer(&mut self, at: i64, t: Timer) {
+        self.timers.entry(at).or_default().push(t);
+    }
+
+    /// Processes one event with the watermark as it stands before it.
+    /// Results fired by late-but-allowed events are appended to `out`,
+    /// sorted. Returns `true` when the event is late (for the late output).
+    pub fn process(
+        &mut self,
+        key: &[u8],
+        hash: u64,
+        ts: i64,
+        seq: u64,
+        vals: &[Value],
+        out: &mut Vec<Emitted>,
+    ) -> bool {
+        let wm = self.watermark;
+        let lateness = self.def.allowed_lateness;
+        let mut assigned = std::mem::take(&mut self.assigned);
+        self.def.assign(ts, &mut assigned);
+        let id = self.key_id(key, hash);
+        let mut skipped = true;
+        for &(start, end) in &assigned {
+            let (start, end, created) = match self.def.kind {
+                WindowKind::Session { .. } => match self.merge_session(id, start, end) {
+                    Some(w) => w,
+                    None => continue,
+                },
+                _ => {
+                    if end - 1 + lateness <= wm {
+                        continue;
+                    }
+                    self.window_for(id, start, end)
+                }
+            };
+            skipped = false;
+            let k = &mut self.keys[id as usize];
+            let gen = k.gen;
+            let Some(w) = k
+                .windows
+                .iter_mut()
+                .find(|w| w.start == start && w.end == end)
+            else {
+                continue;
+            };
+            for (acc, v) in w.accs.iter_mut().zip(vals) {
+                acc.add(v, ts, seq);
+            }
+            let timer = Timer {
+                key: id,
+                gen,
+                start,
+                end,
+            };
+            if end - 1 <= wm {
+                // Late but allowed: fire again with the update.
+                self.emit(id, start, end);
+            } else if created {
+                self.add_timer(end - 1, timer);
+            }
+            if created && lateness > 0 {
+                self.add_timer(end - 1 + lateness, timer);
+            }
+        }
+        self.assigned = assigned;
+        self.release_if_empty(id);
+        self.drain_sorted(out);
+        skipped && ts.saturating_add(lateness) <= wm
+    }
+
+    /// The window with these bounds, created if missing.
+    fn window_for(&mut self, id: u32, start: i64, end: i64) -> (i64, i64, bool) {
+        let k = &mut self.keys[id as usize];
+        if k.windows.iter().any(|w| w.start == start && w.end == end) {
+            return (start, end, false);
+        }
+        let pos = k.windows.partition_point(|w| w.start < start);
+        k.windows.insert(
+            pos,
+            Win {
+                start,
+                end,
+                accs: self.funcs.iter().map(|f| Acc::new(*f)).collect(),
+            },
+        );
+        (start, end, true)
+    }
+
+    /// Merges the session window `[start, end)` with every window of the
+    /// key it touches. `None` when the result is late (the event is skipped).
+    fn merge_session(&mut self, id: u32, start: i64, end: i64) -> Option<(i64, i64, bool)> {
+        let wm = self.watermark;
+        let lateness = self.def.allowed_lateness;
+        let k = &mut self.keys[id as usize];
+        // Flink's TimeWindow.intersects: touching windows merge too.
+        let touching: Vec<usize> = (0..k.windows.len())
+            .filter(|&i| k.windows[i].start <= end && k.windows[i].end >= start)
+            .collect();
+        let (mut s, mut e) = (start, end);
+        for &i in &touching {
+            s = s.min(k.windows[i].start);
+            e = e.max(k.windows[i].end);
+        }
+        if e - 1 + lateness <= wm {
+            return None;
+        }
+        if let [only] = touching[..] {
+            if k.windows[only].start == s && k.windows[only].end == e {
+                return Some((s, e, false));
+            }
+        }
+        let mut accs: Box<[Acc]> = self.funcs.iter().map(|f| Acc::new(*f)).collect();
+        for &i in touching.iter().rev() {
+            let w = k.windows.remove(i);
+            for (a, b) in accs.iter_mut().zip(w.accs.iter()) {
+                a.merge(b);
+            }
+        }
+        let pos = k.windows.partition_point(|w| w.start < s);
+        k.windows.insert(
+            pos,
+            Win {
+                start: s,
+                end: e,
+                accs,
+            },
+        );
+        Some((s, e, true))
+    }
+
+    fn emit(&mut self, id: u32, start: i64, end: i64) {
+        let k = &self.keys[id as usize];
+        let Some(w) = k.windows.iter().find(|w| w.start == start && w.end == end) else {
+            return;
+        };
+        let mut line = Vec::with_capacity(128);
+        line.push(b'{');
+        let key_vals = decode_key(&k.key).unwrap_or_default();
+        for (name, v) in self.key_names.iter().zip(&key_vals) {
+            write_json_str(name, &mut line);
+            line.push(b':');
+            v.write_json(&mut line);
+            line.push(b',');
+        }
+        line.extend_from_slice(b"\"window_start\":");
+        Value::Int(start).write_json(&mut line);
+        line.extend_from_slice(b",\"window_end\":");
+        Value::Int(end).write_json(&mut line);
+        for (agg, acc) in self.def.aggregates.iter().zip(w.accs.iter()) {
+            line.push(b',');
+            write_json_str(&agg.name, &mut line);
+            line.push(b':');
+            acc.result().write_json(&mut line);
+        }
+        line.push(b'}');
+        self.emitted.push(Emitted {
+            start,
+            end,
+            key: k.key.clone(),
+            line,
+        });
+    }
+
+    /// Advances the watermark, firing and cleaning up due windows. Results
+    /// are appended to `out` in (end, start, key) order.
+    pub fn advance(&mut self, watermark: i64, out: &mut Vec<Emitted>) {
+        if watermark <= self.watermark {
+            return;
+        }
+        self.watermark = watermark;
+        let lateness = self.def.allowed_lateness;
+        while let Some(entry) = self.timers.first_entry() {
+            if *entry.key() > watermark {
+                break;
+            }
+            let (at, due) = entry.remove_entry();
+            for t in due {
+                let k = &self.keys[t.key as usize];
+                if k.gen != t.gen
+                    || !k
+                        .windows
+                        .iter()
+                        .any(|w| w.start == t.start && w.end == t.end)
+                {
+                    continue;
+                }
+                if at == t.end - 1 {
+                    self.emit(t.key, t.start, t.end);
+                }
+                if at == t.end - 1 + lateness {
+                    let k = &mut self.keys[t.key as usize];
+                    k.windows
+                        .retain(|w| !(w.start == t.start && w.end == t.end));
+                    self.release_if_empty(t.key);
+                }
+            }
+        }
+        self.drain_sorted(out);
+    }
+
+    fn drain_sorted(&mut self, out: &mut Vec<Emitted>) {
+        if self.emitted.is_empty() {
+            return;
+        }
+        self.emitted
+            .sort_by(|a, b| (a.end, a.start, &a.key).cmp(&(b.end, b.start, &b.key)));
+        out.append(&mut self.emitted);
+    }
+}

@@ -1,0 +1,376 @@
+//! The dataflow builder: what a pipeline file compiles to, and what Rust
+//! users write by hand.
+//!
+//! ```no_run
+//! use rivulet::plan::Pipeline;
+//! use rivulet::operators::window::WindowDef;
+//! use rivulet::sources::generator::{Generator, GeneratorOptions};
+//! use rivulet::sinks::FileSink;
+//! use std::time::Duration;
+//!
+//! let pipeline = Pipeline::builder("sensor-averages")
+//!     .source(Generator::new(GeneratorOptions { count: Some(10_000), ..Default::default() }))
+//!     .event_time("ts", Duration::from_secs(2))
+//!     .map([("celsius", "(temperature - 32) * 5 / 9")])
+//!     .key_by(["sensor_id"])
+//!     .window(WindowDef::tumbling(Duration::from_secs(5)).aggregate("avg_celsius", "avg(celsius)"))
+//!     .sink(FileSink::stdout())
+//!     .build()
+//!     .expect("a valid pipeline");
+//! let stats = pipeline.run(Default::default()).expect("runs");
+//! eprintln!("{} events", stats.events);
+//! ```
+
+use crate::decode::FieldTree;
+use crate::expr::{self, Ast, Expr};
+use crate::operators::window::{AggFunc, WindowDef};
+use crate::operators::{Filter, Map, Step};
+use crate::sinks::Sink;
+use crate::sources::Source;
+use crate::time::{Clock, SystemClock};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How events are placed in time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TimeMode {
+    /// No windows: time does not matter.
+    None,
+    /// Event time from a field, with a bounded out-of-orderness watermark.
+    Event {
+        field: String,
+        max_out_of_orderness: i64,
+        idle_timeout: Option<i64>,
+    },
+    /// Arrival time; windows fire as the wall clock passes their end.
+    Processing,
+}
+
+enum Entry {
+    Step(Box<dyn Step>),
+    KeyBy(Vec<String>),
+    Window(WindowDef),
+}
+
+/// Builds a [`Pipeline`]; every problem is reported by [`PipelineBuilder::build`].
+pub struct PipelineBuilder {
+    name: String,
+    source: Option<Box<dyn Source>>,
+    time: TimeMode,
+    entries: Vec<Entry>,
+    problems: Vec<String>,
+    sinks: Vec<Box<dyn Sink>>,
+    late: Vec<Box<dyn Sink>>,
+    dead_letter: Vec<Box<dyn Sink>>,
+    workers: Option<usize>,
+    max_payload: usize,
+    clock: Arc<dyn Clock>,
+}
+
+/// Default largest payload: 1 MiB.
+pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
+
+/// Why a pipeline could not be built: every problem found.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid pipeline:\n  {}", .0.join("\n  "))]
+pub struct BuildError(pub Vec<String>);
+
+/// What a pipeline compiles to; immutable and shared by all workers.
+pub(crate) struct Plan {
+    pub name: String,
+    pub source_name: String,
+    pub fields: FieldTree,
+    pub time: TimeMode,
+    pub ts_slot: Option<usize>,
+    pub key_names: Vec<String>,
+    pub key_slots: Vec<usize>,
+    pub window: Option<WindowDef>,
+    /// Aggregate function, compiled argument and name, per aggregate.
+    pub aggs: Vec<(AggFunc, Option<Expr>, String)>,
+    /// Fields written by steps, overlaid on pass-through outputs.
+    pub writes: Vec<(String, usize)>,
+    pub workers: usize,
+    pub max_payload: usize,
+    pub has_late_sink: bool,
+}
+
+/// A built pipeline, ready to [`run`](Pipeline::run).
+pub struct Pipeline {
+    pub(crate) plan: Arc<Plan>,
+    pub(crate) source: Box<dyn Source>,
+    /// Steps before `key_by`, then after it (bound, cloned per worker).
+    pub(crate) steps_before_key: Vec<Box<dyn Step>>,
+    pub(crate) steps_after_key: Vec<Box<dyn Step>>,
+    pub(crate) sinks: Vec<Box<dyn Sink>>,
+    pub(crate) late: Vec<Box<dyn Sink>>,
+    pub(crate) dead_letter: Vec<Box<dyn Sink>>,
+    pub(crate) clock: Arc<dyn Clock>,
+}
+
+impl Pipeline {
+    pub fn builder(name: &str) -> PipelineBuilder {
+        PipelineBuilder {
+            name: name.to_string(),
+            source: None,
+            time: TimeMode::None,
+            entries: Vec::new(),
+            problems: Vec::new(),
+            sinks: Vec::new(),
+            late: Vec::new(),
+            dead_letter: Vec::new(),
+            workers: None,
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.plan.name
+    }
+
+    pub fn workers(&self) -> usize {
+        self.plan.workers
+    }
+}
+
+impl PipelineBuilder {
+    pub fn source(mut self, s: impl Source + 'static) -> Self {
+        self.source = Some(Box::new(s));
+        self
+    }
+    pub fn boxed_source(mut self, s: Box<dyn Source>) -> Self {
+        self.source = Some(s);
+        self
+    }
+    /// Event time from `field`, tolerating `max_out_of_orderness`.
+    pub fn event_time(mut self, field: &str, max_out_of_orderness: Duration) -> Self {
+        self.time = TimeMode::Event {
+            field: field.to_string(),
+            max_out_of_orderness: max_out_of_orderness.as_millis() as i64,
+            idle_timeout: None,
+        };
+        self
+    }
+    /// After `d` without events the watermark follows the wall clock.
+    pub fn idle_timeout(mut self, d: Duration) -> Self {
+        if let TimeMode::Event { idle_timeout, .. } = &mut self.time {
+            *idle_timeout = Some(d.as_millis() as i64);
+        } else {
+            self.problems
+                .push("idle_timeout needs event_time to be set first".into());
+        }
+        self
+    }
+    pub fn processing_time(mut self) -> Self {
+        self.time = TimeMode::Processing;
+        self
+    }
+    /// `map`: `(field, expression)` pairs, evaluated in order.
+    pub fn map<I, K, V>(mut self, assignments: I) -> Self
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: AsRef<str>,
+    {
+        let mut parsed = Vec::new();
+        for (k, v) in assignments {
+            match parse_expr(v.as_ref()) {
+                Ok(ast) => parsed.push((k.as_ref().to_string(), ast)),
+                Err(e) => self.problems.push(format!("map `{}`: {e}", k.as_ref())),
+            }
+        }
+        self.entries.push(Entry::Step(Box::new(Map::new(parsed))));
+        self
+    }
+    /// `filter`: keep events for which `condition` is true.
+    pub fn filter(mut self, condition: &str) -> Self {
+        match parse_expr(condition) {
+            Ok(ast) => self.entries.push(Entry::Step(Box::new(Filter::new(ast)))),
+            Err(e) => self.problems.push(format!("filter: {e}")),
+        }
+        self
+    }
+    /// A step of your own (see [`crate::operators::Step`]).
+    pub fn step(mut self, step: impl Step + 'static) -> Self {
+        self.entries.push(Entry::Step(Box::new(step)));
+        self
+    }
+    pub fn key_by<I: IntoIterator<Item = S>, S: AsRef<str>>(mut self, fields: I) -> Self {
+        self.entries.push(Entry::KeyBy(
+            fields.into_iter().map(|f| f.as_ref().to_string()).collect(),
+        ));
+        self
+    }
+    pub fn window(mut self, w: WindowDef) -> Self {
+        self.entries.push(Entry::Window(w));
+        self
+    }
+    pub fn sink(mut self, s: impl Sink + 'static) -> Self {
+        self.sinks.push(Box::new(s));
+        self
+    }
+    pub fn boxed_sink(mut self, s: Box<dyn Sink>) -> Self {
+        self.sinks.push(s);
+        self
+    }
+    /// Where late events go.
+    pub fn late(mut self, s: Box<dyn Sink>) -> Self {
+        self.late.push(s);
+        self
+    }
+    /// Where undecodable or failing events go, with the reason.
+    pub fn dead_letter(mut self, s: Box<dyn Sink>) -> Self {
+        self.dead_letter.push(s);
+        self
+    }
+    /// Worker threads (default: the number of cores).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = Some(n);
+        self
+    }
+    pub fn max_payload(mut self, bytes: usize) -> Self {
+        self.max_payload = bytes;
+        self
+    }
+    /// The clock for processing time and idleness (tests inject one).
+    pub fn clock(mut self, c: Arc<dyn Clock>) -> Self {
+        self.clock = c;
+        self
+    }
+
+    pub fn build(self) -> Result<Pipeline, BuildError> {
+        let mut problems = self.problems;
+        let mut fields = FieldTree::new();
+        let ts_slot = match &self.time {
+            TimeMode::Event { field, .. } => Some(fields.slot(field)),
+            _ => None,
+        };
+        let mut before = Vec::new();
+        let mut after = Vec::new();
+        let mut key: Option<Vec<String>> = None;
+        let mut window: Option<WindowDef> = None;
+        let mut writes: Vec<(String, usize)> = Vec::new();
+        for entry in self.entries {
+            if window.is_some() {
+                problems.push(
+                    "steps after a window are not supported; the window must be the last step"
+                        .into(),
+                );
+                break;
+            }
+            match entry {
+                Entry::Step(mut s) => {
+                    let slots: Vec<usize> = s.fields().iter().map(|f| fields.slot(f)).collect();
+                    s.bind(&slots);
+                    for w in s.writes() {
+                        let slot = fields.slot(&w);
+                        if !writes.iter().any(|(n, _)| *n == w) {
+                            writes.push((w, slot));
+                        }
+                    }
+                    if key.is_some() {
+                        &mut after
+                    } else {
+                        &mut before
+                    }
+                    .push(s);
+                }
+                Entry::KeyBy(k) => {
+                    if key.is_some() {
+                        problems.push("only one key_by is allowed".into());
+                    } else if k.is_empty() {
+                        problems.push("key_by needs at least one field".into());
+                    }
+                    key = Some(k);
+                }
+                Entry::Window(w) => {
+                    problems.extend(w.problems());
+                    window = Some(w);
+                }
+            }
+        }
+        if key.is_some() && window.is_none() {
+            problems.push("key_by without a window has no effect; add a window after it".into());
+        }
+        if window.is_some() && self.time == TimeMode::None {
+            problems.push(
+                "a window needs time: set source.event_time, or source.time: processing".into(),
+            );
+        }
+        let source = match self.source {
+            Some(s) => Some(s),
+            None => {
+                problems.push("no source".into());
+                None
+            }
+        };
+        if self.sinks.is_empty() {
+            problems.push("no sink".into());
+        }
+        let workers = self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        });
+        if workers == 0 || workers > 256 {
+            problems.push(format!("workers must be between 1 and 256, got {workers}"));
+        }
+        let key_names = key.unwrap_or_default();
+        let key_slots = key_names.iter().map(|k| fields.slot(k)).collect();
+        let aggs = window
+            .as_ref()
+            .map(|w| {
+                w.aggregates
+                    .iter()
+                    .map(|a| {
+                        let arg = a
+                            .arg
+                            .as_ref()
+                            .map(|ast| ast.compile(&mut |f| fields.slot(f)));
+                        (a.func, arg, a.name.clone())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (Some(source), true) = (source, problems.is_empty()) else {
+            return Err(BuildError(problems));
+        };
+        let plan = Plan {
+            name: self.name,
+            source_name: source.describe(),
+            fields,
+            time: self.time,
+            ts_slot,
+            key_names,
+            key_slots,
+            window,
+            aggs,
+            writes,
+            workers,
+            max_payload: self.max_payload,
+            has_late_sink: !self.late.is_empty(),
+        };
+        Ok(Pipeline {
+            plan: Arc::new(plan),
+            source,
+            steps_before_key: before,
+            steps_after_key: after,
+            sinks: self.sinks,
+            late: self.late,
+            dead_letter: self.dead_letter,
+            clock: self.clock,
+        })
+    }
+}
+
+/// Parses an expression and checks its functions; the error is one line.
+pub fn parse_expr(src: &str) -> Result<Ast, String> {
+    let ast = expr::parse(src)
+        .map_err(|e| format!("{} (at column {} of `{src}`)", e.message, e.column))?;
+    let mut problems = Vec::new();
+    ast.check_functions(&mut problems);
+    match problems.is_empty() {
+        true => Ok(ast),
+        false => Err(problems.join("; ")),
+    }
+}

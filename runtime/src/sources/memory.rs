@@ -1,0 +1,87 @@
+//! A bounded source over lines held in memory.
+
+use super::{Poll, RawBatch, RawItem, Source, SourceError, OVERSIZE_PREFIX};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Newline-separated payloads in memory; ends when they are used up.
+#[derive(Clone)]
+pub struct MemorySource {
+    data: Arc<Vec<u8>>,
+    pos: usize,
+    line: u64,
+}
+
+impl MemorySource {
+    /// `data` holds one payload per line.
+    pub fn new(data: impl Into<Vec<u8>>) -> Self {
+        MemorySource {
+            data: Arc::new(data.into()),
+            pos: 0,
+            line: 0,
+        }
+    }
+
+    pub fn from_lines<I: IntoIterator<Item = S>, S: AsRef<str>>(lines: I) -> Self {
+        let mut data = Vec::new();
+        for l in lines {
+            data.extend_from_slice(l.as_ref().as_bytes());
+            data.push(b'\n');
+        }
+        Self::new(data)
+    }
+}
+
+impl Source for MemorySource {
+    fn describe(&self) -> String {
+        "memory".into()
+    }
+
+    fn poll(
+        &mut self,
+        batch: &mut RawBatch,
+        max_items: usize,
+        max_payload: usize,
+        _wait: Duration,
+    ) -> Result<Poll, SourceError> {
+        let data = &self.data[..];
+        let mut n = 0;
+        while n < max_items && self.pos < data.len() {
+            let rest = &data[self.pos..];
+            let len = memchr::memchr(b'\n', rest).unwrap_or(rest.len());
+            self.pos += (len + 1).min(rest.len());
+            self.line += 1;
+            push_line(batch, &rest[..len], self.line, max_payload);
+            n += 1;
+        }
+        Ok(if self.pos >= data.len() {
+            Poll::Finished
+        } else {
+            Poll::Open
+        })
+    }
+}
+
+/// Appends one line (without its newline) as a payload: strips a trailing
+/// `\r`, skips blank lines, and truncates oversized ones.
+pub(crate) fn push_line(batch: &mut RawBatch, line: &[u8], position: u64, max_payload: usize) {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return;
+    }
+    if line.len() > max_payload {
+        let start = batch.data.len() as u32;
+        batch
+            .data
+            .extend_from_slice(&line[..OVERSIZE_PREFIX.min(line.len())]);
+        batch.items.push(RawItem {
+            start,
+            end: batch.data.len() as u32,
+            arrival_ms: 0,
+            position,
+            oversize: Some(line.len() as u64),
+        });
+    } else {
+        batch.push(line, position);
+    }
+}
