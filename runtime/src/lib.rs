@@ -22,5 +22,5 @@ pub mod sources;
 pub mod time;
 pub mod value;
 
-pub use exec::{RunOptions, RunStats};
+pub use exec::{Progress, RunOptions, RunStats};
 pub use plan::Pipeline;

@@ -115,7 +115,10 @@ fn run(file: &str, workers: Option<usize>) -> anyhow::Result<ExitCode> {
         workers = pipeline.workers(),
         "running"
     );
-    let stats = pipeline.run(RunOptions { shutdown })?;
+    let stats = pipeline.run(RunOptions {
+        shutdown,
+        ..Default::default()
+    })?;
     tracing::info!(
         events = stats.events,
         results = stats.results,

@@ -33,7 +33,7 @@ use crate::sinks::{Sink, SinkError};
 use crate::sources::{Poll, RawBatch, Source, SourceError};
 use crate::time::{timestamp_from, Clock};
 use crate::value::{encode_key, hash_key, write_json_str, Value};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,6 +55,17 @@ pub struct RunOptions {
     /// Set to stop the run: the reader stops, queued events are processed,
     /// open windows are not fired.
     pub shutdown: Arc<AtomicBool>,
+    /// Live counters, readable while the run goes on.
+    pub progress: Arc<Progress>,
+}
+
+/// Counters updated while a pipeline runs (per batch, not per event).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Events read from the source so far.
+    pub events_read: AtomicU64,
+    /// Batches fully written to the sinks so far.
+    pub batches_written: AtomicU64,
 }
 
 /// Counters of one run.
@@ -268,12 +279,14 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
             }
         );
     let max_payload = plan.max_payload;
+    let progress = opts.progress.clone();
     let reader = spawn("rivulet-reader".into(), move || {
-        read(source, to_parse, clock, shutdown, ticks, max_payload)
+        read(source, to_parse, clock, shutdown, ticks, max_payload, &progress)
     })?;
 
     let merged = merge(
         &plan,
+        &opts.progress,
         parse_out_rx,
         win_out_rx,
         p.sinks,
@@ -301,6 +314,7 @@ fn read(
     shutdown: Arc<AtomicBool>,
     ticks: bool,
     max_payload: usize,
+    progress: &Progress,
 ) -> Result<(), SourceError> {
     let mut seq = 0u64;
     let mut last_arrival = i64::MIN;
@@ -328,6 +342,9 @@ fn read(
                     it.arrival_ms = now;
                 }
                 last_arrival = now;
+                progress
+                    .events_read
+                    .fetch_add((batch.len() - before) as u64, Ordering::Relaxed);
             }
             match polled {
                 Ok(Poll::Finished) => {
@@ -781,6 +798,7 @@ impl WindowWorker {
 /// The merger: writes each batch's outputs in order.
 fn merge(
     plan: &Plan,
+    progress: &Progress,
     parse_out: Vec<Receiver<OutBatch>>,
     win_out: Vec<Receiver<OutBatch>>,
     mut sinks: Vec<Box<dyn Sink>>,
@@ -841,6 +859,7 @@ fn merge(
         for s in sinks.iter_mut().chain(&mut late).chain(&mut dead) {
             s.flush()?;
         }
+        progress.batches_written.fetch_add(1, Ordering::Relaxed);
         if let Some(end) = batch.end {
             stats.stopped = end == End::Stop;
             for s in sinks.iter_mut().chain(&mut late).chain(&mut dead) {

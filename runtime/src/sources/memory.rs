@@ -85,3 +85,67 @@ pub(crate) fn push_line(batch: &mut RawBatch, line: &[u8], position: u64, max_pa
         batch.push(line, position);
     }
 }
+
+/// A source fed from code: push payloads through a [`QueueHandle`]; the
+/// stream ends when the handle is closed (or dropped).
+pub struct QueueSource {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    position: u64,
+}
+
+/// The feeding end of a [`QueueSource`].
+#[derive(Clone)]
+pub struct QueueHandle(std::sync::mpsc::Sender<Vec<u8>>);
+
+impl QueueHandle {
+    /// Queues one payload; `false` once the pipeline has stopped.
+    pub fn push(&self, payload: impl Into<Vec<u8>>) -> bool {
+        self.0.send(payload.into()).is_ok()
+    }
+}
+
+impl QueueSource {
+    pub fn new() -> (QueueSource, QueueHandle) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        (QueueSource { rx, position: 0 }, QueueHandle(tx))
+    }
+}
+
+impl Source for QueueSource {
+    fn describe(&self) -> String {
+        "queue".into()
+    }
+
+    fn poll(
+        &mut self,
+        batch: &mut RawBatch,
+        max_items: usize,
+        max_payload: usize,
+        wait: Duration,
+    ) -> Result<Poll, SourceError> {
+        use std::sync::mpsc::RecvTimeoutError;
+        let mut next = self.rx.recv_timeout(wait);
+        let mut n = 0;
+        loop {
+            match next {
+                Ok(p) => {
+                    self.position += 1;
+                    push_line(batch, &p, self.position, max_payload);
+                    n += 1;
+                }
+                Err(RecvTimeoutError::Timeout) => return Ok(Poll::Open),
+                Err(RecvTimeoutError::Disconnected) => return Ok(Poll::Finished),
+            }
+            if n >= max_items {
+                return Ok(Poll::Open);
+            }
+            next = match self.rx.try_recv() {
+                Ok(p) => Ok(p),
+                Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(Poll::Open),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    Err(RecvTimeoutError::Disconnected)
+                }
+            };
+        }
+    }
+}

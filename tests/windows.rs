@@ -1,0 +1,428 @@
+//! Golden tests of window semantics. Each expected output is derived by
+//! hand from Flink's rules (see `operators::window`): watermark = max
+//! timestamp seen − bound − 1 after every event; a window fires when the
+//! watermark reaches end − 1; late-but-allowed events re-fire; later ones go
+//! to the late output; a bounded input ends with a watermark at +infinity.
+
+use rivulet::exec::RunStats;
+use rivulet::operators::window::WindowDef;
+use rivulet::plan::Pipeline;
+use rivulet::sinks::MemorySink;
+use rivulet::sources::memory::{MemorySource, QueueSource};
+use rivulet::time::ManualClock;
+use rivulet::RunOptions;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn ev(k: &str, ts: i64, v: i64) -> String {
+    json!({"k": k, "ts": ts, "v": v}).to_string()
+}
+
+struct Out {
+    main: Vec<Value>,
+    late: Vec<Value>,
+    dead: Vec<Value>,
+    stats: RunStats,
+}
+
+fn parse_all(lines: Vec<String>) -> Vec<Value> {
+    lines
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("sinks get JSON"))
+        .collect()
+}
+
+fn run_with(lines: &[String], bound: u64, window: WindowDef, workers: usize) -> Out {
+    let (main, late, dead) = (MemorySink::new(), MemorySink::new(), MemorySink::new());
+    let stats = Pipeline::builder("test")
+        .source(MemorySource::from_lines(lines))
+        .event_time("ts", ms(bound))
+        .key_by(["k"])
+        .window(window)
+        .sink(main.clone())
+        .late(Box::new(late.clone()))
+        .dead_letter(Box::new(dead.clone()))
+        .workers(workers)
+        .build()
+        .expect("valid pipeline")
+        .run(RunOptions::default())
+        .expect("runs");
+    Out {
+        main: parse_all(main.records()),
+        late: parse_all(late.records()),
+        dead: parse_all(dead.records()),
+        stats,
+    }
+}
+
+fn sum_count(w: WindowDef) -> WindowDef {
+    w.aggregate("sum", "sum(v)").aggregate("n", "count()")
+}
+
+fn res(k: &str, start: i64, end: i64, sum: i64, n: i64) -> Value {
+    json!({"k": k, "window_start": start, "window_end": end, "sum": sum, "n": n})
+}
+
+#[test]
+fn tumbling_fires_on_watermark_and_sends_late_events_aside() {
+    let input = [
+        ev("a", 1000, 1),
+        ev("a", 3000, 2),
+        ev("b", 5000, 3),
+        ev("a", 12000, 4), // watermark 11999 >= 9999: [0, 10000) fires for a and b
+        ev("a", 9000, 5),  // its window is gone: late
+    ];
+    let out = run_with(&input, 0, sum_count(WindowDef::tumbling(ms(10_000))), 1);
+    assert_eq!(
+        out.main,
+        vec![
+            res("a", 0, 10000, 3, 2),
+            res("b", 0, 10000, 3, 1),
+            res("a", 10000, 20000, 4, 1), // fired by the end of input
+        ]
+    );
+    assert_eq!(out.late, vec![json!({"k": "a", "ts": 9000, "v": 5})]);
+    assert_eq!(out.stats.late, 1);
+    assert_eq!(out.stats.events, 5);
+}
+
+#[test]
+fn bounded_out_of_orderness_keeps_disordered_events_on_time() {
+    let input = [
+        ev("a", 1000, 1),
+        ev("a", 11500, 2), // watermark 9499: [0,10000) still open
+        ev("a", 9000, 3),  // on time
+        ev("a", 12500, 4), // watermark 10499: fires [0,10000) with 1 + 3
+    ];
+    let out = run_with(&input, 2000, sum_count(WindowDef::tumbling(ms(10_000))), 1);
+    assert_eq!(
+        out.main,
+        vec![res("a", 0, 10000, 4, 2), res("a", 10000, 20000, 6, 2)]
+    );
+    assert!(out.late.is_empty());
+}
+
+#[test]
+fn allowed_lateness_refires_then_drops() {
+    let w = sum_count(WindowDef::tumbling(ms(10_000)).allowed_lateness(ms(5000)));
+    let input = [
+        ev("a", 1000, 1),
+        ev("a", 11000, 2), // watermark 10999: fires [0,10000) = 1
+        ev("a", 2000, 3),  // late but allowed (9999 + 5000 > 10999): fires again = 4
+        ev("a", 16000, 4), // watermark 15999 >= 14999: [0,10000) is cleaned up
+        ev("a", 3000, 5),  // too late
+    ];
+    let out = run_with(&input, 0, w, 1);
+    assert_eq!(
+        out.main,
+        vec![
+            res("a", 0, 10000, 1, 1),
+            res("a", 0, 10000, 4, 2),
+            res("a", 10000, 20000, 6, 2),
+        ]
+    );
+    assert_eq!(out.late, vec![json!({"k": "a", "ts": 3000, "v": 5})]);
+}
+
+#[test]
+fn sliding_windows_overlap() {
+    let w = sum_count(WindowDef::sliding(ms(10_000), ms(5000)));
+    let input = [
+        ev("a", 1000, 1), // [-5000,5000) and [0,10000)
+        ev("a", 7000, 2), // [0,10000) and [5000,15000); watermark 6999 fires [-5000,5000)
+    ];
+    let out = run_with(&input, 0, w, 1);
+    assert_eq!(
+        out.main,
+        vec![
+            res("a", -5000, 5000, 1, 1),
+            res("a", 0, 10000, 3, 2),
+            res("a", 5000, 15000, 2, 1),
+        ]
+    );
+}
+
+#[test]
+fn session_windows_merge_including_touching_and_bridging() {
+    let w = sum_count(WindowDef::session(ms(3000)));
+    let input = [
+        ev("a", 1000, 1), // [1000,4000)
+        ev("a", 8000, 1), // [8000,11000)
+        ev("a", 4500, 1), // [4500,7500): touches neither
+        ev("a", 5000, 1), // [5000,8000): bridges -> [4500,11000)
+        ev("a", 3900, 1), // [3900,6900): bridges -> [1000,11000)
+        ev("b", 1000, 2), // [1000,4000)
+        ev("b", 4000, 2), // [4000,7000) touches end-to-start -> [1000,7000)
+    ];
+    // A large bound keeps everything open until the end of input.
+    let out = run_with(&input, 60_000, w, 1);
+    assert_eq!(
+        out.main,
+        vec![res("b", 1000, 7000, 4, 2), res("a", 1000, 11000, 5, 5)]
+    );
+}
+
+#[test]
+fn session_late_merge_refires_within_lateness() {
+    let w = sum_count(WindowDef::session(ms(1000)).allowed_lateness(ms(10_000)));
+    let input = [
+        ev("a", 1000, 1),  // [1000,2000)
+        ev("a", 5000, 1),  // watermark 4999: fires [1000,2000) = 1
+        ev("a", 1500, 1),  // late but allowed: merges into [1000,2500), fires at once = 2
+        ev("a", 30000, 1), // watermark 29999: fires [5000,6000), cleans everything up
+        ev("a", 1200, 1),  // too late
+    ];
+    let out = run_with(&input, 0, w, 1);
+    assert_eq!(
+        out.main,
+        vec![
+            res("a", 1000, 2000, 1, 1),
+            res("a", 1000, 2500, 2, 2),
+            res("a", 5000, 6000, 1, 1),
+            res("a", 30000, 31000, 1, 1),
+        ]
+    );
+    assert_eq!(out.late.len(), 1);
+}
+
+#[test]
+fn aggregates_first_last_min_max_avg() {
+    let w = WindowDef::tumbling(ms(10_000))
+        .aggregate("first", "first(v)")
+        .aggregate("last", "last(v)")
+        .aggregate("min", "min(v)")
+        .aggregate("max", "max(v)")
+        .aggregate("avg", "avg(v)")
+        .aggregate("n", "count(missing)");
+    let input = [ev("a", 5000, 7), ev("a", 2000, 3), ev("a", 9000, 5), ev("a", 2000, 4)];
+    let out = run_with(&input, 10_000, w, 1);
+    assert_eq!(
+        out.main,
+        vec![json!({"k": "a", "window_start": 0, "window_end": 10000,
+            "first": 3, "last": 5, "min": 3, "max": 7, "avg": 4.75, "n": 0})]
+    );
+}
+
+#[test]
+fn dead_letters_carry_reason_and_payload_and_the_pipeline_goes_on() {
+    let input: Vec<String> = vec![
+        ev("a", 1000, 1),
+        "{not json".into(),
+        r#"{"k":"a","v":1}"#.into(),
+        r#"{"k":"a","ts":"yesterday","v":1}"#.into(),
+        r#"{"k":"a","ts":2000,"v":"seven"}"#.into(),
+        r#"{"ts":2000,"v":1}"#.into(),
+        "[1,2]".into(),
+        ev("a", 3000, 2),
+    ];
+    let out = run_with(&input, 0, sum_count(WindowDef::tumbling(ms(10_000))), 2);
+    assert_eq!(out.main, vec![res("a", 0, 10000, 3, 2)]);
+    assert_eq!(out.stats.dead_letters, 6);
+    let reasons: Vec<&str> = out.dead.iter().map(|d| d["reason"].as_str().unwrap()).collect();
+    assert!(reasons[0].starts_with("invalid JSON"), "{reasons:?}");
+    assert!(reasons[1].contains("missing or null"), "{reasons:?}");
+    assert!(reasons[2].contains("not RFC 3339"), "{reasons:?}");
+    assert!(reasons[3].contains("sum needs numbers"), "{reasons:?}");
+    assert!(reasons[4].contains("key field `k`"), "{reasons:?}");
+    assert!(reasons[5].contains("array"), "{reasons:?}");
+    assert_eq!(out.dead[0]["payload"], "{not json");
+    assert_eq!(out.dead[0]["position"], 2);
+}
+
+#[test]
+fn oversized_and_type_errors_in_steps_go_to_dead_letter() {
+    let dead = MemorySink::new();
+    let main = MemorySink::new();
+    let big = format!(r#"{{"k":"a","ts":1,"pad":"{}"}}"#, "x".repeat(500));
+    let stats = Pipeline::builder("t")
+        .source(MemorySource::from_lines([
+            big.as_str(),
+            r#"{"k":"a","ts":1,"t":"hot"}"#,
+            r#"{"k":"a","ts":1,"t":5}"#,
+        ]))
+        .max_payload(200)
+        .map([("c", "t * 2")])
+        .filter("c > 1")
+        .sink(main.clone())
+        .dead_letter(Box::new(dead.clone()))
+        .build()
+        .unwrap()
+        .run(RunOptions::default())
+        .unwrap();
+    let dead = parse_all(dead.records());
+    assert_eq!(stats.dead_letters, 2);
+    assert!(dead[0]["reason"].as_str().unwrap().contains("exceeds max_payload"));
+    assert_eq!(dead[0]["payload_size"], big.len());
+    assert!(dead[1]["reason"].as_str().unwrap().contains("map `c`"));
+    // A pipeline without a window passes events through, with mapped fields.
+    assert_eq!(
+        parse_all(main.records()),
+        vec![json!({"k": "a", "ts": 1, "t": 5, "c": 10})]
+    );
+}
+
+/// A simple, independent model of tumbling windows without lateness.
+fn reference_tumbling(events: &[(String, i64, i64)], size: i64, bound: i64) -> BTreeMap<(String, i64), (i64, i64)> {
+    let mut max = i64::MIN;
+    let mut groups = BTreeMap::new();
+    for (k, ts, v) in events {
+        let wm = if max == i64::MIN { i64::MIN } else { max - bound - 1 };
+        let start = ts - ts.rem_euclid(size);
+        if start + size - 1 > wm {
+            let e = groups.entry((k.clone(), start)).or_insert((0, 0));
+            e.0 += v;
+            e.1 += 1;
+        }
+        max = max.max(*ts);
+    }
+    groups
+}
+
+#[test]
+fn many_keys_identical_for_1_2_and_4_workers_and_match_a_reference() {
+    let mut rng = 42u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let events: Vec<(String, i64, i64)> = (0..60_000)
+        .map(|i| {
+            let k = format!("key-{}", next() % 700);
+            let ts = i as i64 * 3 - (next() % 4000) as i64;
+            (k, ts, (next() % 100) as i64)
+        })
+        .collect();
+    let lines: Vec<String> = events.iter().map(|(k, t, v)| ev(k, *t, *v)).collect();
+    let w = || sum_count(WindowDef::tumbling(ms(5000)));
+    let one = run_with(&lines, 1000, w(), 1);
+    let two = run_with(&lines, 1000, w(), 2);
+    let four = run_with(&lines, 1000, w(), 4);
+    assert_eq!(one.main, two.main);
+    assert_eq!(one.main, four.main);
+    assert_eq!(one.late, four.late);
+    assert!(!one.late.is_empty(), "the input has late events");
+    let expected = reference_tumbling(&events, 5000, 1000);
+    let got: BTreeMap<(String, i64), (i64, i64)> = one
+        .main
+        .iter()
+        .map(|r| {
+            (
+                (r["k"].as_str().unwrap().to_string(), r["window_start"].as_i64().unwrap()),
+                (r["sum"].as_i64().unwrap(), r["n"].as_i64().unwrap()),
+            )
+        })
+        .collect();
+    assert_eq!(got.len(), one.main.len(), "each window fires once");
+    assert_eq!(got, expected);
+    assert_eq!(one.stats.late as usize + expected.values().map(|v| v.1 as usize).sum::<usize>(), events.len());
+}
+
+/// Waits (bounded) until `f` holds; the assertion is on the outcome, not the time.
+fn eventually(what: &str, f: impl Fn() -> bool) {
+    let until = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(ms(10));
+    }
+}
+
+#[test]
+fn idle_source_stops_holding_back_the_watermark() {
+    let clock = ManualClock::new(100_000);
+    let (source, feed) = QueueSource::new();
+    let main = MemorySink::new();
+    let opts = RunOptions::default();
+    let pipeline = Pipeline::builder("idle")
+        .source(source)
+        .event_time("ts", ms(1000))
+        .idle_timeout(ms(30_000))
+        .key_by(["k"])
+        .window(sum_count(WindowDef::tumbling(ms(5000))))
+        .sink(main.clone())
+        .clock(Arc::new(clock.clone()))
+        .workers(2)
+        .build()
+        .unwrap();
+    let shutdown = opts.shutdown.clone();
+    let progress = opts.progress.clone();
+    let run = std::thread::spawn(move || pipeline.run(opts).unwrap());
+    feed.push(ev("a", 1000, 1));
+    feed.push(ev("a", 2000, 2));
+    eventually("both events to be read", || progress.events_read.load(Ordering::SeqCst) == 2);
+    // Quiet for 31 s of (injected) wall clock: watermark = 2000 + 31000 - 1000 - 1.
+    clock.advance(31_000);
+    eventually("the idle watermark to fire the window", || !main.records().is_empty());
+    shutdown.store(true, Ordering::SeqCst);
+    let stats = run.join().unwrap();
+    assert!(stats.stopped);
+    assert_eq!(parse_all(main.records()), vec![res("a", 0, 5000, 3, 2)]);
+}
+
+#[test]
+fn without_idle_timeout_a_quiet_source_keeps_windows_open() {
+    let clock = ManualClock::new(100_000);
+    let (source, feed) = QueueSource::new();
+    let main = MemorySink::new();
+    let opts = RunOptions::default();
+    let pipeline = Pipeline::builder("quiet")
+        .source(source)
+        .event_time("ts", ms(1000))
+        .key_by(["k"])
+        .window(sum_count(WindowDef::tumbling(ms(5000))))
+        .sink(main.clone())
+        .clock(Arc::new(clock.clone()))
+        .build()
+        .unwrap();
+    let shutdown = opts.shutdown.clone();
+    let progress = opts.progress.clone();
+    let run = std::thread::spawn(move || pipeline.run(opts).unwrap());
+    feed.push(ev("a", 1000, 1));
+    eventually("the event to be read", || progress.events_read.load(Ordering::SeqCst) == 1);
+    clock.advance(3_600_000);
+    shutdown.store(true, Ordering::SeqCst);
+    let stats = run.join().unwrap();
+    assert!(stats.stopped);
+    assert_eq!(stats.events, 1);
+    assert_eq!(stats.open_windows, 1);
+    assert!(main.records().is_empty());
+}
+
+#[test]
+fn processing_time_windows_fire_as_the_clock_passes_their_end() {
+    let clock = ManualClock::new(10_000);
+    let (source, feed) = QueueSource::new();
+    let main = MemorySink::new();
+    let pipeline = Pipeline::builder("proc")
+        .source(source)
+        .processing_time()
+        .key_by(["k"])
+        .window(WindowDef::tumbling(ms(5000)).aggregate("n", "count()"))
+        .sink(main.clone())
+        .clock(Arc::new(clock.clone()))
+        .build()
+        .unwrap();
+    let opts = RunOptions::default();
+    let progress = opts.progress.clone();
+    let run = std::thread::spawn(move || pipeline.run(opts).unwrap());
+    feed.push(r#"{"k":"a"}"#);
+    feed.push(r#"{"k":"a"}"#);
+    eventually("both events to be read", || progress.events_read.load(Ordering::SeqCst) == 2);
+    clock.set(15_000);
+    eventually("the window [10000,15000) to fire", || !main.records().is_empty());
+    drop(feed); // ends the input
+    let stats = run.join().unwrap();
+    assert!(!stats.stopped);
+    assert_eq!(
+        parse_all(main.records()),
+        vec![json!({"k": "a", "window_start": 10000, "window_end": 15000, "n": 2})]
+    );
+}
