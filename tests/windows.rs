@@ -4,6 +4,8 @@
 //! watermark reaches end − 1; late-but-allowed events re-fire; later ones go
 //! to the late output; a bounded input ends with a watermark at +infinity.
 
+#![allow(clippy::unwrap_used)]
+
 use rivulet::exec::RunStats;
 use rivulet::operators::window::WindowDef;
 use rivulet::plan::Pipeline;
@@ -201,7 +203,12 @@ fn aggregates_first_last_min_max_avg() {
         .aggregate("max", "max(v)")
         .aggregate("avg", "avg(v)")
         .aggregate("n", "count(missing)");
-    let input = [ev("a", 5000, 7), ev("a", 2000, 3), ev("a", 9000, 5), ev("a", 2000, 4)];
+    let input = [
+        ev("a", 5000, 7),
+        ev("a", 2000, 3),
+        ev("a", 9000, 5),
+        ev("a", 2000, 4),
+    ];
     let out = run_with(&input, 10_000, w, 1);
     assert_eq!(
         out.main,
@@ -225,7 +232,11 @@ fn dead_letters_carry_reason_and_payload_and_the_pipeline_goes_on() {
     let out = run_with(&input, 0, sum_count(WindowDef::tumbling(ms(10_000))), 2);
     assert_eq!(out.main, vec![res("a", 0, 10000, 3, 2)]);
     assert_eq!(out.stats.dead_letters, 6);
-    let reasons: Vec<&str> = out.dead.iter().map(|d| d["reason"].as_str().unwrap()).collect();
+    let reasons: Vec<&str> = out
+        .dead
+        .iter()
+        .map(|d| d["reason"].as_str().unwrap())
+        .collect();
     assert!(reasons[0].starts_with("invalid JSON"), "{reasons:?}");
     assert!(reasons[1].contains("missing or null"), "{reasons:?}");
     assert!(reasons[2].contains("not RFC 3339"), "{reasons:?}");
@@ -258,7 +269,10 @@ fn oversized_and_type_errors_in_steps_go_to_dead_letter() {
         .unwrap();
     let dead = parse_all(dead.records());
     assert_eq!(stats.dead_letters, 2);
-    assert!(dead[0]["reason"].as_str().unwrap().contains("exceeds max_payload"));
+    assert!(dead[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("exceeds max_payload"));
     assert_eq!(dead[0]["payload_size"], big.len());
     assert!(dead[1]["reason"].as_str().unwrap().contains("map `c`"));
     // A pipeline without a window passes events through, with mapped fields.
@@ -269,11 +283,19 @@ fn oversized_and_type_errors_in_steps_go_to_dead_letter() {
 }
 
 /// A simple, independent model of tumbling windows without lateness.
-fn reference_tumbling(events: &[(String, i64, i64)], size: i64, bound: i64) -> BTreeMap<(String, i64), (i64, i64)> {
+fn reference_tumbling(
+    events: &[(String, i64, i64)],
+    size: i64,
+    bound: i64,
+) -> BTreeMap<(String, i64), (i64, i64)> {
     let mut max = i64::MIN;
     let mut groups = BTreeMap::new();
     for (k, ts, v) in events {
-        let wm = if max == i64::MIN { i64::MIN } else { max - bound - 1 };
+        let wm = if max == i64::MIN {
+            i64::MIN
+        } else {
+            max - bound - 1
+        };
         let start = ts - ts.rem_euclid(size);
         if start + size - 1 > wm {
             let e = groups.entry((k.clone(), start)).or_insert((0, 0));
@@ -316,14 +338,20 @@ fn many_keys_identical_for_1_2_and_4_workers_and_match_a_reference() {
         .iter()
         .map(|r| {
             (
-                (r["k"].as_str().unwrap().to_string(), r["window_start"].as_i64().unwrap()),
+                (
+                    r["k"].as_str().unwrap().to_string(),
+                    r["window_start"].as_i64().unwrap(),
+                ),
                 (r["sum"].as_i64().unwrap(), r["n"].as_i64().unwrap()),
             )
         })
         .collect();
     assert_eq!(got.len(), one.main.len(), "each window fires once");
     assert_eq!(got, expected);
-    assert_eq!(one.stats.late as usize + expected.values().map(|v| v.1 as usize).sum::<usize>(), events.len());
+    assert_eq!(
+        one.stats.late as usize + expected.values().map(|v| v.1 as usize).sum::<usize>(),
+        events.len()
+    );
 }
 
 /// Waits (bounded) until `f` holds; the assertion is on the outcome, not the time.
@@ -357,10 +385,14 @@ fn idle_source_stops_holding_back_the_watermark() {
     let run = std::thread::spawn(move || pipeline.run(opts).unwrap());
     feed.push(ev("a", 1000, 1));
     feed.push(ev("a", 2000, 2));
-    eventually("both events to be read", || progress.events_read.load(Ordering::SeqCst) == 2);
+    eventually("both events to be read", || {
+        progress.events_read.load(Ordering::SeqCst) == 2
+    });
     // Quiet for 31 s of (injected) wall clock: watermark = 2000 + 31000 - 1000 - 1.
     clock.advance(31_000);
-    eventually("the idle watermark to fire the window", || !main.records().is_empty());
+    eventually("the idle watermark to fire the window", || {
+        !main.records().is_empty()
+    });
     shutdown.store(true, Ordering::SeqCst);
     let stats = run.join().unwrap();
     assert!(stats.stopped);
@@ -386,7 +418,9 @@ fn without_idle_timeout_a_quiet_source_keeps_windows_open() {
     let progress = opts.progress.clone();
     let run = std::thread::spawn(move || pipeline.run(opts).unwrap());
     feed.push(ev("a", 1000, 1));
-    eventually("the event to be read", || progress.events_read.load(Ordering::SeqCst) == 1);
+    eventually("the event to be read", || {
+        progress.events_read.load(Ordering::SeqCst) == 1
+    });
     clock.advance(3_600_000);
     shutdown.store(true, Ordering::SeqCst);
     let stats = run.join().unwrap();
@@ -415,9 +449,13 @@ fn processing_time_windows_fire_as_the_clock_passes_their_end() {
     let run = std::thread::spawn(move || pipeline.run(opts).unwrap());
     feed.push(r#"{"k":"a"}"#);
     feed.push(r#"{"k":"a"}"#);
-    eventually("both events to be read", || progress.events_read.load(Ordering::SeqCst) == 2);
+    eventually("both events to be read", || {
+        progress.events_read.load(Ordering::SeqCst) == 2
+    });
     clock.set(15_000);
-    eventually("the window [10000,15000) to fire", || !main.records().is_empty());
+    eventually("the window [10000,15000) to fire", || {
+        !main.records().is_empty()
+    });
     drop(feed); // ends the input
     let stats = run.join().unwrap();
     assert!(!stats.stopped);

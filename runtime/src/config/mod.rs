@@ -201,10 +201,13 @@ impl Checker {
         match marked_yaml::from_node::<T>(node) {
             Ok(v) => Some(v),
             Err(e) => {
-                let (line, column) = e
-                    .start_mark()
-                    .map(|m| (m.line(), m.column()))
-                    .unwrap_or_else(|| pos(node));
+                let (line, column) = match &*e {
+                    // Point at the misspelled key itself, not its mapping.
+                    marked_yaml::Error::UnknownFieldError(field, _, _) => find_key(node, field),
+                    _ => None,
+                }
+                .or_else(|| e.start_mark().map(|m| (m.line(), m.column())))
+                .unwrap_or_else(|| pos(node));
                 let message = match &*e {
                     marked_yaml::Error::UnknownFieldError(field, expected, _) => {
                         let hint = suggest(field, expected.iter().copied())
@@ -259,6 +262,21 @@ impl Checker {
                 None
             }
         }
+    }
+}
+
+/// Position of the first mapping key named `key` under `node`.
+fn find_key(node: &Node, key: &str) -> Option<(usize, usize)> {
+    match node {
+        Node::Mapping(m) => m.iter().find_map(|(k, v)| {
+            if k.as_str() == key {
+                k.span().start().map(|m| (m.line(), m.column()))
+            } else {
+                find_key(v, key)
+            }
+        }),
+        Node::Sequence(s) => s.iter().find_map(|n| find_key(n, key)),
+        Node::Scalar(_) => None,
     }
 }
 
@@ -403,8 +421,11 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
     });
 
     // Steps: meaning and order.
-    let known = checked_source.as_ref().and_then(|s| s.0.known_fields());
-    let mut known = known;
+    // Generated events have fixed fields, so misspellings can be caught.
+    let mut known: Option<Vec<String>> = source
+        .as_ref()
+        .filter(|(s, _)| s.generator.is_some() && s.mqtt.is_none() && s.file.is_none())
+        .map(|_| generator::FIELDS.iter().map(|s| s.to_string()).collect());
     let time = checked_source
         .as_ref()
         .map(|s| s.1.clone())

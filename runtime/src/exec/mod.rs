@@ -281,7 +281,15 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
     let max_payload = plan.max_payload;
     let progress = opts.progress.clone();
     let reader = spawn("rivulet-reader".into(), move || {
-        read(source, to_parse, clock, shutdown, ticks, max_payload, &progress)
+        read(
+            source,
+            to_parse,
+            clock,
+            shutdown,
+            ticks,
+            max_payload,
+            &progress,
+        )
     })?;
 
     let merged = merge(

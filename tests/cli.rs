@@ -1,0 +1,354 @@
+//! The real `rivulet` binary: validate, schema, run (file, stdin, generator),
+//! clean stop on SIGTERM, clear errors.
+
+#![allow(clippy::unwrap_used)]
+
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_rivulet"))
+}
+
+fn configs() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn json_lines(b: &[u8]) -> Vec<Value> {
+    text(b)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect()
+}
+
+fn run_file(dir: &Path, yaml: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    let file = dir.join("pipeline.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let mut cmd = bin();
+    cmd.arg("run").arg(&file).args(args).current_dir(dir);
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn version_and_help() {
+    let out = bin().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert!(text(&out.stdout).starts_with("rivulet "));
+    let out = bin().arg("--help").output().unwrap();
+    for cmd in ["run", "validate", "schema", "example-config"] {
+        assert!(text(&out.stdout).contains(cmd), "help lists {cmd}");
+    }
+}
+
+#[test]
+fn validate_accepts_every_shipped_config() {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(configs())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    let out = bin().arg("validate").args(&files).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).lines().count(), files.len());
+}
+
+#[test]
+fn validate_reports_every_problem_with_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("bad.yaml");
+    std::fs::write(
+        &f,
+        "name: bad
+source:
+  generator: { sensors: 3 }
+  event_time:
+    field: ts
+    max_out_of_orderness: 2 seconds
+steps:
+  - map: { celsius: (temperature - 32 * 5 / 9 }
+  - key_by: sensor
+  - window:
+      tumbling: 5s
+      aggregate:
+        avg: average(celsius)
+sink:
+  stdout: {}
+sinks: oops
+",
+    )
+    .unwrap();
+    let out = bin().arg("validate").arg(&f).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("5 problems"), "{err}");
+    for expected in [
+        "bad.yaml:6:27: source.event_time.max_out_of_orderness: bad duration `2 seconds`",
+        "bad.yaml:8:46: steps[0].map.celsius: bad expression",
+        "bad.yaml:9:13: steps[1].key_by: unknown field `sensor`; did you mean `sensor_id`?",
+        "bad.yaml:13:14: steps[2].window.aggregate.avg: unknown aggregate function `average`",
+        "bad.yaml:16:1: unknown key `sinks`; did you mean `sink`?",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+}
+
+#[test]
+fn validate_rejects_broken_yaml_and_structure_without_panicking() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("name: [unclosed\n", "not valid YAML"),
+        ("- just\n- a list\n", "a pipeline file is a mapping"),
+        ("name: x\nname: y\n", "duplicate key `name`"),
+        ("name: x\nsource: {file: {path: a}}\nsink: {stdout: {}}\nsteps:\n  - key_by: k\n", "key_by without a window"),
+        ("name: x\nsource: {file: {path: a}}\nsink: {stdout: {}}\nsteps:\n  - window: {tumbling: 5s, aggregate: {n: count()}}\n", "a window needs time"),
+        ("name: x\nsource: {file: {path: a}, generator: {}}\nsink: {carrier_pigeon: {}}\n", "exactly one of `mqtt`, `file`, `generator`"),
+        ("name: x\nsource: {file: {path: a}}\nsink: {carrier_pigeon: {}}\n", "unknown kind `carrier_pigeon`"),
+        ("name: x\nsource: {file: {path: a}}\n", "missing `sink`"),
+    ];
+    for (i, (yaml, expected)) in cases.iter().enumerate() {
+        let f = dir.path().join(format!("c{i}.yaml"));
+        std::fs::write(&f, yaml).unwrap();
+        let out = bin().arg("validate").arg(&f).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{yaml}");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(expected),
+            "case {i}: expected {expected:?} in:\n{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[test]
+fn schema_is_json_schema_of_the_pipeline_file() {
+    let out = bin().arg("schema").output().unwrap();
+    assert!(out.status.success());
+    let schema: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(schema["title"], "rivulet pipeline");
+    for key in [
+        "name",
+        "source",
+        "steps",
+        "sink",
+        "late",
+        "dead_letter",
+        "state",
+        "workers",
+    ] {
+        assert!(schema["properties"].get(key).is_some(), "schema has {key}");
+    }
+    let defs = schema["$defs"].as_object().unwrap();
+    assert!(defs.contains_key("WindowConfig"));
+    assert!(schema["required"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("source")));
+}
+
+#[test]
+fn example_config_validates() {
+    let out = bin().arg("example-config").output().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("ex.yaml");
+    std::fs::write(&f, &out.stdout).unwrap();
+    let v = bin().arg("validate").arg(&f).output().unwrap();
+    assert!(v.status.success(), "{}", text(&v.stderr));
+}
+
+const EVENTS: &str = r#"{"sensor":"a","ts":1000,"t":10}
+{"sensor":"b","ts":2000,"t":20}
+{"sensor":"a","ts":4000,"t":30}
+not json at all
+{"sensor":"a","ts":6000,"t":40}
+{"sensor":"b","ts":1500,"t":50}
+"#;
+
+#[test]
+fn run_file_source_writes_results_late_and_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("events.jsonl"), EVENTS).unwrap();
+    // Pre-existing output is appended to, never truncated.
+    std::fs::write(dir.path().join("out.jsonl"), "{\"earlier\":true}\n").unwrap();
+    let yaml = r#"
+name: t
+source:
+  file: { path: events.jsonl }
+  event_time: { field: ts, max_out_of_orderness: 0ms }
+steps:
+  - key_by: sensor
+  - window:
+      tumbling: 5s
+      aggregate: { n: count(), total: sum(t) }
+sink:
+  file: { path: out.jsonl }
+late:
+  file: { path: late.jsonl }
+dead_letter:
+  file: { path: dead.jsonl }
+"#;
+    let out = run_file(dir.path(), yaml, &[], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let results = json_lines(&std::fs::read(dir.path().join("out.jsonl")).unwrap());
+    // ts 6000 moves the watermark to 5999: [0,5000) fires for a and b; the
+    // b event at 1500 is then late; the end of input fires [5000,10000).
+    assert_eq!(
+        results,
+        vec![
+            json!({"earlier": true}),
+            json!({"sensor":"a","window_start":0,"window_end":5000,"n":2,"total":40}),
+            json!({"sensor":"b","window_start":0,"window_end":5000,"n":1,"total":20}),
+            json!({"sensor":"a","window_start":5000,"window_end":10000,"n":1,"total":40}),
+        ]
+    );
+    let late = json_lines(&std::fs::read(dir.path().join("late.jsonl")).unwrap());
+    assert_eq!(late, vec![json!({"sensor":"b","ts":1500,"t":50})]);
+    let dead = json_lines(&std::fs::read(dir.path().join("dead.jsonl")).unwrap());
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["payload"], "not json at all");
+    assert_eq!(dead[0]["position"], 4);
+    assert_eq!(dead[0]["source"], "file events.jsonl");
+    let log = text(&out.stderr);
+    assert!(
+        log.contains("dead_letters=1") && log.contains("late=1"),
+        "{log}"
+    );
+}
+
+#[test]
+fn run_reads_stdin_and_writes_stdout() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = r#"
+name: t
+source:
+  file: { path: "-" }
+  event_time: { field: ts }
+steps:
+  - key_by: sensor
+  - window: { tumbling: 10s, aggregate: { n: count() } }
+sink: { stdout: {} }
+"#;
+    let out = run_file(dir.path(), yaml, &[], Some(EVENTS));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        json_lines(&out.stdout),
+        vec![
+            json!({"sensor":"a","window_start":0,"window_end":10000,"n":3}),
+            json!({"sensor":"b","window_start":0,"window_end":10000,"n":2}),
+        ]
+    );
+}
+
+fn bounded_demo() -> String {
+    let demo = std::fs::read_to_string(configs().join("demo.yaml")).unwrap();
+    let bounded = demo.replace(
+        "    rate: 100 ",
+        "    count: 20000\n    start: 0\n    rate: unlimited ",
+    );
+    assert_ne!(
+        bounded, demo,
+        "the demo config changed shape; update this test"
+    );
+    bounded
+}
+
+#[test]
+fn the_demo_on_a_bounded_generator_gives_the_same_results_on_1_and_2_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = bounded_demo();
+    let one = run_file(dir.path(), &yaml, &["--workers", "1"], None);
+    let two = run_file(dir.path(), &yaml, &["--workers", "2"], None);
+    assert!(one.status.success(), "{}", text(&one.stderr));
+    assert_eq!(one.stdout, two.stdout);
+    let rows = json_lines(&one.stdout);
+    // 20000 events 1 ms apart from 0 (4 windows of 5 s), and the first ones
+    // lag up to 500 ms into [-5000, 0): 5 windows for each of 5 sensors.
+    assert_eq!(rows.len(), 25);
+    let total: i64 = rows.iter().map(|r| r["readings"].as_i64().unwrap()).sum();
+    assert!(
+        total > 19_000 && total <= 20_000,
+        "almost all events are on time: {total}"
+    );
+    for r in &rows {
+        let avg = r["avg_celsius"].as_f64().unwrap();
+        assert!(avg > 0.0 && avg < 40.0, "{r}");
+        assert!(r["max_celsius"].as_f64().unwrap() >= avg);
+        assert_eq!(
+            r["window_end"].as_i64().unwrap() - r["window_start"].as_i64().unwrap(),
+            5000
+        );
+    }
+}
+
+#[test]
+fn sigterm_stops_an_unbounded_run_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("demo.yaml");
+    std::fs::copy(configs().join("demo.yaml"), &file).unwrap();
+    let child = bin()
+        .arg("run")
+        .arg(&file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it is running (it logs once the pipeline is built).
+    let pid = child.id();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("stopped"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn missing_input_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "name: t\nsource: { file: { path: nowhere.jsonl } }\nsink: { stdout: {} }\n";
+    let out = run_file(dir.path(), yaml, &[], None);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("nowhere.jsonl") && err.contains("No such file"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"));
+}
+
+#[test]
+fn run_refuses_an_invalid_file_with_exit_code_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_file(dir.path(), "name: t\nsource: {}\n", &[], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("missing `sink`"));
+}
