@@ -464,3 +464,85 @@ fn processing_time_windows_fire_as_the_clock_passes_their_end() {
         vec![json!({"k": "a", "window_start": 10000, "window_end": 15000, "n": 2})]
     );
 }
+
+/// A user-defined step, plugged in through the builder.
+#[derive(Clone, Default)]
+struct Double {
+    slots: Vec<usize>,
+}
+
+impl rivulet::operators::Step for Double {
+    fn fields(&self) -> Vec<String> {
+        vec!["v".into(), "v2".into()]
+    }
+    fn bind(&mut self, slots: &[usize]) {
+        self.slots = slots.to_vec();
+    }
+    fn process(&mut self, records: &mut rivulet::operators::Records<'_>) {
+        for i in records.live() {
+            match records.get(i)[self.slots[0]] {
+                rivulet::value::Value::Int(v) if v < 0 => records.reject(i, "negative"),
+                rivulet::value::Value::Int(v) => {
+                    records.get_mut(i)[self.slots[1]] = rivulet::value::Value::Int(v * 2)
+                }
+                _ => records.drop_record(i),
+            }
+        }
+    }
+}
+
+#[test]
+fn a_custom_step_runs_on_every_worker() {
+    let main = MemorySink::new();
+    let dead = MemorySink::new();
+    let lines: Vec<String> = (0..5000)
+        .map(|i| ev(&format!("k{}", i % 50), i, if i == 7 { -1 } else { 1 }))
+        .collect();
+    let stats = Pipeline::builder("custom")
+        .source(MemorySource::from_lines(&lines))
+        .event_time("ts", ms(0))
+        .step(Double::default())
+        .key_by(["k"])
+        .window(WindowDef::tumbling(ms(100_000)).aggregate("s", "sum(v2)"))
+        .sink(main.clone())
+        .dead_letter(Box::new(dead.clone()))
+        .workers(3)
+        .build()
+        .unwrap()
+        .run(RunOptions::default())
+        .unwrap();
+    assert_eq!(stats.dead_letters, 1);
+    let total: i64 = parse_all(main.records())
+        .iter()
+        .map(|r| r["s"].as_i64().unwrap())
+        .sum();
+    assert_eq!(total, 2 * 4999);
+    assert_eq!(parse_all(dead.records())[0]["reason"], "negative");
+}
+
+#[test]
+fn nested_fields_and_compound_keys() {
+    let lines = [
+        r#"{"loc":{"site":"north","room":1},"ts":1,"m":{"v":2}}"#,
+        r#"{"loc":{"site":"north","room":2},"ts":2,"m":{"v":3}}"#,
+        r#"{"loc":{"site":"north","room":1},"ts":3,"m":{"v":4}}"#,
+    ];
+    let main = MemorySink::new();
+    Pipeline::builder("nested")
+        .source(MemorySource::from_lines(lines))
+        .event_time("ts", ms(0))
+        .key_by(["loc.site", "loc.room"])
+        .window(WindowDef::tumbling(ms(1000)).aggregate("total", "sum(m.v)"))
+        .sink(main.clone())
+        .build()
+        .unwrap()
+        .run(RunOptions::default())
+        .unwrap();
+    assert_eq!(
+        parse_all(main.records()),
+        vec![
+            json!({"loc.site":"north","loc.room":1,"window_start":0,"window_end":1000,"total":6}),
+            json!({"loc.site":"north","loc.room":2,"window_start":0,"window_end":1000,"total":3}),
+        ]
+    );
+}
