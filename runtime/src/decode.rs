@@ -104,8 +104,27 @@ impl FieldTree {
 
     /// Decodes one JSON object into `slots` (which must hold `self.len()`
     /// values, all `Null` on entry).
+    ///
+    /// A fast scanner ([`fast`]) handles the common case: ASCII objects
+    /// whose strings have no escapes. Anything else (escapes, non-ASCII,
+    /// errors of any kind) is decoded again by serde_json, which gives the
+    /// exact semantics and error messages. The two agree on every input the
+    /// scanner accepts (a property test checks it).
     pub fn decode(&self, payload: &[u8], slots: &mut [Value]) -> Result<(), String> {
-        let mut de = serde_json::Deserializer::from_slice(payload);
+        if fast::decode(self, payload, slots).is_ok() {
+            return Ok(());
+        }
+        slots.iter_mut().for_each(|s| *s = Value::Null);
+        self.decode_serde(payload, slots)
+    }
+
+    /// The reference decoder: serde_json.
+    pub fn decode_serde(&self, payload: &[u8], slots: &mut [Value]) -> Result<(), String> {
+        // One UTF-8 check of the whole payload (fast for ASCII) lets
+        // serde_json skip checking every string on its own.
+        let text = std::str::from_utf8(payload)
+            .map_err(|e| format!("invalid JSON: the payload is not UTF-8 ({e})"))?;
+        let mut de = serde_json::Deserializer::from_str(text);
         let seed = ObjectSeed {
             tree: self,
             node: 0,
@@ -115,6 +134,292 @@ impl FieldTree {
         seed.deserialize(&mut de)
             .map_err(|e| format!("invalid JSON: {e}"))?;
         de.end().map_err(|e| format!("invalid JSON: {e}"))
+    }
+}
+
+/// The fast path: a strict scanner for the common subset of JSON.
+///
+/// It fills the registered slots of an object made of ASCII text with no
+/// string escapes, skipping other fields without building them. It gives up
+/// (`Err(GiveUp)`) on anything outside that subset and on any error, leaving
+/// the verdict to serde_json; it never accepts what serde_json would reject.
+mod fast {
+    use super::{FieldTree, Value};
+    use compact_str::CompactString;
+
+    pub struct GiveUp;
+    type R<T> = Result<T, GiveUp>;
+
+    const MAX_DEPTH: usize = 64;
+
+    /// Exact powers of ten as f64 (all below 2^53).
+    const POW10: [f64; 16] = [
+        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+    ];
+
+    struct Scan<'a> {
+        b: &'a [u8],
+        i: usize,
+    }
+
+    impl<'a> Scan<'a> {
+        #[inline]
+        fn ws(&mut self) {
+            while let Some(&c) = self.b.get(self.i) {
+                if c == b' ' || c == b'\n' || c == b'\t' || c == b'\r' {
+                    self.i += 1;
+                } else {
+                    break;
+                }
+            }
+        }
+        #[inline]
+        fn peek(&self) -> R<u8> {
+            self.b.get(self.i).copied().ok_or(GiveUp)
+        }
+        #[inline]
+        fn eat(&mut self, c: u8) -> R<()> {
+            if self.peek()? == c {
+                self.i += 1;
+                Ok(())
+            } else {
+                Err(GiveUp)
+            }
+        }
+        /// A string without escapes, control or non-ASCII bytes; returns
+        /// its contents. The opening quote is the current byte.
+        #[inline]
+        fn string(&mut self) -> R<&'a [u8]> {
+            let start = self.i + 1;
+            let rest = self.b.get(start..).ok_or(GiveUp)?;
+            let len = rest
+                .iter()
+                .position(|&c| c == b'"' || c == b'\\' || !(0x20..0x80).contains(&c))
+                .ok_or(GiveUp)?;
+            if rest[len] != b'"' {
+                return Err(GiveUp);
+            }
+            self.i = start + len + 1;
+            Ok(&rest[..len])
+        }
+        /// Consumes digits; returns their value (saturating past 19 digits) and count.
+        #[inline]
+        fn digits(&mut self) -> (u64, usize) {
+            let start = self.i;
+            let mut v: u64 = 0;
+            while let Some(&c) = self.b.get(self.i) {
+                if !c.is_ascii_digit() {
+                    break;
+                }
+                v = v.wrapping_mul(10).wrapping_add((c - b'0') as u64);
+                self.i += 1;
+            }
+            (v, self.i - start)
+        }
+        /// A number, by JSON's grammar; converted only when `want`.
+        fn number(&mut self, want: bool) -> R<Value> {
+            let start = self.i;
+            let neg = self.peek()? == b'-';
+            if neg {
+                self.i += 1;
+            }
+            let int_start = self.i;
+            let (int, n) = self.digits();
+            if n == 0 || (n > 1 && self.b[int_start] == b'0') {
+                return Err(GiveUp);
+            }
+            let (mut frac, mut nfrac) = (0, 0);
+            if self.b.get(self.i) == Some(&b'.') {
+                self.i += 1;
+                (frac, nfrac) = self.digits();
+                if nfrac == 0 {
+                    return Err(GiveUp);
+                }
+            }
+            let mut exp = false;
+            if matches!(self.b.get(self.i), Some(b'e' | b'E')) {
+                self.i += 1;
+                if matches!(self.b.get(self.i), Some(b'+' | b'-')) {
+                    self.i += 1;
+                }
+                if self.digits().1 == 0 {
+                    return Err(GiveUp);
+                }
+                exp = true;
+            }
+            if !want {
+                return Ok(Value::Null);
+            }
+            if nfrac == 0 && !exp {
+                // Up to 18 digits always fits an i64; longer ones, and `-0`
+                // (a float for serde_json), are left to serde_json.
+                if n > 18 || (neg && int == 0) {
+                    return Err(GiveUp);
+                }
+                return Ok(Value::Int(if neg { -(int as i64) } else { int as i64 }));
+            }
+            if !exp && n + nfrac <= 15 {
+                // Clinger's fast path: an integer below 2^53 divided by an
+                // exact power of ten is correctly rounded.
+                let mantissa = (int * POW10[nfrac] as u64 + frac) as f64;
+                let v = mantissa / POW10[nfrac];
+                return Ok(Value::Float(if neg { -v } else { v }));
+            }
+            let text = std::str::from_utf8(&self.b[start..self.i]).map_err(|_| GiveUp)?;
+            text.parse::<f64>().map(Value::Float).map_err(|_| GiveUp)
+        }
+        fn literal(&mut self, word: &[u8]) -> R<()> {
+            if self.b[self.i..].starts_with(word) {
+                self.i += word.len();
+                Ok(())
+            } else {
+                Err(GiveUp)
+            }
+        }
+        /// A scalar value (the current byte starts it).
+        fn scalar(&mut self) -> R<Value> {
+            match self.peek()? {
+                b'"' => {
+                    let s = self.string()?;
+                    // The scanner admits ASCII only, so this cannot fail.
+                    let s = std::str::from_utf8(s).map_err(|_| GiveUp)?;
+                    Ok(Value::Str(CompactString::from(s)))
+                }
+                b't' => self.literal(b"true").map(|_| Value::Bool(true)),
+                b'f' => self.literal(b"false").map(|_| Value::Bool(false)),
+                b'n' => self.literal(b"null").map(|_| Value::Null),
+                _ => self.number(true),
+            }
+        }
+        /// Skips any value.
+        fn skip(&mut self, depth: usize) -> R<()> {
+            if depth > MAX_DEPTH {
+                return Err(GiveUp);
+            }
+            match self.peek()? {
+                b'{' => {
+                    self.i += 1;
+                    self.ws();
+                    if self.peek()? == b'}' {
+                        self.i += 1;
+                        return Ok(());
+                    }
+                    loop {
+                        self.ws();
+                        if self.peek()? != b'"' {
+                            return Err(GiveUp);
+                        }
+                        self.string()?;
+                        self.ws();
+                        self.eat(b':')?;
+                        self.ws();
+                        self.skip(depth + 1)?;
+                        self.ws();
+                        match self.peek()? {
+                            b',' => self.i += 1,
+                            b'}' => {
+                                self.i += 1;
+                                return Ok(());
+                            }
+                            _ => return Err(GiveUp),
+                        }
+                    }
+                }
+                b'[' => {
+                    self.i += 1;
+                    self.ws();
+                    if self.peek()? == b']' {
+                        self.i += 1;
+                        return Ok(());
+                    }
+                    loop {
+                        self.ws();
+                        self.skip(depth + 1)?;
+                        self.ws();
+                        match self.peek()? {
+                            b',' => self.i += 1,
+                            b']' => {
+                                self.i += 1;
+                                return Ok(());
+                            }
+                            _ => return Err(GiveUp),
+                        }
+                    }
+                }
+                b'"' => self.string().map(|_| ()),
+                b't' => self.literal(b"true"),
+                b'f' => self.literal(b"false"),
+                b'n' => self.literal(b"null"),
+                _ => self.number(false).map(|_| ()),
+            }
+        }
+        /// An object whose registered fields are in `node`.
+        fn object(&mut self, tree: &FieldTree, node: usize, slots: &mut [Value], depth: usize) -> R<()> {
+            if depth > MAX_DEPTH {
+                return Err(GiveUp);
+            }
+            self.eat(b'{')?;
+            self.ws();
+            if self.peek()? == b'}' {
+                self.i += 1;
+                return Ok(());
+            }
+            let children = &tree.nodes[node].children;
+            loop {
+                self.ws();
+                if self.peek()? != b'"' {
+                    return Err(GiveUp);
+                }
+                let key = self.string()?;
+                self.ws();
+                self.eat(b':')?;
+                self.ws();
+                match children.iter().find(|c| c.name.as_bytes() == key) {
+                    None => self.skip(depth + 1)?,
+                    Some(child) => match self.peek()? {
+                        b'{' => match child.inner {
+                            Some(inner) => self.object(tree, inner, slots, depth + 1)?,
+                            // A value field holding an object: an error,
+                            // reported by serde_json.
+                            None => return Err(GiveUp),
+                        },
+                        b'[' => {
+                            if child.slot.is_some() {
+                                return Err(GiveUp);
+                            }
+                            self.skip(depth + 1)?;
+                        }
+                        _ => {
+                            let v = self.scalar()?;
+                            if let Some(s) = child.slot {
+                                slots[s] = v;
+                            }
+                        }
+                    },
+                }
+                self.ws();
+                match self.peek()? {
+                    b',' => self.i += 1,
+                    b'}' => {
+                        self.i += 1;
+                        return Ok(());
+                    }
+                    _ => return Err(GiveUp),
+                }
+            }
+        }
+    }
+
+    pub fn decode(tree: &FieldTree, payload: &[u8], slots: &mut [Value]) -> R<()> {
+        let mut s = Scan { b: payload, i: 0 };
+        s.ws();
+        s.object(tree, 0, slots, 0)?;
+        s.ws();
+        if s.i == payload.len() {
+            Ok(())
+        } else {
+            Err(GiveUp)
+        }
     }
 }
 
@@ -282,7 +587,12 @@ impl<'de> Visitor<'de> for FieldSeed<'_, '_> {
             ))),
         }
     }
-    fn visit_seq<A: de::SeqAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        if self.child.slot.is_none() {
+            // Only deeper paths are wanted: they do not exist under an array.
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            return Ok(());
+        }
         Err(de::Error::custom(format_args!(
             "field `{}` is an array; a number, string, boolean or null was expected",
             self.child.name
@@ -321,6 +631,72 @@ mod tests {
         t.slot("loc.room");
         assert_eq!(decode(&t, r#"{"loc":3}"#).unwrap(), vec![Value::Null]);
         assert_eq!(decode(&t, r#"{}"#).unwrap(), vec![Value::Null]);
+    }
+
+    /// Random JSON-like lines, some broken on purpose.
+    fn random_line(rng: &mut u64) -> String {
+        let mut next = |n: u64| {
+            *rng ^= *rng << 13;
+            *rng ^= *rng >> 7;
+            *rng ^= *rng << 17;
+            *rng % n
+        };
+        let keys = ["a", "b", "id", "loc", "room", "t", "x"];
+        let scalars = [
+            "1", "-1", "0", "-0", "12.5", "0.1", "-3.14159", "71.25", "123456.789012345", "9007199.254740993", "1e3", "-2.5E-3", "007", "1.", "99999999999999999999",
+            "123456789012345678", "true", "false", "null", "nul", "\"s\"", "\"é\"", "\"a\\\"b\"",
+            "\"\\u0041\"", "\"tab\\t\"", "[]", "[1, {\"a\": 2}]", "{}", "{\"room\": 3}",
+            "{\"room\": {\"x\": 1}}", "\"unterminated",
+        ];
+        let mut s = String::from("{");
+        for i in 0..next(5) {
+            if i > 0 {
+                s.push_str(if next(20) == 0 { " ,, " } else { ", " });
+            }
+            s.push_str(&format!("\"{}\": {}", keys[next(7) as usize], scalars[next(scalars.len() as u64) as usize]));
+        }
+        s.push('}');
+        match next(12) {
+            0 => {
+                s.pop();
+            }
+            1 => s.push_str(" x"),
+            2 => s = format!(" \n{s}\t "),
+            3 => s = s.replace(':', ""),
+            _ => {}
+        }
+        s
+    }
+
+    #[test]
+    fn fast_path_agrees_with_serde_json() {
+        let mut t = FieldTree::new();
+        for p in ["a", "id", "loc.room", "loc", "t", "x.y"] {
+            t.slot(p);
+        }
+        let mut rng = 0x2545F4914F6CDD1Du64;
+        let (mut fast_ok, mut total) = (0, 0);
+        for _ in 0..50_000 {
+            let line = random_line(&mut rng);
+            let mut a = vec![Value::Null; t.len()];
+            let mut b = vec![Value::Null; t.len()];
+            let reference = t.decode_serde(line.as_bytes(), &mut b);
+            total += 1;
+            if fast::decode(&t, line.as_bytes(), &mut a).is_ok() {
+                fast_ok += 1;
+                assert!(reference.is_ok(), "fast path accepted what serde_json rejects: {line}");
+                for (x, y) in a.iter().zip(&b) {
+                    match (x, y) {
+                        (Value::Float(p), Value::Float(q)) => assert_eq!(p.to_bits(), q.to_bits(), "{line}"),
+                        _ => assert_eq!(x, y, "{line}"),
+                    }
+                }
+            }
+            // Whatever path is taken, decode() agrees with the reference.
+            let mut c = vec![Value::Null; t.len()];
+            assert_eq!(t.decode(line.as_bytes(), &mut c).is_ok(), reference.is_ok(), "{line}");
+        }
+        assert!(fast_ok > total / 5, "the fast path handles the common case ({fast_ok}/{total})");
     }
 
     #[test]

@@ -327,8 +327,13 @@ fn read(
     let mut seq = 0u64;
     let mut last_arrival = i64::MIN;
     let mut result = Ok(());
+    // Size each batch like the last full one, so buffers rarely regrow.
+    let (mut cap_items, mut cap_bytes) = (16, 1024);
     loop {
-        let mut batch = RawBatch::default();
+        let mut batch = RawBatch {
+            data: Vec::with_capacity(cap_bytes),
+            items: Vec::with_capacity(cap_items),
+        };
         let started = Instant::now();
         let mut end = None;
         loop {
@@ -376,6 +381,8 @@ fn read(
         if batch.is_empty() && end.is_none() && !ticks {
             continue;
         }
+        cap_items = batch.items.len().clamp(16, BATCH_EVENTS);
+        cap_bytes = batch.data.len().clamp(1024, 1 << 20);
         let msg = InBatch {
             seq,
             now_ms: clock.now_ms(),

@@ -199,19 +199,60 @@ pub struct Emitted {
     pub line: Vec<u8>,
 }
 
-struct Win {
-    start: i64,
-    end: i64,
-    accs: Box<[Acc]>,
+/// Key bytes, inline up to 30 bytes so that finding a key touches no
+/// memory beyond its own entry.
+#[derive(Clone)]
+enum KeyBytes {
+    Inline(u8, [u8; 30]),
+    Heap(Box<[u8]>),
 }
 
+impl KeyBytes {
+    fn new(b: &[u8]) -> Self {
+        if b.len() <= 30 {
+            let mut buf = [0u8; 30];
+            buf[..b.len()].copy_from_slice(b);
+            KeyBytes::Inline(b.len() as u8, buf)
+        } else {
+            KeyBytes::Heap(b.into())
+        }
+    }
+    #[inline]
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            KeyBytes::Inline(n, buf) => &buf[..*n as usize],
+            KeyBytes::Heap(b) => b,
+        }
+    }
+}
+
+/// One key's open windows. The accumulators of window `i` are
+/// `accs[i * n .. (i + 1) * n]` for `n` aggregates: two vectors per key
+/// rather than one allocation per window.
 struct KeyState {
-    key: Box<[u8]>,
+    key: KeyBytes,
     hash: u64,
     /// Bumped when the slot is reused for another key, so old timers miss.
     gen: u32,
-    /// Sorted by start.
-    windows: Vec<Win>,
+    /// (start, end), sorted by start.
+    windows: Vec<(i64, i64)>,
+    accs: Vec<Acc>,
+}
+
+impl KeyState {
+    #[inline]
+    fn find(&self, start: i64, end: i64) -> Option<usize> {
+        self.windows.iter().position(|w| *w == (start, end))
+    }
+    fn remove(&mut self, i: usize, n: usize) -> Vec<Acc> {
+        self.windows.remove(i);
+        self.accs.drain(i * n..(i + 1) * n).collect()
+    }
+    fn insert(&mut self, start: i64, end: i64, accs: impl IntoIterator<Item = Acc>, n: usize) {
+        let pos = self.windows.partition_point(|w| w.0 < start);
+        self.windows.insert(pos, (start, end));
+        self.accs.splice(pos * n..pos * n, accs);
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -269,23 +310,27 @@ impl WindowOperator {
 
     fn key_id(&mut self, key: &[u8], hash: u64) -> u32 {
         let keys = &self.keys;
-        if let Some(&id) = self.index.find(hash, |&id| &*keys[id as usize].key == key) {
+        if let Some(&id) = self.index.find(hash, |&id| {
+            let k = &keys[id as usize];
+            k.hash == hash && k.key.as_slice() == key
+        }) {
             return id;
         }
         let id = match self.free.pop() {
             Some(id) => {
                 let k = &mut self.keys[id as usize];
-                k.key = key.into();
+                k.key = KeyBytes::new(key);
                 k.hash = hash;
                 k.gen = k.gen.wrapping_add(1);
                 id
             }
             None => {
                 self.keys.push(KeyState {
-                    key: key.into(),
+                    key: KeyBytes::new(key),
                     hash,
                     gen: 0,
                     windows: Vec::new(),
+                    accs: Vec::new(),
                 });
                 (self.keys.len() - 1) as u32
             }
@@ -345,16 +390,13 @@ impl WindowOperator {
                 }
             };
             skipped = false;
+            let n = self.funcs.len();
             let k = &mut self.keys[id as usize];
             let gen = k.gen;
-            let Some(w) = k
-                .windows
-                .iter_mut()
-                .find(|w| w.start == start && w.end == end)
-            else {
+            let Some(i) = k.find(start, end) else {
                 continue;
             };
-            for (acc, v) in w.accs.iter_mut().zip(vals) {
+            for (acc, v) in k.accs[i * n..(i + 1) * n].iter_mut().zip(vals) {
                 acc.add(v, ts, seq);
             }
             let timer = Timer {
@@ -381,19 +423,12 @@ impl WindowOperator {
 
     /// The window with these bounds, created if missing.
     fn window_for(&mut self, id: u32, start: i64, end: i64) -> (i64, i64, bool) {
+        let n = self.funcs.len();
         let k = &mut self.keys[id as usize];
-        if k.windows.iter().any(|w| w.start == start && w.end == end) {
+        if k.find(start, end).is_some() {
             return (start, end, false);
         }
-        let pos = k.windows.partition_point(|w| w.start < start);
-        k.windows.insert(
-            pos,
-            Win {
-                start,
-                end,
-                accs: self.funcs.iter().map(|f| Acc::new(*f)).collect(),
-            },
-        );
+        k.insert(start, end, self.funcs.iter().map(|f| Acc::new(*f)), n);
         (start, end, true)
     }
 
@@ -402,51 +437,44 @@ impl WindowOperator {
     fn merge_session(&mut self, id: u32, start: i64, end: i64) -> Option<(i64, i64, bool)> {
         let wm = self.watermark;
         let lateness = self.def.allowed_lateness;
+        let n = self.funcs.len();
         let k = &mut self.keys[id as usize];
         // Flink's TimeWindow.intersects: touching windows merge too.
         let touching: Vec<usize> = (0..k.windows.len())
-            .filter(|&i| k.windows[i].start <= end && k.windows[i].end >= start)
+            .filter(|&i| k.windows[i].0 <= end && k.windows[i].1 >= start)
             .collect();
         let (mut s, mut e) = (start, end);
         for &i in &touching {
-            s = s.min(k.windows[i].start);
-            e = e.max(k.windows[i].end);
+            s = s.min(k.windows[i].0);
+            e = e.max(k.windows[i].1);
         }
         if e - 1 + lateness <= wm {
             return None;
         }
         if let [only] = touching[..] {
-            if k.windows[only].start == s && k.windows[only].end == e {
+            if k.windows[only] == (s, e) {
                 return Some((s, e, false));
             }
         }
-        let mut accs: Box<[Acc]> = self.funcs.iter().map(|f| Acc::new(*f)).collect();
+        let mut accs: Vec<Acc> = self.funcs.iter().map(|f| Acc::new(*f)).collect();
         for &i in touching.iter().rev() {
-            let w = k.windows.remove(i);
-            for (a, b) in accs.iter_mut().zip(w.accs.iter()) {
+            for (a, b) in accs.iter_mut().zip(k.remove(i, n).iter()) {
                 a.merge(b);
             }
         }
-        let pos = k.windows.partition_point(|w| w.start < s);
-        k.windows.insert(
-            pos,
-            Win {
-                start: s,
-                end: e,
-                accs,
-            },
-        );
+        k.insert(s, e, accs, n);
         Some((s, e, true))
     }
 
     fn emit(&mut self, id: u32, start: i64, end: i64) {
+        let n = self.funcs.len();
         let k = &self.keys[id as usize];
-        let Some(w) = k.windows.iter().find(|w| w.start == start && w.end == end) else {
+        let Some(i) = k.find(start, end) else {
             return;
         };
         let mut line = Vec::with_capacity(128);
         line.push(b'{');
-        let key_vals = decode_key(&k.key).unwrap_or_default();
+        let key_vals = decode_key(k.key.as_slice()).unwrap_or_default();
         for (name, v) in self.key_names.iter().zip(&key_vals) {
             write_json_str(name, &mut line);
             line.push(b':');
@@ -457,7 +485,7 @@ impl WindowOperator {
         Value::Int(start).write_json(&mut line);
         line.extend_from_slice(b",\"window_end\":");
         Value::Int(end).write_json(&mut line);
-        for (agg, acc) in self.def.aggregates.iter().zip(w.accs.iter()) {
+        for (agg, acc) in self.def.aggregates.iter().zip(&k.accs[i * n..(i + 1) * n]) {
             line.push(b',');
             write_json_str(&agg.name, &mut line);
             line.push(b':');
@@ -467,7 +495,7 @@ impl WindowOperator {
         self.emitted.push(Emitted {
             start,
             end,
-            key: k.key.clone(),
+            key: k.key.as_slice().into(),
             line,
         });
     }
@@ -487,21 +515,18 @@ impl WindowOperator {
             let (at, due) = entry.remove_entry();
             for t in due {
                 let k = &self.keys[t.key as usize];
-                if k.gen != t.gen
-                    || !k
-                        .windows
-                        .iter()
-                        .any(|w| w.start == t.start && w.end == t.end)
-                {
+                if k.gen != t.gen || k.find(t.start, t.end).is_none() {
                     continue;
                 }
                 if at == t.end - 1 {
                     self.emit(t.key, t.start, t.end);
                 }
                 if at == t.end - 1 + lateness {
+                    let n = self.funcs.len();
                     let k = &mut self.keys[t.key as usize];
-                    k.windows
-                        .retain(|w| !(w.start == t.start && w.end == t.end));
+                    if let Some(i) = k.find(t.start, t.end) {
+                        k.remove(i, n);
+                    }
                     self.release_if_empty(t.key);
                 }
             }
