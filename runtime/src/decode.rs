@@ -354,7 +354,13 @@ mod fast {
             }
         }
         /// An object whose registered fields are in `node`.
-        fn object(&mut self, tree: &FieldTree, node: usize, slots: &mut [Value], depth: usize) -> R<()> {
+        fn object(
+            &mut self,
+            tree: &FieldTree,
+            node: usize,
+            slots: &mut [Value],
+            depth: usize,
+        ) -> R<()> {
             if depth > MAX_DEPTH {
                 return Err(GiveUp);
             }
@@ -643,17 +649,48 @@ mod tests {
         };
         let keys = ["a", "b", "id", "loc", "room", "t", "x"];
         let scalars = [
-            "1", "-1", "0", "-0", "12.5", "0.1", "-3.14159", "71.25", "123456.789012345", "9007199.254740993", "1e3", "-2.5E-3", "007", "1.", "99999999999999999999",
-            "123456789012345678", "true", "false", "null", "nul", "\"s\"", "\"é\"", "\"a\\\"b\"",
-            "\"\\u0041\"", "\"tab\\t\"", "[]", "[1, {\"a\": 2}]", "{}", "{\"room\": 3}",
-            "{\"room\": {\"x\": 1}}", "\"unterminated",
+            "1",
+            "-1",
+            "0",
+            "-0",
+            "12.5",
+            "0.1",
+            "-3.14159",
+            "71.25",
+            "123456.789012345",
+            "9007199.254740993",
+            "1e3",
+            "-2.5E-3",
+            "007",
+            "1.",
+            "99999999999999999999",
+            "123456789012345678",
+            "true",
+            "false",
+            "null",
+            "nul",
+            "\"s\"",
+            "\"é\"",
+            "\"a\\\"b\"",
+            "\"\\u0041\"",
+            "\"tab\\t\"",
+            "[]",
+            "[1, {\"a\": 2}]",
+            "{}",
+            "{\"room\": 3}",
+            "{\"room\": {\"x\": 1}}",
+            "\"unterminated",
         ];
         let mut s = String::from("{");
         for i in 0..next(5) {
             if i > 0 {
                 s.push_str(if next(20) == 0 { " ,, " } else { ", " });
             }
-            s.push_str(&format!("\"{}\": {}", keys[next(7) as usize], scalars[next(scalars.len() as u64) as usize]));
+            s.push_str(&format!(
+                "\"{}\": {}",
+                keys[next(7) as usize],
+                scalars[next(scalars.len() as u64) as usize]
+            ));
         }
         s.push('}');
         match next(12) {
@@ -684,19 +721,31 @@ mod tests {
             total += 1;
             if fast::decode(&t, line.as_bytes(), &mut a).is_ok() {
                 fast_ok += 1;
-                assert!(reference.is_ok(), "fast path accepted what serde_json rejects: {line}");
+                assert!(
+                    reference.is_ok(),
+                    "fast path accepted what serde_json rejects: {line}"
+                );
                 for (x, y) in a.iter().zip(&b) {
                     match (x, y) {
-                        (Value::Float(p), Value::Float(q)) => assert_eq!(p.to_bits(), q.to_bits(), "{line}"),
+                        (Value::Float(p), Value::Float(q)) => {
+                            assert_eq!(p.to_bits(), q.to_bits(), "{line}")
+                        }
                         _ => assert_eq!(x, y, "{line}"),
                     }
                 }
             }
             // Whatever path is taken, decode() agrees with the reference.
             let mut c = vec![Value::Null; t.len()];
-            assert_eq!(t.decode(line.as_bytes(), &mut c).is_ok(), reference.is_ok(), "{line}");
+            assert_eq!(
+                t.decode(line.as_bytes(), &mut c).is_ok(),
+                reference.is_ok(),
+                "{line}"
+            );
         }
-        assert!(fast_ok > total / 5, "the fast path handles the common case ({fast_ok}/{total})");
+        assert!(
+            fast_ok > total / 5,
+            "the fast path handles the common case ({fast_ok}/{total})"
+        );
     }
 
     #[test]

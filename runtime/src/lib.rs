@@ -24,3 +24,8 @@ pub mod value;
 
 pub use exec::{Progress, RunOptions, RunStats};
 pub use plan::Pipeline;
+
+/// The README's Rust examples are compiled as doctests.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -18,7 +18,15 @@ use std::time::{Duration, Instant};
 const KEYS: u32 = 10_000;
 const EVENTS_PER_SECOND: u64 = 100_000;
 
-fn report(mode: &str, workers: usize, events: u64, results: u64, wall: Duration, cpu: Duration, rss: u64) {
+fn report(
+    mode: &str,
+    workers: usize,
+    events: u64,
+    results: u64,
+    wall: Duration,
+    cpu: Duration,
+    rss: u64,
+) {
     println!(
         "{}",
         serde_json::json!({
@@ -56,7 +64,9 @@ fn baseline(events: u64) {
             Err(_) => continue,
         };
         let w = r.ts - r.ts.rem_euclid(5000);
-        let e = windows.entry((r.sensor_id.to_string(), w)).or_insert((0.0, f64::MIN, 0));
+        let e = windows
+            .entry((r.sensor_id.to_string(), w))
+            .or_insert((0.0, f64::MIN, 0));
         e.0 += r.temperature;
         e.1 = e.1.max(r.temperature);
         e.2 += 1;
@@ -104,7 +114,15 @@ fn rivulet(workers: usize, events: u64) {
     let wall = start.elapsed();
     let (cpu1, rss) = usage();
     assert_eq!(stats.events, events);
-    report("rivulet", workers, events, stats.results, wall, cpu1 - cpu0, rss);
+    report(
+        "rivulet",
+        workers,
+        events,
+        stats.results,
+        wall,
+        cpu1 - cpu0,
+        rss,
+    );
 }
 
 /// What the source alone costs: rendering the lines the others consume.
