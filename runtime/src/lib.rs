@@ -15,6 +15,7 @@ pub mod config;
 pub mod decode;
 pub mod exec;
 pub mod expr;
+pub mod mqtt;
 pub mod operators;
 pub mod plan;
 pub mod sinks;

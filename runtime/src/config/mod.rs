@@ -12,6 +12,11 @@ use crate::plan::{Pipeline, PipelineBuilder, DEFAULT_MAX_PAYLOAD};
 use crate::sinks::{FileSink, Sink};
 use crate::sources::file::FileSource;
 use crate::sources::generator::{self, Generator, GeneratorOptions};
+use crate::mqtt::topic::{TopicPattern, TopicTemplate};
+use crate::mqtt::Endpoint;
+use crate::plan::Format;
+use crate::sinks::mqtt::{BufferOptions, MqttSink, MqttSinkOptions, WhenFull};
+use crate::sources::mqtt::{MqttSource, MqttSourceOptions};
 use crate::time::{parse_duration, parse_rfc3339};
 use marked_yaml::Node;
 use std::fmt;
@@ -103,15 +108,57 @@ pub enum TimeSpec {
 /// A checked source.
 #[derive(Clone, Debug, PartialEq)]
 pub enum SourceSpec {
-    File {
-        path: String,
-    },
+    File { path: String },
     Generator(GeneratorSpec),
-    Mqtt {
-        url: String,
-        topics: Vec<String>,
-        qos: u8,
-    },
+    Mqtt(MqttSourceSpec),
+}
+
+/// Where a password comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PasswordSpec {
+    None,
+    Inline(String),
+    Env(String),
+    File(String),
+}
+
+/// Checked connection settings of an MQTT source or sink.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConnSpec {
+    pub url: String,
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    /// 4 (MQTT 3.1.1) or 5.
+    pub version: u8,
+    pub client_id: Option<String>,
+    pub clean_session: bool,
+    pub keep_alive_ms: i64,
+    pub username: Option<String>,
+    pub password: PasswordSpec,
+    pub ca_file: Option<String>,
+    pub client_cert: Option<(String, String)>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct MqttSourceSpec {
+    pub conn: ConnSpec,
+    pub topics: Vec<TopicPattern>,
+    pub qos: u8,
+    pub topic_field: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct MqttSinkSpec {
+    pub conn: ConnSpec,
+    pub topic: TopicTemplate,
+    pub qos: u8,
+    pub retain: bool,
+    pub memory: usize,
+    pub disk: usize,
+    pub dir: Option<String>,
+    pub when_full: WhenFull,
+    pub drain_timeout_ms: i64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -127,16 +174,9 @@ pub struct GeneratorSpec {
 /// A checked sink.
 #[derive(Clone, Debug, PartialEq)]
 pub enum SinkSpec {
-    File {
-        path: String,
-    },
+    File { path: String },
     Stdout,
-    Mqtt {
-        url: String,
-        topic: String,
-        qos: u8,
-        retain: bool,
-    },
+    Mqtt(Box<MqttSinkSpec>),
 }
 
 /// A checked step.
@@ -153,6 +193,7 @@ pub enum StepSpec {
 pub struct ValidPipeline {
     pub name: String,
     pub source: SourceSpec,
+    pub format: Format,
     pub time: TimeSpec,
     pub max_payload: usize,
     pub steps: Vec<StepSpec>,
@@ -364,6 +405,9 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
     let checked_source = source
         .as_ref()
         .and_then(|(s, n)| check_source(&mut c, s, n));
+    let source_cfg_format = source
+        .as_ref()
+        .and_then(|(s, _)| s.format.as_ref().map(|f| f.value.clone()));
 
     // Steps, each on its own so one bad step does not hide the others.
     let mut steps: Vec<(StepConfig, &Node)> = Vec::new();
@@ -549,9 +593,14 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
     let (Some(name), Some((source, time, max_payload))) = (name, checked_source) else {
         return Err(c.problems);
     };
+    let format = match source_cfg_format.as_deref() {
+        Some("text") => Format::Text,
+        _ => Format::Json,
+    };
     Ok(ValidPipeline {
         name,
         source,
+        format,
         time,
         max_payload,
         steps: specs,
@@ -658,12 +707,8 @@ fn check_source(
     }
     let mut ok = count == 1;
     if let Some(f) = &s.format {
-        if f.value != "json" {
-            c.sp(
-                f,
-                "source.format",
-                format!("unknown format `{}`; expected `json`", f.value),
-            );
+        if f.value != "json" && f.value != "text" {
+            c.sp(f, "source.format", format!("unknown format `{}`; expected `json` or `text`", f.value));
             ok = false;
         }
     }
@@ -808,52 +853,129 @@ fn check_source(
             start_ms,
         })
     } else if let Some(m) = &s.mqtt {
-        ok &= check_url(c, &m.url, "source.mqtt.url");
+        let conn = check_conn(c, &m.connection(), &m.url, "source.mqtt");
         if m.topics.is_empty() {
-            c.node(
-                node,
-                "source.mqtt.topics",
-                "needs at least one topic filter",
-            );
+            c.node(node, "source.mqtt.topics", "needs at least one topic filter");
             ok = false;
         }
-        let qos = m.qos.as_ref().map(|q| q.value).unwrap_or(0);
-        if let Some(q) = &m.qos {
-            if q.value > 1 {
-                c.sp(
-                    q,
-                    "source.mqtt.qos",
-                    format!("qos {} is not supported; expected 0 or 1", q.value),
-                );
-                ok = false;
+        let mut topics = Vec::new();
+        for t in &m.topics {
+            match TopicPattern::parse(t) {
+                Ok(p) => topics.push(p),
+                Err(e) => {
+                    c.sp(t, "source.mqtt.topics", e);
+                    ok = false;
+                }
             }
         }
-        SourceSpec::Mqtt {
-            url: m.url.value.clone(),
-            topics: m.topics.iter().map(|t| t.value.clone()).collect(),
+        let qos = check_qos(c, m.qos.as_ref(), "source.mqtt.qos", &mut ok);
+        let topic_field = match m.topic_field.as_deref() {
+            None => Some("topic".to_string()),
+            Some("") => None,
+            Some(f) if valid_field_name(f) => Some(f.to_string()),
+            Some(f) => {
+                c.node(node, "source.mqtt.topic_field", format!("`{f}` is not a field name"));
+                ok = false;
+                None
+            }
+        };
+        let conn = conn?;
+        SourceSpec::Mqtt(MqttSourceSpec {
+            conn,
+            topics,
             qos,
-        }
+            topic_field,
+        })
     } else {
         return None;
     };
     ok.then_some((spec, time, max_payload))
 }
 
-fn check_url(c: &mut Checker, url: &Sp<String>, path: &str) -> bool {
-    let good = ["mqtt://", "mqtts://", "tcp://", "ssl://"]
-        .iter()
-        .any(|p| url.starts_with(p) && url.len() > p.len());
-    if !good {
-        c.sp(
-            url,
-            path,
-            format!(
-                "bad broker URL `{}`: expected `mqtt://host:port` or `mqtts://host:port`",
-                url.value
-            ),
-        );
+fn check_qos(c: &mut Checker, q: Option<&Sp<u8>>, path: &str, ok: &mut bool) -> u8 {
+    match q {
+        Some(q) if q.value > 1 => {
+            c.sp(q, path, format!("qos {} is not supported; expected 0 or 1", q.value));
+            *ok = false;
+            0
+        }
+        Some(q) => q.value,
+        None => 0,
     }
-    good
+}
+
+/// Checks the connection settings shared by MQTT sources and sinks.
+fn check_conn(c: &mut Checker, cc: &types::ConnectionConfig, url: &Sp<String>, path: &str) -> Option<ConnSpec> {
+    let before = c.problems.len();
+    let parsed = match Endpoint::parse_url(url) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            c.sp(url, &format!("{path}.url"), e);
+            None
+        }
+    };
+    let version = match &cc.version {
+        None => 4,
+        Some(v) if v.value == 3 || v.value == 4 => 4,
+        Some(v) if v.value == 5 => 5,
+        Some(v) => {
+            c.sp(v, &format!("{path}.version"), format!("unknown MQTT version {}; expected 3 or 5", v.value));
+            4
+        }
+    };
+    let keep_alive_ms = match &cc.keep_alive {
+        None => 30_000,
+        Some(d) => match c.duration(d, &format!("{path}.keep_alive")) {
+            Some(ms) if ms >= 1000 => ms,
+            Some(_) => {
+                c.sp(d, &format!("{path}.keep_alive"), "must be at least 1s");
+                30_000
+            }
+            None => 30_000,
+        },
+    };
+    let password = match (&cc.password, &cc.password_env, &cc.password_file) {
+        (None, None, None) => PasswordSpec::None,
+        (Some(p), None, None) => PasswordSpec::Inline(p.clone()),
+        (None, Some(e), None) => PasswordSpec::Env(e.value.clone()),
+        (None, None, Some(f)) => PasswordSpec::File(f.value.clone()),
+        _ => {
+            c.sp(url, path, "set only one of `password`, `password_env`, `password_file`");
+            PasswordSpec::None
+        }
+    };
+    if !matches!(password, PasswordSpec::None) && cc.username.is_none() {
+        c.sp(url, path, "a password needs a `username`");
+    }
+    let tls = parsed.as_ref().is_some_and(|p| p.2);
+    for (name, v) in [("ca_file", &cc.ca_file), ("client_cert", &cc.client_cert), ("client_key", &cc.client_key)] {
+        if let (Some(v), false, Some(_)) = (v, tls, &parsed) {
+            c.sp(v, &format!("{path}.{name}"), "TLS settings need an `mqtts://` URL");
+        }
+    }
+    let client_cert = match (&cc.client_cert, &cc.client_key) {
+        (Some(cert), Some(key)) => Some((cert.value.clone(), key.value.clone())),
+        (None, None) => None,
+        (Some(v), None) | (None, Some(v)) => {
+            c.sp(v, path, "`client_cert` and `client_key` go together");
+            None
+        }
+    };
+    let (host, port, tls) = parsed?;
+    (c.problems.len() == before).then(|| ConnSpec {
+        url: url.value.clone(),
+        host,
+        port,
+        tls,
+        version,
+        client_id: cc.client_id.clone(),
+        clean_session: cc.clean_session.unwrap_or(true),
+        keep_alive_ms,
+        username: cc.username.clone(),
+        password,
+        ca_file: cc.ca_file.as_ref().map(|f| f.value.clone()),
+        client_cert,
+    })
 }
 
 fn sink_list(c: &mut Checker, node: &Node, path: &str) -> Vec<SinkSpec> {
@@ -883,24 +1005,48 @@ fn sink_list(c: &mut Checker, node: &Node, path: &str) -> Vec<SinkSpec> {
             }
             SinkConfig::Stdout(_) => SinkSpec::Stdout,
             SinkConfig::Mqtt(m) => {
-                check_url(c, &m.url, &format!("{p}.mqtt.url"));
-                if m.topic.trim().is_empty() {
-                    c.sp(&m.topic, &format!("{p}.mqtt.topic"), "must not be empty");
+                let p = format!("{p}.mqtt");
+                let conn = check_conn(c, &m.connection(), &m.url, &p);
+                let mut ok = true;
+                let qos = check_qos(c, m.qos.as_ref(), &format!("{p}.qos"), &mut ok);
+                let topic = match TopicTemplate::parse(&m.topic) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        c.sp(&m.topic, &format!("{p}.topic"), e);
+                        None
+                    }
+                };
+                let b = m.buffer.clone();
+                let when_full = match b.as_ref().and_then(|b| b.when_full.as_ref()) {
+                    None => WhenFull::Block,
+                    Some(w) if w.value == "block" => WhenFull::Block,
+                    Some(w) if w.value == "drop_oldest" => WhenFull::DropOldest,
+                    Some(w) => {
+                        c.sp(w, &format!("{p}.buffer.when_full"), format!("unknown policy `{}`; expected `block` or `drop_oldest`", w.value));
+                        WhenFull::Block
+                    }
+                };
+                let drain_timeout_ms = b
+                    .as_ref()
+                    .and_then(|b| b.drain_timeout.as_ref())
+                    .and_then(|d| c.duration(d, &format!("{p}.buffer.drain_timeout")))
+                    .unwrap_or(10_000);
+                let memory = b.as_ref().and_then(|b| b.memory).unwrap_or(10_000);
+                if memory == 0 {
+                    c.node(n, &format!("{p}.buffer.memory"), "must be at least 1");
                 }
-                let qos = m.qos.as_ref().map(|q| q.value).unwrap_or(0);
-                if qos > 1 {
-                    c.node(
-                        n,
-                        &format!("{p}.mqtt.qos"),
-                        format!("qos {qos} is not supported; expected 0 or 1"),
-                    );
-                }
-                SinkSpec::Mqtt {
-                    url: m.url.value,
-                    topic: m.topic.value,
+                let (Some(conn), Some(topic), true) = (conn, topic, ok) else { continue };
+                SinkSpec::Mqtt(Box::new(MqttSinkSpec {
+                    conn,
+                    topic,
                     qos,
                     retain: m.retain.unwrap_or(false),
-                }
+                    memory: memory.max(1),
+                    disk: b.as_ref().and_then(|b| b.disk).unwrap_or(1_000_000),
+                    dir: b.as_ref().and_then(|b| b.dir.as_ref()).map(|d| d.value.clone()),
+                    when_full,
+                    drain_timeout_ms,
+                }))
             }
         });
     }
@@ -1067,11 +1213,15 @@ impl ValidPipeline {
                     .start_ms
                     .unwrap_or_else(|| crate::time::Clock::now_ms(&crate::time::SystemClock)),
             })),
-            SourceSpec::Mqtt { .. } => {
-                return Err(err(
-                    "the MQTT source is not available in this build yet".into()
-                ))
-            }
+            SourceSpec::Mqtt(m) => b.source(
+                MqttSource::start(MqttSourceOptions {
+                    endpoint: endpoint(&m.conn, &self.name, "in", self.max_payload).map_err(err)?,
+                    patterns: m.topics.clone(),
+                    qos: m.qos,
+                    topic_field: m.topic_field.clone(),
+                })
+                .map_err(|e| err(e.to_string()))?,
+            ),
         };
         b = match &self.time {
             TimeSpec::None => b,
@@ -1096,31 +1246,93 @@ impl ValidPipeline {
                 StepSpec::Window(w) => b.window(w.clone()),
             };
         }
-        let open = |s: &SinkSpec| -> Result<Box<dyn Sink>, ConfigError> {
+        let open = |s: &SinkSpec, role: &str, i: usize| -> Result<Box<dyn Sink>, ConfigError> {
             match s {
-                SinkSpec::File { path } => Ok(Box::new(
-                    FileSink::open(path).map_err(|e| err(e.to_string()))?,
-                )),
+                SinkSpec::File { path } => Ok(Box::new(FileSink::open(path).map_err(|e| err(e.to_string()))?)),
                 SinkSpec::Stdout => Ok(Box::new(FileSink::stdout())),
-                SinkSpec::Mqtt { .. } => Err(err(
-                    "the MQTT sink is not available in this build yet".into(),
-                )),
+                SinkSpec::Mqtt(m) => {
+                    let name = format!("{role}-{i}");
+                    let dir = m
+                        .dir
+                        .clone()
+                        .map(std::path::PathBuf::from)
+                        .or_else(|| self.state_dir.as_ref().map(|d| std::path::Path::new(d).join("outbox")));
+                    let sink = MqttSink::start(MqttSinkOptions {
+                        endpoint: endpoint(&m.conn, &self.name, &name, 1 << 28).map_err(err)?,
+                        topic: m.topic.clone(),
+                        qos: m.qos,
+                        retain: m.retain,
+                        buffer: BufferOptions {
+                            memory: m.memory,
+                            disk: dir.map(|d| (d, m.disk)),
+                            when_full: m.when_full,
+                            drain_timeout: Duration::from_millis(m.drain_timeout_ms as u64),
+                        },
+                        name,
+                    })
+                    .map_err(|e| err(e.to_string()))?;
+                    Ok(Box::new(sink))
+                }
             }
         };
-        for s in &self.sinks {
-            b = b.boxed_sink(open(s)?);
+        for (i, s) in self.sinks.iter().enumerate() {
+            b = b.boxed_sink(open(s, "sink", i)?);
         }
-        for s in &self.late {
-            b = b.late(open(s)?);
+        for (i, s) in self.late.iter().enumerate() {
+            b = b.late(open(s, "late", i)?);
         }
-        for s in &self.dead_letter {
-            b = b.dead_letter(open(s)?);
+        for (i, s) in self.dead_letter.iter().enumerate() {
+            b = b.dead_letter(open(s, "dead_letter", i)?);
         }
+        b = b.format(self.format);
         if let Some(w) = overrides.workers.or(self.workers) {
             b = b.workers(w);
         }
         Ok(b)
     }
+}
+
+/// The client's endpoint: the checked settings, the password read from
+/// where it is kept, and a default client id.
+fn endpoint(c: &ConnSpec, pipeline: &str, role: &str, max_payload: usize) -> Result<Endpoint, String> {
+    let password = match &c.password {
+        PasswordSpec::None => None,
+        PasswordSpec::Inline(p) => Some(p.clone()),
+        PasswordSpec::Env(var) => Some(std::env::var(var).map_err(|_| {
+            format!("{}: the environment variable `{var}` (password_env) is not set", c.url)
+        })?),
+        PasswordSpec::File(f) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| format!("{}: cannot read password_file {f}: {e}", c.url))?
+                .trim_end_matches(['\n', '\r'])
+                .to_string(),
+        ),
+    };
+    let client_id = c.client_id.clone().unwrap_or_else(|| {
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| format!("{:08x}", fastrand::u32(..)));
+        format!("rivulet-{pipeline}-{host}-{role}")
+    });
+    Ok(Endpoint {
+        url: c.url.clone(),
+        host: c.host.clone(),
+        port: c.port,
+        tls: c.tls,
+        version: c.version,
+        client_id,
+        clean_session: c.clean_session,
+        keep_alive: Duration::from_millis(c.keep_alive_ms as u64),
+        username: c.username.clone(),
+        password,
+        ca_file: c.ca_file.clone(),
+        client_cert: c.client_cert.clone(),
+        // Room for the payload and the packet's own headers.
+        max_packet: max_payload.saturating_add(64 << 10),
+    })
 }
 
 /// The JSON Schema of pipeline files.

@@ -162,7 +162,8 @@ pub struct SourceConfig {
     pub mqtt: Option<MqttSourceConfig>,
     pub file: Option<FileSourceConfig>,
     pub generator: Option<GeneratorConfig>,
-    /// Payload format: `json` (one JSON object per event; the default).
+    /// Payload format: `json` (one JSON object per event; the default) or
+    /// `text` (the payload is the field `value`, a number where it parses as one).
     pub format: Option<Sp<String>>,
     /// Use the time carried by each event (event time).
     pub event_time: Option<EventTimeConfig>,
@@ -178,14 +179,37 @@ pub struct SourceConfig {
 #[derive(Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MqttSourceConfig {
-    /// Broker URL, `mqtt://host:port` or `mqtts://host:port`.
+    /// Broker URL, `mqtt://host:port` or `mqtts://host:port` (TLS).
     pub url: Sp<String>,
-    /// Topic filters; `{name}` in a level binds that level to field `name`.
+    /// Topic filters (`+` and `#` wildcards); `{name}` as a whole level
+    /// subscribes to `+` and binds that level to the field `name`.
     pub topics: Vec<Sp<String>>,
-    /// Quality of service: 0 or 1.
+    /// Quality of service: 0 or 1 (default 0).
     pub qos: Option<Sp<u8>>,
-    /// MQTT client id (default: derived from the pipeline name).
+    /// Field that receives the full topic (default `topic`; `""` for none).
+    pub topic_field: Option<String>,
+    /// MQTT protocol version: 3 (3.1.1, the default) or 5.
+    pub version: Option<Sp<u8>>,
+    /// Client id (default: `rivulet-<pipeline>-<host>-<role>`).
     pub client_id: Option<String>,
+    /// Start a clean session (default true); false keeps the session, and
+    /// QoS 1 messages, on the broker while rivulet is away.
+    pub clean_session: Option<bool>,
+    /// Keep-alive interval (default 30s).
+    pub keep_alive: Option<DurationText>,
+    pub username: Option<String>,
+    /// A password written here; prefer `password_env` or `password_file`.
+    pub password: Option<String>,
+    /// Name of an environment variable holding the password.
+    pub password_env: Option<Sp<String>>,
+    /// File holding the password (trailing newline removed).
+    pub password_file: Option<Sp<String>>,
+    /// PEM file of the CA certificates to trust (default: the system's).
+    pub ca_file: Option<Sp<String>>,
+    /// PEM client certificate, for mutual TLS (with `client_key`).
+    pub client_cert: Option<Sp<String>>,
+    /// PEM private key of `client_cert`.
+    pub client_key: Option<Sp<String>>,
 }
 
 /// Read JSON Lines from a file; `-` reads standard input. A bounded stream:
@@ -301,14 +325,54 @@ pub struct StdoutSinkConfig {}
 #[derive(Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MqttSinkConfig {
-    /// Broker URL, `mqtt://host:port` or `mqtts://host:port`.
+    /// Broker URL, `mqtt://host:port` or `mqtts://host:port` (TLS).
     pub url: Sp<String>,
-    /// Topic template; `{field}` is replaced by the result's field.
+    /// Topic template; `{field}` is replaced by the record's field.
     pub topic: Sp<String>,
-    /// Quality of service: 0 or 1.
+    /// Quality of service: 0 or 1 (default 0).
     pub qos: Option<Sp<u8>>,
     /// Publish with the retain flag.
     pub retain: Option<bool>,
+    /// Store-and-forward while the broker is unreachable.
+    pub buffer: Option<BufferConfig>,
+    /// MQTT protocol version: 3 (3.1.1, the default) or 5.
+    pub version: Option<Sp<u8>>,
+    /// Client id (default: `rivulet-<pipeline>-<host>-<role>`).
+    pub client_id: Option<String>,
+    /// Start a clean session (default true); false keeps the session, and
+    /// QoS 1 messages, on the broker while rivulet is away.
+    pub clean_session: Option<bool>,
+    /// Keep-alive interval (default 30s).
+    pub keep_alive: Option<DurationText>,
+    pub username: Option<String>,
+    /// A password written here; prefer `password_env` or `password_file`.
+    pub password: Option<String>,
+    /// Name of an environment variable holding the password.
+    pub password_env: Option<Sp<String>>,
+    /// File holding the password (trailing newline removed).
+    pub password_file: Option<Sp<String>>,
+    /// PEM file of the CA certificates to trust (default: the system's).
+    pub ca_file: Option<Sp<String>>,
+    /// PEM client certificate, for mutual TLS (with `client_key`).
+    pub client_cert: Option<Sp<String>>,
+    /// PEM private key of `client_cert`.
+    pub client_key: Option<Sp<String>>,
+}
+
+/// The outbox of an MQTT sink.
+#[derive(Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BufferConfig {
+    /// Messages kept in memory (default 10000).
+    pub memory: Option<usize>,
+    /// Messages kept on disk once memory is full (default 1000000; needs a directory).
+    pub disk: Option<usize>,
+    /// Directory of the disk buffer (default: `<state.dir>/outbox` when `state` is set).
+    pub dir: Option<Sp<String>>,
+    /// `block` (default) stops the pipeline while full; `drop_oldest` drops and counts.
+    pub when_full: Option<Sp<String>>,
+    /// How long a clean shutdown waits to deliver what is buffered (default 10s).
+    pub drain_timeout: Option<DurationText>,
 }
 
 /// Where keyed state and checkpoints are kept.
@@ -350,3 +414,43 @@ impl<'de> Deserialize<'de> for FieldList {
         d.deserialize_any(V)
     }
 }
+
+/// The connection settings of an MQTT source or sink.
+#[derive(Clone, Default)]
+pub struct ConnectionConfig {
+    pub version: Option<Sp<u8>>,
+    pub client_id: Option<String>,
+    pub clean_session: Option<bool>,
+    pub keep_alive: Option<DurationText>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub password_env: Option<Sp<String>>,
+    pub password_file: Option<Sp<String>>,
+    pub ca_file: Option<Sp<String>>,
+    pub client_cert: Option<Sp<String>>,
+    pub client_key: Option<Sp<String>>,
+}
+
+macro_rules! connection_of {
+    ($t:ty) => {
+        impl $t {
+            pub fn connection(&self) -> ConnectionConfig {
+                ConnectionConfig {
+                    version: self.version.clone(),
+                    client_id: self.client_id.clone(),
+                    clean_session: self.clean_session,
+                    keep_alive: self.keep_alive.clone(),
+                    username: self.username.clone(),
+                    password: self.password.clone(),
+                    password_env: self.password_env.clone(),
+                    password_file: self.password_file.clone(),
+                    ca_file: self.ca_file.clone(),
+                    client_cert: self.client_cert.clone(),
+                    client_key: self.client_key.clone(),
+                }
+            }
+        }
+    };
+}
+connection_of!(MqttSourceConfig);
+connection_of!(MqttSinkConfig);

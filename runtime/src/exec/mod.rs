@@ -28,7 +28,7 @@
 
 use crate::operators::window::{AggFunc, Emitted, WindowOperator};
 use crate::operators::{Records, Status, Step};
-use crate::plan::{Pipeline, Plan, TimeMode};
+use crate::plan::{Format, Pipeline, Plan, TimeMode};
 use crate::sinks::{Sink, SinkError};
 use crate::sources::{Poll, RawBatch, Source, SourceError};
 use crate::time::{timestamp_from, Clock};
@@ -333,6 +333,7 @@ fn read(
         let mut batch = RawBatch {
             data: Vec::with_capacity(cap_bytes),
             items: Vec::with_capacity(cap_items),
+            topics: Vec::new(),
         };
         let started = Instant::now();
         let mut end = None;
@@ -434,9 +435,18 @@ impl ParseWorker {
                 ));
                 continue;
             }
-            if let Err(e) = plan.fields.decode(raw.payload(item), row) {
-                self.status[i] = Status::Dead(e);
-                continue;
+            let payload = raw.payload(item);
+            match plan.format {
+                Format::Json => {
+                    if let Err(e) = plan.fields.decode(payload, row) {
+                        self.status[i] = Status::Dead(e);
+                        continue;
+                    }
+                }
+                Format::Text => row[plan.value_slot] = text_value(payload),
+            }
+            if let (Some((binder, slots)), Some(topic)) = (&plan.binder, raw.topic(item)) {
+                bind_topic(binder, slots, topic, row);
             }
             ts[i] = match (&plan.time, plan.ts_slot) {
                 (TimeMode::Event { field, .. }, Some(slot)) => match timestamp_from(&row[slot]) {
@@ -570,7 +580,7 @@ impl ParseWorker {
             for i in 0..n {
                 if records.status[i] == Status::Live {
                     let line =
-                        passthrough(raw.payload(&raw.items[i]), &plan.writes, records.get(i));
+                        passthrough(plan, raw.payload(&raw.items[i]), records.get(i));
                     out.outputs
                         .push(Output::plain(i as u32, Stream::Main, line));
                 }
@@ -597,6 +607,37 @@ impl ParseWorker {
             }
         }
         (out, subs)
+    }
+}
+
+/// A text payload as a value: a number where it parses as one, else a string.
+fn text_value(payload: &[u8]) -> Value {
+    let text = String::from_utf8_lossy(payload);
+    let t = text.trim();
+    if let Ok(i) = t.parse::<i64>() {
+        return Value::Int(i);
+    }
+    match t.parse::<f64>() {
+        Ok(f) if f.is_finite() => Value::Float(f),
+        _ => Value::Str(t.into()),
+    }
+}
+
+/// Sets the fields bound by the first pattern the topic matches, and the
+/// whole-topic field. Bound fields replace fields of the payload.
+fn bind_topic(binder: &crate::sources::TopicBinder, slots: &[(String, usize)], topic: &str, row: &mut [Value]) {
+    let slot = |name: &str| slots.iter().find(|(n, _)| n == name).map(|(_, s)| *s);
+    for p in &binder.patterns {
+        if p.matches(topic, |name, v| {
+            if let Some(s) = slot(name) {
+                row[s] = Value::Str(v.into());
+            }
+        }) {
+            break;
+        }
+    }
+    if let Some(s) = binder.topic_field.as_deref().and_then(slot) {
+        row[s] = Value::Str(topic.into());
     }
 }
 
@@ -628,12 +669,18 @@ impl Output {
 
 /// The output of a pipeline without a window: the event as it came, with
 /// the fields written by steps set over it.
-fn passthrough(payload: &[u8], writes: &[(String, usize)], row: &[Value]) -> Vec<u8> {
+/// A text payload passes through as it came, unless steps wrote fields:
+/// then it becomes an object with `value` and those fields.
+fn passthrough(plan: &Plan, payload: &[u8], row: &[Value]) -> Vec<u8> {
+    let writes = &plan.writes;
     if writes.is_empty() {
         return payload.to_vec();
     }
-    // The payload decoded as an object earlier, so this parse succeeds.
-    let mut obj: serde_json::Value = serde_json::from_slice(payload).unwrap_or_default();
+    let mut obj: serde_json::Value = match plan.format {
+        // The payload decoded as an object earlier, so this parse succeeds.
+        Format::Json => serde_json::from_slice(payload).unwrap_or_default(),
+        Format::Text => serde_json::json!({ "value": row[plan.value_slot].to_json() }),
+    };
     for (path, slot) in writes {
         let mut cur = &mut obj;
         let mut parts = path.split('.').peekable();

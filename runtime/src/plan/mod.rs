@@ -31,6 +31,17 @@ use crate::time::{Clock, SystemClock};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How payloads are decoded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Format {
+    /// One JSON object per event.
+    #[default]
+    Json,
+    /// The payload is the field `value`: a number where it parses as one,
+    /// else a string (many devices publish bare numbers).
+    Text,
+}
+
 /// How events are placed in time.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TimeMode {
@@ -65,6 +76,7 @@ pub struct PipelineBuilder {
     workers: Option<usize>,
     max_payload: usize,
     clock: Arc<dyn Clock>,
+    format: Format,
 }
 
 /// Default largest payload: 1 MiB.
@@ -80,6 +92,11 @@ pub(crate) struct Plan {
     pub name: String,
     pub source_name: String,
     pub fields: FieldTree,
+    pub format: Format,
+    /// Slot of `value` for the text format.
+    pub value_slot: usize,
+    /// Topic bindings and the slot of each bound field.
+    pub binder: Option<(crate::sources::TopicBinder, Vec<(String, usize)>)>,
     pub time: TimeMode,
     pub ts_slot: Option<usize>,
     pub key_names: Vec<String>,
@@ -121,6 +138,7 @@ impl Pipeline {
             workers: None,
             max_payload: DEFAULT_MAX_PAYLOAD,
             clock: Arc::new(SystemClock),
+            format: Format::Json,
         }
     }
 
@@ -232,6 +250,10 @@ impl PipelineBuilder {
         self.max_payload = bytes;
         self
     }
+    pub fn format(mut self, f: Format) -> Self {
+        self.format = f;
+        self
+    }
     /// The clock for processing time and idleness (tests inject one).
     pub fn clock(mut self, c: Arc<dyn Clock>) -> Self {
         self.clock = c;
@@ -241,6 +263,18 @@ impl PipelineBuilder {
     pub fn build(self) -> Result<Pipeline, BuildError> {
         let mut problems = self.problems;
         let mut fields = FieldTree::new();
+        let value_slot = match self.format {
+            Format::Text => fields.slot("value"),
+            Format::Json => usize::MAX,
+        };
+        let binder = self.source.as_ref().and_then(|s| s.topic_binder()).map(|b| {
+            let slots = b.fields().into_iter().map(|f| {
+                let slot = fields.slot(&f);
+                (f, slot)
+            });
+            let slots = slots.collect();
+            (b, slots)
+        });
         let ts_slot = match &self.time {
             TimeMode::Event { field, .. } => Some(fields.slot(field)),
             _ => None,
@@ -339,6 +373,9 @@ impl PipelineBuilder {
             name: self.name,
             source_name: source.describe(),
             fields,
+            format: self.format,
+            value_slot,
+            binder,
             time: self.time,
             ts_slot,
             key_names,

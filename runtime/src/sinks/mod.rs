@@ -4,6 +4,8 @@
 //! of JSON Lines without the newline), in the pipeline's deterministic
 //! output order, on one thread.
 
+pub mod mqtt;
+
 use std::io::{BufWriter, Write};
 use std::sync::{Arc, Mutex};
 

@@ -192,6 +192,7 @@ fn finish_line(
                 arrival_ms: 0,
                 position: line_no,
                 oversize: Some(size),
+                topic: (0, 0),
             });
         }
         None => push_line(batch, line, line_no, max_payload),

@@ -80,6 +80,7 @@ pub(crate) fn push_line(batch: &mut RawBatch, line: &[u8], position: u64, max_pa
             arrival_ms: 0,
             position,
             oversize: Some(line.len() as u64),
+            topic: (0, 0),
         });
     } else {
         batch.push(line, position);

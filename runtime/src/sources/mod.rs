@@ -12,6 +12,7 @@
 pub mod file;
 pub mod generator;
 pub mod memory;
+pub mod mqtt;
 
 use std::time::Duration;
 
@@ -30,6 +31,8 @@ pub struct RawItem {
     /// Set when the payload was larger than `max_payload`: its full size.
     /// Only a prefix is kept in `data`, for the dead-letter record.
     pub oversize: Option<u64>,
+    /// Byte range of the MQTT topic in [`RawBatch::topics`] (empty when none).
+    pub topic: (u32, u32),
 }
 
 /// Raw payloads, stored back to back in one buffer.
@@ -37,6 +40,8 @@ pub struct RawItem {
 pub struct RawBatch {
     pub data: Vec<u8>,
     pub items: Vec<RawItem>,
+    /// Topics of the items that have one, back to back.
+    pub topics: Vec<u8>,
 }
 
 impl RawBatch {
@@ -54,7 +59,39 @@ impl RawBatch {
             arrival_ms: 0,
             position,
             oversize: None,
+            topic: (0, 0),
         });
+    }
+
+    /// Appends one payload with its topic; a payload over `max_payload`
+    /// keeps only a prefix and is marked oversized.
+    pub fn push_message(&mut self, topic: &str, payload: &[u8], position: u64, max_payload: usize) {
+        let t0 = self.topics.len() as u32;
+        self.topics.extend_from_slice(topic.as_bytes());
+        let start = self.data.len() as u32;
+        let oversize = (payload.len() > max_payload).then_some(payload.len() as u64);
+        let kept = if oversize.is_some() {
+            &payload[..OVERSIZE_PREFIX.min(payload.len())]
+        } else {
+            payload
+        };
+        self.data.extend_from_slice(kept);
+        self.items.push(RawItem {
+            start,
+            end: self.data.len() as u32,
+            arrival_ms: 0,
+            position,
+            oversize,
+            topic: (t0, self.topics.len() as u32),
+        });
+    }
+
+    /// The item's topic, if it came with one.
+    pub fn topic(&self, item: &RawItem) -> Option<&str> {
+        if item.topic.0 == item.topic.1 {
+            return None;
+        }
+        std::str::from_utf8(&self.topics[item.topic.0 as usize..item.topic.1 as usize]).ok()
     }
 
     pub fn len(&self) -> usize {
@@ -68,6 +105,7 @@ impl RawBatch {
     pub fn clear(&mut self) {
         self.data.clear();
         self.items.clear();
+        self.topics.clear();
     }
 }
 
@@ -113,6 +151,39 @@ pub trait Source: Send {
     /// them (the generator does), so validation can catch misspellings.
     fn known_fields(&self) -> Option<Vec<String>> {
         None
+    }
+
+    /// How topics bind fields, for sources whose events have topics.
+    fn topic_binder(&self) -> Option<TopicBinder> {
+        None
+    }
+}
+
+/// Binds topic levels (and the whole topic) to fields.
+#[derive(Clone, Debug, Default)]
+pub struct TopicBinder {
+    pub patterns: Vec<crate::mqtt::topic::TopicPattern>,
+    /// Field that receives the whole topic, if any.
+    pub topic_field: Option<String>,
+}
+
+impl TopicBinder {
+    /// Every field this binder may set.
+    pub fn fields(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for p in &self.patterns {
+            for f in p.fields() {
+                if !out.contains(&f) {
+                    out.push(f);
+                }
+            }
+        }
+        if let Some(t) = &self.topic_field {
+            if !out.contains(t) {
+                out.push(t.clone());
+            }
+        }
+        out
     }
 }
 

@@ -1,0 +1,447 @@
+//! MQTT connections: options, TLS, the two protocol versions, and the
+//! connection thread shared by the source and the sink.
+//!
+//! rumqttc drives a connection from a blocking iterator with its own tokio
+//! runtime; each connection gets one thread running [`drive`], which turns
+//! rumqttc's events into [`Ev`]s for a handler, reconnects forever with
+//! exponential backoff and jitter, and logs each change of state once.
+//! Errors that retrying cannot fix (a rejected certificate, refused
+//! credentials) before the first successful connection are *fatal*: the
+//! pipeline stops with a message naming the broker and the reason.
+
+pub mod topic;
+
+use bytes::Bytes;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How to reach and log in to a broker.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Endpoint {
+    /// As written: `mqtt://host:port` or `mqtts://host:port`.
+    pub url: String,
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    /// 4 for MQTT 3.1.1, 5 for MQTT 5.
+    pub version: u8,
+    pub client_id: String,
+    pub clean_session: bool,
+    pub keep_alive: Duration,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// PEM file of the CAs to trust; the system's roots when `None`.
+    pub ca_file: Option<String>,
+    /// PEM files of a client certificate and its key (mutual TLS).
+    pub client_cert: Option<(String, String)>,
+    /// Largest packet accepted or sent.
+    pub max_packet: usize,
+}
+
+impl Endpoint {
+    /// Parses `mqtt://host[:port]` (1883) or `mqtts://host[:port]` (8883);
+    /// `tcp://` and `ssl://` are accepted as synonyms.
+    pub fn parse_url(url: &str) -> Result<(String, u16, bool), String> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://").or_else(|| url.strip_prefix("ssl://")) {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("mqtt://").or_else(|| url.strip_prefix("tcp://")) {
+            (false, r)
+        } else {
+            return Err(format!("bad broker URL `{url}`: expected `mqtt://host:port` or `mqtts://host:port`"));
+        };
+        let rest = rest.trim_end_matches('/');
+        let default_port = if tls { 8883 } else { 1883 };
+        // `[v6 address]:port`, or `host:port`, or `host`.
+        let (host, port) = if let Some(r) = rest.strip_prefix('[') {
+            let Some((h, after)) = r.split_once(']') else {
+                return Err(format!("bad host in broker URL `{url}`"));
+            };
+            match after.strip_prefix(':') {
+                Some(p) => (h, p.parse::<u16>().map_err(|_| format!("bad port in broker URL `{url}`"))?),
+                None if after.is_empty() => (h, default_port),
+                None => return Err(format!("bad host in broker URL `{url}`")),
+            }
+        } else {
+            match rest.split_once(':') {
+                Some((h, p)) => (h, p.parse::<u16>().map_err(|_| format!("bad port in broker URL `{url}`"))?),
+                None => (rest, default_port),
+            }
+        };
+        if host.is_empty() || host.contains('/') || (host.contains(':') && !rest.starts_with('[')) {
+            return Err(format!("bad host in broker URL `{url}`"));
+        }
+        Ok((host.to_string(), port, tls))
+    }
+
+    fn rustls_config(&self) -> Result<rustls::ClientConfig, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.ca_file {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| format!("cannot read ca_file {path}: {e}"))?;
+                let mut n = 0;
+                for cert in rustls_pemfile::certs(&mut &pem[..]) {
+                    let cert = cert.map_err(|e| format!("ca_file {path}: not PEM certificates: {e}"))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("ca_file {path}: unusable certificate: {e}"))?;
+                    n += 1;
+                }
+                if n == 0 {
+                    return Err(format!("ca_file {path} holds no PEM certificate"));
+                }
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                for cert in found.certs {
+                    let _ = roots.add(cert);
+                }
+                if roots.is_empty() {
+                    return Err("no system CA certificates found; set `ca_file`".into());
+                }
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS setup: {e}"))?
+            .with_root_certificates(roots);
+        match &self.client_cert {
+            None => Ok(builder.with_no_client_auth()),
+            Some((cert_path, key_path)) => {
+                let cert_pem = std::fs::read(cert_path)
+                    .map_err(|e| format!("cannot read client_cert {cert_path}: {e}"))?;
+                let certs = rustls_pemfile::certs(&mut &cert_pem[..])
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("client_cert {cert_path}: not PEM: {e}"))?;
+                let key_pem = std::fs::read(key_path)
+                    .map_err(|e| format!("cannot read client_key {key_path}: {e}"))?;
+                let key = rustls_pemfile::private_key(&mut &key_pem[..])
+                    .map_err(|e| format!("client_key {key_path}: not PEM: {e}"))?
+                    .ok_or_else(|| format!("client_key {key_path} holds no private key"))?;
+                builder
+                    .with_client_auth_cert(certs, key)
+                    .map_err(|e| format!("client certificate {cert_path}: {e}"))
+            }
+        }
+    }
+
+    /// Opens a client; the connection starts once [`drive`] iterates it.
+    pub fn connect(&self, request_capacity: usize) -> Result<(Client, Connection), String> {
+        let tls = if self.tls {
+            Some(rumqttc::TlsConfiguration::Rustls(Arc::new(self.rustls_config()?)))
+        } else {
+            None
+        };
+        if self.version == 5 {
+            let mut o = rumqttc::v5::MqttOptions::new(&self.client_id, &self.host, self.port);
+            o.set_keep_alive(self.keep_alive)
+                .set_clean_start(self.clean_session)
+                .set_max_packet_size(Some(self.max_packet as u32));
+            if let (Some(u), p) = (&self.username, &self.password) {
+                o.set_credentials(u, p.clone().unwrap_or_default());
+            }
+            if let Some(t) = tls {
+                o.set_transport(rumqttc::Transport::tls_with_config(t));
+            }
+            let (c, conn) = rumqttc::v5::Client::new(o, request_capacity);
+            Ok((Client::V5(c), Connection::V5(conn)))
+        } else {
+            let mut o = rumqttc::MqttOptions::new(&self.client_id, &self.host, self.port);
+            o.set_keep_alive(self.keep_alive)
+                .set_clean_session(self.clean_session)
+                .set_max_packet_size(self.max_packet, self.max_packet);
+            if let (Some(u), p) = (&self.username, &self.password) {
+                o.set_credentials(u, p.clone().unwrap_or_default());
+            }
+            if let Some(t) = tls {
+                o.set_transport(rumqttc::Transport::tls_with_config(t));
+            }
+            let (c, conn) = rumqttc::Client::new(o, request_capacity);
+            Ok((Client::V4(c), Connection::V4(conn)))
+        }
+    }
+}
+
+/// Quality of service we use: 0 or 1.
+fn qos4(q: u8) -> rumqttc::QoS {
+    if q == 0 {
+        rumqttc::QoS::AtMostOnce
+    } else {
+        rumqttc::QoS::AtLeastOnce
+    }
+}
+
+fn qos5(q: u8) -> rumqttc::v5::mqttbytes::QoS {
+    if q == 0 {
+        rumqttc::v5::mqttbytes::QoS::AtMostOnce
+    } else {
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce
+    }
+}
+
+/// The request side of a connection.
+#[derive(Clone)]
+pub enum Client {
+    V4(rumqttc::Client),
+    V5(rumqttc::v5::Client),
+}
+
+impl Client {
+    pub fn subscribe(&self, filter: &str, qos: u8) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c.subscribe(filter, qos4(qos)).map_err(|e| e.to_string()),
+            Client::V5(c) => c.subscribe(filter, qos5(qos)).map_err(|e| e.to_string()),
+        }
+    }
+    /// Queues a publish; blocks while rumqttc's request queue is full.
+    pub fn publish(&self, topic: &str, qos: u8, retain: bool, payload: Vec<u8>) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c.publish(topic, qos4(qos), retain, payload).map_err(|e| e.to_string()),
+            Client::V5(c) => c.publish(topic, qos5(qos), retain, payload).map_err(|e| e.to_string()),
+        }
+    }
+    pub fn disconnect(&self) {
+        let _ = match self {
+            Client::V4(c) => c.disconnect().map_err(|e| e.to_string()),
+            Client::V5(c) => c.disconnect().map_err(|e| e.to_string()),
+        };
+    }
+}
+
+pub enum Connection {
+    V4(rumqttc::Connection),
+    V5(rumqttc::v5::Connection),
+}
+
+/// What the connection thread reports to its handler.
+pub enum Ev {
+    Connected { session_present: bool },
+    Message { topic: String, payload: Bytes },
+    /// The broker acknowledged one QoS 1 publish (they arrive in order).
+    PubAck,
+    /// One publish was written to the network.
+    Sent,
+    /// The connection dropped; the reason, and whether retrying cannot help.
+    Disconnected { reason: String, permanent: bool },
+}
+
+/// Outcome of waiting for one event.
+enum Step {
+    Ev(Ev),
+    Nothing,
+    Closed,
+}
+
+fn refusal4(code: rumqttc::ConnectReturnCode) -> (String, bool) {
+    use rumqttc::ConnectReturnCode as C;
+    match code {
+        C::BadUserNamePassword => ("the broker refused the user name or password".into(), true),
+        C::NotAuthorized => ("the broker refused: not authorized".into(), true),
+        C::BadClientId => ("the broker refused the client id".into(), true),
+        C::RefusedProtocolVersion => ("the broker refused MQTT 3.1.1 (try `version: 5`)".into(), true),
+        other => (format!("the broker refused the connection ({other:?})"), false),
+    }
+}
+
+fn refusal5(code: rumqttc::v5::mqttbytes::v5::ConnectReturnCode) -> (String, bool) {
+    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as C;
+    match code {
+        C::BadUserNamePassword | C::BadAuthenticationMethod => {
+            ("the broker refused the user name or password".into(), true)
+        }
+        C::NotAuthorized | C::Banned => (format!("the broker refused: {code:?}"), true),
+        C::UnsupportedProtocolVersion | C::RefusedProtocolVersion => {
+            ("the broker refused MQTT 5 (try `version: 3`)".into(), true)
+        }
+        C::ClientIdentifierNotValid | C::BadClientId => ("the broker refused the client id".into(), true),
+        other => (format!("the broker refused the connection ({other:?})"), false),
+    }
+}
+
+/// Describes an I/O error, finding a TLS reason inside it when there is one.
+fn io_reason(e: &std::io::Error) -> (String, bool) {
+    if let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        return (tls_reason(tls), matches!(tls, rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented | rustls::Error::AlertReceived(_)));
+    }
+    (e.to_string(), false)
+}
+
+fn tls_reason(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::InvalidCertificate(c) => format!(
+            "TLS: the broker's certificate was rejected ({c:?}); check `ca_file` and the host name"
+        ),
+        rustls::Error::AlertReceived(a) => format!(
+            "TLS: the broker rejected us ({a:?}); check the client certificate"
+        ),
+        other => format!("TLS: {other}"),
+    }
+}
+
+fn conn_error4(e: &rumqttc::ConnectionError) -> (String, bool) {
+    use rumqttc::ConnectionError as E;
+    match e {
+        E::ConnectionRefused(code) => refusal4(*code),
+        E::Io(io) => io_reason(io),
+        E::Tls(rumqttc::TlsError::TLS(t)) => (tls_reason(t), true),
+        E::Tls(rumqttc::TlsError::Io(io)) => io_reason(io),
+        E::Tls(other) => (format!("TLS: {other}"), true),
+        other => (other.to_string(), false),
+    }
+}
+
+fn conn_error5(e: &rumqttc::v5::ConnectionError) -> (String, bool) {
+    use rumqttc::v5::ConnectionError as E;
+    match e {
+        E::ConnectionRefused(code) => refusal5(*code),
+        E::Io(io) => io_reason(io),
+        E::Tls(rumqttc::TlsError::TLS(t)) => (tls_reason(t), true),
+        E::Tls(rumqttc::TlsError::Io(io)) => io_reason(io),
+        E::Tls(other) => (format!("TLS: {other}"), true),
+        other => (other.to_string(), false),
+    }
+}
+
+impl Connection {
+    fn step(&mut self, wait: Duration) -> Step {
+        match self {
+            Connection::V4(c) => match c.recv_timeout(wait) {
+                Err(rumqttc::RecvTimeoutError::Timeout) => Step::Nothing,
+                Err(rumqttc::RecvTimeoutError::Disconnected) => Step::Closed,
+                Ok(Ok(ev)) => {
+                    use rumqttc::{Event, Packet};
+                    match ev {
+                        Event::Incoming(Packet::ConnAck(a)) => {
+                            if a.code == rumqttc::ConnectReturnCode::Success {
+                                Step::Ev(Ev::Connected {
+                                    session_present: a.session_present,
+                                })
+                            } else {
+                                let (reason, permanent) = refusal4(a.code);
+                                Step::Ev(Ev::Disconnected { reason, permanent })
+                            }
+                        }
+                        Event::Incoming(Packet::Publish(p)) => Step::Ev(Ev::Message {
+                            topic: p.topic,
+                            payload: p.payload,
+                        }),
+                        Event::Incoming(Packet::PubAck(_)) => Step::Ev(Ev::PubAck),
+                        Event::Outgoing(rumqttc::Outgoing::Publish(_)) => Step::Ev(Ev::Sent),
+                        _ => Step::Nothing,
+                    }
+                }
+                Ok(Err(e)) => {
+                    let (reason, permanent) = conn_error4(&e);
+                    Step::Ev(Ev::Disconnected { reason, permanent })
+                }
+            },
+            Connection::V5(c) => match c.recv_timeout(wait) {
+                Err(rumqttc::v5::RecvTimeoutError::Timeout) => Step::Nothing,
+                Err(rumqttc::v5::RecvTimeoutError::Disconnected) => Step::Closed,
+                Ok(Ok(ev)) => {
+                    use rumqttc::v5::mqttbytes::v5::Packet;
+                    use rumqttc::v5::Event;
+                    match ev {
+                        Event::Incoming(Packet::ConnAck(a)) => {
+                            use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as C;
+                            if a.code == C::Success {
+                                Step::Ev(Ev::Connected {
+                                    session_present: a.session_present,
+                                })
+                            } else {
+                                let (reason, permanent) = refusal5(a.code);
+                                Step::Ev(Ev::Disconnected { reason, permanent })
+                            }
+                        }
+                        Event::Incoming(Packet::Publish(p)) => Step::Ev(Ev::Message {
+                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                            payload: p.payload,
+                        }),
+                        Event::Incoming(Packet::PubAck(_)) => Step::Ev(Ev::PubAck),
+                        Event::Outgoing(rumqttc::Outgoing::Publish(_)) => Step::Ev(Ev::Sent),
+                        _ => Step::Nothing,
+                    }
+                }
+                Ok(Err(e)) => {
+                    let (reason, permanent) = conn_error5(&e);
+                    Step::Ev(Ev::Disconnected { reason, permanent })
+                }
+            },
+        }
+    }
+}
+
+/// Runs a connection until `stop` is set or the client side is dropped:
+/// hands every event to `on_event`, reconnects with exponential backoff
+/// (0.1 s doubling to 30 s, with ±25 % jitter) and logs each change of
+/// state once. `on_event` returns `false` to end the loop.
+pub fn drive(
+    mut conn: Connection,
+    url: &str,
+    stop: Arc<AtomicBool>,
+    mut on_event: impl FnMut(Ev) -> bool,
+) {
+    let mut backoff = Duration::from_millis(100);
+    let mut connected = false;
+    let mut last_error: Option<String> = None;
+    let mut rng = fastrand::Rng::new();
+    while !stop.load(Ordering::Relaxed) {
+        match conn.step(Duration::from_millis(200)) {
+            Step::Nothing => {}
+            Step::Closed => return,
+            Step::Ev(ev) => match ev {
+                Ev::Connected { .. } => {
+                    tracing::info!(broker = url, "MQTT connected");
+                    connected = true;
+                    last_error = None;
+                    backoff = Duration::from_millis(100);
+                    if !on_event(ev) {
+                        return;
+                    }
+                }
+                Ev::Disconnected { ref reason, .. } => {
+                    if connected {
+                        tracing::warn!(broker = url, %reason, "MQTT connection lost; reconnecting");
+                    } else if last_error.as_deref() != Some(reason) {
+                        tracing::warn!(broker = url, %reason, "cannot connect to the MQTT broker; retrying");
+                    }
+                    last_error = Some(reason.clone());
+                    connected = false;
+                    if !on_event(ev) {
+                        return;
+                    }
+                    let jitter = 0.75 + rng.f64() * 0.5;
+                    let pause = backoff.mul_f64(jitter);
+                    // Sleep in slices so a stop request is seen promptly.
+                    let until = std::time::Instant::now() + pause;
+                    while std::time::Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(20).min(pause));
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+                other => {
+                    if !on_event(other) {
+                        return;
+                    }
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(Endpoint::parse_url("mqtt://localhost"), Ok(("localhost".into(), 1883, false)));
+        assert_eq!(Endpoint::parse_url("mqtts://broker.example:8884/"), Ok(("broker.example".into(), 8884, true)));
+        assert_eq!(Endpoint::parse_url("tcp://10.0.0.1:1884"), Ok(("10.0.0.1".into(), 1884, false)));
+        assert_eq!(Endpoint::parse_url("mqtts://h"), Ok(("h".into(), 8883, true)));
+        assert!(Endpoint::parse_url("http://h").is_err());
+        assert!(Endpoint::parse_url("mqtt://:1883").is_err());
+        assert!(Endpoint::parse_url("mqtt://h:port").is_err());
+    }
+}

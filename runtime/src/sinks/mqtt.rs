@@ -1,0 +1,552 @@
+//! Publishing to an MQTT broker, with store-and-forward.
+//!
+//! Records go into an *outbox*: up to `memory` messages in memory, then (if
+//! a buffer directory is set) up to `disk` messages in a redb file, oldest
+//! first. A publisher thread sends from the outbox while the broker is
+//! connected, in order. While the broker is unreachable the outbox fills;
+//! when it is full, `when_full: block` stops the pipeline until there is
+//! room, `drop_oldest` drops the oldest message and counts it.
+//!
+//! QoS 1 messages stay in the outbox's *unacknowledged* list until the
+//! broker's PUBACK (acks arrive in publish order). A clean shutdown waits
+//! until everything is sent and acknowledged; if the broker is away, what
+//! is left (unacknowledged first) goes to the disk buffer and is sent first
+//! by the next run. Delivery is at-least-once: after a reconnect or a
+//! restart a message may arrive twice.
+
+use super::{Sink, SinkError};
+use crate::mqtt::topic::TopicTemplate;
+use crate::mqtt::{drive, Client, Endpoint, Ev};
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// QoS 1 messages handed to the client but not yet acknowledged, at most.
+const MAX_UNACKED: usize = 1000;
+/// Messages moved between memory and disk, or handed to the client, at once.
+const CHUNK: usize = 256;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Stop taking records until there is room (backpressure).
+    #[default]
+    Block,
+    /// Drop the oldest buffered message, and count it.
+    DropOldest,
+}
+
+#[derive(Clone, Debug)]
+pub struct BufferOptions {
+    /// Messages kept in memory.
+    pub memory: usize,
+    /// Directory of the disk buffer, and how many messages it may hold.
+    pub disk: Option<(PathBuf, usize)>,
+    pub when_full: WhenFull,
+    /// How long a clean shutdown waits for the broker.
+    pub drain_timeout: Duration,
+}
+
+impl Default for BufferOptions {
+    fn default() -> Self {
+        BufferOptions {
+            memory: 10_000,
+            disk: None,
+            when_full: WhenFull::Block,
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct MqttSinkOptions {
+    pub endpoint: Endpoint,
+    pub topic: TopicTemplate,
+    pub qos: u8,
+    pub retain: bool,
+    pub buffer: BufferOptions,
+    /// Names the disk buffer file (`<name>.redb`).
+    pub name: String,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct Msg {
+    topic: String,
+    payload: Vec<u8>,
+}
+
+const OUTBOX: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("outbox");
+/// Keys start mid-range so messages can be put back in front of the head.
+const FIRST_KEY: u64 = 1 << 62;
+
+/// The on-disk part of the outbox: a redb table of messages by sequence.
+struct DiskQueue {
+    db: redb::Database,
+    path: PathBuf,
+    head: u64,
+    tail: u64,
+    limit: usize,
+}
+
+fn db_err(path: &std::path::Path, e: impl std::fmt::Display) -> String {
+    format!("outbox {}: {e}", path.display())
+}
+
+impl DiskQueue {
+    fn open(dir: &std::path::Path, name: &str, limit: usize) -> Result<Self, String> {
+        std::fs::create_dir_all(dir).map_err(|e| db_err(dir, e))?;
+        let path = dir.join(format!("{name}.redb"));
+        let db = redb::Database::create(&path).map_err(|e| db_err(&path, e))?;
+        let (mut head, mut tail) = (FIRST_KEY, FIRST_KEY);
+        {
+            use redb::ReadableTable;
+            let txn = db.begin_write().map_err(|e| db_err(&path, e))?;
+            {
+                let t = txn.open_table(OUTBOX).map_err(|e| db_err(&path, e))?;
+                let first = t.first().map_err(|e| db_err(&path, e))?.map(|f| f.0.value());
+                let last = t.last().map_err(|e| db_err(&path, e))?.map(|l| l.0.value());
+                if let (Some(first), Some(last)) = (first, last) {
+                    head = first;
+                    tail = last + 1;
+                }
+            }
+            txn.commit().map_err(|e| db_err(&path, e))?;
+        }
+        Ok(DiskQueue {
+            db,
+            path,
+            head,
+            tail,
+            limit,
+        })
+    }
+
+    fn len(&self) -> usize {
+        (self.tail - self.head) as usize
+    }
+
+    fn write(&mut self, at: u64, msgs: &[Msg]) -> Result<(), String> {
+        let txn = self.db.begin_write().map_err(|e| db_err(&self.path, e))?;
+        {
+            let mut t = txn.open_table(OUTBOX).map_err(|e| db_err(&self.path, e))?;
+            for (i, m) in msgs.iter().enumerate() {
+                let bytes = postcard::to_stdvec(m).map_err(|e| db_err(&self.path, e))?;
+                t.insert(at + i as u64, bytes.as_slice())
+                    .map_err(|e| db_err(&self.path, e))?;
+            }
+        }
+        txn.commit().map_err(|e| db_err(&self.path, e))
+    }
+
+    fn push_back(&mut self, msgs: &[Msg]) -> Result<(), String> {
+        self.write(self.tail, msgs)?;
+        self.tail += msgs.len() as u64;
+        Ok(())
+    }
+
+    fn push_front(&mut self, msgs: &[Msg]) -> Result<(), String> {
+        let at = self.head - msgs.len() as u64;
+        self.write(at, msgs)?;
+        self.head = at;
+        Ok(())
+    }
+
+    fn pop_front(&mut self, n: usize) -> Result<Vec<Msg>, String> {
+        let txn = self.db.begin_write().map_err(|e| db_err(&self.path, e))?;
+        let mut out = Vec::new();
+        {
+            let mut t = txn.open_table(OUTBOX).map_err(|e| db_err(&self.path, e))?;
+            while out.len() < n {
+                let Some((_, v)) = t.pop_first().map_err(|e| db_err(&self.path, e))? else {
+                    break;
+                };
+                match postcard::from_bytes::<Msg>(v.value()) {
+                    Ok(m) => out.push(m),
+                    Err(e) => tracing::error!(file = %self.path.display(), error = %e, "skipping an unreadable buffered message"),
+                }
+            }
+        }
+        txn.commit().map_err(|e| db_err(&self.path, e))?;
+        self.head = (self.head + n as u64).min(self.tail);
+        if self.len() == 0 {
+            (self.head, self.tail) = (FIRST_KEY, FIRST_KEY);
+        }
+        Ok(out)
+    }
+}
+
+struct State {
+    mem: VecDeque<Msg>,
+    disk: Option<DiskQueue>,
+    /// QoS 1 messages handed to the client, oldest first, until acknowledged.
+    unacked: VecDeque<Msg>,
+    /// Publishes handed to the client and not yet written to the network.
+    unsent: usize,
+    connected: bool,
+    ever_connected: bool,
+    closing: bool,
+    fatal: Option<String>,
+    dropped: u64,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock is a bug elsewhere; the state
+        // itself stays consistent, so keep going.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+pub struct MqttSink {
+    url: String,
+    opts: MqttSinkOptions,
+    shared: Arc<Shared>,
+    client: Client,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    warned_topic: bool,
+}
+
+impl MqttSink {
+    pub fn start(opts: MqttSinkOptions) -> Result<Self, SinkError> {
+        let url = opts.endpoint.url.clone();
+        let err = |e: String| SinkError::Other(format!("MQTT sink {url}: {e}"));
+        let disk = match &opts.buffer.disk {
+            Some((dir, limit)) => Some(DiskQueue::open(dir, &opts.name, *limit).map_err(err)?),
+            None => None,
+        };
+        if let Some(d) = &disk {
+            if d.len() > 0 {
+                tracing::info!(broker = %url, messages = d.len(), "sending messages buffered by an earlier run first");
+            }
+        }
+        let (client, conn) = opts.endpoint.connect(CHUNK).map_err(err)?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                mem: VecDeque::new(),
+                disk,
+                unacked: VecDeque::new(),
+                unsent: 0,
+                connected: false,
+                ever_connected: false,
+                closing: false,
+                fatal: None,
+                dropped: 0,
+            }),
+            cv: Condvar::new(),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let conn_thread = {
+            let (shared, stop, url) = (shared.clone(), stop.clone(), url.clone());
+            std::thread::Builder::new()
+                .name("rivulet-mqtt-conn".into())
+                .spawn(move || {
+                    drive(conn, &url, stop, |ev| {
+                        let mut st = shared.lock();
+                        match ev {
+                            Ev::Connected { .. } => {
+                                st.connected = true;
+                                st.ever_connected = true;
+                            }
+                            Ev::Disconnected { reason, permanent } => {
+                                st.connected = false;
+                                if permanent && !st.ever_connected {
+                                    st.fatal = Some(reason);
+                                    shared.cv.notify_all();
+                                    return false;
+                                }
+                            }
+                            Ev::PubAck => {
+                                st.unacked.pop_front();
+                            }
+                            Ev::Sent => st.unsent = st.unsent.saturating_sub(1),
+                            Ev::Message { .. } => {}
+                        }
+                        shared.cv.notify_all();
+                        true
+                    })
+                })
+                .map_err(|e| err(format!("cannot start a thread: {e}")))?
+        };
+        let publisher = {
+            let (shared, stop, client, qos, retain) =
+                (shared.clone(), stop.clone(), client.clone(), opts.qos, opts.retain);
+            std::thread::Builder::new()
+                .name("rivulet-mqtt-out".into())
+                .spawn(move || publish_loop(&shared, &stop, &client, qos, retain))
+                .map_err(|e| err(format!("cannot start a thread: {e}")))?
+        };
+        Ok(MqttSink {
+            url,
+            opts,
+            shared,
+            client,
+            stop,
+            threads: vec![conn_thread, publisher],
+            warned_topic: false,
+        })
+    }
+
+    fn fatal(&self, st: &State) -> Result<(), SinkError> {
+        match &st.fatal {
+            Some(reason) => Err(SinkError::Other(format!("MQTT broker {}: {reason}", self.url))),
+            None => Ok(()),
+        }
+    }
+
+    /// Messages waiting in the outbox (memory and disk) and unacknowledged.
+    pub fn pending(&self) -> usize {
+        let st = self.shared.lock();
+        st.mem.len() + st.disk.as_ref().map_or(0, |d| d.len()) + st.unacked.len()
+    }
+}
+
+/// Sends from the outbox while connected, in order.
+fn publish_loop(shared: &Shared, stop: &AtomicBool, client: &Client, qos: u8, retain: bool) {
+    loop {
+        let batch: Vec<Msg> = {
+            let mut st = shared.lock();
+            loop {
+                if stop.load(Ordering::SeqCst) || st.fatal.is_some() {
+                    return;
+                }
+                let ready = st.connected
+                    && st.unacked.len() < MAX_UNACKED
+                    && (!st.mem.is_empty() || st.disk.as_ref().is_some_and(|d| d.len() > 0));
+                if ready {
+                    break;
+                }
+                st = shared
+                    .cv
+                    .wait_timeout(st, Duration::from_millis(100))
+                    .map(|r| r.0)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+            let room = (MAX_UNACKED - st.unacked.len()).min(CHUNK);
+            let from_disk = match st.disk.as_mut() {
+                Some(d) if d.len() > 0 => match d.pop_front(room) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        st.fatal = Some(e);
+                        shared.cv.notify_all();
+                        return;
+                    }
+                },
+                _ => Vec::new(),
+            };
+            let batch = if from_disk.is_empty() {
+                let n = room.min(st.mem.len());
+                st.mem.drain(..n).collect()
+            } else {
+                from_disk
+            };
+            if qos > 0 {
+                st.unacked.extend(batch.iter().cloned());
+            }
+            st.unsent += batch.len();
+            shared.cv.notify_all();
+            batch
+        };
+        for m in batch {
+            // Blocks while the client's queue is full; never holds the lock.
+            if let Err(e) = client.publish(&m.topic, qos, retain, m.payload) {
+                tracing::error!(error = %e, "MQTT publish failed");
+            }
+        }
+    }
+}
+
+impl Sink for MqttSink {
+    fn describe(&self) -> String {
+        format!("mqtt {}", self.url)
+    }
+
+    fn write(&mut self, record: &[u8]) -> Result<(), SinkError> {
+        let topic = if self.opts.topic.is_static() {
+            self.opts.topic.render(&serde_json::Value::Null).unwrap_or_default()
+        } else {
+            let v: serde_json::Value = serde_json::from_slice(record).unwrap_or_default();
+            match self.opts.topic.render(&v) {
+                Ok(t) => t,
+                Err(e) => {
+                    if !self.warned_topic {
+                        tracing::warn!(broker = %self.url, error = %e, "publishing to the topic with `_unknown` for missing fields");
+                        self.warned_topic = true;
+                    }
+                    self.opts
+                        .topic
+                        .render_lenient(&v)
+                }
+            }
+        };
+        let msg = Msg {
+            topic,
+            payload: record.to_vec(),
+        };
+        let mut st = self.shared.lock();
+        self.fatal(&st)?;
+        if st.mem.len() >= self.opts.buffer.memory {
+            st = self.make_room(st)?;
+        }
+        st.mem.push_back(msg);
+        self.shared.cv.notify_all();
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), SinkError> {
+        let st = self.shared.lock();
+        self.fatal(&st)
+    }
+
+    fn close(&mut self) -> Result<(), SinkError> {
+        let deadline = Instant::now() + self.opts.buffer.drain_timeout;
+        let mut st = self.shared.lock();
+        st.closing = true;
+        // Wait until everything is sent and acknowledged, while the broker is there.
+        loop {
+            self.fatal(&st)?;
+            let empty = st.mem.is_empty()
+                && st.disk.as_ref().is_none_or(|d| d.len() == 0)
+                && st.unacked.is_empty()
+                && st.unsent == 0;
+            if empty || Instant::now() >= deadline {
+                break;
+            }
+            st = self
+                .shared
+                .cv
+                .wait_timeout(st, Duration::from_millis(50))
+                .map(|r| r.0)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        self.shared.cv.notify_all();
+        // What is left: unacknowledged first, then memory, after the disk part.
+        let unacked: Vec<Msg> = st.unacked.drain(..).collect();
+        let mem: Vec<Msg> = st.mem.drain(..).collect();
+        let left = unacked.len() + mem.len();
+        let result = if left == 0 {
+            Ok(())
+        } else if let Some(d) = st.disk.as_mut() {
+            d.push_front(&unacked)
+                .and_then(|_| d.push_back(&mem))
+                .map(|_| {
+                    tracing::warn!(broker = %self.url, messages = d.len(), file = %d.path.display(),
+                        "broker unreachable at shutdown; messages kept for the next run");
+                })
+                .map_err(|e| SinkError::Other(format!("MQTT sink {}: {e}", self.url)))
+        } else {
+            Err(SinkError::Other(format!(
+                "MQTT broker {}: {left} messages could not be delivered before shutdown and are lost \
+                 (set `buffer.dir` to keep them for the next run)",
+                self.url
+            )))
+        };
+        if st.dropped > 0 {
+            tracing::warn!(broker = %self.url, dropped = st.dropped, "messages dropped because the outbox was full");
+        }
+        drop(st);
+        self.client.disconnect();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        result
+    }
+}
+
+impl MqttSink {
+    /// The outbox is full in memory: move the oldest to disk, or apply `when_full`.
+    fn make_room<'a>(&'a self, mut st: MutexGuard<'a, State>) -> Result<MutexGuard<'a, State>, SinkError> {
+        let err = |e: String| SinkError::Other(format!("MQTT sink {}: {e}", self.url));
+        loop {
+            self.fatal(&st)?;
+            if st.mem.len() < self.opts.buffer.memory {
+                return Ok(st);
+            }
+            let n = (self.opts.buffer.memory / 2).max(1);
+            let disk_room = st.disk.as_ref().map(|d| d.limit.saturating_sub(d.len())).unwrap_or(0);
+            if disk_room >= n {
+                let oldest: Vec<Msg> = st.mem.drain(..n).collect();
+                if let Some(d) = st.disk.as_mut() {
+                    d.push_back(&oldest).map_err(err)?;
+                }
+                return Ok(st);
+            }
+            match self.opts.buffer.when_full {
+                WhenFull::DropOldest => {
+                    let from_disk = st.disk.as_mut().filter(|d| d.len() > 0);
+                    match from_disk {
+                        Some(d) => {
+                            d.pop_front(1).map_err(err)?;
+                        }
+                        None => {
+                            st.mem.pop_front();
+                        }
+                    }
+                    st.dropped += 1;
+                    if st.dropped.is_power_of_two() {
+                        tracing::warn!(broker = %self.url, dropped = st.dropped, "outbox full: dropping the oldest messages");
+                    }
+                    return Ok(st);
+                }
+                WhenFull::Block => {
+                    st = self
+                        .shared
+                        .cv
+                        .wait_timeout(st, Duration::from_millis(100))
+                        .map(|r| r.0)
+                        .unwrap_or_else(|p| p.into_inner().0);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for MqttSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.shared.cv.notify_all();
+        self.client.disconnect();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(i: u32) -> Msg {
+        Msg {
+            topic: format!("t/{i}"),
+            payload: vec![i as u8],
+        }
+    }
+
+    #[test]
+    fn disk_queue_keeps_order_across_reopen_and_front_pushes() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut q = DiskQueue::open(dir.path(), "out", 100).unwrap();
+            q.push_back(&[msg(3), msg(4)]).unwrap();
+            q.push_front(&[msg(1), msg(2)]).unwrap();
+            assert_eq!(q.len(), 4);
+        }
+        let mut q = DiskQueue::open(dir.path(), "out", 100).unwrap();
+        assert_eq!(q.len(), 4);
+        let got: Vec<String> = q.pop_front(3).unwrap().into_iter().map(|m| m.topic).collect();
+        assert_eq!(got, ["t/1", "t/2", "t/3"]);
+        q.push_back(&[msg(5)]).unwrap();
+        let got: Vec<String> = q.pop_front(10).unwrap().into_iter().map(|m| m.topic).collect();
+        assert_eq!(got, ["t/4", "t/5"]);
+        assert_eq!(q.len(), 0);
+    }
+}
