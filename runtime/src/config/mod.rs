@@ -7,15 +7,15 @@
 
 pub mod types;
 
+use crate::mqtt::topic::{TopicPattern, TopicTemplate};
+use crate::mqtt::Endpoint;
 use crate::operators::window::{parse_aggregate, WindowDef, WindowKind};
+use crate::plan::Format;
 use crate::plan::{Pipeline, PipelineBuilder, DEFAULT_MAX_PAYLOAD};
+use crate::sinks::mqtt::{BufferOptions, MqttSink, MqttSinkOptions, WhenFull};
 use crate::sinks::{FileSink, Sink};
 use crate::sources::file::FileSource;
 use crate::sources::generator::{self, Generator, GeneratorOptions};
-use crate::mqtt::topic::{TopicPattern, TopicTemplate};
-use crate::mqtt::Endpoint;
-use crate::plan::Format;
-use crate::sinks::mqtt::{BufferOptions, MqttSink, MqttSinkOptions, WhenFull};
 use crate::sources::mqtt::{MqttSource, MqttSourceOptions};
 use crate::time::{parse_duration, parse_rfc3339};
 use marked_yaml::Node;
@@ -708,7 +708,11 @@ fn check_source(
     let mut ok = count == 1;
     if let Some(f) = &s.format {
         if f.value != "json" && f.value != "text" {
-            c.sp(f, "source.format", format!("unknown format `{}`; expected `json` or `text`", f.value));
+            c.sp(
+                f,
+                "source.format",
+                format!("unknown format `{}`; expected `json` or `text`", f.value),
+            );
             ok = false;
         }
     }
@@ -855,7 +859,11 @@ fn check_source(
     } else if let Some(m) = &s.mqtt {
         let conn = check_conn(c, &m.connection(), &m.url, "source.mqtt");
         if m.topics.is_empty() {
-            c.node(node, "source.mqtt.topics", "needs at least one topic filter");
+            c.node(
+                node,
+                "source.mqtt.topics",
+                "needs at least one topic filter",
+            );
             ok = false;
         }
         let mut topics = Vec::new();
@@ -874,7 +882,11 @@ fn check_source(
             Some("") => None,
             Some(f) if valid_field_name(f) => Some(f.to_string()),
             Some(f) => {
-                c.node(node, "source.mqtt.topic_field", format!("`{f}` is not a field name"));
+                c.node(
+                    node,
+                    "source.mqtt.topic_field",
+                    format!("`{f}` is not a field name"),
+                );
                 ok = false;
                 None
             }
@@ -895,7 +907,11 @@ fn check_source(
 fn check_qos(c: &mut Checker, q: Option<&Sp<u8>>, path: &str, ok: &mut bool) -> u8 {
     match q {
         Some(q) if q.value > 1 => {
-            c.sp(q, path, format!("qos {} is not supported; expected 0 or 1", q.value));
+            c.sp(
+                q,
+                path,
+                format!("qos {} is not supported; expected 0 or 1", q.value),
+            );
             *ok = false;
             0
         }
@@ -905,7 +921,12 @@ fn check_qos(c: &mut Checker, q: Option<&Sp<u8>>, path: &str, ok: &mut bool) -> 
 }
 
 /// Checks the connection settings shared by MQTT sources and sinks.
-fn check_conn(c: &mut Checker, cc: &types::ConnectionConfig, url: &Sp<String>, path: &str) -> Option<ConnSpec> {
+fn check_conn(
+    c: &mut Checker,
+    cc: &types::ConnectionConfig,
+    url: &Sp<String>,
+    path: &str,
+) -> Option<ConnSpec> {
     let before = c.problems.len();
     let parsed = match Endpoint::parse_url(url) {
         Ok(p) => Some(p),
@@ -919,7 +940,11 @@ fn check_conn(c: &mut Checker, cc: &types::ConnectionConfig, url: &Sp<String>, p
         Some(v) if v.value == 3 || v.value == 4 => 4,
         Some(v) if v.value == 5 => 5,
         Some(v) => {
-            c.sp(v, &format!("{path}.version"), format!("unknown MQTT version {}; expected 3 or 5", v.value));
+            c.sp(
+                v,
+                &format!("{path}.version"),
+                format!("unknown MQTT version {}; expected 3 or 5", v.value),
+            );
             4
         }
     };
@@ -940,7 +965,11 @@ fn check_conn(c: &mut Checker, cc: &types::ConnectionConfig, url: &Sp<String>, p
         (None, Some(e), None) => PasswordSpec::Env(e.value.clone()),
         (None, None, Some(f)) => PasswordSpec::File(f.value.clone()),
         _ => {
-            c.sp(url, path, "set only one of `password`, `password_env`, `password_file`");
+            c.sp(
+                url,
+                path,
+                "set only one of `password`, `password_env`, `password_file`",
+            );
             PasswordSpec::None
         }
     };
@@ -948,9 +977,17 @@ fn check_conn(c: &mut Checker, cc: &types::ConnectionConfig, url: &Sp<String>, p
         c.sp(url, path, "a password needs a `username`");
     }
     let tls = parsed.as_ref().is_some_and(|p| p.2);
-    for (name, v) in [("ca_file", &cc.ca_file), ("client_cert", &cc.client_cert), ("client_key", &cc.client_key)] {
+    for (name, v) in [
+        ("ca_file", &cc.ca_file),
+        ("client_cert", &cc.client_cert),
+        ("client_key", &cc.client_key),
+    ] {
         if let (Some(v), false, Some(_)) = (v, tls, &parsed) {
-            c.sp(v, &format!("{path}.{name}"), "TLS settings need an `mqtts://` URL");
+            c.sp(
+                v,
+                &format!("{path}.{name}"),
+                "TLS settings need an `mqtts://` URL",
+            );
         }
     }
     let client_cert = match (&cc.client_cert, &cc.client_key) {
@@ -1022,7 +1059,14 @@ fn sink_list(c: &mut Checker, node: &Node, path: &str) -> Vec<SinkSpec> {
                     Some(w) if w.value == "block" => WhenFull::Block,
                     Some(w) if w.value == "drop_oldest" => WhenFull::DropOldest,
                     Some(w) => {
-                        c.sp(w, &format!("{p}.buffer.when_full"), format!("unknown policy `{}`; expected `block` or `drop_oldest`", w.value));
+                        c.sp(
+                            w,
+                            &format!("{p}.buffer.when_full"),
+                            format!(
+                                "unknown policy `{}`; expected `block` or `drop_oldest`",
+                                w.value
+                            ),
+                        );
                         WhenFull::Block
                     }
                 };
@@ -1035,7 +1079,9 @@ fn sink_list(c: &mut Checker, node: &Node, path: &str) -> Vec<SinkSpec> {
                 if memory == 0 {
                     c.node(n, &format!("{p}.buffer.memory"), "must be at least 1");
                 }
-                let (Some(conn), Some(topic), true) = (conn, topic, ok) else { continue };
+                let (Some(conn), Some(topic), true) = (conn, topic, ok) else {
+                    continue;
+                };
                 SinkSpec::Mqtt(Box::new(MqttSinkSpec {
                     conn,
                     topic,
@@ -1043,7 +1089,10 @@ fn sink_list(c: &mut Checker, node: &Node, path: &str) -> Vec<SinkSpec> {
                     retain: m.retain.unwrap_or(false),
                     memory: memory.max(1),
                     disk: b.as_ref().and_then(|b| b.disk).unwrap_or(1_000_000),
-                    dir: b.as_ref().and_then(|b| b.dir.as_ref()).map(|d| d.value.clone()),
+                    dir: b
+                        .as_ref()
+                        .and_then(|b| b.dir.as_ref())
+                        .map(|d| d.value.clone()),
                     when_full,
                     drain_timeout_ms,
                 }))
@@ -1248,15 +1297,17 @@ impl ValidPipeline {
         }
         let open = |s: &SinkSpec, role: &str, i: usize| -> Result<Box<dyn Sink>, ConfigError> {
             match s {
-                SinkSpec::File { path } => Ok(Box::new(FileSink::open(path).map_err(|e| err(e.to_string()))?)),
+                SinkSpec::File { path } => Ok(Box::new(
+                    FileSink::open(path).map_err(|e| err(e.to_string()))?,
+                )),
                 SinkSpec::Stdout => Ok(Box::new(FileSink::stdout())),
                 SinkSpec::Mqtt(m) => {
                     let name = format!("{role}-{i}");
-                    let dir = m
-                        .dir
-                        .clone()
-                        .map(std::path::PathBuf::from)
-                        .or_else(|| self.state_dir.as_ref().map(|d| std::path::Path::new(d).join("outbox")));
+                    let dir = m.dir.clone().map(std::path::PathBuf::from).or_else(|| {
+                        self.state_dir
+                            .as_ref()
+                            .map(|d| std::path::Path::new(d).join("outbox"))
+                    });
                     let sink = MqttSink::start(MqttSinkOptions {
                         endpoint: endpoint(&m.conn, &self.name, &name, 1 << 28).map_err(err)?,
                         topic: m.topic.clone(),
@@ -1294,12 +1345,20 @@ impl ValidPipeline {
 
 /// The client's endpoint: the checked settings, the password read from
 /// where it is kept, and a default client id.
-fn endpoint(c: &ConnSpec, pipeline: &str, role: &str, max_payload: usize) -> Result<Endpoint, String> {
+fn endpoint(
+    c: &ConnSpec,
+    pipeline: &str,
+    role: &str,
+    max_payload: usize,
+) -> Result<Endpoint, String> {
     let password = match &c.password {
         PasswordSpec::None => None,
         PasswordSpec::Inline(p) => Some(p.clone()),
         PasswordSpec::Env(var) => Some(std::env::var(var).map_err(|_| {
-            format!("{}: the environment variable `{var}` (password_env) is not set", c.url)
+            format!(
+                "{}: the environment variable `{var}` (password_env) is not set",
+                c.url
+            )
         })?),
         PasswordSpec::File(f) => Some(
             std::fs::read_to_string(f)

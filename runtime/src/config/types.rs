@@ -303,6 +303,7 @@ pub struct SessionConfig {
 /// An output: exactly one of `file`, `stdout`, `mqtt`.
 #[derive(Clone, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[allow(clippy::large_enum_variant)] // parsed once, at start
 pub enum SinkConfig {
     /// JSON Lines appended to a file; `-` is standard output.
     File(FileSinkConfig),

@@ -579,8 +579,7 @@ impl ParseWorker {
         } else {
             for i in 0..n {
                 if records.status[i] == Status::Live {
-                    let line =
-                        passthrough(plan, raw.payload(&raw.items[i]), records.get(i));
+                    let line = passthrough(plan, raw.payload(&raw.items[i]), records.get(i));
                     out.outputs
                         .push(Output::plain(i as u32, Stream::Main, line));
                 }
@@ -598,6 +597,7 @@ impl ParseWorker {
                             reason,
                             &plan.source_name,
                             item.position,
+                            raw.topic(item),
                             raw.payload(item),
                             item.oversize,
                         ),
@@ -625,7 +625,12 @@ fn text_value(payload: &[u8]) -> Value {
 
 /// Sets the fields bound by the first pattern the topic matches, and the
 /// whole-topic field. Bound fields replace fields of the payload.
-fn bind_topic(binder: &crate::sources::TopicBinder, slots: &[(String, usize)], topic: &str, row: &mut [Value]) {
+fn bind_topic(
+    binder: &crate::sources::TopicBinder,
+    slots: &[(String, usize)],
+    topic: &str,
+    row: &mut [Value],
+) {
     let slot = |name: &str| slots.iter().find(|(n, _)| n == name).map(|(_, s)| *s);
     for p in &binder.patterns {
         if p.matches(topic, |name, v| {
@@ -709,6 +714,7 @@ pub(crate) fn dead_letter_line(
     reason: &str,
     source: &str,
     position: u64,
+    topic: Option<&str>,
     payload: &[u8],
     oversize: Option<u64>,
 ) -> Vec<u8> {
@@ -719,6 +725,10 @@ pub(crate) fn dead_letter_line(
     write_json_str(source, &mut line);
     line.extend_from_slice(b",\"position\":");
     Value::Int(position as i64).write_json(&mut line);
+    if let Some(t) = topic {
+        line.extend_from_slice(b",\"topic\":");
+        write_json_str(t, &mut line);
+    }
     match std::str::from_utf8(payload) {
         Ok(s) => {
             line.extend_from_slice(b",\"payload\":");

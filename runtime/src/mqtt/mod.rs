@@ -43,12 +43,20 @@ impl Endpoint {
     /// Parses `mqtt://host[:port]` (1883) or `mqtts://host[:port]` (8883);
     /// `tcp://` and `ssl://` are accepted as synonyms.
     pub fn parse_url(url: &str) -> Result<(String, u16, bool), String> {
-        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://").or_else(|| url.strip_prefix("ssl://")) {
+        let (tls, rest) = if let Some(r) = url
+            .strip_prefix("mqtts://")
+            .or_else(|| url.strip_prefix("ssl://"))
+        {
             (true, r)
-        } else if let Some(r) = url.strip_prefix("mqtt://").or_else(|| url.strip_prefix("tcp://")) {
+        } else if let Some(r) = url
+            .strip_prefix("mqtt://")
+            .or_else(|| url.strip_prefix("tcp://"))
+        {
             (false, r)
         } else {
-            return Err(format!("bad broker URL `{url}`: expected `mqtt://host:port` or `mqtts://host:port`"));
+            return Err(format!(
+                "bad broker URL `{url}`: expected `mqtt://host:port` or `mqtts://host:port`"
+            ));
         };
         let rest = rest.trim_end_matches('/');
         let default_port = if tls { 8883 } else { 1883 };
@@ -58,13 +66,21 @@ impl Endpoint {
                 return Err(format!("bad host in broker URL `{url}`"));
             };
             match after.strip_prefix(':') {
-                Some(p) => (h, p.parse::<u16>().map_err(|_| format!("bad port in broker URL `{url}`"))?),
+                Some(p) => (
+                    h,
+                    p.parse::<u16>()
+                        .map_err(|_| format!("bad port in broker URL `{url}`"))?,
+                ),
                 None if after.is_empty() => (h, default_port),
                 None => return Err(format!("bad host in broker URL `{url}`")),
             }
         } else {
             match rest.split_once(':') {
-                Some((h, p)) => (h, p.parse::<u16>().map_err(|_| format!("bad port in broker URL `{url}`"))?),
+                Some((h, p)) => (
+                    h,
+                    p.parse::<u16>()
+                        .map_err(|_| format!("bad port in broker URL `{url}`"))?,
+                ),
                 None => (rest, default_port),
             }
         };
@@ -78,10 +94,12 @@ impl Endpoint {
         let mut roots = rustls::RootCertStore::empty();
         match &self.ca_file {
             Some(path) => {
-                let pem = std::fs::read(path).map_err(|e| format!("cannot read ca_file {path}: {e}"))?;
+                let pem =
+                    std::fs::read(path).map_err(|e| format!("cannot read ca_file {path}: {e}"))?;
                 let mut n = 0;
                 for cert in rustls_pemfile::certs(&mut &pem[..]) {
-                    let cert = cert.map_err(|e| format!("ca_file {path}: not PEM certificates: {e}"))?;
+                    let cert =
+                        cert.map_err(|e| format!("ca_file {path}: not PEM certificates: {e}"))?;
                     roots
                         .add(cert)
                         .map_err(|e| format!("ca_file {path}: unusable certificate: {e}"))?;
@@ -129,7 +147,9 @@ impl Endpoint {
     /// Opens a client; the connection starts once [`drive`] iterates it.
     pub fn connect(&self, request_capacity: usize) -> Result<(Client, Connection), String> {
         let tls = if self.tls {
-            Some(rumqttc::TlsConfiguration::Rustls(Arc::new(self.rustls_config()?)))
+            Some(rumqttc::TlsConfiguration::Rustls(Arc::new(
+                self.rustls_config()?,
+            )))
         } else {
             None
         };
@@ -194,11 +214,12 @@ impl Client {
             Client::V5(c) => c.subscribe(filter, qos5(qos)).map_err(|e| e.to_string()),
         }
     }
-    /// Queues a publish; blocks while rumqttc's request queue is full.
-    pub fn publish(&self, topic: &str, qos: u8, retain: bool, payload: Vec<u8>) -> Result<(), String> {
+    /// Queues a publish without waiting; `false` when the client's request
+    /// queue is full.
+    pub fn try_publish(&self, topic: &str, qos: u8, retain: bool, payload: Vec<u8>) -> bool {
         match self {
-            Client::V4(c) => c.publish(topic, qos4(qos), retain, payload).map_err(|e| e.to_string()),
-            Client::V5(c) => c.publish(topic, qos5(qos), retain, payload).map_err(|e| e.to_string()),
+            Client::V4(c) => c.try_publish(topic, qos4(qos), retain, payload).is_ok(),
+            Client::V5(c) => c.try_publish(topic, qos5(qos), retain, payload).is_ok(),
         }
     }
     pub fn disconnect(&self) {
@@ -209,6 +230,7 @@ impl Client {
     }
 }
 
+#[allow(clippy::large_enum_variant)] // one per connection, never moved after start
 pub enum Connection {
     V4(rumqttc::Connection),
     V5(rumqttc::v5::Connection),
@@ -216,14 +238,22 @@ pub enum Connection {
 
 /// What the connection thread reports to its handler.
 pub enum Ev {
-    Connected { session_present: bool },
-    Message { topic: String, payload: Bytes },
-    /// The broker acknowledged one QoS 1 publish (they arrive in order).
-    PubAck,
-    /// One publish was written to the network.
-    Sent,
+    Connected {
+        session_present: bool,
+    },
+    Message {
+        topic: String,
+        payload: Bytes,
+    },
+    /// The broker acknowledged the QoS 1 publish with this packet id.
+    PubAck(u16),
+    /// A publish (packet id; 0 for QoS 0) was written to the network.
+    Sent(u16),
     /// The connection dropped; the reason, and whether retrying cannot help.
-    Disconnected { reason: String, permanent: bool },
+    Disconnected {
+        reason: String,
+        permanent: bool,
+    },
 }
 
 /// Outcome of waiting for one event.
@@ -239,8 +269,14 @@ fn refusal4(code: rumqttc::ConnectReturnCode) -> (String, bool) {
         C::BadUserNamePassword => ("the broker refused the user name or password".into(), true),
         C::NotAuthorized => ("the broker refused: not authorized".into(), true),
         C::BadClientId => ("the broker refused the client id".into(), true),
-        C::RefusedProtocolVersion => ("the broker refused MQTT 3.1.1 (try `version: 5`)".into(), true),
-        other => (format!("the broker refused the connection ({other:?})"), false),
+        C::RefusedProtocolVersion => (
+            "the broker refused MQTT 3.1.1 (try `version: 5`)".into(),
+            true,
+        ),
+        other => (
+            format!("the broker refused the connection ({other:?})"),
+            false,
+        ),
     }
 }
 
@@ -254,15 +290,28 @@ fn refusal5(code: rumqttc::v5::mqttbytes::v5::ConnectReturnCode) -> (String, boo
         C::UnsupportedProtocolVersion | C::RefusedProtocolVersion => {
             ("the broker refused MQTT 5 (try `version: 3`)".into(), true)
         }
-        C::ClientIdentifierNotValid | C::BadClientId => ("the broker refused the client id".into(), true),
-        other => (format!("the broker refused the connection ({other:?})"), false),
+        C::ClientIdentifierNotValid | C::BadClientId => {
+            ("the broker refused the client id".into(), true)
+        }
+        other => (
+            format!("the broker refused the connection ({other:?})"),
+            false,
+        ),
     }
 }
 
 /// Describes an I/O error, finding a TLS reason inside it when there is one.
 fn io_reason(e: &std::io::Error) -> (String, bool) {
     if let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-        return (tls_reason(tls), matches!(tls, rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented | rustls::Error::AlertReceived(_)));
+        return (
+            tls_reason(tls),
+            matches!(
+                tls,
+                rustls::Error::InvalidCertificate(_)
+                    | rustls::Error::NoCertificatesPresented
+                    | rustls::Error::AlertReceived(_)
+            ),
+        );
     }
     (e.to_string(), false)
 }
@@ -272,9 +321,9 @@ fn tls_reason(e: &rustls::Error) -> String {
         rustls::Error::InvalidCertificate(c) => format!(
             "TLS: the broker's certificate was rejected ({c:?}); check `ca_file` and the host name"
         ),
-        rustls::Error::AlertReceived(a) => format!(
-            "TLS: the broker rejected us ({a:?}); check the client certificate"
-        ),
+        rustls::Error::AlertReceived(a) => {
+            format!("TLS: the broker rejected us ({a:?}); check the client certificate")
+        }
         other => format!("TLS: {other}"),
     }
 }
@@ -326,8 +375,8 @@ impl Connection {
                             topic: p.topic,
                             payload: p.payload,
                         }),
-                        Event::Incoming(Packet::PubAck(_)) => Step::Ev(Ev::PubAck),
-                        Event::Outgoing(rumqttc::Outgoing::Publish(_)) => Step::Ev(Ev::Sent),
+                        Event::Incoming(Packet::PubAck(a)) => Step::Ev(Ev::PubAck(a.pkid)),
+                        Event::Outgoing(rumqttc::Outgoing::Publish(id)) => Step::Ev(Ev::Sent(id)),
                         _ => Step::Nothing,
                     }
                 }
@@ -358,8 +407,8 @@ impl Connection {
                             topic: String::from_utf8_lossy(&p.topic).into_owned(),
                             payload: p.payload,
                         }),
-                        Event::Incoming(Packet::PubAck(_)) => Step::Ev(Ev::PubAck),
-                        Event::Outgoing(rumqttc::Outgoing::Publish(_)) => Step::Ev(Ev::Sent),
+                        Event::Incoming(Packet::PubAck(a)) => Step::Ev(Ev::PubAck(a.pkid)),
+                        Event::Outgoing(rumqttc::Outgoing::Publish(id)) => Step::Ev(Ev::Sent(id)),
                         _ => Step::Nothing,
                     }
                 }
@@ -436,10 +485,22 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(Endpoint::parse_url("mqtt://localhost"), Ok(("localhost".into(), 1883, false)));
-        assert_eq!(Endpoint::parse_url("mqtts://broker.example:8884/"), Ok(("broker.example".into(), 8884, true)));
-        assert_eq!(Endpoint::parse_url("tcp://10.0.0.1:1884"), Ok(("10.0.0.1".into(), 1884, false)));
-        assert_eq!(Endpoint::parse_url("mqtts://h"), Ok(("h".into(), 8883, true)));
+        assert_eq!(
+            Endpoint::parse_url("mqtt://localhost"),
+            Ok(("localhost".into(), 1883, false))
+        );
+        assert_eq!(
+            Endpoint::parse_url("mqtts://broker.example:8884/"),
+            Ok(("broker.example".into(), 8884, true))
+        );
+        assert_eq!(
+            Endpoint::parse_url("tcp://10.0.0.1:1884"),
+            Ok(("10.0.0.1".into(), 1884, false))
+        );
+        assert_eq!(
+            Endpoint::parse_url("mqtts://h"),
+            Ok(("h".into(), 8883, true))
+        );
         assert!(Endpoint::parse_url("http://h").is_err());
         assert!(Endpoint::parse_url("mqtt://:1883").is_err());
         assert!(Endpoint::parse_url("mqtt://h:port").is_err());

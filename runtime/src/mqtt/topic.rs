@@ -38,9 +38,13 @@ impl TopicPattern {
                 Level::Hash
             } else if let Some(name) = p.strip_prefix('{').and_then(|r| r.strip_suffix('}')) {
                 if name.is_empty()
-                    || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+                    || !name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
                 {
-                    return Err(format!("bad binding `{p}` in `{pattern}`: expected `{{field_name}}`"));
+                    return Err(format!(
+                        "bad binding `{p}` in `{pattern}`: expected `{{field_name}}`"
+                    ));
                 }
                 Level::Bind(name.to_string())
             } else if p.contains(['+', '#', '{', '}']) {
@@ -90,10 +94,14 @@ impl TopicPattern {
                     return true;
                 }
                 _ => {
-                    let Some(part) = parts.next() else { return false };
+                    let Some(part) = parts.next() else {
+                        return false;
+                    };
                     match l {
                         Level::Exact(s) if s != part => return false,
-                        Level::Plus | Level::Bind(_) if i == 0 && part.starts_with('$') => return false,
+                        Level::Plus | Level::Bind(_) if i == 0 && part.starts_with('$') => {
+                            return false
+                        }
                         Level::Bind(n) => bound.push((n, part)),
                         _ => {}
                     }
@@ -185,10 +193,14 @@ impl TopicTemplate {
                         .try_fold(record, |v, k| v.get(k))
                         .or_else(|| record.get(f.as_str()));
                     match v {
-                        Some(serde_json::Value::String(s)) => out.push_str(&s.replace(['/', '+', '#'], "_")),
+                        Some(serde_json::Value::String(s)) => {
+                            out.push_str(&s.replace(['/', '+', '#'], "_"))
+                        }
                         Some(serde_json::Value::Null) | None if lenient => out.push_str("_unknown"),
                         Some(serde_json::Value::Null) | None => {
-                            return Err(format!("the topic needs field `{f}`, which the record lacks"))
+                            return Err(format!(
+                                "the topic needs field `{f}`, which the record lacks"
+                            ))
                         }
                         Some(other) => out.push_str(&other.to_string()),
                     }
@@ -208,14 +220,17 @@ mod tests {
         let p = TopicPattern::parse("sensors/{sensor_id}/temperature").unwrap();
         assert_eq!(p.filter, "sensors/+/temperature");
         let mut got = Vec::new();
-        assert!(p.matches("sensors/s1/temperature", |n, v| got.push((n.to_string(), v.to_string()))));
+        assert!(p.matches("sensors/s1/temperature", |n, v| got
+            .push((n.to_string(), v.to_string()))));
         assert_eq!(got, vec![("sensor_id".to_string(), "s1".to_string())]);
         assert!(!p.matches("sensors/s1/humidity", |_, _| {}));
         assert!(!p.matches("sensors/s1/temperature/x", |_, _| {}));
         let h = TopicPattern::parse("site/{site}/#").unwrap();
         assert_eq!(h.filter, "site/+/#");
         assert!(h.matches("site/a/b/c", |_, _| {}));
-        assert!(!TopicPattern::parse("#").unwrap().matches("$SYS/x", |_, _| {}));
+        assert!(!TopicPattern::parse("#")
+            .unwrap()
+            .matches("$SYS/x", |_, _| {}));
         assert!(TopicPattern::parse("a/#/b").is_err());
         assert!(TopicPattern::parse("a/x{y}").is_err());
     }
@@ -225,7 +240,10 @@ mod tests {
         let t = TopicTemplate::parse("averages/{sensor_id}/{n}").unwrap();
         let rec = serde_json::json!({"sensor_id": "s/1", "n": 3});
         assert_eq!(t.render(&rec).unwrap(), "averages/s_1/3");
-        assert!(t.render(&serde_json::json!({"n": 1})).unwrap_err().contains("sensor_id"));
+        assert!(t
+            .render(&serde_json::json!({"n": 1}))
+            .unwrap_err()
+            .contains("sensor_id"));
         assert!(TopicTemplate::parse("a/+").is_err());
         assert!(TopicTemplate::parse("a/{x").is_err());
         assert!(TopicTemplate::parse("late/sensors").unwrap().is_static());

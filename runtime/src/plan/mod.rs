@@ -267,14 +267,18 @@ impl PipelineBuilder {
             Format::Text => fields.slot("value"),
             Format::Json => usize::MAX,
         };
-        let binder = self.source.as_ref().and_then(|s| s.topic_binder()).map(|b| {
-            let slots = b.fields().into_iter().map(|f| {
-                let slot = fields.slot(&f);
-                (f, slot)
+        let binder = self
+            .source
+            .as_ref()
+            .and_then(|s| s.topic_binder())
+            .map(|b| {
+                let slots = b.fields().into_iter().map(|f| {
+                    let slot = fields.slot(&f);
+                    (f, slot)
+                });
+                let slots = slots.collect();
+                (b, slots)
             });
-            let slots = slots.collect();
-            (b, slots)
-        });
         let ts_slot = match &self.time {
             TimeMode::Event { field, .. } => Some(fields.slot(field)),
             _ => None,

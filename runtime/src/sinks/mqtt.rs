@@ -7,12 +7,15 @@
 //! when it is full, `when_full: block` stops the pipeline until there is
 //! room, `drop_oldest` drops the oldest message and counts it.
 //!
-//! QoS 1 messages stay in the outbox's *unacknowledged* list until the
-//! broker's PUBACK (acks arrive in publish order). A clean shutdown waits
-//! until everything is sent and acknowledged; if the broker is away, what
-//! is left (unacknowledged first) goes to the disk buffer and is sent first
-//! by the next run. Delivery is at-least-once: after a reconnect or a
-//! restart a message may arrive twice.
+//! Every message handed to the client is tracked until it is safe: a QoS 1
+//! message until the broker's PUBACK for its packet id, a QoS 0 message
+//! until it is written to the network. When a reconnect starts a new
+//! session (the broker forgot the old one), the client drops what it had not
+//! finished; the outbox puts those messages back in front and sends them
+//! again. A clean shutdown waits until everything is delivered; if the
+//! broker is away, what is left goes to the disk buffer, oldest first, and
+//! is sent first by the next run. Delivery is at-least-once: after a
+//! reconnect or a restart a message may arrive twice.
 
 use super::{Sink, SinkError};
 use crate::mqtt::topic::TopicTemplate;
@@ -24,9 +27,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// QoS 1 messages handed to the client but not yet acknowledged, at most.
-const MAX_UNACKED: usize = 1000;
-/// Messages moved between memory and disk, or handed to the client, at once.
+/// Messages moved between memory and disk at once, and the size of the
+/// client's request queue.
 const CHUNK: usize = 256;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -75,6 +77,9 @@ pub struct MqttSinkOptions {
 struct Msg {
     topic: String,
     payload: Vec<u8>,
+    /// Order of hand-over to the client (not stored).
+    #[serde(skip)]
+    seq: u64,
 }
 
 const OUTBOX: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("outbox");
@@ -105,7 +110,10 @@ impl DiskQueue {
             let txn = db.begin_write().map_err(|e| db_err(&path, e))?;
             {
                 let t = txn.open_table(OUTBOX).map_err(|e| db_err(&path, e))?;
-                let first = t.first().map_err(|e| db_err(&path, e))?.map(|f| f.0.value());
+                let first = t
+                    .first()
+                    .map_err(|e| db_err(&path, e))?
+                    .map(|f| f.0.value());
                 let last = t.last().map_err(|e| db_err(&path, e))?.map(|l| l.0.value());
                 if let (Some(first), Some(last)) = (first, last) {
                     head = first;
@@ -164,7 +172,9 @@ impl DiskQueue {
                 };
                 match postcard::from_bytes::<Msg>(v.value()) {
                     Ok(m) => out.push(m),
-                    Err(e) => tracing::error!(file = %self.path.display(), error = %e, "skipping an unreadable buffered message"),
+                    Err(e) => {
+                        tracing::error!(file = %self.path.display(), error = %e, "skipping an unreadable buffered message")
+                    }
                 }
             }
         }
@@ -178,17 +188,55 @@ impl DiskQueue {
 }
 
 struct State {
-    mem: VecDeque<Msg>,
+    /// Oldest messages, taken from disk or put back after a reconnect;
+    /// sent before `disk` and `mem`.
+    staged: VecDeque<Msg>,
     disk: Option<DiskQueue>,
-    /// QoS 1 messages handed to the client, oldest first, until acknowledged.
-    unacked: VecDeque<Msg>,
-    /// Publishes handed to the client and not yet written to the network.
-    unsent: usize,
+    mem: VecDeque<Msg>,
+    /// Handed to the client, not yet written to the network, in order.
+    handed: VecDeque<Msg>,
+    /// QoS 1 messages written and awaiting PUBACK, by packet id.
+    inflight: std::collections::HashMap<u16, Msg>,
+    next_seq: u64,
     connected: bool,
     ever_connected: bool,
-    closing: bool,
     fatal: Option<String>,
     dropped: u64,
+}
+
+impl State {
+    fn disk_len(&self) -> usize {
+        self.disk.as_ref().map_or(0, |d| d.len())
+    }
+
+    /// Nothing waiting and nothing unconfirmed.
+    fn drained(&self) -> bool {
+        self.staged.is_empty()
+            && self.disk_len() == 0
+            && self.mem.is_empty()
+            && self.handed.is_empty()
+            && self.inflight.is_empty()
+    }
+
+    /// The client forgot what it had not finished: put it back in front.
+    fn requeue_unfinished(&mut self) {
+        let mut back: Vec<Msg> = self.inflight.drain().map(|(_, m)| m).collect();
+        back.extend(self.handed.drain(..));
+        back.sort_by_key(|m| m.seq);
+        for m in back.into_iter().rev() {
+            self.staged.push_front(m);
+        }
+    }
+
+    /// The next message to send, oldest first.
+    fn next(&mut self) -> Result<Option<Msg>, String> {
+        if self.staged.is_empty() {
+            if let Some(d) = self.disk.as_mut().filter(|d| d.len() > 0) {
+                self.staged.extend(d.pop_front(CHUNK)?);
+            }
+        }
+        Ok(self.staged.pop_front().or_else(|| self.mem.pop_front()))
+    }
 }
 
 struct Shared {
@@ -230,13 +278,14 @@ impl MqttSink {
         let (client, conn) = opts.endpoint.connect(CHUNK).map_err(err)?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                mem: VecDeque::new(),
+                staged: VecDeque::new(),
                 disk,
-                unacked: VecDeque::new(),
-                unsent: 0,
+                mem: VecDeque::new(),
+                handed: VecDeque::new(),
+                inflight: std::collections::HashMap::new(),
+                next_seq: 0,
                 connected: false,
                 ever_connected: false,
-                closing: false,
                 fatal: None,
                 dropped: 0,
             }),
@@ -244,16 +293,19 @@ impl MqttSink {
         });
         let stop = Arc::new(AtomicBool::new(false));
         let conn_thread = {
-            let (shared, stop, url) = (shared.clone(), stop.clone(), url.clone());
+            let (shared, stop, url, qos) = (shared.clone(), stop.clone(), url.clone(), opts.qos);
             std::thread::Builder::new()
                 .name("rivulet-mqtt-conn".into())
                 .spawn(move || {
                     drive(conn, &url, stop, |ev| {
                         let mut st = shared.lock();
                         match ev {
-                            Ev::Connected { .. } => {
+                            Ev::Connected { session_present } => {
                                 st.connected = true;
                                 st.ever_connected = true;
+                                if !session_present {
+                                    st.requeue_unfinished();
+                                }
                             }
                             Ev::Disconnected { reason, permanent } => {
                                 st.connected = false;
@@ -263,10 +315,16 @@ impl MqttSink {
                                     return false;
                                 }
                             }
-                            Ev::PubAck => {
-                                st.unacked.pop_front();
+                            Ev::Sent(pkid) => {
+                                if let Some(m) = st.handed.pop_front() {
+                                    if qos > 0 && pkid != 0 {
+                                        st.inflight.insert(pkid, m);
+                                    }
+                                }
                             }
-                            Ev::Sent => st.unsent = st.unsent.saturating_sub(1),
+                            Ev::PubAck(pkid) => {
+                                st.inflight.remove(&pkid);
+                            }
                             Ev::Message { .. } => {}
                         }
                         shared.cv.notify_all();
@@ -276,8 +334,13 @@ impl MqttSink {
                 .map_err(|e| err(format!("cannot start a thread: {e}")))?
         };
         let publisher = {
-            let (shared, stop, client, qos, retain) =
-                (shared.clone(), stop.clone(), client.clone(), opts.qos, opts.retain);
+            let (shared, stop, client, qos, retain) = (
+                shared.clone(),
+                stop.clone(),
+                client.clone(),
+                opts.qos,
+                opts.retain,
+            );
             std::thread::Builder::new()
                 .name("rivulet-mqtt-out".into())
                 .spawn(move || publish_loop(&shared, &stop, &client, qos, retain))
@@ -296,70 +359,61 @@ impl MqttSink {
 
     fn fatal(&self, st: &State) -> Result<(), SinkError> {
         match &st.fatal {
-            Some(reason) => Err(SinkError::Other(format!("MQTT broker {}: {reason}", self.url))),
+            Some(reason) => Err(SinkError::Other(format!(
+                "MQTT broker {}: {reason}",
+                self.url
+            ))),
             None => Ok(()),
         }
     }
 
-    /// Messages waiting in the outbox (memory and disk) and unacknowledged.
+    /// Messages waiting in the outbox or not yet confirmed.
     pub fn pending(&self) -> usize {
         let st = self.shared.lock();
-        st.mem.len() + st.disk.as_ref().map_or(0, |d| d.len()) + st.unacked.len()
+        st.staged.len() + st.disk_len() + st.mem.len() + st.handed.len() + st.inflight.len()
     }
 }
 
-/// Sends from the outbox while connected, in order.
+/// Hands messages to the client while connected, oldest first. It holds
+/// the lock while handing over (`try_publish` never blocks), so a message
+/// is either handed before a disconnect is seen or after the reconnect.
 fn publish_loop(shared: &Shared, stop: &AtomicBool, client: &Client, qos: u8, retain: bool) {
+    let mut st = shared.lock();
     loop {
-        let batch: Vec<Msg> = {
-            let mut st = shared.lock();
-            loop {
-                if stop.load(Ordering::SeqCst) || st.fatal.is_some() {
+        if stop.load(Ordering::SeqCst) || st.fatal.is_some() {
+            return;
+        }
+        let mut handed_any = false;
+        while st.connected && st.handed.len() < CHUNK {
+            let msg = match st.next() {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(e) => {
+                    st.fatal = Some(e);
+                    shared.cv.notify_all();
                     return;
                 }
-                let ready = st.connected
-                    && st.unacked.len() < MAX_UNACKED
-                    && (!st.mem.is_empty() || st.disk.as_ref().is_some_and(|d| d.len() > 0));
-                if ready {
-                    break;
-                }
-                st = shared
-                    .cv
-                    .wait_timeout(st, Duration::from_millis(100))
-                    .map(|r| r.0)
-                    .unwrap_or_else(|p| p.into_inner().0);
-            }
-            let room = (MAX_UNACKED - st.unacked.len()).min(CHUNK);
-            let from_disk = match st.disk.as_mut() {
-                Some(d) if d.len() > 0 => match d.pop_front(room) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        st.fatal = Some(e);
-                        shared.cv.notify_all();
-                        return;
-                    }
-                },
-                _ => Vec::new(),
             };
-            let batch = if from_disk.is_empty() {
-                let n = room.min(st.mem.len());
-                st.mem.drain(..n).collect()
+            if client.try_publish(&msg.topic, qos, retain, msg.payload.clone()) {
+                let mut msg = msg;
+                msg.seq = st.next_seq;
+                st.next_seq += 1;
+                st.handed.push_back(msg);
+                handed_any = true;
             } else {
-                from_disk
-            };
-            if qos > 0 {
-                st.unacked.extend(batch.iter().cloned());
-            }
-            st.unsent += batch.len();
-            shared.cv.notify_all();
-            batch
-        };
-        for m in batch {
-            // Blocks while the client's queue is full; never holds the lock.
-            if let Err(e) = client.publish(&m.topic, qos, retain, m.payload) {
-                tracing::error!(error = %e, "MQTT publish failed");
+                // The client's queue is full: try again shortly.
+                st.staged.push_front(msg);
+                break;
             }
         }
+        if handed_any {
+            shared.cv.notify_all();
+        }
+        st = shared
+            .cv
+            .wait_timeout(st, Duration::from_millis(if handed_any { 1 } else { 20 }))
+            .map(|r| r.0)
+            .unwrap_or_else(|p| p.into_inner().0);
     }
 }
 
@@ -370,7 +424,10 @@ impl Sink for MqttSink {
 
     fn write(&mut self, record: &[u8]) -> Result<(), SinkError> {
         let topic = if self.opts.topic.is_static() {
-            self.opts.topic.render(&serde_json::Value::Null).unwrap_or_default()
+            self.opts
+                .topic
+                .render(&serde_json::Value::Null)
+                .unwrap_or_default()
         } else {
             let v: serde_json::Value = serde_json::from_slice(record).unwrap_or_default();
             match self.opts.topic.render(&v) {
@@ -380,15 +437,14 @@ impl Sink for MqttSink {
                         tracing::warn!(broker = %self.url, error = %e, "publishing to the topic with `_unknown` for missing fields");
                         self.warned_topic = true;
                     }
-                    self.opts
-                        .topic
-                        .render_lenient(&v)
+                    self.opts.topic.render_lenient(&v)
                 }
             }
         };
         let msg = Msg {
             topic,
             payload: record.to_vec(),
+            seq: 0,
         };
         let mut st = self.shared.lock();
         self.fatal(&st)?;
@@ -408,17 +464,9 @@ impl Sink for MqttSink {
     fn close(&mut self) -> Result<(), SinkError> {
         let deadline = Instant::now() + self.opts.buffer.drain_timeout;
         let mut st = self.shared.lock();
-        st.closing = true;
-        // Wait until everything is sent and acknowledged, while the broker is there.
-        loop {
+        // Wait until everything is delivered, while the broker is there.
+        while !st.drained() && Instant::now() < deadline {
             self.fatal(&st)?;
-            let empty = st.mem.is_empty()
-                && st.disk.as_ref().is_none_or(|d| d.len() == 0)
-                && st.unacked.is_empty()
-                && st.unsent == 0;
-            if empty || Instant::now() >= deadline {
-                break;
-            }
             st = self
                 .shared
                 .cv
@@ -426,16 +474,18 @@ impl Sink for MqttSink {
                 .map(|r| r.0)
                 .unwrap_or_else(|p| p.into_inner().0);
         }
+        self.fatal(&st)?;
         self.stop.store(true, Ordering::SeqCst);
         self.shared.cv.notify_all();
-        // What is left: unacknowledged first, then memory, after the disk part.
-        let unacked: Vec<Msg> = st.unacked.drain(..).collect();
+        // What is left, oldest first: unfinished, staged, then the disk part, then memory.
+        st.requeue_unfinished();
+        let front: Vec<Msg> = st.staged.drain(..).collect();
         let mem: Vec<Msg> = st.mem.drain(..).collect();
-        let left = unacked.len() + mem.len();
+        let left = front.len() + mem.len();
         let result = if left == 0 {
             Ok(())
         } else if let Some(d) = st.disk.as_mut() {
-            d.push_front(&unacked)
+            d.push_front(&front)
                 .and_then(|_| d.push_back(&mem))
                 .map(|_| {
                     tracing::warn!(broker = %self.url, messages = d.len(), file = %d.path.display(),
@@ -463,7 +513,10 @@ impl Sink for MqttSink {
 
 impl MqttSink {
     /// The outbox is full in memory: move the oldest to disk, or apply `when_full`.
-    fn make_room<'a>(&'a self, mut st: MutexGuard<'a, State>) -> Result<MutexGuard<'a, State>, SinkError> {
+    fn make_room<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+    ) -> Result<MutexGuard<'a, State>, SinkError> {
         let err = |e: String| SinkError::Other(format!("MQTT sink {}: {e}", self.url));
         loop {
             self.fatal(&st)?;
@@ -471,7 +524,11 @@ impl MqttSink {
                 return Ok(st);
             }
             let n = (self.opts.buffer.memory / 2).max(1);
-            let disk_room = st.disk.as_ref().map(|d| d.limit.saturating_sub(d.len())).unwrap_or(0);
+            let disk_room = st
+                .disk
+                .as_ref()
+                .map(|d| d.limit.saturating_sub(d.len()))
+                .unwrap_or(0);
             if disk_room >= n {
                 let oldest: Vec<Msg> = st.mem.drain(..n).collect();
                 if let Some(d) = st.disk.as_mut() {
@@ -528,6 +585,7 @@ mod tests {
         Msg {
             topic: format!("t/{i}"),
             payload: vec![i as u8],
+            seq: 0,
         }
     }
 
@@ -542,10 +600,20 @@ mod tests {
         }
         let mut q = DiskQueue::open(dir.path(), "out", 100).unwrap();
         assert_eq!(q.len(), 4);
-        let got: Vec<String> = q.pop_front(3).unwrap().into_iter().map(|m| m.topic).collect();
+        let got: Vec<String> = q
+            .pop_front(3)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.topic)
+            .collect();
         assert_eq!(got, ["t/1", "t/2", "t/3"]);
         q.push_back(&[msg(5)]).unwrap();
-        let got: Vec<String> = q.pop_front(10).unwrap().into_iter().map(|m| m.topic).collect();
+        let got: Vec<String> = q
+            .pop_front(10)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.topic)
+            .collect();
         assert_eq!(got, ["t/4", "t/5"]);
         assert_eq!(q.len(), 0);
     }

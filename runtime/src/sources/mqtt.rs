@@ -56,8 +56,13 @@ impl MqttSource {
         let stop = Arc::new(AtomicBool::new(false));
         let filters: Vec<String> = opts.patterns.iter().map(|p| p.filter.clone()).collect();
         let thread = {
-            let (client, fatal, stop, url, qos) =
-                (client.clone(), fatal.clone(), stop.clone(), url.clone(), opts.qos);
+            let (client, fatal, stop, url, qos) = (
+                client.clone(),
+                fatal.clone(),
+                stop.clone(),
+                url.clone(),
+                opts.qos,
+            );
             std::thread::Builder::new()
                 .name("rivulet-mqtt-in".into())
                 .spawn(move || {
@@ -82,7 +87,7 @@ impl MqttSource {
                             }
                             true
                         }
-                        Ev::PubAck | Ev::Sent => true,
+                        Ev::PubAck(_) | Ev::Sent(_) => true,
                     });
                 })
                 .map_err(|e| SourceError::Other(format!("cannot start the MQTT thread: {e}")))?
@@ -121,7 +126,10 @@ impl Source for MqttSource {
         wait: Duration,
     ) -> Result<Poll, SourceError> {
         if let Some(reason) = self.fatal.lock().ok().and_then(|f| f.clone()) {
-            return Err(SourceError::Other(format!("MQTT broker {}: {reason}", self.url)));
+            return Err(SourceError::Other(format!(
+                "MQTT broker {}: {reason}",
+                self.url
+            )));
         }
         let Some(rx) = self.rx.take() else {
             return Ok(Poll::Finished);
@@ -146,8 +154,14 @@ impl Source for MqttSource {
             Err(RecvTimeoutError::Disconnected) => {
                 // The connection thread ended: a fatal error, reported next poll.
                 match self.fatal.lock().ok().and_then(|f| f.clone()) {
-                    Some(reason) => Err(SourceError::Other(format!("MQTT broker {}: {reason}", self.url))),
-                    None => Err(SourceError::Other(format!("MQTT broker {}: the connection thread stopped", self.url))),
+                    Some(reason) => Err(SourceError::Other(format!(
+                        "MQTT broker {}: {reason}",
+                        self.url
+                    ))),
+                    None => Err(SourceError::Other(format!(
+                        "MQTT broker {}: the connection thread stopped",
+                        self.url
+                    ))),
                 }
             }
         };

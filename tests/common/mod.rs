@@ -1,0 +1,261 @@
+//! Helpers for end-to-end tests: a real Mosquitto on a free loopback port,
+//! the real `rivulet` binary, and an MQTT test client.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits (bounded) until `f` holds; the assertion is on the outcome.
+pub fn eventually(what: &str, secs: u64, f: impl Fn() -> bool) {
+    let until = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A Mosquitto broker of the test's own, stopped when dropped.
+pub struct Broker {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    conf: PathBuf,
+    child: Option<Child>,
+}
+
+impl Broker {
+    /// Starts `mosquitto` with a listener on a free loopback port and the
+    /// given extra configuration lines.
+    pub fn start(extra: &str) -> Broker {
+        assert!(
+            Command::new("mosquitto")
+                .arg("-h")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok(),
+            "these tests need Mosquitto: apt-get install mosquitto"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        let mut f = std::fs::File::create(&conf).unwrap();
+        writeln!(f, "listener {port} 127.0.0.1").unwrap();
+        writeln!(f, "set_tcp_nodelay true").unwrap();
+        // Subscriptions appear in the log, so tests can wait for them.
+        for t in ["error", "warning", "notice", "information", "subscribe"] {
+            writeln!(f, "log_type {t}").unwrap();
+        }
+        // Running as root, mosquitto would switch to its own user.
+        writeln!(f, "user root").unwrap();
+        if !extra.contains("allow_anonymous") {
+            writeln!(f, "allow_anonymous true").unwrap();
+        }
+        writeln!(f, "{extra}").unwrap();
+        drop(f);
+        let mut b = Broker {
+            port,
+            dir,
+            conf,
+            child: None,
+        };
+        b.launch();
+        b
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("mosquitto.log")).unwrap();
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&self.conf)
+            .current_dir(self.dir.path())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let port = self.port;
+        eventually("mosquitto to listen", 10, || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the broker (SIGTERM, so it saves its persistence file).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Messages received by a test subscriber: (topic, payload).
+pub type Inbox = Arc<Mutex<Vec<(String, String)>>>;
+
+/// Subscribes to `filter` and collects messages until dropped. With a
+/// `session` id the session is persistent (QoS 1 messages wait for it).
+pub fn subscribe(port: u16, filter: &str, session: Option<&str>) -> (Inbox, rumqttc::Client) {
+    let id = session
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("test-sub-{}", fastrand::u32(..)));
+    let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    o.set_clean_session(session.is_none());
+    o.set_keep_alive(Duration::from_secs(5));
+    let (client, mut conn) = rumqttc::Client::new(o, 100);
+    let inbox: Inbox = Arc::default();
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let inbox = inbox.clone();
+        let client = client.clone();
+        let filter = filter.to_string();
+        std::thread::spawn(move || {
+            let mut told = false;
+            for ev in conn.iter() {
+                match ev {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                        let _ = client.subscribe(&filter, rumqttc::QoS::AtLeastOnce);
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) if !told => {
+                        told = true;
+                        let _ = tx.send(());
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        inbox.lock().unwrap().push((
+                            p.topic.clone(),
+                            String::from_utf8_lossy(&p.payload).into_owned(),
+                        ))
+                    }
+                    Err(rumqttc::ConnectionError::RequestsDone) => return,
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                    _ => {}
+                }
+            }
+        });
+    }
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("subscribed");
+    (inbox, client)
+}
+
+/// Publishes messages (QoS 1) and waits until the broker acknowledged all.
+pub fn publish_all(port: u16, msgs: &[(String, String)]) {
+    let mut o =
+        rumqttc::MqttOptions::new(format!("test-pub-{}", fastrand::u32(..)), "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(5));
+    o.set_inflight(100);
+    let (client, mut conn) = rumqttc::Client::new(o, 1000);
+    let n = msgs.len();
+    let msgs = msgs.to_vec();
+    let sender = std::thread::spawn(move || {
+        for (t, p) in msgs {
+            client
+                .publish(t, rumqttc::QoS::AtLeastOnce, false, p.into_bytes())
+                .unwrap();
+        }
+        client
+    });
+    let mut acked = 0;
+    for ev in conn.iter() {
+        match ev {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                acked += 1;
+                if acked == n {
+                    break;
+                }
+            }
+            Err(e) => panic!("test publisher: {e}"),
+            _ => {}
+        }
+    }
+    let client = sender.join().unwrap();
+    let _ = client.disconnect();
+}
+
+/// The `rivulet` binary running a pipeline file written into `dir`.
+pub struct Rivulet {
+    pub child: Child,
+    pub dir: PathBuf,
+}
+
+impl Rivulet {
+    pub fn start(dir: &Path, yaml: &str) -> Rivulet {
+        let file = dir.join("pipeline.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_rivulet"))
+            .arg("run")
+            .arg(&file)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Rivulet {
+            child,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// SIGTERM, then the exit code, stdout and stderr.
+    pub fn stop(self) -> (Option<i32>, String, String) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        self.wait()
+    }
+
+    pub fn wait(self) -> (Option<i32>, String, String) {
+        let out = self.child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub fn lines(&self, file: &str) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join(file))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
