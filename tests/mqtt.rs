@@ -158,7 +158,11 @@ dead_letter:
     let got = inbox.lock().unwrap().clone();
     assert_eq!(got[0].0, "cloud/line/7");
     let first: Value = serde_json::from_str(&got[0].1).unwrap();
-    assert_eq!(first, json!({"value": 212, "celsius": 100.0, "line_no": 7}));
+    // A pass-through event: the payload, the fields bound from its topic, then `map`'s.
+    assert_eq!(
+        first,
+        json!({"value": 212, "line": "7", "topic": "plant/7/temp", "celsius": 100.0, "line_no": 7})
+    );
     assert_eq!(got[1].0, "cloud/line/7");
     assert_eq!(got.len(), 2, "14 °F is filtered out: {got:?}");
     let dead: Value =
@@ -471,4 +475,78 @@ fn tls_with_the_right_ca_and_a_client_certificate_works_and_a_wrong_ca_fails_cle
     let (code, _, err) = run.stop();
     assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("MQTT connected"), "{err}");
+}
+
+#[test]
+fn mqtt5_source_and_sink() {
+    let a = Broker::start("");
+    let b = Broker::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "name: v5\nsource:\n  mqtt: {{ url: \"{}\", topics: [\"v5/{{id}}\"], qos: 1, version: 5 }}\nsink:\n  mqtt: {{ url: \"{}\", topic: \"five/{{id}}\", qos: 1, version: 5 }}\n",
+        a.url(),
+        b.url()
+    );
+    let (inbox, _sub) = subscribe(b.port, "five/#", None);
+    let run = Rivulet::start(dir.path(), &yaml);
+    eventually("a v5 subscription", 20, || a.log().contains("v5/+"));
+    publish_all(a.port, &[("v5/x".into(), "{\"n\":1}".into())]);
+    eventually("the message", 20, || !inbox.lock().unwrap().is_empty());
+    let (code, _, err) = run.stop();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        b.log().contains("(p5,"),
+        "the sink spoke MQTT 5:\n{}",
+        b.log()
+    );
+    let got = inbox.lock().unwrap()[0].clone();
+    assert_eq!(got.0, "five/x");
+    let v: Value = serde_json::from_str(&got.1).unwrap();
+    // The payload plus the fields bound from the topic.
+    assert_eq!(v, json!({"n": 1, "id": "x", "topic": "v5/x"}));
+}
+
+#[test]
+fn a_full_outbox_drops_the_oldest_and_keeps_the_newest_in_order() {
+    let mut b = Broker::start("");
+    b.stop();
+    let dir = tempfile::tempdir().unwrap();
+    let mut lines = String::new();
+    for i in 0..100 {
+        lines.push_str(&json!({"id": i}).to_string());
+        lines.push('\n');
+    }
+    std::fs::write(dir.path().join("events.jsonl"), lines).unwrap();
+    std::fs::write(dir.path().join("empty.jsonl"), "").unwrap();
+    let url = b.url();
+    let yaml = |input: &str| {
+        format!(
+            "name: full\nsource: {{ file: {{ path: {input} }} }}\nsink:\n  mqtt:\n    url: \"{url}\"\n    topic: \"ids/{{id}}\"\n    qos: 1\n    buffer: {{ memory: 10, disk: 20, dir: outbox, when_full: drop_oldest, drain_timeout: 300ms }}\n"
+        )
+    };
+    let (code, _, err) = Rivulet::start(dir.path(), &yaml("events.jsonl")).wait();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("dropped"), "{err}");
+    b.restart();
+    let (inbox, _sub) = subscribe(b.port, "ids/#", None);
+    let (code, _, err) = Rivulet::start(dir.path(), &yaml("empty.jsonl")).wait();
+    assert_eq!(code, Some(0), "{err}");
+    eventually("the kept messages", 20, || {
+        inbox.lock().unwrap().len() >= 30
+    });
+    let ids: Vec<i64> = inbox
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, p)| {
+            serde_json::from_str::<Value>(p).unwrap()["id"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        ids,
+        (70..100).collect::<Vec<_>>(),
+        "the newest 30, in order"
+    );
 }

@@ -276,7 +276,7 @@ impl PipelineBuilder {
                     let slot = fields.slot(&f);
                     (f, slot)
                 });
-                let slots = slots.collect();
+                let slots: Vec<(String, usize)> = slots.collect();
                 (b, slots)
             });
         let ts_slot = match &self.time {
@@ -287,7 +287,9 @@ impl PipelineBuilder {
         let mut after = Vec::new();
         let mut key: Option<Vec<String>> = None;
         let mut window: Option<WindowDef> = None;
-        let mut writes: Vec<(String, usize)> = Vec::new();
+        // A pass-through event carries the fields bound from its topic too.
+        let mut writes: Vec<(String, usize)> =
+            binder.as_ref().map(|b| b.1.clone()).unwrap_or_default();
         for entry in self.entries {
             if window.is_some() {
                 problems.push(
@@ -302,9 +304,8 @@ impl PipelineBuilder {
                     s.bind(&slots);
                     for w in s.writes() {
                         let slot = fields.slot(&w);
-                        if !writes.iter().any(|(n, _)| *n == w) {
-                            writes.push((w, slot));
-                        }
+                        writes.retain(|(n, _)| *n != w);
+                        writes.push((w, slot));
                     }
                     if key.is_some() {
                         &mut after

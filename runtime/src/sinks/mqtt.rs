@@ -512,7 +512,9 @@ impl Sink for MqttSink {
 }
 
 impl MqttSink {
-    /// The outbox is full in memory: move the oldest to disk, or apply `when_full`.
+    /// The outbox is full in memory: move the oldest to disk, or apply
+    /// `when_full`. Memory and disk together never hold more than their
+    /// bounds.
     fn make_room<'a>(
         &'a self,
         mut st: MutexGuard<'a, State>,
@@ -523,13 +525,13 @@ impl MqttSink {
             if st.mem.len() < self.opts.buffer.memory {
                 return Ok(st);
             }
-            let n = (self.opts.buffer.memory / 2).max(1);
             let disk_room = st
                 .disk
                 .as_ref()
                 .map(|d| d.limit.saturating_sub(d.len()))
                 .unwrap_or(0);
-            if disk_room >= n {
+            if disk_room > 0 {
+                let n = disk_room.min((self.opts.buffer.memory / 2).max(1));
                 let oldest: Vec<Msg> = st.mem.drain(..n).collect();
                 if let Some(d) = st.disk.as_mut() {
                     d.push_back(&oldest).map_err(err)?;
@@ -538,20 +540,18 @@ impl MqttSink {
             }
             match self.opts.buffer.when_full {
                 WhenFull::DropOldest => {
-                    let from_disk = st.disk.as_mut().filter(|d| d.len() > 0);
-                    match from_disk {
-                        Some(d) => {
+                    // The oldest message is on disk when there is a disk part.
+                    if st.disk_len() > 0 {
+                        if let Some(d) = st.disk.as_mut() {
                             d.pop_front(1).map_err(err)?;
                         }
-                        None => {
-                            st.mem.pop_front();
-                        }
+                    } else {
+                        st.mem.pop_front();
                     }
                     st.dropped += 1;
                     if st.dropped.is_power_of_two() {
                         tracing::warn!(broker = %self.url, dropped = st.dropped, "outbox full: dropping the oldest messages");
                     }
-                    return Ok(st);
                 }
                 WhenFull::Block => {
                     st = self
