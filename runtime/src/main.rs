@@ -26,6 +26,9 @@ enum Command {
         /// Worker threads (overrides `workers:` in the file).
         #[arg(long)]
         workers: Option<usize>,
+        /// Write live counters as JSON to this file every second.
+        #[arg(long, value_name = "PATH")]
+        stats_file: Option<std::path::PathBuf>,
     },
     /// Check pipeline files without running them (no network, no files opened).
     Validate {
@@ -80,7 +83,11 @@ fn main() -> ExitCode {
             print!("{EXAMPLE}");
             ExitCode::SUCCESS
         }
-        Command::Run { file, workers } => match run(&file, workers) {
+        Command::Run {
+            file,
+            workers,
+            stats_file,
+        } => match run(&file, workers, stats_file) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -90,7 +97,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(file: &str, workers: Option<usize>) -> anyhow::Result<ExitCode> {
+fn run(
+    file: &str,
+    workers: Option<usize>,
+    stats_file: Option<std::path::PathBuf>,
+) -> anyhow::Result<ExitCode> {
     let valid = match config::load(file) {
         Ok(v) => v,
         Err(e) => {
@@ -117,10 +128,17 @@ fn run(file: &str, workers: Option<usize>) -> anyhow::Result<ExitCode> {
         workers = pipeline.workers(),
         "running"
     );
-    let stats = pipeline.run(RunOptions {
+    let opts = RunOptions {
         shutdown,
         ..Default::default()
-    })?;
+    };
+    let writer = stats_file.map(|path| spawn_stats_writer(path, opts.clone()));
+    let result = pipeline.run(opts.clone());
+    if let Some((done, handle)) = writer {
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = handle.join();
+    }
+    let stats = result?;
     tracing::info!(
         events = stats.events,
         results = stats.results,
@@ -141,4 +159,40 @@ fn run(file: &str, workers: Option<usize>) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes the live counters to `path` every second (and once at the end),
+/// replacing the file atomically, for monitoring and benchmarks.
+fn spawn_stats_writer(
+    path: std::path::PathBuf,
+    opts: RunOptions,
+) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    let done = Arc::new(AtomicBool::new(false));
+    let stop = done.clone();
+    let handle = std::thread::spawn(move || loop {
+        let finished = stop.load(std::sync::atomic::Ordering::SeqCst);
+        let p = &opts.progress;
+        let body = serde_json::json!({
+            "events_read": p.events_read.load(std::sync::atomic::Ordering::Relaxed),
+            "batches_written": p.batches_written.load(std::sync::atomic::Ordering::Relaxed),
+            "time_ms": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        });
+        let tmp = path.with_extension("tmp");
+        if std::fs::write(&tmp, body.to_string()).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+        if finished {
+            return;
+        }
+        for _ in 0..10 {
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    });
+    (done, handle)
 }

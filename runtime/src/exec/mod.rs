@@ -7,7 +7,8 @@
 //! ```
 //!
 //! - The **reader** polls the source and cuts the input into numbered
-//!   batches (up to 1024 events, or what arrived within 5 ms).
+//!   batches: up to 1024 events, sent as soon as the input pauses (so a
+//!   quiet stream gets low latency and a busy one full batches).
 //! - **Parse workers** (N of them, batches dealt round-robin) decode, time,
 //!   map/filter, key and evaluate aggregate inputs, then split each batch by
 //!   owner: a key hashes to one of 256 key groups, and window worker `j`
@@ -40,7 +41,7 @@ use std::time::{Duration, Instant};
 
 /// Events per batch at most.
 pub const BATCH_EVENTS: usize = 1024;
-/// How long the reader waits to fill a batch once it has an event.
+/// The longest the reader keeps adding to a batch while events keep coming.
 const LINGER: Duration = Duration::from_millis(5);
 /// How often the reader wakes when the source is quiet.
 const TICK: Duration = Duration::from_millis(100);
@@ -342,10 +343,12 @@ fn read(
                 end = Some(End::Stop);
                 break;
             }
+            // Wait for the first event; after that, take only what is
+            // already there, so a batch goes out as soon as the input pauses.
             let wait = if batch.is_empty() {
                 TICK.saturating_sub(started.elapsed())
             } else {
-                LINGER.saturating_sub(started.elapsed())
+                Duration::ZERO
             };
             let before = batch.len();
             let room = BATCH_EVENTS - batch.len();
@@ -373,9 +376,10 @@ fn read(
                 }
             }
             let full = batch.len() >= BATCH_EVENTS;
+            let paused = !batch.is_empty() && batch.len() == before;
             let lingered = !batch.is_empty() && started.elapsed() >= LINGER;
             let ticked = batch.is_empty() && started.elapsed() >= TICK;
-            if full || lingered || ticked {
+            if full || paused || lingered || ticked {
                 break;
             }
         }
