@@ -26,7 +26,7 @@ enum Command {
         /// Worker threads (overrides `workers:` in the file).
         #[arg(long)]
         workers: Option<usize>,
-        /// Write live counters as JSON to this file every second.
+        /// Write live counters as JSON to this file (every 200 ms).
         #[arg(long, value_name = "PATH")]
         stats_file: Option<std::path::PathBuf>,
     },
@@ -161,7 +161,7 @@ fn run(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Writes the live counters to `path` every second (and once at the end),
+/// Writes the live counters to `path` every 200 ms (and once at the end),
 /// replacing the file atomically, for monitoring and benchmarks.
 fn spawn_stats_writer(
     path: std::path::PathBuf,
@@ -187,11 +187,11 @@ fn spawn_stats_writer(
         if finished {
             return;
         }
-        for _ in 0..10 {
+        for _ in 0..4 {
             if stop.load(std::sync::atomic::Ordering::SeqCst) {
                 break;
             }
-            std::thread::sleep(std::time::Duration::from_millis(100));
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
     });
     (done, handle)

@@ -7,8 +7,8 @@
 //! ```
 //!
 //! - The **reader** polls the source and cuts the input into numbered
-//!   batches: up to 1024 events, sent as soon as the input pauses (so a
-//!   quiet stream gets low latency and a busy one full batches).
+//!   batches: up to 1024 events, or what arrived within 1 ms of the first
+//!   (low latency for a quiet stream, full batches for a busy one).
 //! - **Parse workers** (N of them, batches dealt round-robin) decode, time,
 //!   map/filter, key and evaluate aggregate inputs, then split each batch by
 //!   owner: a key hashes to one of 256 key groups, and window worker `j`
@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 /// Events per batch at most.
 pub const BATCH_EVENTS: usize = 1024;
 /// The longest the reader keeps adding to a batch while events keep coming.
-const LINGER: Duration = Duration::from_millis(5);
+const LINGER: Duration = Duration::from_millis(1);
 /// How often the reader wakes when the source is quiet.
 const TICK: Duration = Duration::from_millis(100);
 /// Batches each queue holds.
@@ -343,12 +343,11 @@ fn read(
                 end = Some(End::Stop);
                 break;
             }
-            // Wait for the first event; after that, take only what is
-            // already there, so a batch goes out as soon as the input pauses.
+            // Wait for the first event; after that, linger briefly for more.
             let wait = if batch.is_empty() {
                 TICK.saturating_sub(started.elapsed())
             } else {
-                Duration::ZERO
+                LINGER.saturating_sub(started.elapsed())
             };
             let before = batch.len();
             let room = BATCH_EVENTS - batch.len();
@@ -376,10 +375,9 @@ fn read(
                 }
             }
             let full = batch.len() >= BATCH_EVENTS;
-            let paused = !batch.is_empty() && batch.len() == before;
             let lingered = !batch.is_empty() && started.elapsed() >= LINGER;
             let ticked = batch.is_empty() && started.elapsed() >= TICK;
-            if full || paused || lingered || ticked {
+            if full || lingered || ticked {
                 break;
             }
         }

@@ -164,6 +164,7 @@ impl Endpoint {
             if let Some(t) = tls {
                 o.set_transport(rumqttc::Transport::tls_with_config(t));
             }
+            o.set_network_options(nodelay());
             let (c, conn) = rumqttc::v5::Client::new(o, request_capacity);
             Ok((Client::V5(c), Connection::V5(conn)))
         } else {
@@ -177,10 +178,19 @@ impl Endpoint {
             if let Some(t) = tls {
                 o.set_transport(rumqttc::Transport::tls_with_config(t));
             }
-            let (c, conn) = rumqttc::Client::new(o, request_capacity);
+            let (c, mut conn) = rumqttc::Client::new(o, request_capacity);
+            conn.eventloop.set_network_options(nodelay());
             Ok((Client::V4(c), Connection::V4(conn)))
         }
     }
+}
+
+/// TCP without Nagle's delay: small MQTT packets would otherwise wait for
+/// the peer's delayed ACK (tens of milliseconds).
+fn nodelay() -> rumqttc::NetworkOptions {
+    let mut n = rumqttc::NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    n
 }
 
 /// Quality of service we use: 0 or 1.
