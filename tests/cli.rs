@@ -126,6 +126,10 @@ fn validate_rejects_broken_yaml_and_structure_without_panicking() {
         ("name: x\nsource: {file: {path: a}, generator: {}}\nsink: {carrier_pigeon: {}}\n", "exactly one of `mqtt`, `file`, `generator`"),
         ("name: x\nsource: {file: {path: a}}\nsink: {carrier_pigeon: {}}\n", "unknown kind `carrier_pigeon`"),
         ("name: x\nsource: {file: {path: a}}\n", "missing `sink`"),
+        ("name: x\nsource: {file: {path: a}, event_time: {field: ts}}\nsteps:\n  - key_by: sensor\n  - window: {tumbling: 5s, aggregate: {n: count()}}\nsink: {mqtt: {url: \"mqtt://h\", topic: \"out/{sensr}\"}}\n", "did you mean `sensor`?"),
+        ("name: x\nsource: {mqtt: {url: \"http://h\", topics: [\"a/{b\"], qos: 2}}\nsink: {stdout: {}}\n", "expected `mqtt://host:port`"),
+        ("name: x\nsource: {mqtt: {url: \"mqtt://h\", topics: [\"a/x{b}\"]}}\nsink: {stdout: {}}\n", "wildcards and bindings take a whole level"),
+        ("name: x\nsource: {mqtt: {url: \"mqtt://h\", topics: [a], ca_file: ca.pem, password: p}}\nsink: {stdout: {}}\n", "TLS settings need an `mqtts://` URL"),
     ];
     for (i, (yaml, expected)) in cases.iter().enumerate() {
         let f = dir.path().join(format!("c{i}.yaml"));
@@ -329,6 +333,31 @@ fn sigterm_stops_an_unbounded_run_cleanly() {
         "{}",
         text(&out.stderr)
     );
+}
+
+#[test]
+fn stats_file_reports_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("e.jsonl"), "{\"a\":1}\n{\"a\":2}\n").unwrap();
+    let file = dir.path().join("p.yaml");
+    std::fs::write(
+        &file,
+        "name: s\nsource: { file: { path: e.jsonl } }\nsink: { stdout: {} }\n",
+    )
+    .unwrap();
+    let out = bin()
+        .arg("run")
+        .arg(&file)
+        .arg("--stats-file")
+        .arg(dir.path().join("stats.json"))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stats: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("stats.json")).unwrap()).unwrap();
+    assert_eq!(stats["events_read"], 2);
+    assert!(stats["time_ms"].as_u64().unwrap() > 0);
 }
 
 #[test]

@@ -62,7 +62,10 @@ fn load(port: u16, q: u64, count: u64, rate: u64, sensors: u64) {
                 50.0 + (i % 400) as f64 / 10.0,
                 now_us()
             );
-            if client.publish(format!("sensors/{s}/t"), qos(q), false, payload).is_err() {
+            if client
+                .publish(format!("sensors/{s}/t"), qos(q), false, payload)
+                .is_err()
+            {
                 return client;
             }
         }
@@ -197,7 +200,12 @@ fn main() {
     let port = n(2) as u16;
     match a.get(1).map(String::as_str) {
         Some("load") => load(port, n(3), n(4), n(5), n(6).max(1)),
-        Some("count") => count(port, a.get(3).map(String::as_str).unwrap_or("#"), n(4), n(5).max(1)),
+        Some("count") => count(
+            port,
+            a.get(3).map(String::as_str).unwrap_or("#"),
+            n(4),
+            n(5).max(1),
+        ),
         Some("relay") => relay(port, a.get(3).map(String::as_str).unwrap_or("#"), n(4)),
         _ => eprintln!("usage: mqtt_tools load|count|relay ..."),
     }

@@ -586,6 +586,35 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
         );
     }
 
+    // A window's results have known fields: check the MQTT topics that use them.
+    if let Some(StepSpec::Window(w)) = specs.iter().find(|s| matches!(s, StepSpec::Window(_))) {
+        let mut fields: Vec<String> = specs
+            .iter()
+            .find_map(|s| match s {
+                StepSpec::KeyBy(k) => Some(k.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        fields.push("window_start".into());
+        fields.push("window_end".into());
+        fields.extend(w.aggregates.iter().map(|a| a.name.clone()));
+        for (i, sink) in sinks.iter().enumerate() {
+            if let SinkSpec::Mqtt(m) = sink {
+                for f in m.topic.fields() {
+                    if let (false, Some(node)) = (fields.contains(&f), get("sink")) {
+                        let hint = suggest(&f, fields.iter().map(String::as_str))
+                            .map(|s| format!("; did you mean `{s}`?"))
+                            .unwrap_or_default();
+                        c.node(node, &format!("sink[{i}].mqtt.topic"), format!(
+                            "the topic uses `{{{f}}}`, which window results lack{hint} (they have: {})",
+                            fields.join(", ")
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
     if !c.problems.is_empty() {
         c.problems.sort_by_key(|p| (p.line == 0, p.line, p.column));
         return Err(c.problems);
