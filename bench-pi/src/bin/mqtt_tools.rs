@@ -180,7 +180,11 @@ fn relay(port: u16, filter: &str, q: u64) {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 let _ = client.subscribe(filter, qos(q));
             }
-            Ok(Event::Incoming(Packet::Publish(p))) if tx.send((p.topic, p.payload)).is_err() => return,
+            Ok(Event::Incoming(Packet::Publish(p)))
+                if tx.send((p.topic.clone(), p.payload.clone())).is_err() =>
+            {
+                return
+            }
             Err(e) => {
                 eprintln!("relay: {e}");
                 std::thread::sleep(Duration::from_millis(100));
