@@ -38,6 +38,15 @@ enum Command {
     },
     /// Print the JSON Schema of pipeline files (for editor completion).
     Schema,
+    /// Exit 0 if a running pipeline's stats file (`run --stats-file`) is fresh.
+    Health {
+        /// The stats file written by `rivulet run --stats-file`.
+        #[arg(long, value_name = "PATH")]
+        stats_file: std::path::PathBuf,
+        /// Oldest acceptable update, in seconds.
+        #[arg(long, default_value_t = 10)]
+        max_age: u64,
+    },
     /// Print an example pipeline file.
     ExampleConfig,
 }
@@ -79,6 +88,10 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        Command::Health {
+            stats_file,
+            max_age,
+        } => health(&stats_file, max_age),
         Command::ExampleConfig => {
             print!("{EXAMPLE}");
             ExitCode::SUCCESS
@@ -195,4 +208,27 @@ fn spawn_stats_writer(
         }
     });
     (done, handle)
+}
+
+/// For container health checks: is the pipeline still making its rounds?
+fn health(path: &std::path::Path, max_age_s: u64) -> ExitCode {
+    let stats: Option<serde_json::Value> = std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let Some(stats) = stats else {
+        eprintln!("unhealthy: cannot read {}", path.display());
+        return ExitCode::from(1);
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let at = stats["time_ms"].as_u64().unwrap_or(0);
+    let age = now.saturating_sub(at) / 1000;
+    if age > max_age_s {
+        eprintln!("unhealthy: {} was last updated {age} s ago", path.display());
+        return ExitCode::from(1);
+    }
+    println!("healthy: {} events read", stats["events_read"]);
+    ExitCode::SUCCESS
 }

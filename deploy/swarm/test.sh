@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Deploys the stack on a single-node swarm with locally built images
+# (rivulet:amd64 and local/mosquitto), publishes readings through the
+# broker's published port and checks that averages come back.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+command -v mosquitto_pub >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto-clients >/dev/null; }
+if [ "$(docker info --format '{{.Swarm.LocalNodeState}}')" != active ]; then
+  docker swarm init --advertise-addr 127.0.0.1 >/dev/null
+  left_swarm=1
+fi
+docker image inspect rivulet:amd64 >/dev/null 2>&1 || bash deploy/docker/build.sh amd64 >/dev/null
+bash deploy/swarm/mosquitto-image.sh >/dev/null
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+stack=rivulet-test-$$
+cleanup() {
+  docker stack rm "$stack" >/dev/null 2>&1 || true
+  if [ "${left_swarm:-0}" = 1 ]; then docker swarm leave --force >/dev/null 2>&1 || true; fi
+}
+trap cleanup EXIT
+docker stack config -c deploy/swarm/stack.yml >/dev/null 2>&1 || true
+MQTT_PORT=$port RIVULET_IMAGE=rivulet:amd64 MOSQUITTO_IMAGE=local/mosquitto RIVULET_ARCH=x86_64 \
+  docker stack deploy -c deploy/swarm/stack.yml "$stack" >/dev/null
+# Wait for the broker, then for rivulet to subscribe (it retries until the broker is up).
+for _ in $(seq 60); do mosquitto_pub -h 127.0.0.1 -p "$port" -t probe -m x 2>/dev/null && break; sleep 1; done
+mosquitto_sub -h 127.0.0.1 -p "$port" -t 'averages/#' -C 3 -W 90 > /tmp/$stack.out &
+sub=$!
+for i in $(seq 0 40); do
+  for s in a b c; do
+    mosquitto_pub -h 127.0.0.1 -p "$port" -q 1 -t "sensors/$s/temperature" \
+      -m "{\"ts\": $((i * 250)), \"temperature\": $((60 + i % 5))}"
+  done
+  sleep 0.25
+done
+# A later reading moves the watermark past the first windows.
+for s in a b c; do mosquitto_pub -h 127.0.0.1 -p "$port" -q 1 -t "sensors/$s/temperature" -m '{"ts": 60000, "temperature": 61}'; done
+wait $sub || { echo "no averages came back from the swarm" >&2; docker service logs "${stack}_rivulet" 2>&1 | tail -20 >&2; exit 1; }
+grep -q '"window_start":0' /tmp/$stack.out
+grep -q '"readings":' /tmp/$stack.out
+echo "swarm: $(wc -l < /tmp/$stack.out) averages through the stack"
+rm -f /tmp/$stack.out
