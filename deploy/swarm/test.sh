@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Deploys the stack on a single-node swarm with locally built images
 # (rivulet:amd64 and local/mosquitto), publishes readings through the
-# broker's published port and checks that averages come back.
+# broker's published port and checks that averages come back. rivulet finds
+# the broker by its service name through Swarm's DNS. The port is published
+# in host mode and the broker uses DNS round-robin instead of a virtual IP:
+# this machine's sandbox has neither the routing mesh nor IPVS.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 command -v mosquitto_pub >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto-clients >/dev/null; }
@@ -19,7 +22,7 @@ cleanup() {
 }
 trap cleanup EXIT
 docker stack config -c deploy/swarm/stack.yml >/dev/null 2>&1 || true
-MQTT_PORT=$port RIVULET_IMAGE=rivulet:amd64 MOSQUITTO_IMAGE=local/mosquitto RIVULET_ARCH=x86_64 \
+MQTT_PORT=$port MQTT_PUBLISH_MODE=host MQTT_ENDPOINT_MODE=dnsrr RIVULET_IMAGE=rivulet:amd64 MOSQUITTO_IMAGE=local/mosquitto RIVULET_ARCH=x86_64 \
   docker stack deploy -c deploy/swarm/stack.yml "$stack" >/dev/null
 # Wait for the broker, then for rivulet to subscribe (it retries until the broker is up).
 for _ in $(seq 60); do mosquitto_pub -h 127.0.0.1 -p "$port" -t probe -m x 2>/dev/null && break; sleep 1; done
