@@ -20,8 +20,14 @@ printf 'root:x:0:0:root:/:/sbin/nologin\nrivulet:x:10001:10001:rivulet:/var/lib/
 printf 'root:x:0:\nrivulet:x:10001:\n' > "$ctx/group"
 cp configs/demo.yaml "$ctx/pipeline.yaml"
 touch "$ctx/state/.keep"
+host=$(uname -m | sed 's/x86_64/amd64/; s/aarch64/arm64/')
 if [ "${1:-}" = "--multiarch" ]; then
   docker buildx build --platform linux/amd64,linux/arm64 -f deploy/docker/Dockerfile -t "${IMAGE:-rivulet:latest}" "${@:2}" "$ctx"
-else
+elif [ "$arches" = "$host" ]; then
   docker build -q --build-arg "TARGETARCH=$arches" -f deploy/docker/Dockerfile -t "rivulet:$arches" -t rivulet:latest "$ctx"
+elif docker buildx version >/dev/null 2>&1; then
+  docker buildx build --load --platform "linux/$arches" -f deploy/docker/Dockerfile -t "rivulet:$arches" "$ctx"
+else
+  echo "an $arches image on an $host machine needs docker buildx; or run this script on an $arches machine (a Pi)" >&2
+  exit 1
 fi
