@@ -359,13 +359,28 @@ fn stats_file_reports_progress() {
     assert_eq!(stats["events_read"], 2);
     assert!(stats["time_ms"].as_u64().unwrap() > 0);
     // Fresh: healthy. A stale or missing file: unhealthy.
-    let ok = bin().args(["health", "--stats-file"]).arg(dir.path().join("stats.json")).output().unwrap();
+    let ok = bin()
+        .args(["health", "--stats-file"])
+        .arg(dir.path().join("stats.json"))
+        .output()
+        .unwrap();
     assert!(ok.status.success(), "{}", text(&ok.stderr));
-    std::fs::write(dir.path().join("old.json"), r#"{"events_read":1,"time_ms":1000}"#).unwrap();
-    let stale = bin().args(["health", "--stats-file"]).arg(dir.path().join("old.json")).output().unwrap();
+    std::fs::write(
+        dir.path().join("old.json"),
+        r#"{"events_read":1,"time_ms":1000}"#,
+    )
+    .unwrap();
+    let stale = bin()
+        .args(["health", "--stats-file"])
+        .arg(dir.path().join("old.json"))
+        .output()
+        .unwrap();
     assert_eq!(stale.status.code(), Some(1));
     assert!(text(&stale.stderr).contains("last updated"));
-    let missing = bin().args(["health", "--stats-file", "/nonexistent"]).output().unwrap();
+    let missing = bin()
+        .args(["health", "--stats-file", "/nonexistent"])
+        .output()
+        .unwrap();
     assert_eq!(missing.status.code(), Some(1));
 }
 

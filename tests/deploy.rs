@@ -12,7 +12,9 @@ fn root() -> std::path::PathBuf {
 }
 
 fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e} (needs fdisk, dosfstools, e2fsprogs, mtools)"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (needs fdisk, dosfstools, e2fsprogs, mtools)"));
     assert!(
         out.status.success(),
         "{cmd:?} failed:\n{}{}",
@@ -29,7 +31,9 @@ fn make_image(dir: &Path) -> std::path::PathBuf {
     f.set_len(64 << 20).unwrap();
     drop(f);
     let mut sf = Command::new("sfdisk");
-    sf.arg("--quiet").arg(&img).stdin(std::process::Stdio::piped());
+    sf.arg("--quiet")
+        .arg(&img)
+        .stdin(std::process::Stdio::piped());
     let mut child = sf.spawn().expect("sfdisk (apt-get install fdisk)");
     use std::io::Write;
     child
@@ -39,16 +43,31 @@ fn make_image(dir: &Path) -> std::path::PathBuf {
         .write_all(b"label: dos\nstart=2048, size=32768, type=c\nstart=34816, type=83\n")
         .unwrap();
     assert!(child.wait().unwrap().success());
-    run(Command::new("mkfs.vfat").args(["--offset", "2048", "-n", "bootfs"]).arg(&img).arg("16384"));
+    run(Command::new("mkfs.vfat")
+        .args(["--offset", "2048", "-n", "bootfs"])
+        .arg(&img)
+        .arg("16384"));
     // The root file system, built apart and copied in at its offset.
     let root = dir.join("root.ext4");
     let f = std::fs::File::create(&root).unwrap();
     f.set_len((131072 - 34816) * 512).unwrap();
     drop(f);
-    run(Command::new("mkfs.ext4").args(["-q", "-F", "-L", "rootfs"]).arg(&root));
-    std::fs::write(dir.join("hosts"), "127.0.0.1\tlocalhost\n127.0.1.1\traspberrypi\n").unwrap();
-    run(Command::new("debugfs").args(["-w", "-R"]).arg("mkdir /etc").arg(&root));
-    run(Command::new("debugfs").args(["-w", "-R"]).arg(format!("write {} /etc/hosts", dir.join("hosts").display())).arg(&root));
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "rootfs"])
+        .arg(&root));
+    std::fs::write(
+        dir.join("hosts"),
+        "127.0.0.1\tlocalhost\n127.0.1.1\traspberrypi\n",
+    )
+    .unwrap();
+    run(Command::new("debugfs")
+        .args(["-w", "-R"])
+        .arg("mkdir /etc")
+        .arg(&root));
+    run(Command::new("debugfs")
+        .args(["-w", "-R"])
+        .arg(format!("write {} /etc/hosts", dir.join("hosts").display()))
+        .arg(&root));
     run(Command::new("dd")
         .arg(format!("if={}", root.display()))
         .arg(format!("of={}", img.display()))
@@ -62,7 +81,10 @@ fn root_fs_file(dir: &Path, img: &Path, path: &str) -> String {
         .arg(format!("if={}", img.display()))
         .arg(format!("of={}", root.display()))
         .args(["bs=512", "skip=34816", "status=none"]));
-    run(Command::new("debugfs").arg("-R").arg(format!("cat {path}")).arg(&root))
+    run(Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat {path}"))
+        .arg(&root))
 }
 
 #[test]
@@ -83,21 +105,43 @@ fn write_image_installs_binary_config_unit_and_hostname() {
     assert!(out.contains("installed for pi-07"), "{out}");
     assert_eq!(root_fs_file(d, &img, "/etc/hostname").trim(), "pi-07");
     let hosts = root_fs_file(d, &img, "/etc/hosts");
-    assert!(hosts.contains("127.0.1.1\tpi-07") && !hosts.contains("raspberrypi") && hosts.contains("localhost"), "{hosts}");
-    assert_eq!(root_fs_file(d, &img, "/usr/local/bin/rivulet").as_bytes(), b"\x7fELF pretend binary");
+    assert!(
+        hosts.contains("127.0.1.1\tpi-07")
+            && !hosts.contains("raspberrypi")
+            && hosts.contains("localhost"),
+        "{hosts}"
+    );
+    assert_eq!(
+        root_fs_file(d, &img, "/usr/local/bin/rivulet").as_bytes(),
+        b"\x7fELF pretend binary"
+    );
     assert_eq!(
         root_fs_file(d, &img, "/etc/rivulet/pipeline.yaml"),
         std::fs::read_to_string(root().join("configs/demo.yaml")).unwrap()
     );
-    assert!(root_fs_file(d, &img, "/etc/systemd/system/rivulet.service").contains("DynamicUser=yes"));
+    assert!(
+        root_fs_file(d, &img, "/etc/systemd/system/rivulet.service").contains("DynamicUser=yes")
+    );
     // Enabled: the wants/ link points at the unit.
     let check = d.join("check.ext4");
-    let stat = run(Command::new("debugfs").arg("-R").arg("stat /etc/systemd/system/multi-user.target.wants/rivulet.service").arg(&check));
-    assert!(stat.contains("Fast link dest: \"/etc/systemd/system/rivulet.service\""), "{stat}");
-    let mode = run(Command::new("debugfs").arg("-R").arg("stat /usr/local/bin/rivulet").arg(&check));
+    let stat = run(Command::new("debugfs")
+        .arg("-R")
+        .arg("stat /etc/systemd/system/multi-user.target.wants/rivulet.service")
+        .arg(&check));
+    assert!(
+        stat.contains("Fast link dest: \"/etc/systemd/system/rivulet.service\""),
+        "{stat}"
+    );
+    let mode = run(Command::new("debugfs")
+        .arg("-R")
+        .arg("stat /usr/local/bin/rivulet")
+        .arg(&check));
     assert!(mode.contains("Mode:  0755"), "{mode}");
     // SSH enabled on the boot partition.
-    let listing = run(Command::new("mdir").env("MTOOLS_SKIP_CHECK", "1").arg("-i").arg(format!("{}@@{}", img.display(), 2048 * 512)));
+    let listing = run(Command::new("mdir")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(format!("{}@@{}", img.display(), 2048 * 512)));
     assert!(listing.to_lowercase().contains("ssh"), "{listing}");
     // Running it again (a re-flash with a new config) replaces the files.
     std::fs::write(d.join("other.yaml"), "name: other\n").unwrap();
@@ -109,7 +153,10 @@ fn write_image_installs_binary_config_unit_and_hostname() {
         .arg("--binary")
         .arg(&binary));
     assert_eq!(root_fs_file(d, &img, "/etc/hostname").trim(), "pi-08");
-    assert_eq!(root_fs_file(d, &img, "/etc/rivulet/pipeline.yaml"), "name: other\n");
+    assert_eq!(
+        root_fs_file(d, &img, "/etc/rivulet/pipeline.yaml"),
+        "name: other\n"
+    );
 }
 
 #[test]
@@ -135,7 +182,11 @@ fn install_copies_and_starts_on_every_host() {
     // ssh and scp that record what they were asked to do.
     for tool in ["ssh", "scp"] {
         let p = d.join(tool);
-        std::fs::write(&p, format!("#!/bin/sh\necho \"{tool} $*\" >> {}\n", log.display())).unwrap();
+        std::fs::write(
+            &p,
+            format!("#!/bin/sh\necho \"{tool} $*\" >> {}\n", log.display()),
+        )
+        .unwrap();
         run(Command::new("chmod").arg("+x").arg(&p));
     }
     let binary = d.join("rivulet");
@@ -153,14 +204,20 @@ fn install_copies_and_starts_on_every_host() {
     let calls = std::fs::read_to_string(&log).unwrap();
     for host in ["pi-01", "pi-02"] {
         assert!(calls.contains(&format!("ops@{host}:/tmp/")), "{calls}");
-        let ssh = calls.lines().find(|l| l.starts_with(&format!("ssh ops@{host}"))).unwrap();
+        let ssh = calls
+            .lines()
+            .find(|l| l.starts_with(&format!("ssh ops@{host}")))
+            .unwrap();
         for step in [
             "install -D -m 0755 /tmp/rivulet /usr/local/bin/rivulet",
             "/etc/rivulet/pipeline.yaml",
             "systemctl enable rivulet.service",
             "systemctl restart rivulet.service",
         ] {
-            assert!(calls.contains(step), "{host}: {step} missing in {ssh}\n{calls}");
+            assert!(
+                calls.contains(step),
+                "{host}: {step} missing in {ssh}\n{calls}"
+            );
         }
     }
 }

@@ -93,17 +93,8 @@ const TOP_KEYS: &[&str] = &[
     "workers",
 ];
 
-/// The time settings of a valid pipeline.
-#[derive(Clone, Debug, PartialEq)]
-pub enum TimeSpec {
-    None,
-    Event {
-        field: String,
-        max_out_of_orderness: i64,
-        idle_timeout: Option<i64>,
-    },
-    Processing,
-}
+/// The time settings of a valid pipeline (the plan's own type).
+pub use crate::plan::TimeMode as TimeSpec;
 
 /// A checked source.
 #[derive(Clone, Debug, PartialEq)]
@@ -1234,6 +1225,7 @@ fn check_window(
         kind,
         allowed_lateness,
         aggregates,
+        errors: Vec::new(),
     })
 }
 

@@ -175,6 +175,63 @@ pub struct SourceConfig {
     pub max_payload: Option<Sp<Scalar>>,
 }
 
+macro_rules! connection_of {
+    ($t:ty) => {
+        impl $t {
+            pub fn connection(&self) -> ConnectionConfig {
+                ConnectionConfig {
+                    version: self.version.clone(),
+                    client_id: self.client_id.clone(),
+                    clean_session: self.clean_session,
+                    keep_alive: self.keep_alive.clone(),
+                    username: self.username.clone(),
+                    password: self.password.clone(),
+                    password_env: self.password_env.clone(),
+                    password_file: self.password_file.clone(),
+                    ca_file: self.ca_file.clone(),
+                    client_cert: self.client_cert.clone(),
+                    client_key: self.client_key.clone(),
+                }
+            }
+        }
+    };
+}
+/// Declares an MQTT source or sink config: its own fields, then the
+/// connection settings both share (serde's `flatten` would lose the
+/// positions that validation reports).
+macro_rules! with_connection {
+    ($(#[$m:meta])* pub struct $name:ident { $($body:tt)* }) => {
+        $(#[$m])*
+        pub struct $name {
+            $($body)*
+            /// MQTT protocol version: 3 (3.1.1, the default) or 5.
+            pub version: Option<Sp<u8>>,
+            /// Client id (default: `rivulet-<pipeline>-<host>-<role>`).
+            pub client_id: Option<String>,
+            /// Start a clean session (default true); false keeps the session, and
+            /// QoS 1 messages, on the broker while rivulet is away.
+            pub clean_session: Option<bool>,
+            /// Keep-alive interval (default 30s).
+            pub keep_alive: Option<DurationText>,
+            pub username: Option<String>,
+            /// A password written here; prefer `password_env` or `password_file`.
+            pub password: Option<String>,
+            /// Name of an environment variable holding the password.
+            pub password_env: Option<Sp<String>>,
+            /// File holding the password (trailing newline removed).
+            pub password_file: Option<Sp<String>>,
+            /// PEM file of the CA certificates to trust (default: the system's).
+            pub ca_file: Option<Sp<String>>,
+            /// PEM client certificate, for mutual TLS (with `client_key`).
+            pub client_cert: Option<Sp<String>>,
+            /// PEM private key of `client_cert`.
+            pub client_key: Option<Sp<String>>,
+        }
+        connection_of!($name);
+    };
+}
+
+with_connection! {
 /// Read events from an MQTT broker.
 #[derive(Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -188,28 +245,7 @@ pub struct MqttSourceConfig {
     pub qos: Option<Sp<u8>>,
     /// Field that receives the full topic (default `topic`; `""` for none).
     pub topic_field: Option<String>,
-    /// MQTT protocol version: 3 (3.1.1, the default) or 5.
-    pub version: Option<Sp<u8>>,
-    /// Client id (default: `rivulet-<pipeline>-<host>-<role>`).
-    pub client_id: Option<String>,
-    /// Start a clean session (default true); false keeps the session, and
-    /// QoS 1 messages, on the broker while rivulet is away.
-    pub clean_session: Option<bool>,
-    /// Keep-alive interval (default 30s).
-    pub keep_alive: Option<DurationText>,
-    pub username: Option<String>,
-    /// A password written here; prefer `password_env` or `password_file`.
-    pub password: Option<String>,
-    /// Name of an environment variable holding the password.
-    pub password_env: Option<Sp<String>>,
-    /// File holding the password (trailing newline removed).
-    pub password_file: Option<Sp<String>>,
-    /// PEM file of the CA certificates to trust (default: the system's).
-    pub ca_file: Option<Sp<String>>,
-    /// PEM client certificate, for mutual TLS (with `client_key`).
-    pub client_cert: Option<Sp<String>>,
-    /// PEM private key of `client_cert`.
-    pub client_key: Option<Sp<String>>,
+}
 }
 
 /// Read JSON Lines from a file; `-` reads standard input. A bounded stream:
@@ -323,6 +359,7 @@ pub struct FileSinkConfig {
 #[serde(deny_unknown_fields)]
 pub struct StdoutSinkConfig {}
 
+with_connection! {
 #[derive(Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MqttSinkConfig {
@@ -336,28 +373,7 @@ pub struct MqttSinkConfig {
     pub retain: Option<bool>,
     /// Store-and-forward while the broker is unreachable.
     pub buffer: Option<BufferConfig>,
-    /// MQTT protocol version: 3 (3.1.1, the default) or 5.
-    pub version: Option<Sp<u8>>,
-    /// Client id (default: `rivulet-<pipeline>-<host>-<role>`).
-    pub client_id: Option<String>,
-    /// Start a clean session (default true); false keeps the session, and
-    /// QoS 1 messages, on the broker while rivulet is away.
-    pub clean_session: Option<bool>,
-    /// Keep-alive interval (default 30s).
-    pub keep_alive: Option<DurationText>,
-    pub username: Option<String>,
-    /// A password written here; prefer `password_env` or `password_file`.
-    pub password: Option<String>,
-    /// Name of an environment variable holding the password.
-    pub password_env: Option<Sp<String>>,
-    /// File holding the password (trailing newline removed).
-    pub password_file: Option<Sp<String>>,
-    /// PEM file of the CA certificates to trust (default: the system's).
-    pub ca_file: Option<Sp<String>>,
-    /// PEM client certificate, for mutual TLS (with `client_key`).
-    pub client_cert: Option<Sp<String>>,
-    /// PEM private key of `client_cert`.
-    pub client_key: Option<Sp<String>>,
+}
 }
 
 /// The outbox of an MQTT sink.
@@ -431,27 +447,3 @@ pub struct ConnectionConfig {
     pub client_cert: Option<Sp<String>>,
     pub client_key: Option<Sp<String>>,
 }
-
-macro_rules! connection_of {
-    ($t:ty) => {
-        impl $t {
-            pub fn connection(&self) -> ConnectionConfig {
-                ConnectionConfig {
-                    version: self.version.clone(),
-                    client_id: self.client_id.clone(),
-                    clean_session: self.clean_session,
-                    keep_alive: self.keep_alive.clone(),
-                    username: self.username.clone(),
-                    password: self.password.clone(),
-                    password_env: self.password_env.clone(),
-                    password_file: self.password_file.clone(),
-                    ca_file: self.ca_file.clone(),
-                    client_cert: self.client_cert.clone(),
-                    client_key: self.client_key.clone(),
-                }
-            }
-        }
-    };
-}
-connection_of!(MqttSourceConfig);
-connection_of!(MqttSinkConfig);

@@ -294,7 +294,6 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
     })?;
 
     let merged = merge(
-        &plan,
         &opts.progress,
         parse_out_rx,
         win_out_rx,
@@ -871,7 +870,6 @@ impl WindowWorker {
 
 /// The merger: writes each batch's outputs in order.
 fn merge(
-    plan: &Plan,
     progress: &Progress,
     parse_out: Vec<Receiver<OutBatch>>,
     win_out: Vec<Receiver<OutBatch>>,
@@ -939,7 +937,6 @@ fn merge(
             for s in sinks.iter_mut().chain(&mut late).chain(&mut dead) {
                 s.close()?;
             }
-            let _ = plan;
             return Ok(stats);
         }
         seq += 1;

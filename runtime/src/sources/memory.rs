@@ -1,6 +1,6 @@
 //! A bounded source over lines held in memory.
 
-use super::{Poll, RawBatch, RawItem, Source, SourceError, OVERSIZE_PREFIX};
+use super::{Poll, RawBatch, Source, SourceError};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,22 +69,7 @@ pub(crate) fn push_line(batch: &mut RawBatch, line: &[u8], position: u64, max_pa
     if line.iter().all(u8::is_ascii_whitespace) {
         return;
     }
-    if line.len() > max_payload {
-        let start = batch.data.len() as u32;
-        batch
-            .data
-            .extend_from_slice(&line[..OVERSIZE_PREFIX.min(line.len())]);
-        batch.items.push(RawItem {
-            start,
-            end: batch.data.len() as u32,
-            arrival_ms: 0,
-            position,
-            oversize: Some(line.len() as u64),
-            topic: (0, 0),
-        });
-    } else {
-        batch.push(line, position);
-    }
+    batch.push_message("", line, position, max_payload);
 }
 
 /// A source fed from code: push payloads through a [`QueueHandle`]; the

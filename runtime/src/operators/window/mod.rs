@@ -55,6 +55,8 @@ pub struct WindowDef {
     pub kind: WindowKind,
     pub allowed_lateness: i64,
     pub aggregates: Vec<Aggregate>,
+    /// Aggregates that did not parse, reported by `PipelineBuilder::build`.
+    pub(crate) errors: Vec<String>,
 }
 
 impl WindowDef {
@@ -63,6 +65,7 @@ impl WindowDef {
             kind,
             allowed_lateness: 0,
             aggregates: Vec::new(),
+            errors: Vec::new(),
         }
     }
     pub fn tumbling(size: std::time::Duration) -> Self {
@@ -94,23 +97,14 @@ impl WindowDef {
                 func,
                 arg,
             }),
-            Err(e) => self.aggregates.push(Aggregate {
-                name: format!("{name}\u{0}{e}"),
-                func: AggFunc::Count,
-                arg: None,
-            }),
+            Err(e) => self.errors.push(format!("aggregate `{name}`: {e}")),
         }
         self
     }
 
     /// Problems recorded by [`WindowDef::aggregate`] or shape errors.
     pub fn problems(&self) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .aggregates
-            .iter()
-            .filter_map(|a| a.name.split_once('\u{0}'))
-            .map(|(n, e)| format!("aggregate `{n}`: {e}"))
-            .collect();
+        let mut out = self.errors.clone();
         let bad = |what: &str, v: i64| (v <= 0).then(|| format!("window {what} must be positive"));
         match self.kind {
             WindowKind::Tumbling { size } => out.extend(bad("size", size)),
@@ -123,7 +117,7 @@ impl WindowDef {
         if self.allowed_lateness < 0 {
             out.push("allowed_lateness must not be negative".into());
         }
-        if self.aggregates.is_empty() {
+        if self.aggregates.is_empty() && self.errors.is_empty() {
             out.push("a window needs at least one aggregate".into());
         }
         out
