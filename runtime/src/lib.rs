@@ -20,6 +20,7 @@ pub mod operators;
 pub mod plan;
 pub mod sinks;
 pub mod sources;
+pub mod state;
 pub mod time;
 pub mod value;
 

@@ -129,9 +129,6 @@ fn run(
             .context("installing signal handlers")?;
         signal_hook::flag::register(sig, shutdown.clone()).context("installing signal handlers")?;
     }
-    if valid.state_dir.is_some() {
-        tracing::warn!("`state:` is accepted, but this version keeps state in memory only");
-    }
     let pipeline = valid
         .build(file, &Overrides { workers })?
         .build()

@@ -16,7 +16,7 @@ use std::fmt;
 ///
 /// `Int` and `Float` are kept apart so that counts and integer sums print as
 /// integers; arithmetic mixes them as numbers (see [`crate::expr`]).
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Value {
     /// A missing field, JSON `null`, or the result of an operation on null.
     #[default]

@@ -1357,6 +1357,10 @@ impl ValidPipeline {
             b = b.dead_letter(open(s, "dead_letter", i)?);
         }
         b = b.format(self.format);
+        if let Some(dir) = &self.state_dir {
+            let every = self.checkpoint_interval.unwrap_or(10_000);
+            b = b.state(dir, Duration::from_millis(every as u64));
+        }
         if let Some(w) = overrides.workers.or(self.workers) {
             b = b.workers(w);
         }

@@ -94,8 +94,17 @@ pub enum RunError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Sink(#[from] SinkError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// A window worker's part of a checkpoint.
+struct WorkerSnapshot {
+    changes: crate::operators::window::Changes,
+    watermark: i64,
+    max_ts: i64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,6 +122,8 @@ struct InBatch {
     last_arrival_ms: i64,
     raw: Arc<RawBatch>,
     end: Option<End>,
+    /// Set on batches that close a checkpoint: the source position after them.
+    checkpoint: Option<Arc<Vec<u8>>>,
 }
 
 /// One event routed to a window worker.
@@ -137,6 +148,7 @@ struct SubBatch {
     keys: Vec<u8>,
     vals: Vec<Value>,
     raw: Arc<RawBatch>,
+    checkpoint: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -164,6 +176,10 @@ struct OutBatch {
     events: u64,
     filtered: u64,
     open_windows: u64,
+    /// From the parse stage: the position this batch's checkpoint saves.
+    checkpoint: Option<Arc<Vec<u8>>>,
+    /// From a window worker: its state changes for the checkpoint.
+    snapshot: Option<WorkerSnapshot>,
 }
 
 impl Pipeline {
@@ -187,6 +203,37 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
     let plan = p.plan.clone();
     let n = plan.workers;
     let windowed = plan.window.is_some();
+    let mut source = p.source;
+
+    // Durable state: load the last checkpoint, resume the source after it.
+    let fingerprint = plan.fingerprint();
+    let mut store = None;
+    let mut restored_keys: Vec<Vec<(Vec<u8>, crate::operators::window::KeySnapshot)>> =
+        (0..n).map(|_| Vec::new()).collect();
+    let mut restored_time = (i64::MIN, i64::MIN);
+    if let Some((dir, _)) = &plan.state {
+        let (s, restored) = crate::state::StateStore::open(dir, &fingerprint)?;
+        if let Some(r) = restored {
+            tracing::info!(
+                state = %s.path().display(),
+                checkpoint = r.epoch,
+                keys = r.keys.len(),
+                "resuming from the last checkpoint"
+            );
+            if !r.position.is_empty() {
+                if let Err(e) = source.seek(&r.position) {
+                    tracing::warn!(error = %e, "the source cannot resume; reading from where it stands now");
+                }
+            }
+            restored_time = (r.watermark, r.max_ts);
+            for (key, snap) in r.keys {
+                let group = (hash_key(&key) >> 56) as usize;
+                restored_keys[group * n / KEY_GROUPS].push((key, snap));
+            }
+        }
+        store = Some(s);
+    }
+    let checkpoint_every = plan.state.as_ref().map(|(_, every)| *every);
 
     // reader -> parse workers
     let mut to_parse = Vec::new();
@@ -245,10 +292,18 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
         for (j, rxs) in sub_rx.into_iter().enumerate() {
             let (tx, out_rx) = sync_channel::<OutBatch>(QUEUE);
             win_out_rx.push(out_rx);
+            let mut op = WindowOperator::new(def.clone(), plan.key_names.clone());
+            if store.is_some() {
+                op.track_changes();
+                op.restore_watermark(restored_time.0);
+                for (key, snap) in std::mem::take(&mut restored_keys[j]) {
+                    op.restore_key(&key, hash_key(&key), snap);
+                }
+            }
             let mut worker = WindowWorker {
                 plan: plan.clone(),
-                op: WindowOperator::new(def.clone(), plan.key_names.clone()),
-                max_ts: i64::MIN,
+                op,
+                max_ts: restored_time.1,
                 emitted: Vec::new(),
             };
             handles.push(spawn(format!("rivulet-window-{j}"), move || {
@@ -268,7 +323,6 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
         }
     }
 
-    let source = p.source;
     let clock = p.clock.clone();
     let shutdown = opts.shutdown.clone();
     let ticks = matches!(plan.time, TimeMode::Processing)
@@ -287,13 +341,17 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
             to_parse,
             clock,
             shutdown,
-            ticks,
-            max_payload,
+            ReaderConfig {
+                ticks,
+                max_payload,
+                checkpoint_every,
+            },
             &progress,
         )
     })?;
 
     let merged = merge(
+        store.map(|s| (s, fingerprint)),
         &opts.progress,
         parse_out_rx,
         win_out_rx,
@@ -315,15 +373,28 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
 }
 
 /// The reader thread: polls the source and deals numbered batches.
+/// What the reader needs to know besides its channels.
+struct ReaderConfig {
+    /// Send empty batches when quiet (processing time, idleness).
+    ticks: bool,
+    max_payload: usize,
+    checkpoint_every: Option<Duration>,
+}
+
 fn read(
     mut source: Box<dyn Source>,
     to_parse: Vec<SyncSender<InBatch>>,
     clock: Arc<dyn Clock>,
     shutdown: Arc<AtomicBool>,
-    ticks: bool,
-    max_payload: usize,
+    cfg: ReaderConfig,
     progress: &Progress,
 ) -> Result<(), SourceError> {
+    let ReaderConfig {
+        ticks,
+        max_payload,
+        checkpoint_every,
+    } = cfg;
+    let mut next_checkpoint = checkpoint_every.map(|d| Instant::now() + d);
     let mut seq = 0u64;
     let mut last_arrival = i64::MIN;
     let mut result = Ok(());
@@ -385,12 +456,21 @@ fn read(
         }
         cap_items = batch.items.len().clamp(16, BATCH_EVENTS);
         cap_bytes = batch.data.len().clamp(1024, 1 << 20);
+        // Every checkpoint_interval, and at the end, the batch closes a checkpoint.
+        let checkpoint = match (checkpoint_every, next_checkpoint) {
+            (Some(every), Some(due)) if end.is_some() || Instant::now() >= due => {
+                next_checkpoint = Some(Instant::now() + every);
+                Some(Arc::new(source.position().unwrap_or_default()))
+            }
+            _ => None,
+        };
         let msg = InBatch {
             seq,
             now_ms: clock.now_ms(),
             last_arrival_ms: last_arrival,
             raw: Arc::new(batch),
             end,
+            checkpoint,
         };
         if to_parse[(seq % to_parse.len() as u64) as usize]
             .send(msg)
@@ -502,6 +582,7 @@ impl ParseWorker {
         let mut out = OutBatch {
             end: batch.end,
             events: n as u64,
+            checkpoint: batch.checkpoint.clone(),
             ..Default::default()
         };
         let workers = plan.workers;
@@ -526,6 +607,7 @@ impl ParseWorker {
                     keys: Vec::new(),
                     vals: Vec::new(),
                     raw: batch.raw.clone(),
+                    checkpoint: batch.checkpoint.is_some(),
                 })
                 .collect();
             let width = plan.aggs.len();
@@ -864,12 +946,20 @@ impl WindowWorker {
             Some(End::Stop) => out.open_windows = self.op.open_windows() as u64,
             None => {}
         }
+        if sub.checkpoint {
+            out.snapshot = Some(WorkerSnapshot {
+                changes: self.op.take_changes(),
+                watermark: self.op.watermark(),
+                max_ts: self.max_ts,
+            });
+        }
         out
     }
 }
 
 /// The merger: writes each batch's outputs in order.
 fn merge(
+    mut store: Option<(crate::state::StateStore, String)>,
     progress: &Progress,
     parse_out: Vec<Receiver<OutBatch>>,
     win_out: Vec<Receiver<OutBatch>>,
@@ -881,16 +971,27 @@ fn merge(
     let mut seq = 0usize;
     let lost = || RunError::Internal("a worker stopped unexpectedly".into());
     let mut logged_dead = 0u64;
+    let mut pending = crate::state::Pending::default();
     loop {
         let mut batch = parse_out[seq % parse_out.len()]
             .recv()
             .map_err(|_| lost())?;
         stats.events += batch.events;
         stats.filtered += batch.filtered;
+        let mut time = (i64::MIN, i64::MIN);
         for rx in &win_out {
             let mut w = rx.recv().map_err(|_| lost())?;
             batch.outputs.append(&mut w.outputs);
             stats.open_windows += w.open_windows;
+            if let Some(snap) = w.snapshot.take() {
+                for k in snap.changes.deletes {
+                    pending.delete(k);
+                }
+                for (k, s) in snap.changes.upserts {
+                    pending.upsert(k, s);
+                }
+                time = (time.0.max(snap.watermark), time.1.max(snap.max_ts));
+            }
         }
         let outputs = &mut batch.outputs;
         outputs.sort_by(|a, b| {
@@ -930,6 +1031,12 @@ fn merge(
         }
         for s in sinks.iter_mut().chain(&mut late).chain(&mut dead) {
             s.flush()?;
+        }
+        // The outputs up to here are written: now the checkpoint that covers them.
+        if let (Some((st, fingerprint)), Some(position)) = (store.as_mut(), &batch.checkpoint) {
+            if let Err(e) = st.commit(position, time.0, time.1, &mut pending, fingerprint) {
+                tracing::error!(error = %e, "checkpoint failed; processing goes on and the next checkpoint retries");
+            }
         }
         progress.batches_written.fetch_add(1, Ordering::Relaxed);
         if let Some(end) = batch.end {

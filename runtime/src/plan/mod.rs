@@ -77,6 +77,7 @@ pub struct PipelineBuilder {
     max_payload: usize,
     clock: Arc<dyn Clock>,
     format: Format,
+    state: Option<(std::path::PathBuf, Duration)>,
 }
 
 /// Default largest payload: 1 MiB.
@@ -109,6 +110,33 @@ pub(crate) struct Plan {
     pub workers: usize,
     pub max_payload: usize,
     pub has_late_sink: bool,
+    /// State directory and checkpoint interval.
+    pub state: Option<(std::path::PathBuf, Duration)>,
+}
+
+impl Plan {
+    /// What saved state depends on: restoring state written under another
+    /// fingerprint is refused.
+    pub fn fingerprint(&self) -> String {
+        let window = self.window.as_ref().map(|w| {
+            let aggs: Vec<String> = w
+                .aggregates
+                .iter()
+                .map(|a| format!("{}={:?}", a.name, a.func))
+                .collect();
+            format!(
+                "{:?} lateness={} aggregates=[{}]",
+                w.kind,
+                w.allowed_lateness,
+                aggs.join(",")
+            )
+        });
+        format!(
+            "keys=[{}] window={}",
+            self.key_names.join(","),
+            window.unwrap_or_else(|| "none".into())
+        )
+    }
 }
 
 /// A built pipeline, ready to [`run`](Pipeline::run).
@@ -139,6 +167,7 @@ impl Pipeline {
             max_payload: DEFAULT_MAX_PAYLOAD,
             clock: Arc::new(SystemClock),
             format: Format::Json,
+            state: None,
         }
     }
 
@@ -248,6 +277,12 @@ impl PipelineBuilder {
     }
     pub fn max_payload(mut self, bytes: usize) -> Self {
         self.max_payload = bytes;
+        self
+    }
+    /// Keep state in `dir`, checkpointed every `interval`; a restart resumes
+    /// from the last checkpoint (see [`crate::state`]).
+    pub fn state(mut self, dir: impl Into<std::path::PathBuf>, interval: Duration) -> Self {
+        self.state = Some((dir.into(), interval));
         self
     }
     pub fn format(mut self, f: Format) -> Self {
@@ -391,6 +426,7 @@ impl PipelineBuilder {
             workers,
             max_payload: self.max_payload,
             has_late_sink: !self.late.is_empty(),
+            state: self.state,
         };
         Ok(Pipeline {
             plan: Arc::new(plan),

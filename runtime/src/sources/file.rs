@@ -24,6 +24,10 @@ pub struct FileSource {
     /// The input, until the first poll starts the helper thread.
     reader: Option<Box<dyn Read + Send>>,
     rx: Option<Receiver<Chunk>>,
+    /// Line number of the last line handed out.
+    line: u64,
+    /// Lines to skip at the start (resuming after a checkpoint).
+    skip: u64,
 }
 
 impl FileSource {
@@ -42,6 +46,8 @@ impl FileSource {
             path: path.to_string(),
             reader: Some(reader),
             rx: None,
+            line: 0,
+            skip: 0,
         })
     }
 
@@ -68,6 +74,7 @@ impl Source for FileSource {
     ) -> Result<Poll, SourceError> {
         if let Some(reader) = self.reader.take() {
             let (tx, rx) = mpsc::sync_channel(READ_AHEAD);
+            let skip = self.skip;
             std::thread::Builder::new()
                 .name("rivulet-file-reader".into())
                 .spawn(move || {
@@ -75,6 +82,7 @@ impl Source for FileSource {
                         BufReader::with_capacity(256 << 10, reader),
                         &tx,
                         max_payload,
+                        skip,
                     )
                 })
                 .map_err(|e| SourceError::Other(format!("cannot start the reader thread: {e}")))?;
@@ -85,6 +93,9 @@ impl Source for FileSource {
         };
         match rx.recv_timeout(wait) {
             Ok(Ok(mut chunk)) => {
+                if let Some(last) = chunk.items.last() {
+                    self.line = self.line.max(last.position);
+                }
                 if batch.is_empty() {
                     std::mem::swap(batch, &mut chunk);
                 } else {
@@ -111,11 +122,26 @@ impl Source for FileSource {
             }
         }
     }
+
+    fn position(&self) -> Option<Vec<u8>> {
+        (self.path != "-").then(|| super::count_position(self.line))
+    }
+
+    fn seek(&mut self, position: &[u8]) -> Result<(), SourceError> {
+        if self.path == "-" {
+            return Err(SourceError::Other(
+                "stdin cannot resume from a position".into(),
+            ));
+        }
+        self.skip = super::read_count_position(position)?;
+        self.line = self.skip;
+        Ok(())
+    }
 }
 
 /// The helper thread: reads lines until end of input, or until the source
 /// is dropped.
-fn read_lines<R: Read>(mut r: BufReader<R>, tx: &SyncSender<Chunk>, max_payload: usize) {
+fn read_lines<R: Read>(mut r: BufReader<R>, tx: &SyncSender<Chunk>, max_payload: usize, skip: u64) {
     let mut batch = RawBatch::default();
     let mut line: Vec<u8> = Vec::new();
     // Full length of the current line once it is known to be too long.
@@ -141,7 +167,7 @@ fn read_lines<R: Read>(mut r: BufReader<R>, tx: &SyncSender<Chunk>, max_payload:
             }
         };
         if buf.is_empty() {
-            if !line.is_empty() || too_long.is_some() {
+            if (!line.is_empty() || too_long.is_some()) && line_no + 1 > skip {
                 line_no += 1;
                 finish_line(&mut batch, &mut line, &mut too_long, line_no, max_payload);
             }
@@ -167,6 +193,11 @@ fn read_lines<R: Read>(mut r: BufReader<R>, tx: &SyncSender<Chunk>, max_payload:
         r.consume(used);
         if complete {
             line_no += 1;
+            if line_no <= skip {
+                line.clear();
+                too_long = None;
+                continue;
+            }
             finish_line(&mut batch, &mut line, &mut too_long, line_no, max_payload);
             if batch.len() >= CHUNK_LINES && tx.send(Ok(std::mem::take(&mut batch))).is_err() {
                 return;
@@ -207,7 +238,7 @@ mod tests {
     fn read_all(input: &[u8], max_payload: usize) -> Vec<(String, u64, Option<u64>)> {
         let (tx, rx) = mpsc::sync_channel(100);
         // A tiny buffer exercises lines split across reads.
-        read_lines(BufReader::with_capacity(7, input), &tx, max_payload);
+        read_lines(BufReader::with_capacity(7, input), &tx, max_payload, 0);
         drop(tx);
         let mut out = Vec::new();
         for chunk in rx {

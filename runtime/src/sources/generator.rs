@@ -76,6 +76,8 @@ impl Generator {
     }
 
     fn write_event(&mut self, i: u64) {
+        // Each event draws from its own seed, so the stream can resume at any event.
+        self.rng = fastrand::Rng::with_seed(self.opts.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i);
         let sensor = self.rng.u32(0..self.opts.sensors.max(1));
         let lag = if self.opts.disorder_ms > 0 {
             self.rng.i64(0..=self.opts.disorder_ms)
@@ -137,6 +139,19 @@ impl Source for Generator {
 
     fn known_fields(&self) -> Option<Vec<String>> {
         Some(FIELDS.iter().map(|s| s.to_string()).collect())
+    }
+
+    fn position(&self) -> Option<Vec<u8>> {
+        Some(super::count_position(self.next))
+    }
+
+    fn seek(&mut self, position: &[u8]) -> Result<(), SourceError> {
+        self.next = super::read_count_position(position)?;
+        // Pacing continues from here, not from event 0.
+        if let Some(rate) = self.opts.rate {
+            self.began = Some(Instant::now() - Duration::from_secs_f64(self.next as f64 / rate));
+        }
+        Ok(())
     }
 }
 

@@ -37,6 +37,21 @@ impl Source for MemorySource {
         "memory".into()
     }
 
+    fn position(&self) -> Option<Vec<u8>> {
+        Some(super::count_position(self.line))
+    }
+
+    fn seek(&mut self, position: &[u8]) -> Result<(), SourceError> {
+        let lines = super::read_count_position(position)?;
+        while self.line < lines && self.pos < self.data.len() {
+            let rest = &self.data[self.pos..];
+            let len = memchr::memchr(b'\n', rest).unwrap_or(rest.len());
+            self.pos += (len + 1).min(rest.len());
+            self.line += 1;
+        }
+        Ok(())
+    }
+
     fn poll(
         &mut self,
         batch: &mut RawBatch,

@@ -157,6 +157,31 @@ pub trait Source: Send {
     fn topic_binder(&self) -> Option<TopicBinder> {
         None
     }
+
+    /// Where the source is: after the last event it handed out. Saved with
+    /// each checkpoint; `None` when the source cannot resume (stdin, MQTT).
+    fn position(&self) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Resumes after a position from [`Source::position`], before the first poll.
+    fn seek(&mut self, _position: &[u8]) -> Result<(), SourceError> {
+        Err(SourceError::Other(format!(
+            "{} cannot resume from a position",
+            self.describe()
+        )))
+    }
+}
+
+/// A position that is a count (of lines or events).
+pub(crate) fn count_position(n: u64) -> Vec<u8> {
+    n.to_le_bytes().to_vec()
+}
+
+pub(crate) fn read_count_position(p: &[u8]) -> Result<u64, SourceError> {
+    p.try_into()
+        .map(u64::from_le_bytes)
+        .map_err(|_| SourceError::Other("a saved source position is not a count".into()))
 }
 
 /// Binds topic levels (and the whole topic) to fields.

@@ -54,7 +54,7 @@ impl AggFunc {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Acc {
     Count(i64),
     /// Integer sum while every input is an integer and it fits; float after.

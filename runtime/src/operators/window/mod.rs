@@ -269,6 +269,27 @@ pub struct WindowOperator {
     watermark: i64,
     assigned: Vec<(i64, i64)>,
     emitted: Vec<Emitted>,
+    /// Change tracking for checkpoints (off unless `track_changes`).
+    tracking: bool,
+    dirty: Vec<u32>,
+    is_dirty: Vec<bool>,
+    deleted: Vec<Box<[u8]>>,
+}
+
+/// The saved state of one key: its open windows and their accumulators.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KeySnapshot {
+    pub windows: Vec<(i64, i64)>,
+    pub accs: Vec<Acc>,
+}
+
+/// What changed since the last [`WindowOperator::take_changes`].
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Keys whose state changed, with their state now.
+    pub upserts: Vec<(Box<[u8]>, KeySnapshot)>,
+    /// Keys whose windows are all gone.
+    pub deletes: Vec<Box<[u8]>>,
 }
 
 impl WindowOperator {
@@ -285,7 +306,93 @@ impl WindowOperator {
             watermark: i64::MIN,
             assigned: Vec::new(),
             emitted: Vec::new(),
+            tracking: false,
+            dirty: Vec::new(),
+            is_dirty: Vec::new(),
+            deleted: Vec::new(),
         }
+    }
+
+    /// Records which keys change, for incremental checkpoints.
+    pub fn track_changes(&mut self) {
+        self.tracking = true;
+    }
+
+    #[inline]
+    fn mark(&mut self, id: u32) {
+        if !self.tracking {
+            return;
+        }
+        let i = id as usize;
+        if self.is_dirty.len() <= i {
+            self.is_dirty.resize(i + 1, false);
+        }
+        if !self.is_dirty[i] {
+            self.is_dirty[i] = true;
+            self.dirty.push(id);
+        }
+    }
+
+    /// The keys changed since the last call, with their current state.
+    pub fn take_changes(&mut self) -> Changes {
+        let mut out = Changes {
+            deletes: std::mem::take(&mut self.deleted),
+            ..Default::default()
+        };
+        for id in std::mem::take(&mut self.dirty) {
+            let i = id as usize;
+            if !self.is_dirty.get(i).copied().unwrap_or(false) {
+                continue;
+            }
+            self.is_dirty[i] = false;
+            let k = &self.keys[i];
+            out.upserts.push((
+                k.key.as_slice().into(),
+                KeySnapshot {
+                    windows: k.windows.clone(),
+                    accs: k.accs.clone(),
+                },
+            ));
+        }
+        out
+    }
+
+    /// Sets the watermark of restored state (before [`Self::restore_key`]).
+    pub fn restore_watermark(&mut self, watermark: i64) {
+        self.watermark = watermark;
+    }
+
+    /// Puts back one key's saved windows and their timers.
+    pub fn restore_key(&mut self, key: &[u8], hash: u64, snap: KeySnapshot) {
+        let n = self.funcs.len();
+        if snap.accs.len() != snap.windows.len() * n {
+            tracing::error!(
+                "skipping a saved key whose state does not match the window's aggregates"
+            );
+            return;
+        }
+        let id = self.key_id(key, hash);
+        let lateness = self.def.allowed_lateness;
+        let k = &mut self.keys[id as usize];
+        let gen = k.gen;
+        k.windows = snap.windows;
+        k.accs = snap.accs;
+        let windows = k.windows.clone();
+        for (start, end) in windows {
+            let t = Timer {
+                key: id,
+                gen,
+                start,
+                end,
+            };
+            if end - 1 > self.watermark {
+                self.add_timer(end - 1, t);
+            }
+            if lateness > 0 || end - 1 <= self.watermark {
+                self.add_timer(end - 1 + lateness, t);
+            }
+        }
+        self.release_if_empty(id);
     }
 
     pub fn watermark(&self) -> i64 {
@@ -340,6 +447,12 @@ impl WindowOperator {
         if !k.windows.is_empty() {
             return;
         }
+        if self.tracking {
+            if let Some(d) = self.is_dirty.get_mut(id as usize) {
+                *d = false;
+            }
+            self.deleted.push(k.key.as_slice().into());
+        }
         let (hash, keys) = (k.hash, &self.keys);
         if let Ok(entry) = self.index.find_entry(hash, |&i| i == id) {
             entry.remove();
@@ -369,6 +482,7 @@ impl WindowOperator {
         let mut assigned = std::mem::take(&mut self.assigned);
         self.def.assign(ts, &mut assigned);
         let id = self.key_id(key, hash);
+        self.mark(id);
         let mut skipped = true;
         for &(start, end) in &assigned {
             let (start, end, created) = match self.def.kind {
@@ -516,6 +630,7 @@ impl WindowOperator {
                     self.emit(t.key, t.start, t.end);
                 }
                 if at == t.end - 1 + lateness {
+                    self.mark(t.key);
                     let n = self.funcs.len();
                     let k = &mut self.keys[t.key as usize];
                     if let Some(i) = k.find(t.start, t.end) {

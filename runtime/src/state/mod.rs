@@ -1,0 +1,214 @@
+//! Durable state: checkpoints of keyed window state in redb.
+//!
+//! A checkpoint is one redb write transaction holding what changed since
+//! the previous one (keys upserted or deleted, postcard-encoded), the
+//! watermark, and the source position after the last event it covers. It
+//! is committed durably, so a checkpoint is wholly there or not at all. On
+//! start, rivulet loads the last checkpoint, gives each key to the worker
+//! that owns its key group, and asks the source to resume after the
+//! position; results after that point are emitted again (identical, since
+//! processing is deterministic).
+//!
+//! Record format version 1: `meta` table (`version`, `fingerprint`,
+//! `position`, `watermark`, `max_ts`, `epoch`), `keys` table from
+//! `[key group] ++ key bytes` to a postcard [`KeySnapshot`].
+
+use crate::operators::window::KeySnapshot;
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("keys");
+pub const FORMAT_VERSION: u64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state {path}: {message}")]
+    Store { path: String, message: String },
+    #[error("state {path} was written by a different pipeline ({found}; this one is {expected}); move the directory away to start afresh")]
+    Incompatible {
+        path: String,
+        found: String,
+        expected: String,
+    },
+}
+
+/// What a checkpoint restores.
+#[derive(Debug, Default)]
+pub struct Restored {
+    pub position: Vec<u8>,
+    pub watermark: i64,
+    pub max_ts: i64,
+    pub epoch: u64,
+    pub keys: Vec<(Vec<u8>, KeySnapshot)>,
+}
+
+/// Changes waiting to be committed: key → new state (`None`: deleted).
+#[derive(Debug, Default)]
+pub struct Pending {
+    pub keys: HashMap<Box<[u8]>, Option<KeySnapshot>>,
+}
+
+impl Pending {
+    pub fn upsert(&mut self, key: Box<[u8]>, snap: KeySnapshot) {
+        self.keys.insert(key, Some(snap));
+    }
+    pub fn delete(&mut self, key: Box<[u8]>) {
+        self.keys.insert(key, None);
+    }
+}
+
+pub struct StateStore {
+    db: redb::Database,
+    path: PathBuf,
+    epoch: u64,
+}
+
+fn store_err(path: &Path, e: impl std::fmt::Display) -> StateError {
+    StateError::Store {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// The table key of a key: its key group first, so one range holds a group.
+fn table_key(key: &[u8]) -> Vec<u8> {
+    let group = (crate::value::hash_key(key) >> 56) as u8;
+    let mut k = Vec::with_capacity(key.len() + 1);
+    k.push(group);
+    k.extend_from_slice(key);
+    k
+}
+
+impl StateStore {
+    /// Opens (creating) `dir/state.redb`. `fingerprint` names what the state
+    /// depends on (key fields, window, aggregates); state written under
+    /// another fingerprint is refused.
+    pub fn open(
+        dir: &Path,
+        fingerprint: &str,
+    ) -> Result<(StateStore, Option<Restored>), StateError> {
+        std::fs::create_dir_all(dir).map_err(|e| store_err(dir, e))?;
+        let path = dir.join("state.redb");
+        let db = redb::Database::create(&path)
+            .map_err(|e| store_err(&path, format!("{e} (not a rivulet state file?)")))?;
+        let restored = {
+            let txn = db.begin_read().map_err(|e| store_err(&path, e))?;
+            match txn.open_table(META) {
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(store_err(&path, e)),
+                Ok(meta) => {
+                    let get = |k: &str| -> Result<Option<Vec<u8>>, StateError> {
+                        Ok(meta
+                            .get(k)
+                            .map_err(|e| store_err(&path, e))?
+                            .map(|v| v.value().to_vec()))
+                    };
+                    let num = |b: Option<Vec<u8>>| -> i64 {
+                        b.and_then(|b| b.try_into().ok())
+                            .map(i64::from_le_bytes)
+                            .unwrap_or(i64::MIN)
+                    };
+                    let found = get("fingerprint")?
+                        .map(|f| String::from_utf8_lossy(&f).into_owned())
+                        .unwrap_or_default();
+                    if found != fingerprint {
+                        return Err(StateError::Incompatible {
+                            path: path.display().to_string(),
+                            found,
+                            expected: fingerprint.to_string(),
+                        });
+                    }
+                    let version = num(get("version")?);
+                    if version != FORMAT_VERSION as i64 {
+                        return Err(store_err(
+                            &path,
+                            format!("state format {version} is not {FORMAT_VERSION}"),
+                        ));
+                    }
+                    let mut r = Restored {
+                        position: get("position")?.unwrap_or_default(),
+                        watermark: num(get("watermark")?),
+                        max_ts: num(get("max_ts")?),
+                        epoch: num(get("epoch")?).max(0) as u64,
+                        keys: Vec::new(),
+                    };
+                    let keys = txn.open_table(KEYS).map_err(|e| store_err(&path, e))?;
+                    for entry in keys.iter().map_err(|e| store_err(&path, e))? {
+                        let (k, v) = entry.map_err(|e| store_err(&path, e))?;
+                        let snap: KeySnapshot = postcard::from_bytes(v.value())
+                            .map_err(|e| store_err(&path, format!("unreadable key state: {e}")))?;
+                        r.keys.push((k.value()[1..].to_vec(), snap));
+                    }
+                    Some(r)
+                }
+            }
+        };
+        let epoch = restored.as_ref().map(|r| r.epoch).unwrap_or(0);
+        let mut store = StateStore { db, path, epoch };
+        if restored.is_none() {
+            // A fresh store records what it belongs to at once.
+            store.commit(
+                &[],
+                i64::MIN,
+                i64::MIN,
+                &mut Pending::default(),
+                fingerprint,
+            )?;
+        }
+        Ok((store, restored))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes one checkpoint durably. On success `pending` is emptied; on
+    /// failure it is kept, so the next checkpoint writes it again.
+    pub fn commit(
+        &mut self,
+        position: &[u8],
+        watermark: i64,
+        max_ts: i64,
+        pending: &mut Pending,
+        fingerprint: &str,
+    ) -> Result<(), StateError> {
+        let path = self.path.clone();
+        let e = |x: &dyn std::fmt::Display| store_err(&path, x);
+        let txn = self.db.begin_write().map_err(|x| e(&x))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|x| e(&x))?;
+            let mut keys = txn.open_table(KEYS).map_err(|x| e(&x))?;
+            for (k, v) in &pending.keys {
+                let tk = table_key(k);
+                match v {
+                    Some(snap) => {
+                        let bytes = postcard::to_stdvec(snap).map_err(|x| e(&x))?;
+                        keys.insert(tk.as_slice(), bytes.as_slice())
+                            .map_err(|x| e(&x))?;
+                    }
+                    None => {
+                        keys.remove(tk.as_slice()).map_err(|x| e(&x))?;
+                    }
+                }
+            }
+            let epoch = self.epoch + 1;
+            meta.insert("version", (FORMAT_VERSION as i64).to_le_bytes().as_slice())
+                .map_err(|x| e(&x))?;
+            meta.insert("fingerprint", fingerprint.as_bytes())
+                .map_err(|x| e(&x))?;
+            meta.insert("position", position).map_err(|x| e(&x))?;
+            meta.insert("watermark", watermark.to_le_bytes().as_slice())
+                .map_err(|x| e(&x))?;
+            meta.insert("max_ts", max_ts.to_le_bytes().as_slice())
+                .map_err(|x| e(&x))?;
+            meta.insert("epoch", (epoch as i64).to_le_bytes().as_slice())
+                .map_err(|x| e(&x))?;
+        }
+        txn.commit().map_err(|x| e(&x))?;
+        self.epoch += 1;
+        pending.keys.clear();
+        Ok(())
+    }
+}

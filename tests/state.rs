@@ -1,0 +1,186 @@
+//! Durable state: a run killed with SIGKILL again and again, and restarted
+//! each time, gives the same final window results as an uninterrupted run.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn write_input(path: &Path, n: usize) {
+    let mut s = String::with_capacity(n * 48);
+    let mut x = 7u64;
+    for i in 0..n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let key = x % 300;
+        let ts = i as i64 * 2 - (x % 700) as i64;
+        s.push_str(&format!(
+            "{{\"k\":\"k{key}\",\"ts\":{ts},\"v\":{}}}\n",
+            x % 100
+        ));
+    }
+    std::fs::write(path, s).unwrap();
+}
+
+fn pipeline(dir: &Path, out: &str, state: bool) -> std::path::PathBuf {
+    let state = if state {
+        "state:\n  dir: state\n  checkpoint_interval: 40ms\n"
+    } else {
+        ""
+    };
+    let yaml = format!(
+        "name: crash\nsource:\n  file: {{ path: events.jsonl }}\n  event_time: {{ field: ts, max_out_of_orderness: 300ms }}\n\
+         steps:\n  - key_by: k\n  - window:\n      tumbling: 1s\n      allowed_lateness: 500ms\n      aggregate: {{ n: count(), total: sum(v), hi: max(v), first: first(v) }}\n\
+         sink: {{ file: {{ path: {out} }} }}\nlate: {{ file: {{ path: {out}.late }} }}\n{state}"
+    );
+    let p = dir.join(format!("{out}.yaml"));
+    std::fs::write(&p, yaml).unwrap();
+    p
+}
+
+/// The last result of each (key, window): what a consumer keeps.
+fn finals(path: &Path) -> BTreeMap<(String, i64), serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                (
+                    v["k"].as_str().unwrap().to_string(),
+                    v["window_start"].as_i64().unwrap(),
+                ),
+                v,
+            )
+        })
+        .collect()
+}
+
+fn rivulet(dir: &Path, file: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_rivulet"));
+    c.arg("run")
+        .arg(file)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    c
+}
+
+#[test]
+fn kill_9_twenty_times_loses_nothing_and_counts_nothing_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_input(&d.join("events.jsonl"), 300_000);
+
+    let reference = pipeline(d, "reference.jsonl", false);
+    let out = rivulet(d, &reference).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected = finals(&d.join("reference.jsonl"));
+    assert!(expected.len() > 1000, "{} windows", expected.len());
+
+    let crashing = pipeline(d, "crashed.jsonl", true);
+    let mut kills = 0;
+    let mut rng = 99u64;
+    for attempt in 0..2000 {
+        let mut child = rivulet(d, &crashing).spawn().unwrap();
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        // Early attempts are killed quickly; later ones get time to finish.
+        let wait = if kills < 20 { 20 + rng % 150 } else { 2000 };
+        std::thread::sleep(Duration::from_millis(wait));
+        match child.try_wait().unwrap() {
+            Some(status) => {
+                let mut err = String::new();
+                use std::io::Read;
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                assert!(status.success(), "attempt {attempt}: {err}");
+                if kills >= 20 {
+                    break;
+                }
+                // Finished before enough kills: start again from scratch.
+                std::fs::remove_dir_all(d.join("state")).unwrap();
+                std::fs::remove_file(d.join("crashed.jsonl")).unwrap();
+                kills = 0;
+            }
+            None => {
+                child.kill().unwrap(); // SIGKILL
+                child.wait().unwrap();
+                kills += 1;
+            }
+        }
+    }
+    assert!(kills >= 20, "only {kills} kills");
+    let got = finals(&d.join("crashed.jsonl"));
+    let missing: Vec<_> = expected
+        .keys()
+        .filter(|k| !got.contains_key(*k))
+        .take(5)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "windows missing after {kills} kills: {missing:?}"
+    );
+    let wrong: Vec<_> = expected
+        .iter()
+        .filter(|(k, v)| got.get(*k) != Some(v))
+        .take(5)
+        .map(|(k, v)| (k.clone(), v.clone(), got.get(k).cloned()))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "after {kills} kills, results differ: {wrong:?}"
+    );
+    assert_eq!(got.len(), expected.len());
+}
+
+#[test]
+fn a_finished_run_resumes_at_the_end_and_a_changed_pipeline_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_input(&d.join("events.jsonl"), 5_000);
+    let p = pipeline(d, "out.jsonl", true);
+    assert!(rivulet(d, &p).output().unwrap().status.success());
+    let first = std::fs::read_to_string(d.join("out.jsonl")).unwrap();
+    // Running again reads nothing new: the checkpoint is at the end of the file.
+    assert!(rivulet(d, &p).output().unwrap().status.success());
+    assert_eq!(std::fs::read_to_string(d.join("out.jsonl")).unwrap(), first);
+    // A different window cannot take over this state.
+    let yaml = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("tumbling: 1s", "tumbling: 2s");
+    std::fs::write(&p, yaml).unwrap();
+    let out = rivulet(d, &p).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("different pipeline"), "{err}");
+}
+
+#[test]
+fn a_foreign_file_in_the_state_dir_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_input(&d.join("events.jsonl"), 100);
+    std::fs::create_dir(d.join("state")).unwrap();
+    std::fs::write(d.join("state/state.redb"), b"not a database at all").unwrap();
+    let p = pipeline(d, "out.jsonl", true);
+    let out = rivulet(d, &p).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("state.redb") && !err.contains("panicked"),
+        "{err}"
+    );
+}
