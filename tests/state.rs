@@ -184,3 +184,97 @@ fn a_foreign_file_in_the_state_dir_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn state_inspect_shows_the_open_windows_after_a_clean_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = d.join("g.yaml");
+    std::fs::write(
+        &p,
+        "name: g\nsource:\n  generator: { sensors: 3, rate: 2000, start: 0, seed: 5 }\n  event_time: { field: ts }\n\
+         steps:\n  - key_by: sensor_id\n  - window: { tumbling: 1h, aggregate: { n: count(), hot: max(temperature) } }\n\
+         sink: { stdout: {} }\nstate: { dir: st, checkpoint_interval: 100ms }\n",
+    )
+    .unwrap();
+    let child = rivulet(d, &p).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inspect = Command::new(env!("CARGO_BIN_EXE_rivulet"))
+        .args(["state", "inspect"])
+        .arg(d.join("st"))
+        .output()
+        .unwrap();
+    assert!(
+        inspect.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&inspect.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3, "one open window per sensor: {rows:?}");
+    let total: i64 = rows
+        .iter()
+        .map(|r| r["aggregates"]["n"].as_i64().unwrap())
+        .sum();
+    assert!(total > 100, "{total} events counted");
+    for r in &rows {
+        assert!(r["key"]["sensor_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("sensor-"));
+        assert_eq!(r["window_start"], 0);
+        assert!(r["aggregates"]["hot"].as_f64().unwrap() > 0.0);
+    }
+    let err = String::from_utf8_lossy(&inspect.stderr);
+    assert!(err.contains("3 keys"), "{err}");
+    // The stopped run resumes where it stopped: the counts only grow.
+    let child = rivulet(d, &p).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("resuming from the last checkpoint"), "{log}");
+    let again = Command::new(env!("CARGO_BIN_EXE_rivulet"))
+        .args(["state", "inspect"])
+        .arg(d.join("st"))
+        .output()
+        .unwrap();
+    let total2: i64 = String::from_utf8_lossy(&again.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["aggregates"]["n"]
+                .as_i64()
+                .unwrap()
+        })
+        .sum();
+    assert!(total2 > total, "{total2} > {total}");
+}
+
+#[test]
+fn inspect_of_a_directory_without_state_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rivulet"))
+        .args(["state", "inspect"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a state directory"));
+}

@@ -49,6 +49,21 @@ enum Command {
     },
     /// Print an example pipeline file.
     ExampleConfig,
+    /// Look into a state directory.
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// List the keys, windows and current aggregate values the last
+    /// checkpoint holds, one JSON object per window (read-only).
+    Inspect {
+        /// The pipeline's `state.dir`.
+        dir: std::path::PathBuf,
+    },
 }
 
 const EXAMPLE: &str = include_str!("../../configs/demo.yaml");
@@ -92,6 +107,15 @@ fn main() -> ExitCode {
             stats_file,
             max_age,
         } => health(&stats_file, max_age),
+        Command::State {
+            command: StateCommand::Inspect { dir },
+        } => match inspect(&dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::ExampleConfig => {
             print!("{EXAMPLE}");
             ExitCode::SUCCESS
@@ -228,4 +252,59 @@ fn health(path: &std::path::Path, max_age_s: u64) -> ExitCode {
     }
     println!("healthy: {} events read", stats["events_read"]);
     ExitCode::SUCCESS
+}
+
+fn inspect(dir: &std::path::Path) -> Result<(), rivulet::state::StateError> {
+    use rivulet::value::decode_key;
+    let st = rivulet::state::inspect(dir)?;
+    let key_names: Vec<String> = st.layout["keys"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let agg_names: Vec<String> = st.layout["aggregates"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    eprintln!(
+        "checkpoint {} of `{}`: {} keys, watermark {}",
+        st.epoch,
+        st.fingerprint,
+        st.keys.len(),
+        st.watermark
+    );
+    let n = agg_names.len().max(1);
+    for (key, snap) in &st.keys {
+        let vals = decode_key(key).unwrap_or_default();
+        let mut k = serde_json::Map::new();
+        for (i, v) in vals.iter().enumerate() {
+            let name = key_names
+                .get(i)
+                .cloned()
+                .unwrap_or_else(|| format!("key{i}"));
+            k.insert(name, v.to_json());
+        }
+        for (w, (start, end)) in snap.windows.iter().enumerate() {
+            let mut aggs = serde_json::Map::new();
+            for (i, acc) in snap.accs.iter().skip(w * n).take(n).enumerate() {
+                let name = agg_names
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| format!("agg{i}"));
+                aggs.insert(name, acc.result().to_json());
+            }
+            println!(
+                "{}",
+                serde_json::json!({"key": k, "window_start": start, "window_end": end, "aggregates": aggs})
+            );
+        }
+    }
+    Ok(())
 }

@@ -212,7 +212,8 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
         (0..n).map(|_| Vec::new()).collect();
     let mut restored_time = (i64::MIN, i64::MIN);
     if let Some((dir, _)) = &plan.state {
-        let (s, restored) = crate::state::StateStore::open(dir, &fingerprint)?;
+        let (s, restored) =
+            crate::state::StateStore::open(dir, &fingerprint, &plan.state_layout())?;
         if let Some(r) = restored {
             tracing::info!(
                 state = %s.path().display(),

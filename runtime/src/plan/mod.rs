@@ -115,6 +115,12 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
+    /// Names for reading saved state: key fields and aggregates.
+    pub fn state_layout(&self) -> String {
+        let aggs: Vec<&str> = self.aggs.iter().map(|a| a.2.as_str()).collect();
+        serde_json::json!({ "keys": self.key_names, "aggregates": aggs }).to_string()
+    }
+
     /// What saved state depends on: restoring state written under another
     /// fingerprint is refused.
     pub fn fingerprint(&self) -> String {

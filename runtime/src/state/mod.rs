@@ -63,6 +63,20 @@ pub struct StateStore {
     db: redb::Database,
     path: PathBuf,
     epoch: u64,
+    /// Key field and aggregate names, so `rivulet state inspect` can label values.
+    layout: String,
+}
+
+/// What `rivulet state inspect` shows.
+#[derive(Debug)]
+pub struct Inspection {
+    pub epoch: u64,
+    pub watermark: i64,
+    pub position: Vec<u8>,
+    pub fingerprint: String,
+    /// Key field names and aggregate names.
+    pub layout: serde_json::Value,
+    pub keys: Vec<(Vec<u8>, KeySnapshot)>,
 }
 
 fn store_err(path: &Path, e: impl std::fmt::Display) -> StateError {
@@ -88,6 +102,7 @@ impl StateStore {
     pub fn open(
         dir: &Path,
         fingerprint: &str,
+        layout: &str,
     ) -> Result<(StateStore, Option<Restored>), StateError> {
         std::fs::create_dir_all(dir).map_err(|e| store_err(dir, e))?;
         let path = dir.join("state.redb");
@@ -146,7 +161,12 @@ impl StateStore {
             }
         };
         let epoch = restored.as_ref().map(|r| r.epoch).unwrap_or(0);
-        let mut store = StateStore { db, path, epoch };
+        let mut store = StateStore {
+            db,
+            path,
+            epoch,
+            layout: layout.to_string(),
+        };
         if restored.is_none() {
             // A fresh store records what it belongs to at once.
             store.commit(
@@ -205,10 +225,48 @@ impl StateStore {
                 .map_err(|x| e(&x))?;
             meta.insert("epoch", (epoch as i64).to_le_bytes().as_slice())
                 .map_err(|x| e(&x))?;
+            meta.insert("layout", self.layout.as_bytes())
+                .map_err(|x| e(&x))?;
         }
         txn.commit().map_err(|x| e(&x))?;
         self.epoch += 1;
         pending.keys.clear();
         Ok(())
     }
+}
+
+/// Reads a state directory without changing it.
+pub fn inspect(dir: &Path) -> Result<Inspection, StateError> {
+    let path = dir.join("state.redb");
+    if !path.exists() {
+        return Err(store_err(&path, "no such file (not a state directory?)"));
+    }
+    let db = redb::ReadOnlyDatabase::open(&path)
+        .map_err(|e| store_err(&path, format!("{e} (not a rivulet state file?)")))?;
+    let txn = db.begin_read().map_err(|e| store_err(&path, e))?;
+    let meta = txn.open_table(META).map_err(|e| store_err(&path, e))?;
+    let get = |k: &str| -> Result<Vec<u8>, StateError> {
+        Ok(meta
+            .get(k)
+            .map_err(|e| store_err(&path, e))?
+            .map(|v| v.value().to_vec())
+            .unwrap_or_default())
+    };
+    let num = |b: Vec<u8>| b.try_into().map(i64::from_le_bytes).unwrap_or(i64::MIN);
+    let mut out = Inspection {
+        epoch: num(get("epoch")?).max(0) as u64,
+        watermark: num(get("watermark")?),
+        position: get("position")?,
+        fingerprint: String::from_utf8_lossy(&get("fingerprint")?).into_owned(),
+        layout: serde_json::from_slice(&get("layout")?).unwrap_or_default(),
+        keys: Vec::new(),
+    };
+    let keys = txn.open_table(KEYS).map_err(|e| store_err(&path, e))?;
+    for entry in keys.iter().map_err(|e| store_err(&path, e))? {
+        let (k, v) = entry.map_err(|e| store_err(&path, e))?;
+        let snap: KeySnapshot = postcard::from_bytes(v.value())
+            .map_err(|e| store_err(&path, format!("unreadable key state: {e}")))?;
+        out.keys.push((k.value()[1..].to_vec(), snap));
+    }
+    Ok(out)
 }
