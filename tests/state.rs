@@ -278,3 +278,89 @@ fn inspect_of_a_directory_without_state_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a state directory"));
 }
+
+/// A small tmpfs of the test's own (CI runs as root; mounting needs it).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(
+            ok,
+            "this test mounts a small tmpfs to fill a disk: run it as root (CI does)"
+        );
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_checkpoints_without_stopping_and_the_next_one_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let disk = d.join("disk");
+    let _fs = Tmpfs::mount(&disk, "1m");
+    let p = d.join("g.yaml");
+    std::fs::write(
+        &p,
+        format!(
+            "name: full\nsource:\n  generator: {{ sensors: 3000, rate: 20000, start: 0, seed: 3 }}\n  event_time: {{ field: ts }}\n\
+             steps:\n  - key_by: sensor_id\n  - window: {{ tumbling: 1h, aggregate: {{ n: count() }} }}\n\
+             sink: {{ stdout: {{}} }}\nstate: {{ dir: {}, checkpoint_interval: 100ms }}\n",
+            disk.join("st").display()
+        ),
+    )
+    .unwrap();
+    let child = rivulet(d, &p).spawn().unwrap();
+    // Let it write a first checkpoint, then fill the disk.
+    std::thread::sleep(Duration::from_millis(600));
+    let filler = disk.join("filler");
+    let _ = Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", filler.display()))
+        .args(["bs=4k", "status=none"])
+        .status();
+    std::thread::sleep(Duration::from_millis(1500));
+    // Room again: a later checkpoint succeeds and catches up.
+    std::fs::remove_file(&filler).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("checkpoint failed"),
+        "the full disk was reported:\n{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+    let inspect = Command::new(env!("CARGO_BIN_EXE_rivulet"))
+        .args(["state", "inspect"])
+        .arg(disk.join("st"))
+        .output()
+        .unwrap();
+    assert!(
+        inspect.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+    let keys = String::from_utf8_lossy(&inspect.stdout).lines().count();
+    assert_eq!(
+        keys, 3000,
+        "the final checkpoint holds every sensor's window"
+    );
+}

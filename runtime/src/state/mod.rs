@@ -60,7 +60,8 @@ impl Pending {
 }
 
 pub struct StateStore {
-    db: redb::Database,
+    /// `None` after a failed commit: reopened (and repaired) before the next.
+    db: Option<redb::Database>,
     path: PathBuf,
     epoch: u64,
     /// Key field and aggregate names, so `rivulet state inspect` can label values.
@@ -162,7 +163,7 @@ impl StateStore {
         };
         let epoch = restored.as_ref().map(|r| r.epoch).unwrap_or(0);
         let mut store = StateStore {
-            db,
+            db: Some(db),
             path,
             epoch,
             layout: layout.to_string(),
@@ -196,7 +197,32 @@ impl StateStore {
     ) -> Result<(), StateError> {
         let path = self.path.clone();
         let e = |x: &dyn std::fmt::Display| store_err(&path, x);
-        let txn = self.db.begin_write().map_err(|x| e(&x))?;
+        if self.db.is_none() {
+            // The last commit failed (a full disk, say): open the file
+            // again, which also repairs it, and write everything pending.
+            self.db = Some(redb::Database::create(&path).map_err(|x| e(&x))?);
+        }
+        let result = self.write(position, watermark, max_ts, pending, fingerprint);
+        if result.is_err() {
+            self.db = None;
+        }
+        result
+    }
+
+    fn write(
+        &mut self,
+        position: &[u8],
+        watermark: i64,
+        max_ts: i64,
+        pending: &mut Pending,
+        fingerprint: &str,
+    ) -> Result<(), StateError> {
+        let path = self.path.clone();
+        let e = |x: &dyn std::fmt::Display| store_err(&path, x);
+        let Some(db) = self.db.as_ref() else {
+            return Err(e(&"the state file is not open"));
+        };
+        let txn = db.begin_write().map_err(|x| e(&x))?;
         {
             let mut meta = txn.open_table(META).map_err(|x| e(&x))?;
             let mut keys = txn.open_table(KEYS).map_err(|x| e(&x))?;
