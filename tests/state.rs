@@ -330,6 +330,7 @@ fn a_full_disk_fails_checkpoints_without_stopping_and_the_next_one_catches_up() 
         .arg("if=/dev/zero")
         .arg(format!("of={}", filler.display()))
         .args(["bs=4k", "status=none"])
+        .stderr(Stdio::null())
         .status();
     std::thread::sleep(Duration::from_millis(1500));
     // Room again: a later checkpoint succeeds and catches up.
@@ -362,5 +363,174 @@ fn a_full_disk_fails_checkpoints_without_stopping_and_the_next_one_catches_up() 
     assert_eq!(
         keys, 3000,
         "the final checkpoint holds every sensor's window"
+    );
+}
+
+fn generator_pipeline(window: &str, extra_step: &str) -> String {
+    format!(
+        "name: sp\nsource:\n  generator: {{ sensors: 4, rate: 2000, start: 0, seed: 11 }}\n  event_time: {{ field: ts }}\n\
+         steps:\n{extra_step}  - key_by: sensor_id\n  - window: {{ tumbling: {window}, aggregate: {{ n: count() }} }}\n\
+         sink: {{ stdout: {{}} }}\nstate: {{ dir: st, checkpoint_interval: 1h }}\n"
+    )
+}
+
+fn inspect_total(path: &Path) -> (usize, i64) {
+    let out = Command::new(env!("CARGO_BIN_EXE_rivulet"))
+        .args(["state", "inspect"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (
+        rows.len(),
+        rows.iter()
+            .map(|r| r["aggregates"]["n"].as_i64().unwrap())
+            .sum(),
+    )
+}
+
+#[test]
+fn savepoint_round_trip_and_the_incompatible_change_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = d.join("sp.yaml");
+    std::fs::write(&p, generator_pipeline("1h", "")).unwrap();
+    // A checkpoint interval of an hour: only the savepoint writes state.
+    let child = rivulet(d, &p).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let sp = Command::new(env!("CARGO_BIN_EXE_rivulet"))
+        .arg("savepoint")
+        .arg(&p)
+        .args(["--out", "saved.redb"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(
+        sp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sp.stderr)
+    );
+    assert!(String::from_utf8_lossy(&sp.stdout)
+        .trim()
+        .ends_with("saved.redb"));
+    Command::new("kill")
+        .arg("-KILL")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let _ = child.wait_with_output();
+    let (keys, counted) = inspect_total(&d.join("saved.redb"));
+    assert_eq!(keys, 4);
+    assert!(counted > 100, "{counted}");
+
+    // A compatible change (a new filter) starts from the savepoint.
+    std::fs::remove_dir_all(d.join("st")).unwrap();
+    std::fs::write(
+        &p,
+        generator_pipeline("1h", "  - filter: temperature > -1000\n"),
+    )
+    .unwrap();
+    let child = rivulet(d, &p)
+        .arg("--from-savepoint")
+        .arg(d.join("saved.redb"))
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && log.contains("starting from a savepoint"),
+        "{log}"
+    );
+    let (_, after) = inspect_total(&d.join("st"));
+    assert!(
+        after > counted,
+        "the restored counts went on: {after} > {counted}"
+    );
+
+    // An incompatible change (another window size) is refused...
+    std::fs::write(&p, generator_pipeline("2h", "")).unwrap();
+    let out = rivulet(d, &p)
+        .arg("--from-savepoint")
+        .arg(d.join("saved.redb"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("different pipeline") && err.contains("--allow-non-restored-state"),
+        "{err}"
+    );
+    // ...unless asked to drop the state it cannot use.
+    let child = rivulet(d, &p)
+        .arg("--from-savepoint")
+        .arg(d.join("saved.redb"))
+        .arg("--allow-non-restored-state")
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("dropping the saved keyed state"), "{log}");
+}
+
+#[test]
+fn savepoint_without_a_running_pipeline_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = d.join("sp.yaml");
+    std::fs::write(&p, generator_pipeline("1h", "")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rivulet"))
+        .arg("savepoint")
+        .arg(&p)
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach a running pipeline"));
+}
+
+#[test]
+fn inspect_reads_the_state_a_killed_run_left_without_changing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = d.join("k.yaml");
+    std::fs::write(
+        &p,
+        generator_pipeline("1h", "")
+            .replace("checkpoint_interval: 1h", "checkpoint_interval: 50ms"),
+    )
+    .unwrap();
+    let mut child = rivulet(d, &p).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = std::fs::read(d.join("st/state.redb")).unwrap();
+    let (keys, counted) = inspect_total(&d.join("st"));
+    assert_eq!(keys, 4);
+    assert!(counted > 0);
+    assert_eq!(
+        std::fs::read(d.join("st/state.redb")).unwrap(),
+        before,
+        "inspect changed the file"
     );
 }

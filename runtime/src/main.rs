@@ -29,6 +29,21 @@ enum Command {
         /// Write live counters as JSON to this file (every 200 ms).
         #[arg(long, value_name = "PATH")]
         stats_file: Option<std::path::PathBuf>,
+        /// Start from a savepoint (written by `rivulet savepoint`).
+        #[arg(long, value_name = "PATH")]
+        from_savepoint: Option<std::path::PathBuf>,
+        /// With --from-savepoint: start even if the pipeline changed so
+        /// that the saved keyed state cannot be used (it is dropped).
+        #[arg(long, requires = "from_savepoint")]
+        allow_non_restored_state: bool,
+    },
+    /// Ask a running pipeline (by its pipeline file) for a savepoint.
+    Savepoint {
+        /// The pipeline file of the running pipeline (for its `state.dir`).
+        file: String,
+        /// Where to write the savepoint (default: <state.dir>/savepoints/<time>.redb).
+        #[arg(long, value_name = "PATH")]
+        out: Option<std::path::PathBuf>,
     },
     /// Check pipeline files without running them (no network, no files opened).
     Validate {
@@ -107,6 +122,16 @@ fn main() -> ExitCode {
             stats_file,
             max_age,
         } => health(&stats_file, max_age),
+        Command::Savepoint { file, out } => match savepoint(&file, out) {
+            Ok(path) => {
+                println!("{}", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::State {
             command: StateCommand::Inspect { dir },
         } => match inspect(&dir) {
@@ -124,7 +149,15 @@ fn main() -> ExitCode {
             file,
             workers,
             stats_file,
-        } => match run(&file, workers, stats_file) {
+            from_savepoint,
+            allow_non_restored_state,
+        } => match run(
+            &file,
+            workers,
+            stats_file,
+            from_savepoint,
+            allow_non_restored_state,
+        ) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -138,6 +171,8 @@ fn run(
     file: &str,
     workers: Option<usize>,
     stats_file: Option<std::path::PathBuf>,
+    from_savepoint: Option<std::path::PathBuf>,
+    allow_non_restored_state: bool,
 ) -> anyhow::Result<ExitCode> {
     let valid = match config::load(file) {
         Ok(v) => v,
@@ -162,8 +197,13 @@ fn run(
         workers = pipeline.workers(),
         "running"
     );
+    if from_savepoint.is_some() && valid.state_dir.is_none() {
+        anyhow::bail!("{file}: --from-savepoint needs a `state:` section (state.dir)");
+    }
     let opts = RunOptions {
         shutdown,
+        restore_from: from_savepoint,
+        allow_non_restored_state,
         ..Default::default()
     };
     let writer = stats_file.map(|path| spawn_stats_writer(path, opts.clone()));
@@ -307,4 +347,20 @@ fn inspect(dir: &std::path::Path) -> Result<(), rivulet::state::StateError> {
         }
     }
     Ok(())
+}
+
+fn savepoint(file: &str, out: Option<std::path::PathBuf>) -> Result<std::path::PathBuf, String> {
+    let valid = config::load(file).map_err(|e| e.to_string())?;
+    let dir = valid
+        .state_dir
+        .map(std::path::PathBuf::from)
+        .ok_or_else(|| format!("{file} has no `state:` section: a savepoint needs state.dir"))?;
+    let out = out.unwrap_or_else(|| {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        dir.join("savepoints").join(format!("savepoint-{ms}.redb"))
+    });
+    rivulet::state::control::request_savepoint(&dir, &out)
 }

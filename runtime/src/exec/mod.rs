@@ -58,6 +58,17 @@ pub struct RunOptions {
     pub shutdown: Arc<AtomicBool>,
     /// Live counters, readable while the run goes on.
     pub progress: Arc<Progress>,
+    /// Start from this savepoint (copied into the state directory first).
+    pub restore_from: Option<std::path::PathBuf>,
+    /// With `restore_from`: start even if the pipeline changed so that the
+    /// saved keyed state cannot be used (it is dropped; the position is kept).
+    pub allow_non_restored_state: bool,
+}
+
+/// A request for a savepoint, from the control socket.
+pub(crate) struct SavepointRequest {
+    pub(crate) path: std::path::PathBuf,
+    pub(crate) reply: std::sync::mpsc::Sender<Result<std::path::PathBuf, String>>,
 }
 
 /// Counters updated while a pipeline runs (per batch, not per event).
@@ -124,6 +135,8 @@ struct InBatch {
     end: Option<End>,
     /// Set on batches that close a checkpoint: the source position after them.
     checkpoint: Option<Arc<Vec<u8>>>,
+    /// A savepoint to write once this batch's checkpoint is committed.
+    savepoint: Option<Arc<SavepointRequest>>,
 }
 
 /// One event routed to a window worker.
@@ -180,6 +193,8 @@ struct OutBatch {
     checkpoint: Option<Arc<Vec<u8>>>,
     /// From a window worker: its state changes for the checkpoint.
     snapshot: Option<WorkerSnapshot>,
+    /// From the parse stage: a savepoint to write after the checkpoint.
+    savepoint: Option<Arc<SavepointRequest>>,
 }
 
 impl Pipeline {
@@ -211,9 +226,19 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
     let mut restored_keys: Vec<Vec<(Vec<u8>, crate::operators::window::KeySnapshot)>> =
         (0..n).map(|_| Vec::new()).collect();
     let mut restored_time = (i64::MIN, i64::MIN);
+    let mut control = None;
     if let Some((dir, _)) = &plan.state {
-        let (s, restored) =
-            crate::state::StateStore::open(dir, &fingerprint, &plan.state_layout())?;
+        if let Some(sp) = &opts.restore_from {
+            crate::state::install_savepoint(sp, dir)?;
+            tracing::info!(savepoint = %sp.display(), "starting from a savepoint");
+        }
+        let (s, restored) = crate::state::StateStore::open(
+            dir,
+            &fingerprint,
+            &plan.state_layout(),
+            opts.allow_non_restored_state,
+        )?;
+        control = Some(crate::state::control::listen(dir)?);
         if let Some(r) = restored {
             tracing::info!(
                 state = %s.path().display(),
@@ -336,6 +361,7 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
         );
     let max_payload = plan.max_payload;
     let progress = opts.progress.clone();
+    let savepoint_rx = control.as_mut().and_then(|c| c.take_requests());
     let reader = spawn("rivulet-reader".into(), move || {
         read(
             source,
@@ -346,6 +372,7 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
                 ticks,
                 max_payload,
                 checkpoint_every,
+                savepoints: savepoint_rx,
             },
             &progress,
         )
@@ -380,6 +407,8 @@ struct ReaderConfig {
     ticks: bool,
     max_payload: usize,
     checkpoint_every: Option<Duration>,
+    /// Savepoint requests from the control socket.
+    savepoints: Option<Receiver<SavepointRequest>>,
 }
 
 fn read(
@@ -394,6 +423,7 @@ fn read(
         ticks,
         max_payload,
         checkpoint_every,
+        savepoints,
     } = cfg;
     let mut next_checkpoint = checkpoint_every.map(|d| Instant::now() + d);
     let mut seq = 0u64;
@@ -457,9 +487,16 @@ fn read(
         }
         cap_items = batch.items.len().clamp(16, BATCH_EVENTS);
         cap_bytes = batch.data.len().clamp(1024, 1 << 20);
-        // Every checkpoint_interval, and at the end, the batch closes a checkpoint.
+        // Every checkpoint_interval, at the end, and for a savepoint, the
+        // batch closes a checkpoint.
+        let savepoint = savepoints
+            .as_ref()
+            .and_then(|rx| rx.try_recv().ok())
+            .map(Arc::new);
         let checkpoint = match (checkpoint_every, next_checkpoint) {
-            (Some(every), Some(due)) if end.is_some() || Instant::now() >= due => {
+            (Some(every), Some(due))
+                if end.is_some() || savepoint.is_some() || Instant::now() >= due =>
+            {
                 next_checkpoint = Some(Instant::now() + every);
                 Some(Arc::new(source.position().unwrap_or_default()))
             }
@@ -472,6 +509,7 @@ fn read(
             raw: Arc::new(batch),
             end,
             checkpoint,
+            savepoint,
         };
         if to_parse[(seq % to_parse.len() as u64) as usize]
             .send(msg)
@@ -584,6 +622,7 @@ impl ParseWorker {
             end: batch.end,
             events: n as u64,
             checkpoint: batch.checkpoint.clone(),
+            savepoint: batch.savepoint.clone(),
             ..Default::default()
         };
         let workers = plan.workers;
@@ -1035,8 +1074,19 @@ fn merge(
         }
         // The outputs up to here are written: now the checkpoint that covers them.
         if let (Some((st, fingerprint)), Some(position)) = (store.as_mut(), &batch.checkpoint) {
-            if let Err(e) = st.commit(position, time.0, time.1, &mut pending, fingerprint) {
+            let committed = st.commit(position, time.0, time.1, &mut pending, fingerprint);
+            if let Err(e) = &committed {
                 tracing::error!(error = %e, "checkpoint failed; processing goes on and the next checkpoint retries");
+            }
+            if let Some(req) = &batch.savepoint {
+                let result = committed
+                    .map_err(|e| e.to_string())
+                    .and_then(|_| st.save_copy(&req.path).map_err(|e| e.to_string()))
+                    .map(|_| req.path.clone());
+                if let Ok(p) = &result {
+                    tracing::info!(savepoint = %p.display(), "savepoint written");
+                }
+                let _ = req.reply.send(result);
             }
         }
         progress.batches_written.fetch_add(1, Ordering::Relaxed);

@@ -9,12 +9,18 @@
 //! position; results after that point are emitted again (identical, since
 //! processing is deterministic).
 //!
+//! Savepoints are copies of the state file taken right after a checkpoint
+//! requested through the control socket (see [`control`]); they are
+//! portable (redb and postcard fix their byte order).
+//!
 //! Record format version 1: `meta` table (`version`, `fingerprint`,
 //! `position`, `watermark`, `max_ts`, `epoch`), `keys` table from
 //! `[key group] ++ key bytes` to a postcard [`KeySnapshot`].
 
+pub mod control;
+
 use crate::operators::window::KeySnapshot;
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -26,7 +32,7 @@ pub const FORMAT_VERSION: u64 = 1;
 pub enum StateError {
     #[error("state {path}: {message}")]
     Store { path: String, message: String },
-    #[error("state {path} was written by a different pipeline ({found}; this one is {expected}); move the directory away to start afresh")]
+    #[error("state {path} was written by a different pipeline ({found}; this one is {expected}); move the directory away to start afresh, or start from a savepoint with --allow-non-restored-state to keep only the input position")]
     Incompatible {
         path: String,
         found: String,
@@ -104,6 +110,7 @@ impl StateStore {
         dir: &Path,
         fingerprint: &str,
         layout: &str,
+        allow_non_restored: bool,
     ) -> Result<(StateStore, Option<Restored>), StateError> {
         std::fs::create_dir_all(dir).map_err(|e| store_err(dir, e))?;
         let path = dir.join("state.redb");
@@ -129,7 +136,8 @@ impl StateStore {
                     let found = get("fingerprint")?
                         .map(|f| String::from_utf8_lossy(&f).into_owned())
                         .unwrap_or_default();
-                    if found != fingerprint {
+                    let drop_keys = found != fingerprint && allow_non_restored;
+                    if found != fingerprint && !allow_non_restored {
                         return Err(StateError::Incompatible {
                             path: path.display().to_string(),
                             found,
@@ -151,16 +159,40 @@ impl StateStore {
                         keys: Vec::new(),
                     };
                     let keys = txn.open_table(KEYS).map_err(|e| store_err(&path, e))?;
-                    for entry in keys.iter().map_err(|e| store_err(&path, e))? {
-                        let (k, v) = entry.map_err(|e| store_err(&path, e))?;
-                        let snap: KeySnapshot = postcard::from_bytes(v.value())
-                            .map_err(|e| store_err(&path, format!("unreadable key state: {e}")))?;
-                        r.keys.push((k.value()[1..].to_vec(), snap));
+                    if drop_keys {
+                        let n = keys.len().map_err(|e| store_err(&path, e))?;
+                        tracing::warn!(
+                            state = %path.display(),
+                            keys = n,
+                            "the pipeline changed: dropping the saved keyed state it cannot use (--allow-non-restored-state), keeping the input position"
+                        );
+                    } else {
+                        for entry in keys.iter().map_err(|e| store_err(&path, e))? {
+                            let (k, v) = entry.map_err(|e| store_err(&path, e))?;
+                            let snap: KeySnapshot =
+                                postcard::from_bytes(v.value()).map_err(|e| {
+                                    store_err(&path, format!("unreadable key state: {e}"))
+                                })?;
+                            r.keys.push((k.value()[1..].to_vec(), snap));
+                        }
                     }
-                    Some(r)
+                    if drop_keys {
+                        Some((r, true))
+                    } else {
+                        Some((r, false))
+                    }
                 }
             }
         };
+        let (restored, clear) = match restored {
+            Some((r, clear)) => (Some(r), clear),
+            None => (None, false),
+        };
+        if clear {
+            let txn = db.begin_write().map_err(|e| store_err(&path, e))?;
+            txn.delete_table(KEYS).map_err(|e| store_err(&path, e))?;
+            txn.commit().map_err(|e| store_err(&path, e))?;
+        }
         let epoch = restored.as_ref().map(|r| r.epoch).unwrap_or(0);
         let mut store = StateStore {
             db: Some(db),
@@ -168,7 +200,7 @@ impl StateStore {
             epoch,
             layout: layout.to_string(),
         };
-        if restored.is_none() {
+        if restored.is_none() || clear {
             // A fresh store records what it belongs to at once.
             store.commit(
                 &[],
@@ -183,6 +215,43 @@ impl StateStore {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Writes the last committed checkpoint into a new, closed redb file
+    /// (a copy of the live file would be marked as not cleanly closed).
+    pub fn save_copy(&self, to: &Path) -> Result<(), StateError> {
+        let e = |x: &dyn std::fmt::Display| store_err(to, x);
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent).map_err(|x| e(&x))?;
+        }
+        let Some(db) = self.db.as_ref() else {
+            return Err(e(
+                &"the state file is not open (the last checkpoint failed)",
+            ));
+        };
+        let tmp = to.with_extension("partial");
+        let _ = std::fs::remove_file(&tmp);
+        {
+            let read = db.begin_read().map_err(|x| e(&x))?;
+            let out = redb::Database::create(&tmp).map_err(|x| e(&x))?;
+            let write = out.begin_write().map_err(|x| e(&x))?;
+            {
+                let meta = read.open_table(META).map_err(|x| e(&x))?;
+                let mut m = write.open_table(META).map_err(|x| e(&x))?;
+                for entry in meta.iter().map_err(|x| e(&x))? {
+                    let (k, v) = entry.map_err(|x| e(&x))?;
+                    m.insert(k.value(), v.value()).map_err(|x| e(&x))?;
+                }
+                let keys = read.open_table(KEYS).map_err(|x| e(&x))?;
+                let mut t = write.open_table(KEYS).map_err(|x| e(&x))?;
+                for entry in keys.iter().map_err(|x| e(&x))? {
+                    let (k, v) = entry.map_err(|x| e(&x))?;
+                    t.insert(k.value(), v.value()).map_err(|x| e(&x))?;
+                }
+            }
+            write.commit().map_err(|x| e(&x))?;
+        }
+        std::fs::rename(&tmp, to).map_err(|x| e(&x))
     }
 
     /// Writes one checkpoint durably. On success `pending` is emptied; on
@@ -261,15 +330,39 @@ impl StateStore {
     }
 }
 
-/// Reads a state directory without changing it.
+/// Reads a state directory (or a savepoint file) without changing it.
 pub fn inspect(dir: &Path) -> Result<Inspection, StateError> {
+    if dir.is_file() {
+        return inspect_file(dir);
+    }
     let path = dir.join("state.redb");
     if !path.exists() {
         return Err(store_err(&path, "no such file (not a state directory?)"));
     }
-    let db = redb::ReadOnlyDatabase::open(&path)
-        .map_err(|e| store_err(&path, format!("{e} (not a rivulet state file?)")))?;
-    let txn = db.begin_read().map_err(|e| store_err(&path, e))?;
+    inspect_file(&path)
+}
+
+fn inspect_file(path: &Path) -> Result<Inspection, StateError> {
+    let path = path.to_path_buf();
+    // A file left by a crash needs redb's repair, which writes: repair a
+    // copy, so inspecting never changes the state.
+    let mut _copy = None;
+    let (_ro, _rw);
+    let txn = match redb::ReadOnlyDatabase::open(&path) {
+        Ok(db) => {
+            _ro = db;
+            _ro.begin_read().map_err(|e| store_err(&path, e))?
+        }
+        Err(_) => {
+            let tmp =
+                std::env::temp_dir().join(format!("rivulet-inspect-{}.redb", std::process::id()));
+            std::fs::copy(&path, &tmp).map_err(|e| store_err(&path, e))?;
+            _copy = Some(TempFile(tmp.clone()));
+            _rw = redb::Database::create(&tmp)
+                .map_err(|e| store_err(&path, format!("{e} (not a rivulet state file?)")))?;
+            _rw.begin_read().map_err(|e| store_err(&path, e))?
+        }
+    };
     let meta = txn.open_table(META).map_err(|e| store_err(&path, e))?;
     let get = |k: &str| -> Result<Vec<u8>, StateError> {
         Ok(meta
@@ -295,4 +388,26 @@ pub fn inspect(dir: &Path) -> Result<Inspection, StateError> {
         out.keys.push((k.value()[1..].to_vec(), snap));
     }
     Ok(out)
+}
+
+/// Puts a savepoint in place as the state of `dir` (replacing what is there).
+pub fn install_savepoint(savepoint: &Path, dir: &Path) -> Result<(), StateError> {
+    // Refuse what is not a rivulet state file before replacing anything.
+    inspect_file(savepoint)?;
+    std::fs::create_dir_all(dir).map_err(|e| store_err(dir, e))?;
+    let target = dir.join("state.redb");
+    if target.exists() {
+        tracing::warn!(state = %target.display(), "replacing the existing state with the savepoint");
+    }
+    std::fs::copy(savepoint, &target).map_err(|e| store_err(&target, e))?;
+    Ok(())
+}
+
+/// Removes a file when dropped.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
