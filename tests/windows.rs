@@ -546,3 +546,39 @@ fn nested_fields_and_compound_keys() {
         ]
     );
 }
+
+#[test]
+fn max_keys_bounds_state_and_dead_letters_new_keys() {
+    // 10 keys, a bound of 4: the first keys seen keep their windows, events
+    // of keys beyond the bound go to the dead-letter output with the reason.
+    let lines: Vec<String> = (0..100)
+        .map(|i| ev(&format!("k{}", i % 10), i, 1))
+        .collect();
+    let out = run_with(
+        &lines,
+        0,
+        WindowDef::tumbling(ms(10_000))
+            .aggregate("n", "count()")
+            .max_keys(4),
+        1,
+    );
+    let kept: std::collections::BTreeSet<&str> =
+        out.main.iter().map(|r| r["k"].as_str().unwrap()).collect();
+    assert_eq!(kept.len(), 4, "{kept:?}");
+    assert_eq!(out.stats.dead_letters, 60);
+    assert!(
+        out.dead[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("max_keys (4)"),
+        "{}",
+        out.dead[0]
+    );
+    assert_eq!(
+        out.main
+            .iter()
+            .map(|r| r["n"].as_i64().unwrap())
+            .sum::<i64>(),
+        40
+    );
+}

@@ -1221,11 +1221,16 @@ fn check_window(
     let (Some(kind), Some(allowed_lateness), true) = (kind, lateness, ok) else {
         return None;
     };
+    if w.max_keys == Some(0) {
+        c.node(node, &format!("{path}.max_keys"), "must be at least 1");
+        return None;
+    }
     Some(WindowDef {
         kind,
         allowed_lateness,
         aggregates,
         errors: Vec::new(),
+        max_keys: w.max_keys,
     })
 }
 

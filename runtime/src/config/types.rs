@@ -319,6 +319,9 @@ pub struct WindowConfig {
     pub session: Option<SessionConfig>,
     /// How long after a window fires late events still update it (default 0ms).
     pub allowed_lateness: Option<DurationText>,
+    /// Most keys with open windows (a bound on state size). Events of new
+    /// keys beyond it go to the dead-letter output. Default: no bound.
+    pub max_keys: Option<usize>,
     /// Result fields: `name: count() | count(e) | sum(e) | avg(e) | min(e) | max(e) | first(e) | last(e)`.
     pub aggregate: Option<IndexMap<Sp<String>, Sp<Scalar>>>,
 }

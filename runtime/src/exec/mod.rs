@@ -27,7 +27,7 @@
 //! (backpressure), never grows memory. Each stage consumes strictly in
 //! batch order, which rules out deadlock between them.
 
-use crate::operators::window::{AggFunc, Emitted, WindowOperator};
+use crate::operators::window::{AggFunc, Emitted, Outcome, WindowOperator};
 use crate::operators::{Records, Status, Step};
 use crate::plan::{Format, Pipeline, Plan, TimeMode};
 use crate::sinks::{Sink, SinkError};
@@ -319,6 +319,11 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
             let (tx, out_rx) = sync_channel::<OutBatch>(QUEUE);
             win_out_rx.push(out_rx);
             let mut op = WindowOperator::new(def.clone(), plan.key_names.clone());
+            if let Some(max) = def.max_keys {
+                // This worker's share of the bound, by the key groups it owns.
+                let groups = (j + 1) * KEY_GROUPS / n - j * KEY_GROUPS / n;
+                op.limit_keys((max * groups).div_ceil(KEY_GROUPS).max(1));
+            }
             if store.is_some() {
                 op.track_changes();
                 op.restore_watermark(restored_time.0);
@@ -937,20 +942,44 @@ impl WindowWorker {
             let key = &sub.keys[rec.key.0 as usize..rec.key.1 as usize];
             let vals = &sub.vals[rec.vals as usize..rec.vals as usize + width];
             let seq = (sub.seq << 32) | rec.idx as u64;
-            let late = self
+            let outcome = self
                 .op
                 .process(key, rec.hash, rec.ts, seq, vals, &mut self.emitted);
             self.collect(rec.idx, 0, &mut out);
-            if late && self.plan.has_late_sink {
-                let item = &sub.raw.items[rec.idx as usize];
-                out.outputs.push(Output::plain(
-                    rec.idx,
-                    Stream::Late,
-                    sub.raw.payload(item).to_vec(),
-                ));
-            } else if late {
-                out.outputs
-                    .push(Output::plain(rec.idx, Stream::Late, Vec::new()));
+            let item = &sub.raw.items[rec.idx as usize];
+            match outcome {
+                Outcome::Accepted => {}
+                Outcome::Late => {
+                    // Counted always; the payload only when someone reads it.
+                    let line = if self.plan.has_late_sink {
+                        sub.raw.payload(item).to_vec()
+                    } else {
+                        Vec::new()
+                    };
+                    out.outputs.push(Output::plain(rec.idx, Stream::Late, line));
+                }
+                Outcome::StateFull => {
+                    let limit = self
+                        .plan
+                        .window
+                        .as_ref()
+                        .and_then(|w| w.max_keys)
+                        .unwrap_or(0);
+                    out.outputs.push(Output::plain(
+                        rec.idx,
+                        Stream::Dead,
+                        dead_letter_line(
+                            &format!(
+                                "the window state is full: a new key beyond max_keys ({limit})"
+                            ),
+                            &self.plan.source_name,
+                            item.position,
+                            sub.raw.topic(item),
+                            sub.raw.payload(item),
+                            item.oversize,
+                        ),
+                    ));
+                }
             }
         }
         while r < sub.raises.len() {

@@ -57,6 +57,9 @@ pub struct WindowDef {
     pub aggregates: Vec<Aggregate>,
     /// Aggregates that did not parse, reported by `PipelineBuilder::build`.
     pub(crate) errors: Vec<String>,
+    /// Most keys with open windows; events of new keys beyond it go to the
+    /// dead-letter output. `None`: no bound.
+    pub max_keys: Option<usize>,
 }
 
 impl WindowDef {
@@ -66,7 +69,13 @@ impl WindowDef {
             allowed_lateness: 0,
             aggregates: Vec::new(),
             errors: Vec::new(),
+            max_keys: None,
         }
+    }
+    /// Bounds the keys with open windows (see [`WindowDef::max_keys`]).
+    pub fn max_keys(mut self, n: usize) -> Self {
+        self.max_keys = Some(n);
+        self
     }
     pub fn tumbling(size: std::time::Duration) -> Self {
         Self::of(WindowKind::Tumbling {
@@ -274,6 +283,18 @@ pub struct WindowOperator {
     dirty: Vec<u32>,
     is_dirty: Vec<bool>,
     deleted: Vec<Box<[u8]>>,
+    /// This worker's share of `max_keys`.
+    key_limit: usize,
+}
+
+/// What became of an event in the window operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Accepted,
+    /// Too late for all its windows: for the late output.
+    Late,
+    /// A new key while the state holds `max_keys` keys: for the dead-letter output.
+    StateFull,
 }
 
 /// The saved state of one key: its open windows and their accumulators.
@@ -310,7 +331,13 @@ impl WindowOperator {
             dirty: Vec::new(),
             is_dirty: Vec::new(),
             deleted: Vec::new(),
+            key_limit: usize::MAX,
         }
+    }
+
+    /// Sets this worker's share of the key bound.
+    pub fn limit_keys(&mut self, n: usize) {
+        self.key_limit = n;
     }
 
     /// Records which keys change, for incremental checkpoints.
@@ -467,7 +494,7 @@ impl WindowOperator {
 
     /// Processes one event with the watermark as it stands before it.
     /// Results fired by late-but-allowed events are appended to `out`,
-    /// sorted. Returns `true` when the event is late (for the late output).
+    /// sorted.
     pub fn process(
         &mut self,
         key: &[u8],
@@ -476,9 +503,12 @@ impl WindowOperator {
         seq: u64,
         vals: &[Value],
         out: &mut Vec<Emitted>,
-    ) -> bool {
+    ) -> Outcome {
         let wm = self.watermark;
         let lateness = self.def.allowed_lateness;
+        if self.open_keys() >= self.key_limit && !self.has_key(key, hash) {
+            return Outcome::StateFull;
+        }
         let mut assigned = std::mem::take(&mut self.assigned);
         self.def.assign(ts, &mut assigned);
         let id = self.key_id(key, hash);
@@ -526,7 +556,21 @@ impl WindowOperator {
         self.assigned = assigned;
         self.release_if_empty(id);
         self.drain_sorted(out);
-        skipped && ts.saturating_add(lateness) <= wm
+        if skipped && ts.saturating_add(lateness) <= wm {
+            Outcome::Late
+        } else {
+            Outcome::Accepted
+        }
+    }
+
+    fn has_key(&self, key: &[u8], hash: u64) -> bool {
+        let keys = &self.keys;
+        self.index
+            .find(hash, |&id| {
+                let k = &keys[id as usize];
+                k.hash == hash && k.key.as_slice() == key
+            })
+            .is_some()
     }
 
     /// The window with these bounds, created if missing.
