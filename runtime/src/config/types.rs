@@ -295,6 +295,7 @@ pub struct EventTimeConfig {
 /// One processing step: exactly one of `map`, `filter`, `key_by`, `window`.
 #[derive(Clone, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[allow(clippy::large_enum_variant)] // parsed once, at start
 pub enum StepConfig {
     /// New or replaced fields: `name: expression`, evaluated in order.
     Map(IndexMap<Sp<String>, Sp<Scalar>>),
