@@ -17,7 +17,11 @@ use rivulet_bench::{usage, SyntheticJson};
 use std::time::{Duration, Instant};
 
 fn snapshot(i: u64) -> KeySnapshot {
-    let mut accs = vec![Acc::new(AggFunc::Avg), Acc::new(AggFunc::Max), Acc::new(AggFunc::Count)];
+    let mut accs = vec![
+        Acc::new(AggFunc::Avg),
+        Acc::new(AggFunc::Max),
+        Acc::new(AggFunc::Count),
+    ];
     for (j, a) in accs.iter_mut().enumerate() {
         a.add(&Value::Float((i + j as u64) as f64 / 3.0), 0, 0);
     }
@@ -52,7 +56,9 @@ fn checkpoint(keys: u64) {
     let t = Instant::now();
     store.commit(&[], 0, 0, &mut part, "bench").expect("commit");
     let part_ms = t.elapsed().as_secs_f64() * 1000.0;
-    let size = std::fs::metadata(store.path()).map(|m| m.len()).unwrap_or(0);
+    let size = std::fs::metadata(store.path())
+        .map(|m| m.len())
+        .unwrap_or(0);
     println!(
         "{}",
         serde_json::json!({"bench": "checkpoint", "keys": keys, "full_ms": full_ms,
@@ -64,7 +70,9 @@ fn recover(keys: u64) {
     let dir = tempfile::tempdir().expect("temp dir");
     {
         let (mut store, _) = StateStore::open(dir.path(), "bench", "{}", false).expect("open");
-        store.commit(&[], 0, 0, &mut fill(keys, 1), "bench").expect("commit");
+        store
+            .commit(&[], 0, 0, &mut fill(keys, 1), "bench")
+            .expect("commit");
     }
     let t = Instant::now();
     let (_, restored) = StateStore::open(dir.path(), "bench", "{}", false).expect("open");
@@ -108,7 +116,11 @@ fn engine(every_ms: u64, events: u64) {
     }
     let (cpu0, _) = usage();
     let t = Instant::now();
-    let stats = b.build().expect("valid").run(RunOptions::default()).expect("runs");
+    let stats = b
+        .build()
+        .expect("valid")
+        .run(RunOptions::default())
+        .expect("runs");
     let wall = t.elapsed().as_secs_f64();
     let (cpu1, rss) = usage();
     println!(
@@ -126,6 +138,8 @@ fn main() {
         Some("checkpoint") => checkpoint(n(2, 10_000)),
         Some("recover") => recover(n(2, 100_000)),
         Some("engine") => engine(n(2, 0), n(3, 3_000_000)),
-        _ => eprintln!("usage: state checkpoint KEYS | state recover KEYS | state engine EVERY_MS EVENTS"),
+        _ => eprintln!(
+            "usage: state checkpoint KEYS | state recover KEYS | state engine EVERY_MS EVENTS"
+        ),
     }
 }
