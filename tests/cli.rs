@@ -405,3 +405,24 @@ fn run_refuses_an_invalid_file_with_exit_code_1() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("missing `sink`"));
 }
+
+#[test]
+fn a_torn_last_line_from_an_interrupted_run_is_cut_not_appended_to() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("e.jsonl"), "{\"a\":1}\n").unwrap();
+    // A complete record, then half a record (a crash mid-write).
+    std::fs::write(
+        dir.path().join("out.jsonl"),
+        "{\"earlier\":true}\n{\"half\":",
+    )
+    .unwrap();
+    let yaml =
+        "name: t\nsource: { file: { path: e.jsonl } }\nsink: { file: { path: out.jsonl } }\n";
+    let out = run_file(dir.path(), yaml, &[], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("incomplete last line"));
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap(),
+        "{\"earlier\":true}\n{\"a\":1}\n"
+    );
+}

@@ -46,14 +46,16 @@ impl FileSink {
         if path == "-" {
             return Ok(Self::stdout());
         }
+        let io = |error| SinkError::Io {
+            sink: format!("file {path}"),
+            error,
+        };
+        drop_torn_tail(std::path::Path::new(path)).map_err(io)?;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|error| SinkError::Io {
-                sink: format!("file {path}"),
-                error,
-            })?;
+            .map_err(io)?;
         Ok(FileSink {
             name: format!("file {path}"),
             out: BufWriter::with_capacity(64 << 10, Box::new(file)),
@@ -87,6 +89,48 @@ impl Sink for FileSink {
     }
     fn flush(&mut self) -> Result<(), SinkError> {
         self.out.flush().map_err(|e| self.io(e))
+    }
+}
+
+/// A crash in the middle of a write can leave an incomplete last line.
+/// Every record ends with a newline, so that fragment is no record: it is
+/// cut off (the run that follows emits the record again, whole), and what
+/// earlier runs wrote in full is never touched.
+fn drop_torn_tail(path: &std::path::Path) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len();
+    if len == 0 || !f.metadata()?.is_file() {
+        return Ok(());
+    }
+    let mut end = len;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let start = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(end - start) as usize];
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(chunk)?;
+        if end == len && chunk.last() == Some(&b'\n') {
+            return Ok(());
+        }
+        if let Some(i) = memchr::memrchr(b'\n', chunk) {
+            let keep = start + i as u64 + 1;
+            tracing::warn!(file = %path.display(), bytes = len - keep, "removed an incomplete last line left by an interrupted run");
+            return f.set_len(keep);
+        }
+        if start == 0 {
+            tracing::warn!(file = %path.display(), bytes = len, "removed an incomplete line left by an interrupted run");
+            return f.set_len(0);
+        }
+        end = start;
     }
 }
 
