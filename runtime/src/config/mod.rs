@@ -123,7 +123,8 @@ pub struct ConnSpec {
     /// 4 (MQTT 3.1.1) or 5.
     pub version: u8,
     pub client_id: Option<String>,
-    pub clean_session: bool,
+    /// `None`: not set; a journaled source defaults to a persistent session.
+    pub clean_session: Option<bool>,
     pub keep_alive_ms: i64,
     pub username: Option<String>,
     pub password: PasswordSpec,
@@ -1026,7 +1027,7 @@ fn check_conn(
         tls,
         version,
         client_id: cc.client_id.clone(),
-        clean_session: cc.clean_session.unwrap_or(true),
+        clean_session: cc.clean_session,
         keep_alive_ms,
         username: cc.username.clone(),
         password,
@@ -1290,10 +1291,20 @@ impl ValidPipeline {
             })),
             SourceSpec::Mqtt(m) => b.source(
                 MqttSource::start(MqttSourceOptions {
-                    endpoint: endpoint(&m.conn, &self.name, "in", self.max_payload).map_err(err)?,
+                    // With state, input is journaled and the broker keeps
+                    // a session for us while we are away.
+                    endpoint: endpoint(
+                        &m.conn,
+                        &self.name,
+                        "in",
+                        self.max_payload,
+                        self.state_dir.is_none(),
+                    )
+                    .map_err(err)?,
                     patterns: m.topics.clone(),
                     qos: m.qos,
                     topic_field: m.topic_field.clone(),
+                    journal_dir: self.state_dir.as_ref().map(std::path::PathBuf::from),
                 })
                 .map_err(|e| err(e.to_string()))?,
             ),
@@ -1335,7 +1346,8 @@ impl ValidPipeline {
                             .map(|d| std::path::Path::new(d).join("outbox"))
                     });
                     let sink = MqttSink::start(MqttSinkOptions {
-                        endpoint: endpoint(&m.conn, &self.name, &name, 1 << 28).map_err(err)?,
+                        endpoint: endpoint(&m.conn, &self.name, &name, 1 << 28, true)
+                            .map_err(err)?,
                         topic: m.topic.clone(),
                         qos: m.qos,
                         retain: m.retain,
@@ -1380,6 +1392,7 @@ fn endpoint(
     pipeline: &str,
     role: &str,
     max_payload: usize,
+    default_clean: bool,
 ) -> Result<Endpoint, String> {
     let password = match &c.password {
         PasswordSpec::None => None,
@@ -1413,7 +1426,7 @@ fn endpoint(
         tls: c.tls,
         version: c.version,
         client_id,
-        clean_session: c.clean_session,
+        clean_session: c.clean_session.unwrap_or(default_clean),
         keep_alive: Duration::from_millis(c.keep_alive_ms as u64),
         username: c.username.clone(),
         password,

@@ -260,6 +260,7 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
         store = Some(s);
     }
     let checkpoint_every = plan.state.as_ref().map(|(_, every)| *every);
+    let on_checkpoint = source.checkpoint_hook();
 
     // reader -> parse workers
     let mut to_parse = Vec::new();
@@ -384,7 +385,7 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
     })?;
 
     let merged = merge(
-        store.map(|s| (s, fingerprint)),
+        store.map(|s| (s, fingerprint, on_checkpoint)),
         &opts.progress,
         parse_out_rx,
         win_out_rx,
@@ -1028,7 +1029,11 @@ impl WindowWorker {
 
 /// The merger: writes each batch's outputs in order.
 fn merge(
-    mut store: Option<(crate::state::StateStore, String)>,
+    mut store: Option<(
+        crate::state::StateStore,
+        String,
+        Option<crate::sources::CheckpointHook>,
+    )>,
     progress: &Progress,
     parse_out: Vec<Receiver<OutBatch>>,
     win_out: Vec<Receiver<OutBatch>>,
@@ -1102,10 +1107,15 @@ fn merge(
             s.flush()?;
         }
         // The outputs up to here are written: now the checkpoint that covers them.
-        if let (Some((st, fingerprint)), Some(position)) = (store.as_mut(), &batch.checkpoint) {
+        if let (Some((st, fingerprint, hook)), Some(position)) = (store.as_mut(), &batch.checkpoint)
+        {
             let committed = st.commit(position, time.0, time.1, &mut pending, fingerprint);
-            if let Err(e) = &committed {
-                tracing::error!(error = %e, "checkpoint failed; processing goes on and the next checkpoint retries");
+            match (&committed, hook) {
+                (Err(e), _) => {
+                    tracing::error!(error = %e, "checkpoint failed; processing goes on and the next checkpoint retries");
+                }
+                (Ok(()), Some(hook)) => hook(position),
+                (Ok(()), None) => {}
             }
             if let Some(req) = &batch.savepoint {
                 let result = committed

@@ -146,6 +146,16 @@ impl Endpoint {
 
     /// Opens a client; the connection starts once [`drive`] iterates it.
     pub fn connect(&self, request_capacity: usize) -> Result<(Client, Connection), String> {
+        self.connect_with(request_capacity, false)
+    }
+
+    /// Like [`Endpoint::connect`]; with `manual_acks` incoming QoS 1
+    /// messages are acknowledged only through [`Client::try_ack`].
+    pub fn connect_with(
+        &self,
+        request_capacity: usize,
+        manual_acks: bool,
+    ) -> Result<(Client, Connection), String> {
         let tls = if self.tls {
             Some(rumqttc::TlsConfiguration::Rustls(Arc::new(
                 self.rustls_config()?,
@@ -157,7 +167,13 @@ impl Endpoint {
             let mut o = rumqttc::v5::MqttOptions::new(&self.client_id, &self.host, self.port);
             o.set_keep_alive(self.keep_alive)
                 .set_clean_start(self.clean_session)
-                .set_max_packet_size(Some(self.max_packet as u32));
+                .set_max_packet_size(Some(self.max_packet as u32))
+                .set_manual_acks(manual_acks);
+            if !self.clean_session {
+                // A persistent session must outlive the connection (MQTT 5
+                // ends it at disconnect unless told otherwise).
+                o.set_session_expiry_interval(Some(u32::MAX));
+            }
             if let (Some(u), p) = (&self.username, &self.password) {
                 o.set_credentials(u, p.clone().unwrap_or_default());
             }
@@ -171,7 +187,8 @@ impl Endpoint {
             let mut o = rumqttc::MqttOptions::new(&self.client_id, &self.host, self.port);
             o.set_keep_alive(self.keep_alive)
                 .set_clean_session(self.clean_session)
-                .set_max_packet_size(self.max_packet, self.max_packet);
+                .set_max_packet_size(self.max_packet, self.max_packet)
+                .set_manual_acks(manual_acks);
             if let (Some(u), p) = (&self.username, &self.password) {
                 o.set_credentials(u, p.clone().unwrap_or_default());
             }
@@ -232,6 +249,27 @@ impl Client {
             Client::V5(c) => c.try_publish(topic, qos5(qos), retain, payload).is_ok(),
         }
     }
+    /// Queues the PUBACK of an incoming QoS 1 message (with manual acks)
+    /// without waiting; `false` when the request queue is full.
+    pub fn try_ack(&self, pkid: u16) -> bool {
+        match self {
+            Client::V4(c) => {
+                let mut p = rumqttc::Publish::new("", rumqttc::QoS::AtLeastOnce, Vec::new());
+                p.pkid = pkid;
+                c.try_ack(&p).is_ok()
+            }
+            Client::V5(c) => {
+                let mut p = rumqttc::v5::mqttbytes::v5::Publish::new(
+                    "",
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    Vec::new(),
+                    None,
+                );
+                p.pkid = pkid;
+                c.try_ack(&p).is_ok()
+            }
+        }
+    }
     pub fn disconnect(&self) {
         let _ = match self {
             Client::V4(c) => c.disconnect().map_err(|e| e.to_string()),
@@ -254,7 +292,13 @@ pub enum Ev {
     Message {
         topic: String,
         payload: Bytes,
+        /// Packet id (0 for QoS 0).
+        pkid: u16,
+        /// Set by the broker on a redelivery.
+        dup: bool,
     },
+    /// Nothing happened for the `tick` given to [`drive`].
+    Tick,
     /// The broker acknowledged the QoS 1 publish with this packet id.
     PubAck(u16),
     /// A publish (packet id; 0 for QoS 0) was written to the network.
@@ -384,6 +428,8 @@ impl Connection {
                         Event::Incoming(Packet::Publish(p)) => Step::Ev(Ev::Message {
                             topic: p.topic,
                             payload: p.payload,
+                            pkid: p.pkid,
+                            dup: p.dup,
                         }),
                         Event::Incoming(Packet::PubAck(a)) => Step::Ev(Ev::PubAck(a.pkid)),
                         Event::Outgoing(rumqttc::Outgoing::Publish(id)) => Step::Ev(Ev::Sent(id)),
@@ -416,6 +462,8 @@ impl Connection {
                         Event::Incoming(Packet::Publish(p)) => Step::Ev(Ev::Message {
                             topic: String::from_utf8_lossy(&p.topic).into_owned(),
                             payload: p.payload,
+                            pkid: p.pkid,
+                            dup: p.dup,
                         }),
                         Event::Incoming(Packet::PubAck(a)) => Step::Ev(Ev::PubAck(a.pkid)),
                         Event::Outgoing(rumqttc::Outgoing::Publish(id)) => Step::Ev(Ev::Sent(id)),
@@ -434,11 +482,13 @@ impl Connection {
 /// Runs a connection until `stop` is set or the client side is dropped:
 /// hands every event to `on_event`, reconnects with exponential backoff
 /// (0.1 s doubling to 30 s, with ±25 % jitter) and logs each change of
-/// state once. `on_event` returns `false` to end the loop.
+/// state once. When nothing happens for `tick`, `on_event` gets
+/// [`Ev::Tick`]. `on_event` returns `false` to end the loop.
 pub fn drive(
     mut conn: Connection,
     url: &str,
     stop: Arc<AtomicBool>,
+    tick: Duration,
     mut on_event: impl FnMut(Ev) -> bool,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -446,8 +496,12 @@ pub fn drive(
     let mut last_error: Option<String> = None;
     let mut rng = fastrand::Rng::new();
     while !stop.load(Ordering::Relaxed) {
-        match conn.step(Duration::from_millis(200)) {
-            Step::Nothing => {}
+        match conn.step(tick) {
+            Step::Nothing => {
+                if !on_event(Ev::Tick) {
+                    return;
+                }
+            }
             Step::Closed => return,
             Step::Ev(ev) => match ev {
                 Ev::Connected { .. } => {

@@ -297,7 +297,7 @@ impl MqttSink {
             std::thread::Builder::new()
                 .name("rivulet-mqtt-conn".into())
                 .spawn(move || {
-                    drive(conn, &url, stop, |ev| {
+                    drive(conn, &url, stop, Duration::from_millis(200), |ev| {
                         let mut st = shared.lock();
                         match ev {
                             Ev::Connected { session_present } => {
@@ -325,7 +325,7 @@ impl MqttSink {
                             Ev::PubAck(pkid) => {
                                 st.inflight.remove(&pkid);
                             }
-                            Ev::Message { .. } => {}
+                            Ev::Message { .. } | Ev::Tick => {}
                         }
                         shared.cv.notify_all();
                         true

@@ -11,6 +11,7 @@
 
 pub mod file;
 pub mod generator;
+pub mod journal;
 pub mod memory;
 pub mod mqtt;
 
@@ -159,8 +160,15 @@ pub trait Source: Send {
     }
 
     /// Where the source is: after the last event it handed out. Saved with
-    /// each checkpoint; `None` when the source cannot resume (stdin, MQTT).
+    /// each checkpoint; `None` when the source cannot resume (stdin, MQTT
+    /// without a journal).
     fn position(&self) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Something to call with the position of each committed checkpoint
+    /// (the MQTT source trims its journal). Taken once, before the run.
+    fn checkpoint_hook(&mut self) -> Option<CheckpointHook> {
         None
     }
 
@@ -172,6 +180,9 @@ pub trait Source: Send {
         )))
     }
 }
+
+/// Called with the source position of each committed checkpoint.
+pub type CheckpointHook = Box<dyn Fn(&[u8]) + Send>;
 
 /// A position that is a count (of lines or events).
 pub(crate) fn count_position(n: u64) -> Vec<u8> {

@@ -5,22 +5,42 @@
 //! queue stops the connection thread from reading, which pushes back on the
 //! broker through TCP: memory stays bounded.
 //!
-//! Subscriptions are made again after every reconnect. QoS 1 messages are
-//! acknowledged by the client when received (see docs/mqtt.md for what that
-//! promises across a crash).
+//! With a journal (the pipeline has `state:`), every message is first made
+//! durable in `<state.dir>/journal.redb` (group commit, see
+//! [`super::journal`]) and only then acknowledged (QoS 1 PUBACK) and handed
+//! on. The source's position is the journal number of the last message it
+//! handed out; on restart it replays the journal after the checkpoint's
+//! position before taking live messages, and a committed checkpoint trims
+//! the journal. A message the broker redelivers (DUP) after it was
+//! journaled but before its PUBACK arrived is recognised by packet id and
+//! content, acknowledged again and not journaled twice.
+//!
+//! Without a journal, QoS 1 messages are acknowledged on receipt.
+//!
+//! Subscriptions are made on the first connection and again whenever the
+//! broker has no session for us.
 
-use super::{Poll, RawBatch, Source, SourceError, TopicBinder};
+use super::journal::{self, hash_message, Entry, Journal};
+use super::{
+    count_position, read_count_position, Poll, RawBatch, Source, SourceError, TopicBinder,
+};
 use crate::mqtt::topic::TopicPattern;
-use crate::mqtt::{drive, Client, Endpoint, Ev};
+use crate::mqtt::{drive, Client, Connection, Endpoint, Ev};
 use bytes::Bytes;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, TryRecvError};
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Messages queued between the connection thread and the pipeline.
 const QUEUE: usize = 8192;
+/// Requests (subscribes, PUBACKs) the client queues for its connection.
+const REQUESTS: usize = 2 * journal::GROUP;
+/// How long a failed journal write waits before it is tried again.
+const RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 pub struct MqttSourceOptions {
@@ -29,87 +49,164 @@ pub struct MqttSourceOptions {
     pub qos: u8,
     /// Field that receives the whole topic.
     pub topic_field: Option<String>,
+    /// Where the input journal lives (the pipeline's state directory);
+    /// `None`: no journal, messages are acknowledged on receipt.
+    pub journal_dir: Option<PathBuf>,
+}
+
+/// A message on its way to the pipeline, with its journal number (0 when
+/// there is no journal).
+struct Live {
+    seq: u64,
+    topic: String,
+    payload: Bytes,
+}
+
+/// What the connection thread needs; taken when it starts (first poll).
+struct Start {
+    conn: Connection,
+    tx: SyncSender<Live>,
+    filters: Vec<String>,
+    qos: u8,
+    journal: Option<(Journal, journal::Opened)>,
 }
 
 pub struct MqttSource {
     url: String,
-    rx: Option<Receiver<(String, Bytes)>>,
+    rx: Option<Receiver<Live>>,
+    start: Option<Start>,
     /// A reason the connection can never succeed, set by its thread.
     fatal: Arc<Mutex<Option<String>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     client: Client,
     binder: TopicBinder,
+    journal: Option<Journal>,
+    /// Journal number of the last message handed out (a count without a journal).
     position: u64,
+    /// Journal entries still to replay: `(next, through)`.
+    replay: Option<(u64, u64)>,
+    /// Trim requests from committed checkpoints, for the connection thread.
+    trim: Arc<AtomicU64>,
 }
 
 impl MqttSource {
-    /// Starts connecting (in the background; see `poll` for failures).
+    /// Opens the journal and prepares the connection; connecting starts
+    /// with the first poll (see `poll` for connection failures).
     pub fn start(opts: MqttSourceOptions) -> Result<Self, SourceError> {
         let url = opts.endpoint.url.clone();
+        let journal = match &opts.journal_dir {
+            Some(dir) => Some(Journal::open(dir).map_err(SourceError::Other)?),
+            None => None,
+        };
         let (client, conn) = opts
             .endpoint
-            .connect(64)
+            .connect_with(REQUESTS, journal.is_some())
             .map_err(|e| SourceError::Other(format!("MQTT source {url}: {e}")))?;
-        let (tx, rx) = sync_channel(QUEUE);
-        let fatal = Arc::new(Mutex::new(None));
-        let stop = Arc::new(AtomicBool::new(false));
-        let filters: Vec<String> = opts.patterns.iter().map(|p| p.filter.clone()).collect();
-        let thread = {
-            let (client, fatal, stop, url, qos) = (
-                client.clone(),
-                fatal.clone(),
-                stop.clone(),
-                url.clone(),
-                opts.qos,
+        if journal.is_some() && opts.qos == 1 && opts.endpoint.clean_session {
+            tracing::warn!(
+                broker = %url,
+                "`clean_session: true` with a journal: messages published while rivulet is down are dropped by the broker; use `clean_session: false` for at-least-once input"
             );
-            std::thread::Builder::new()
-                .name("rivulet-mqtt-in".into())
-                .spawn(move || {
-                    let mut ever_connected = false;
-                    drive(conn, &url, stop, |ev| match ev {
-                        Ev::Connected { .. } => {
-                            ever_connected = true;
-                            for f in &filters {
-                                if let Err(e) = client.subscribe(f, qos) {
-                                    tracing::error!(broker = %url, filter = %f, error = %e, "cannot subscribe");
-                                }
-                            }
-                            true
-                        }
-                        Ev::Message { topic, payload } => tx.send((topic, payload)).is_ok(),
-                        Ev::Disconnected { reason, permanent } => {
-                            if permanent && !ever_connected {
-                                if let Ok(mut f) = fatal.lock() {
-                                    *f = Some(reason);
-                                }
-                                return false;
-                            }
-                            true
-                        }
-                        Ev::PubAck(_) | Ev::Sent(_) => true,
-                    });
-                })
-                .map_err(|e| SourceError::Other(format!("cannot start the MQTT thread: {e}")))?
+        }
+        let (tx, rx) = sync_channel(QUEUE);
+        let (position, replay) = match &journal {
+            // Everything still in the journal is replayed unless a
+            // checkpoint says it was processed (see `seek`).
+            Some((_, o)) if o.first < o.next => (o.first - 1, Some((o.first, o.next - 1))),
+            Some((_, o)) => (o.next - 1, None),
+            None => (0, None),
         };
         Ok(MqttSource {
             url,
             rx: Some(rx),
-            fatal,
-            stop,
-            thread: Some(thread),
+            journal: journal.as_ref().map(|(j, _)| j.clone()),
+            start: Some(Start {
+                conn,
+                tx,
+                filters: opts.patterns.iter().map(|p| p.filter.clone()).collect(),
+                qos: opts.qos,
+                journal,
+            }),
+            fatal: Arc::new(Mutex::new(None)),
+            stop: Arc::new(AtomicBool::new(false)),
+            thread: None,
             client,
             binder: TopicBinder {
                 patterns: opts.patterns,
                 topic_field: opts.topic_field,
             },
-            position: 0,
+            position,
+            replay,
+            trim: Arc::new(AtomicU64::new(0)),
         })
     }
 
-    fn push(&mut self, batch: &mut RawBatch, msg: (String, Bytes), max_payload: usize) {
-        self.position += 1;
-        batch.push_message(&msg.0, &msg.1, self.position, max_payload);
+    fn launch(&mut self) -> Result<(), SourceError> {
+        let Some(start) = self.start.take() else {
+            return Ok(());
+        };
+        let mut inbound = Inbound::new(start, self);
+        let (stop, url) = (self.stop.clone(), self.url.clone());
+        let tick = if inbound.journal.is_some() {
+            Duration::from_millis(2)
+        } else {
+            Duration::from_millis(200)
+        };
+        let conn = inbound.conn.take();
+        let thread = std::thread::Builder::new()
+            .name("rivulet-mqtt-in".into())
+            .spawn(move || {
+                if let Some(conn) = conn {
+                    drive(conn, &url, stop, tick, |ev| inbound.on_event(ev));
+                }
+                inbound.finish();
+            })
+            .map_err(|e| SourceError::Other(format!("cannot start the MQTT thread: {e}")))?;
+        self.thread = Some(thread);
+        Ok(())
+    }
+
+    fn push(&mut self, batch: &mut RawBatch, msg: Live, max_payload: usize) {
+        self.position = if self.journal.is_some() {
+            msg.seq
+        } else {
+            self.position + 1
+        };
+        batch.push_message(&msg.topic, &msg.payload, self.position, max_payload);
+    }
+
+    fn fatal_error(&self) -> Option<SourceError> {
+        self.fatal
+            .lock()
+            .ok()
+            .and_then(|f| f.clone())
+            .map(|reason| SourceError::Other(format!("MQTT broker {}: {reason}", self.url)))
+    }
+
+    /// Hands out journal entries left from before the restart.
+    fn poll_replay(
+        &mut self,
+        batch: &mut RawBatch,
+        max_items: usize,
+        max_payload: usize,
+    ) -> Result<(), SourceError> {
+        let (Some((next, through)), Some(j)) = (self.replay, &self.journal) else {
+            return Ok(());
+        };
+        let mut last = self.position;
+        let after = j
+            .read(next, through, max_items, |seq, e| {
+                batch.push_message(e.topic, e.payload, seq, max_payload);
+                last = seq;
+            })
+            .map_err(SourceError::Other)?;
+        self.position = last;
+        self.replay = (after <= through).then_some((after, through));
+        if self.replay.is_none() {
+            self.position = through;
+        }
+        Ok(())
     }
 }
 
@@ -125,11 +222,16 @@ impl Source for MqttSource {
         max_payload: usize,
         wait: Duration,
     ) -> Result<Poll, SourceError> {
-        if let Some(reason) = self.fatal.lock().ok().and_then(|f| f.clone()) {
-            return Err(SourceError::Other(format!(
-                "MQTT broker {}: {reason}",
-                self.url
-            )));
+        if let Some(e) = self.fatal_error() {
+            return Err(e);
+        }
+        self.launch()?;
+        if self.replay.is_some() {
+            let before = batch.len();
+            self.poll_replay(batch, max_items, max_payload)?;
+            if batch.len() > before {
+                return Ok(Poll::Open);
+            }
         }
         let Some(rx) = self.rx.take() else {
             return Ok(Poll::Finished);
@@ -151,19 +253,13 @@ impl Source for MqttSource {
                 Ok(Poll::Open)
             }
             Err(RecvTimeoutError::Timeout) => Ok(Poll::Open),
-            Err(RecvTimeoutError::Disconnected) => {
-                // The connection thread ended: a fatal error, reported next poll.
-                match self.fatal.lock().ok().and_then(|f| f.clone()) {
-                    Some(reason) => Err(SourceError::Other(format!(
-                        "MQTT broker {}: {reason}",
-                        self.url
-                    ))),
-                    None => Err(SourceError::Other(format!(
-                        "MQTT broker {}: the connection thread stopped",
-                        self.url
-                    ))),
-                }
-            }
+            // The connection thread ended: a fatal error.
+            Err(RecvTimeoutError::Disconnected) => Err(self.fatal_error().unwrap_or_else(|| {
+                SourceError::Other(format!(
+                    "MQTT broker {}: the connection thread stopped",
+                    self.url
+                ))
+            })),
         };
         self.rx = Some(rx);
         result
@@ -171,6 +267,46 @@ impl Source for MqttSource {
 
     fn topic_binder(&self) -> Option<TopicBinder> {
         Some(self.binder.clone())
+    }
+
+    fn position(&self) -> Option<Vec<u8>> {
+        self.journal.as_ref().map(|_| count_position(self.position))
+    }
+
+    fn seek(&mut self, position: &[u8]) -> Result<(), SourceError> {
+        if self.journal.is_none() {
+            return Err(SourceError::Other(format!(
+                "{} has no input journal to resume from",
+                self.describe()
+            )));
+        }
+        let pos = read_count_position(position)?;
+        match self.replay {
+            Some((next, through)) if pos < through => {
+                self.replay = Some((next.max(pos + 1), through));
+                self.position = pos.max(self.position);
+            }
+            _ => {
+                // Everything journaled was processed. Numbering goes on
+                // after the checkpoint even if the journal was lost.
+                self.replay = None;
+                self.position = self.position.max(pos);
+            }
+        }
+        if pos > 0 {
+            self.trim.fetch_max(pos, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn checkpoint_hook(&mut self) -> Option<super::CheckpointHook> {
+        self.journal.as_ref()?;
+        let trim = self.trim.clone();
+        Some(Box::new(move |position: &[u8]| {
+            if let Ok(pos) = read_count_position(position) {
+                trim.fetch_max(pos, Ordering::Relaxed);
+            }
+        }))
     }
 }
 
@@ -182,6 +318,250 @@ impl Drop for MqttSource {
         self.client.disconnect();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// A message waiting for its group commit.
+struct Held {
+    topic: String,
+    payload: Bytes,
+    pkid: u16,
+}
+
+/// The connection thread's side: subscribes, journals, acknowledges, and
+/// hands messages to the pipeline.
+struct Inbound {
+    conn: Option<Connection>,
+    client: Client,
+    tx: SyncSender<Live>,
+    filters: Vec<String>,
+    qos: u8,
+    url: String,
+    fatal: Arc<Mutex<Option<String>>>,
+    ever_connected: bool,
+    journal: Option<Journal>,
+    /// Journal number of the next message.
+    next: u64,
+    group: Vec<Held>,
+    group_since: Instant,
+    /// PUBACKs not yet taken by the client's request queue.
+    acks: VecDeque<u16>,
+    /// Packet id → content hash of the latest journaled message with it.
+    recent: HashMap<u16, u64>,
+    trim: Arc<AtomicU64>,
+    trimmed: u64,
+    /// When the last journal write failed (retries wait [`RETRY`]).
+    failed_at: Option<Instant>,
+}
+
+impl Inbound {
+    fn new(start: Start, src: &MqttSource) -> Inbound {
+        let (journal, recent, next) = match start.journal {
+            // Live messages are numbered after everything journaled, and
+            // after the checkpoint's position even if the journal was lost.
+            Some((j, o)) => (
+                Some(j),
+                o.recent.into_iter().collect(),
+                o.next.max(src.position + 1),
+            ),
+            None => (None, HashMap::new(), 0),
+        };
+        Inbound {
+            conn: Some(start.conn),
+            client: src.client.clone(),
+            tx: start.tx,
+            filters: start.filters,
+            qos: start.qos,
+            url: src.url.clone(),
+            fatal: src.fatal.clone(),
+            ever_connected: false,
+            journal,
+            next,
+            group: Vec::new(),
+            group_since: Instant::now(),
+            acks: VecDeque::new(),
+            recent,
+            trim: src.trim.clone(),
+            trimmed: 0,
+            failed_at: None,
+        }
+    }
+
+    /// Handles one connection event; `false` ends the connection thread.
+    fn on_event(&mut self, ev: Ev) -> bool {
+        let go_on = match ev {
+            Ev::Connected { session_present } => {
+                if !self.ever_connected || !session_present {
+                    for f in &self.filters {
+                        if let Err(e) = self.client.subscribe(f, self.qos) {
+                            tracing::error!(broker = %self.url, filter = %f, error = %e, "cannot subscribe");
+                        }
+                    }
+                }
+                self.ever_connected = true;
+                true
+            }
+            Ev::Message {
+                topic,
+                payload,
+                pkid,
+                dup,
+            } => self.on_message(topic, payload, pkid, dup),
+            Ev::Disconnected { reason, permanent } => {
+                if permanent && !self.ever_connected {
+                    if let Ok(mut f) = self.fatal.lock() {
+                        *f = Some(reason);
+                    }
+                    return false;
+                }
+                // Keep what arrived, but acknowledge nothing of the old
+                // connection: the broker redelivers it (with DUP) and the
+                // redelivery is recognised.
+                let ok = self.commit(false);
+                self.acks.clear();
+                ok
+            }
+            Ev::PubAck(_) | Ev::Sent(_) | Ev::Tick => true,
+        };
+        let due = !self.group.is_empty() && self.group_since.elapsed() >= journal::LINGER;
+        let ok = if due || self.trim_through().is_some() {
+            self.commit(true)
+        } else {
+            true
+        };
+        self.send_acks();
+        go_on && ok
+    }
+
+    fn on_message(&mut self, topic: String, payload: Bytes, pkid: u16, dup: bool) -> bool {
+        let Some(_) = &self.journal else {
+            return self
+                .tx
+                .send(Live {
+                    seq: 0,
+                    topic,
+                    payload,
+                })
+                .is_ok();
+        };
+        if dup && pkid != 0 {
+            let h = hash_message(&topic, &payload);
+            let held = self
+                .group
+                .iter()
+                .any(|m| m.pkid == pkid && hash_message(&m.topic, &m.payload) == h);
+            if held || self.recent.get(&pkid) == Some(&h) {
+                // Journaled already; acknowledge it (after what came before).
+                tracing::debug!(pkid, "redelivered message already journaled");
+                let ok = self.commit(true);
+                self.acks.push_back(pkid);
+                return ok;
+            }
+        }
+        if self.group.is_empty() {
+            self.group_since = Instant::now();
+        }
+        self.group.push(Held {
+            topic,
+            payload,
+            pkid,
+        });
+        if self.group.len() >= journal::GROUP {
+            return self.commit(true);
+        }
+        true
+    }
+
+    /// Through which number the journal may be trimmed now, if further than
+    /// before: what the last checkpoint covers, keeping a tail for
+    /// recognising redeliveries.
+    fn trim_through(&self) -> Option<u64> {
+        self.journal.as_ref()?;
+        let keep_from = self.next.saturating_sub(journal::KEEP_FOR_DEDUP);
+        let t = self
+            .trim
+            .load(Ordering::Relaxed)
+            .min(keep_from.saturating_sub(1));
+        (t > self.trimmed).then_some(t)
+    }
+
+    /// Writes the held group (and any trim) to the journal; on success
+    /// queues the PUBACKs (when `ack`) and hands the messages on. A failed
+    /// write keeps the group, acknowledges nothing, and is retried.
+    /// `false` when the pipeline is gone.
+    fn commit(&mut self, ack: bool) -> bool {
+        let Some(j) = &self.journal else {
+            return true;
+        };
+        let trim = self.trim_through();
+        if self.group.is_empty() && trim.is_none() {
+            return true;
+        }
+        if self.failed_at.is_some_and(|t| t.elapsed() < RETRY) {
+            return true;
+        }
+        let entries: Vec<Entry<'_>> = self
+            .group
+            .iter()
+            .map(|m| Entry {
+                pkid: m.pkid,
+                topic: &m.topic,
+                payload: &m.payload,
+            })
+            .collect();
+        if let Err(e) = j.append(self.next, &entries, trim) {
+            if self.failed_at.is_none() {
+                tracing::error!(error = %e, held = self.group.len(), "cannot write the input journal; nothing is acknowledged until it works again (retrying every second)");
+            }
+            self.failed_at = Some(Instant::now());
+            return true;
+        }
+        if self.failed_at.take().is_some() {
+            tracing::info!(journal = %j.path().display(), "the input journal works again");
+        }
+        if let Some(t) = trim {
+            self.trimmed = t;
+        }
+        for m in &self.group {
+            if m.pkid != 0 {
+                self.recent
+                    .insert(m.pkid, hash_message(&m.topic, &m.payload));
+                if ack {
+                    self.acks.push_back(m.pkid);
+                }
+            }
+        }
+        self.send_acks();
+        for m in std::mem::take(&mut self.group) {
+            let live = Live {
+                seq: self.next,
+                topic: m.topic,
+                payload: m.payload,
+            };
+            self.next += 1;
+            if self.tx.send(live).is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn send_acks(&mut self) {
+        while let Some(&pkid) = self.acks.front() {
+            if !self.client.try_ack(pkid) {
+                break; // the request queue is full; the next event retries
+            }
+            self.acks.pop_front();
+        }
+    }
+
+    /// At the end: journal what is held (it is replayed on the next start).
+    fn finish(&mut self) {
+        if !self.group.is_empty() {
+            self.failed_at = None;
+            // The pipeline is gone; keeping the messages is what matters.
+            let _ = self.commit(false);
         }
     }
 }

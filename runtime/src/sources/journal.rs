@@ -1,0 +1,291 @@
+//! The input journal of the MQTT source: `<state.dir>/journal.redb`.
+//!
+//! MQTT cannot replay, so a message is acknowledged to the broker (QoS 1
+//! PUBACK) only once it is durable here. Messages are numbered from 1 in
+//! arrival order; the number is the source position a checkpoint saves. On
+//! restart the source replays the journal after the checkpoint's position,
+//! then goes on with live messages. A committed checkpoint trims what it
+//! covers.
+//!
+//! Entries are group-committed: the connection thread collects up to
+//! [`GROUP`] messages or [`LINGER`] of them, writes them in one durable
+//! transaction, then acknowledges them all.
+//!
+//! Record format version 1: table `entries` from the message number to
+//! `[packet id: u16 LE][topic length: u32 LE][topic][payload]`; table
+//! `meta` with `next` (the number the next message gets, u64 LE), so
+//! numbering never goes back even when every entry is trimmed.
+
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// Most messages in one group commit.
+pub const GROUP: usize = 512;
+/// Longest a message waits for its group to be committed.
+pub const LINGER: Duration = Duration::from_millis(5);
+/// Entries kept after a trim, so redeliveries after a restart are recognised.
+pub const KEEP_FOR_DEDUP: u64 = 1024;
+
+/// One journaled message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry<'a> {
+    pub pkid: u16,
+    pub topic: &'a str,
+    pub payload: &'a [u8],
+}
+
+impl<'a> Entry<'a> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.clear();
+        out.extend_from_slice(&self.pkid.to_le_bytes());
+        out.extend_from_slice(&(self.topic.len() as u32).to_le_bytes());
+        out.extend_from_slice(self.topic.as_bytes());
+        out.extend_from_slice(self.payload);
+    }
+
+    fn decode(b: &'a [u8]) -> Option<Entry<'a>> {
+        let pkid = u16::from_le_bytes(b.get(0..2)?.try_into().ok()?);
+        let len = u32::from_le_bytes(b.get(2..6)?.try_into().ok()?) as usize;
+        let topic = std::str::from_utf8(b.get(6..6usize.checked_add(len)?)?).ok()?;
+        Some(Entry {
+            pkid,
+            topic,
+            payload: b.get(6 + len..)?,
+        })
+    }
+
+    /// What identifies a redelivered message besides its packet id.
+    pub fn hash(&self) -> u64 {
+        hash_message(self.topic, self.payload)
+    }
+}
+
+pub fn hash_message(topic: &str, payload: &[u8]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(topic.as_bytes());
+    h.update(&[0]);
+    h.update(payload);
+    h.digest()
+}
+
+/// What the journal held when opened.
+#[derive(Debug, Default)]
+pub struct Opened {
+    /// Number of the first entry still held (`next` when none).
+    pub first: u64,
+    /// Number the next message gets.
+    pub next: u64,
+    /// Packet id → hash of the latest entries, for redelivery checks.
+    pub recent: Vec<(u16, u64)>,
+}
+
+/// A handle on the journal; clones share the file (the connection thread
+/// writes, the source replays).
+#[derive(Clone)]
+pub struct Journal {
+    db: Arc<redb::Database>,
+    path: PathBuf,
+}
+
+fn err(path: &Path, e: impl std::fmt::Display) -> String {
+    format!("input journal {}: {e}", path.display())
+}
+
+impl Journal {
+    /// Opens (creating) `dir/journal.redb`.
+    pub fn open(dir: &Path) -> Result<(Journal, Opened), String> {
+        std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
+        let path = dir.join("journal.redb");
+        let db = redb::Database::create(&path)
+            .map_err(|e| err(&path, format!("{e} (not a rivulet journal?)")))?;
+        let mut opened = Opened {
+            first: 1,
+            next: 1,
+            recent: Vec::new(),
+        };
+        {
+            let txn = db.begin_read().map_err(|e| err(&path, e))?;
+            match txn.open_table(META) {
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(err(&path, e)),
+                Ok(meta) => {
+                    if let Some(n) = meta.get("next").map_err(|e| err(&path, e))? {
+                        opened.next = n.value().max(1);
+                    }
+                }
+            }
+            match txn.open_table(ENTRIES) {
+                Err(redb::TableError::TableDoesNotExist(_)) => opened.first = opened.next,
+                Err(e) => return Err(err(&path, e)),
+                Ok(t) => {
+                    opened.first = match t.first().map_err(|e| err(&path, e))? {
+                        Some((k, _)) => k.value(),
+                        None => opened.next,
+                    };
+                    if let Some((k, _)) = t.last().map_err(|e| err(&path, e))? {
+                        opened.next = opened.next.max(k.value() + 1);
+                    }
+                    let from = opened.next.saturating_sub(KEEP_FOR_DEDUP);
+                    for e in t.range(from..).map_err(|e| err(&path, e))? {
+                        let (_, v) = e.map_err(|e| err(&path, e))?;
+                        let entry = Entry::decode(v.value())
+                            .ok_or_else(|| err(&path, "an entry is unreadable"))?;
+                        opened.recent.push((entry.pkid, entry.hash()));
+                    }
+                }
+            }
+        }
+        Ok((
+            Journal {
+                db: Arc::new(db),
+                path,
+            },
+            opened,
+        ))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `entries`, numbered from `first`, and removes the entries
+    /// numbered up to `trim_through`, in one transaction; durable when
+    /// there are entries (a trim alone may be lost in a crash: the next
+    /// start skips trimmed positions anyway).
+    pub fn append(
+        &self,
+        first: u64,
+        entries: &[Entry<'_>],
+        trim_through: Option<u64>,
+    ) -> Result<(), String> {
+        let path = &self.path;
+        let mut buf = Vec::new();
+        let mut txn = self.db.begin_write().map_err(|e| err(path, e))?;
+        if entries.is_empty() {
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| err(path, e))?;
+        }
+        {
+            let mut t = txn.open_table(ENTRIES).map_err(|e| err(path, e))?;
+            for (i, e) in entries.iter().enumerate() {
+                e.encode(&mut buf);
+                t.insert(first + i as u64, buf.as_slice())
+                    .map_err(|e| err(path, e))?;
+            }
+            if let Some(through) = trim_through {
+                t.retain_in(..=through, |_, _| false)
+                    .map_err(|e| err(path, e))?;
+            }
+            let mut meta = txn.open_table(META).map_err(|e| err(path, e))?;
+            let next = first + entries.len() as u64;
+            let stored = meta
+                .get("next")
+                .map_err(|e| err(path, e))?
+                .map(|v| v.value())
+                .unwrap_or(1);
+            meta.insert("next", next.max(stored))
+                .map_err(|e| err(path, e))?;
+        }
+        txn.commit().map_err(|e| err(path, e))
+    }
+
+    /// Calls `f` with the entries numbered `from..=through`, at most `max`
+    /// of them, in order; returns the number after the last one read.
+    pub fn read(
+        &self,
+        from: u64,
+        through: u64,
+        max: usize,
+        mut f: impl FnMut(u64, Entry<'_>),
+    ) -> Result<u64, String> {
+        let path = &self.path;
+        let txn = self.db.begin_read().map_err(|e| err(path, e))?;
+        let t = match txn.open_table(ENTRIES) {
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(through + 1),
+            other => other.map_err(|e| err(path, e))?,
+        };
+        let mut next = from;
+        for e in t.range(from..=through).map_err(|e| err(path, e))?.take(max) {
+            let (k, v) = e.map_err(|e| err(path, e))?;
+            let entry = Entry::decode(v.value())
+                .ok_or_else(|| err(path, format!("entry {} is unreadable", k.value())))?;
+            f(k.value(), entry);
+            next = k.value() + 1;
+        }
+        if next == from {
+            // Nothing (left) in the range: it was trimmed.
+            next = through + 1;
+        }
+        Ok(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn e(pkid: u16, topic: &'static str, payload: &'static [u8]) -> Entry<'static> {
+        Entry {
+            pkid,
+            topic,
+            payload,
+        }
+    }
+
+    #[test]
+    fn entries_survive_reopening_and_trims_keep_the_numbering() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (j, o) = Journal::open(dir.path()).unwrap();
+            assert_eq!((o.first, o.next), (1, 1));
+            j.append(1, &[e(7, "a/b", b"{}"), e(8, "a/c", b"xy")], None)
+                .unwrap();
+            j.append(3, &[e(9, "t", b"")], None).unwrap();
+        }
+        let (j, o) = Journal::open(dir.path()).unwrap();
+        assert_eq!((o.first, o.next), (1, 4));
+        assert_eq!(o.recent.len(), 3);
+        assert_eq!(o.recent[1], (8, hash_message("a/c", b"xy")));
+        let mut seen = Vec::new();
+        let next = j
+            .read(2, 3, 10, |n, e| {
+                seen.push((n, e.topic.to_string(), e.payload.to_vec()))
+            })
+            .unwrap();
+        assert_eq!(next, 4);
+        assert_eq!(
+            seen,
+            vec![(2, "a/c".into(), b"xy".to_vec()), (3, "t".into(), vec![])]
+        );
+        // Trim everything: the next number stays.
+        j.append(4, &[], Some(3)).unwrap();
+        drop(j);
+        let (j, o) = Journal::open(dir.path()).unwrap();
+        assert_eq!((o.first, o.next), (4, 4));
+        assert_eq!(j.read(1, 3, 10, |_, _| panic!("trimmed")).unwrap(), 4);
+    }
+
+    #[test]
+    fn a_foreign_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("journal.redb"), b"not a database at all").unwrap();
+        let e = Journal::open(dir.path()).err().unwrap();
+        assert!(e.contains("journal.redb"), "{e}");
+    }
+
+    #[test]
+    fn entries_decode_what_they_encode() {
+        let mut buf = Vec::new();
+        let x = e(65535, "sensors/ü/1", b"\x00\xff");
+        x.encode(&mut buf);
+        assert_eq!(Entry::decode(&buf), Some(x));
+        assert_eq!(Entry::decode(&buf[..5]), None);
+        assert_eq!(Entry::decode(&[0, 0, 255, 255, 255, 255]), None);
+    }
+}
