@@ -127,7 +127,6 @@ enum End {
 }
 
 struct InBatch {
-    seq: u64,
     now_ms: i64,
     /// Arrival time of the newest event so far (`i64::MIN` before any).
     last_arrival_ms: i64,
@@ -149,7 +148,6 @@ struct Rec {
 }
 
 struct SubBatch {
-    seq: u64,
     now_ms: i64,
     last_arrival_ms: i64,
     first_arrival_ms: i64,
@@ -509,7 +507,6 @@ fn read(
             _ => None,
         };
         let msg = InBatch {
-            seq,
             now_ms: clock.now_ms(),
             last_arrival_ms: last_arrival,
             raw: Arc::new(batch),
@@ -643,7 +640,6 @@ impl ParseWorker {
             let raises = Arc::new(raises);
             subs = (0..workers)
                 .map(|_| SubBatch {
-                    seq: batch.seq,
                     now_ms: batch.now_ms,
                     last_arrival_ms: batch.last_arrival_ms,
                     first_arrival_ms,
@@ -942,12 +938,15 @@ impl WindowWorker {
             }
             let key = &sub.keys[rec.key.0 as usize..rec.key.1 as usize];
             let vals = &sub.vals[rec.vals as usize..rec.vals as usize + width];
-            let seq = (sub.seq << 32) | rec.idx as u64;
+            let item = &sub.raw.items[rec.idx as usize];
+            // Arrival order for `first`/`last` ties: the source position,
+            // which goes on across restarts (a per-run counter would put
+            // events after a recovery before those in the restored state).
+            let seq = item.position;
             let outcome = self
                 .op
                 .process(key, rec.hash, rec.ts, seq, vals, &mut self.emitted);
             self.collect(rec.idx, 0, &mut out);
-            let item = &sub.raw.items[rec.idx as usize];
             match outcome {
                 Outcome::Accepted => {}
                 Outcome::Late => {

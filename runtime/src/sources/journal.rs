@@ -7,8 +7,9 @@
 //! then goes on with live messages. A committed checkpoint trims what it
 //! covers.
 //!
-//! Entries are group-committed: the connection thread collects up to
-//! [`GROUP`] messages or [`LINGER`] of them, writes them in one durable
+//! Entries are group-committed: the connection thread collects messages
+//! until [`GROUP`] of them are held, the first has waited [`LINGER`], or
+//! the stream pauses for a millisecond; it writes them in one durable
 //! transaction, then acknowledges them all.
 //!
 //! Record format version 1: table `entries` from the message number to
@@ -28,8 +29,10 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub const GROUP: usize = 512;
 /// Longest a message waits for its group to be committed.
 pub const LINGER: Duration = Duration::from_millis(5);
-/// Entries kept after a trim, so redeliveries after a restart are recognised.
-pub const KEEP_FOR_DEDUP: u64 = 1024;
+/// Entries kept after a trim, so redeliveries after a restart are
+/// recognised: more than can be journaled but not yet acknowledged (the
+/// client's request queue of PUBACKs plus one group).
+pub const KEEP_FOR_DEDUP: u64 = 8192;
 
 /// One journaled message.
 #[derive(Debug, Clone, PartialEq, Eq)]

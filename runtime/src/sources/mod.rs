@@ -27,7 +27,9 @@ pub struct RawItem {
     /// set by the runtime.
     pub arrival_ms: i64,
     /// Where the event was in its source: the line number for files, the
-    /// sequence number otherwise. Shown in dead letters.
+    /// sequence number otherwise. Shown in dead letters. Positions increase
+    /// in arrival order and go on across restarts: they break ties of equal
+    /// timestamps for `first`/`last`.
     pub position: u64,
     /// Set when the payload was larger than `max_payload`: its full size.
     /// Only a prefix is kept in `data`, for the dead-letter record.

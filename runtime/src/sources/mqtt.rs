@@ -30,7 +30,9 @@ use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
+use std::sync::mpsc::{
+    sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError,
+};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -41,6 +43,9 @@ const QUEUE: usize = 8192;
 const REQUESTS: usize = 2 * journal::GROUP;
 /// How long a failed journal write waits before it is tried again.
 const RETRY: Duration = Duration::from_secs(1);
+/// Journaled messages the pipeline may lag behind before the connection
+/// thread slows its reading (the journal is the buffer up to there).
+const MAX_LAG: u64 = 500_000;
 
 #[derive(Clone, Debug)]
 pub struct MqttSourceOptions {
@@ -86,6 +91,10 @@ pub struct MqttSource {
     position: u64,
     /// Journal entries still to replay: `(next, through)`.
     replay: Option<(u64, u64)>,
+    /// A live message that comes after entries read from the journal.
+    held: Option<Live>,
+    /// The last number handed out, for the connection thread's lag check.
+    handed: Arc<AtomicU64>,
     /// Trim requests from committed checkpoints, for the connection thread.
     trim: Arc<AtomicU64>,
 }
@@ -138,6 +147,8 @@ impl MqttSource {
             },
             position,
             replay,
+            held: None,
+            handed: Arc::new(AtomicU64::new(position)),
             trim: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -149,7 +160,7 @@ impl MqttSource {
         let mut inbound = Inbound::new(start, self);
         let (stop, url) = (self.stop.clone(), self.url.clone());
         let tick = if inbound.journal.is_some() {
-            Duration::from_millis(2)
+            Duration::from_millis(1)
         } else {
             Duration::from_millis(200)
         };
@@ -167,13 +178,22 @@ impl MqttSource {
         Ok(())
     }
 
-    fn push(&mut self, batch: &mut RawBatch, msg: Live, max_payload: usize) {
+    /// Hands out a live message; `false` when it must wait for the journal
+    /// entries before it (the connection thread skips the queue when it is
+    /// full: those messages are read back from the journal).
+    fn push(&mut self, batch: &mut RawBatch, msg: Live, max_payload: usize) -> bool {
+        if self.journal.is_some() && msg.seq > self.position + 1 {
+            self.replay = Some((self.position + 1, msg.seq - 1));
+            self.held = Some(msg);
+            return false;
+        }
         self.position = if self.journal.is_some() {
             msg.seq
         } else {
             self.position + 1
         };
         batch.push_message(&msg.topic, &msg.payload, self.position, max_payload);
+        true
     }
 
     fn fatal_error(&self) -> Option<SourceError> {
@@ -226,28 +246,73 @@ impl Source for MqttSource {
             return Err(e);
         }
         self.launch()?;
+        let result = self.poll_inner(batch, max_items, max_payload, wait);
+        self.handed.store(self.position, Ordering::Relaxed);
+        result
+    }
+
+    fn topic_binder(&self) -> Option<TopicBinder> {
+        Some(self.binder.clone())
+    }
+
+    fn position(&self) -> Option<Vec<u8>> {
+        self.journal.as_ref().map(|_| count_position(self.position))
+    }
+
+    fn seek(&mut self, position: &[u8]) -> Result<(), SourceError> {
+        self.seek_to(position)
+    }
+
+    fn checkpoint_hook(&mut self) -> Option<super::CheckpointHook> {
+        self.journal.as_ref()?;
+        let trim = self.trim.clone();
+        Some(Box::new(move |position: &[u8]| {
+            if let Ok(pos) = read_count_position(position) {
+                trim.fetch_max(pos, Ordering::Relaxed);
+            }
+        }))
+    }
+}
+
+impl MqttSource {
+    fn poll_inner(
+        &mut self,
+        batch: &mut RawBatch,
+        max_items: usize,
+        max_payload: usize,
+        wait: Duration,
+    ) -> Result<Poll, SourceError> {
         if self.replay.is_some() {
-            let before = batch.len();
             self.poll_replay(batch, max_items, max_payload)?;
-            if batch.len() > before {
+            if self.replay.is_some() || batch.len() >= max_items {
                 return Ok(Poll::Open);
             }
+        }
+        if let Some(m) = self.held.take() {
+            self.push(batch, m, max_payload);
+            return Ok(Poll::Open);
         }
         let Some(rx) = self.rx.take() else {
             return Ok(Poll::Finished);
         };
+        let wait = if batch.is_empty() {
+            wait
+        } else {
+            Duration::ZERO
+        };
         let result = match rx.recv_timeout(wait) {
             Ok(first) => {
-                self.push(batch, first, max_payload);
-                let mut n = 1;
-                while n < max_items {
-                    match rx.try_recv() {
-                        Ok(m) => {
-                            self.push(batch, m, max_payload);
-                            n += 1;
+                if self.push(batch, first, max_payload) {
+                    while batch.len() < max_items {
+                        match rx.try_recv() {
+                            Ok(m) => {
+                                if !self.push(batch, m, max_payload) {
+                                    break;
+                                }
+                            }
+                            Err(TryRecvError::Empty) => break,
+                            Err(TryRecvError::Disconnected) => break,
                         }
-                        Err(TryRecvError::Empty) => break,
-                        Err(TryRecvError::Disconnected) => break,
                     }
                 }
                 Ok(Poll::Open)
@@ -265,15 +330,7 @@ impl Source for MqttSource {
         result
     }
 
-    fn topic_binder(&self) -> Option<TopicBinder> {
-        Some(self.binder.clone())
-    }
-
-    fn position(&self) -> Option<Vec<u8>> {
-        self.journal.as_ref().map(|_| count_position(self.position))
-    }
-
-    fn seek(&mut self, position: &[u8]) -> Result<(), SourceError> {
+    fn seek_to(&mut self, position: &[u8]) -> Result<(), SourceError> {
         if self.journal.is_none() {
             return Err(SourceError::Other(format!(
                 "{} has no input journal to resume from",
@@ -281,6 +338,7 @@ impl Source for MqttSource {
             )));
         }
         let pos = read_count_position(position)?;
+        tracing::debug!(pos, replay = ?self.replay, "resuming the input journal");
         match self.replay {
             Some((next, through)) if pos < through => {
                 self.replay = Some((next.max(pos + 1), through));
@@ -297,16 +355,6 @@ impl Source for MqttSource {
             self.trim.fetch_max(pos, Ordering::Relaxed);
         }
         Ok(())
-    }
-
-    fn checkpoint_hook(&mut self) -> Option<super::CheckpointHook> {
-        self.journal.as_ref()?;
-        let trim = self.trim.clone();
-        Some(Box::new(move |position: &[u8]| {
-            if let Ok(pos) = read_count_position(position) {
-                trim.fetch_max(pos, Ordering::Relaxed);
-            }
-        }))
     }
 }
 
@@ -351,6 +399,8 @@ struct Inbound {
     recent: HashMap<u16, u64>,
     trim: Arc<AtomicU64>,
     trimmed: u64,
+    /// The last number the pipeline took.
+    handed: Arc<AtomicU64>,
     /// When the last journal write failed (retries wait [`RETRY`]).
     failed_at: Option<Instant>,
 }
@@ -384,12 +434,16 @@ impl Inbound {
             recent,
             trim: src.trim.clone(),
             trimmed: 0,
+            handed: src.handed.clone(),
             failed_at: None,
         }
     }
 
     /// Handles one connection event; `false` ends the connection thread.
     fn on_event(&mut self, ev: Ev) -> bool {
+        // A pause in the stream commits at once: with the broker's limit on
+        // unacknowledged messages, waiting longer would only stall it.
+        let quiet = matches!(ev, Ev::Tick);
         let go_on = match ev {
             Ev::Connected { session_present } => {
                 if !self.ever_connected || !session_present {
@@ -424,7 +478,8 @@ impl Inbound {
             }
             Ev::PubAck(_) | Ev::Sent(_) | Ev::Tick => true,
         };
-        let due = !self.group.is_empty() && self.group_since.elapsed() >= journal::LINGER;
+        let due =
+            !self.group.is_empty() && (quiet || self.group_since.elapsed() >= journal::LINGER);
         let ok = if due || self.trim_through().is_some() {
             self.commit(true)
         } else {
@@ -523,6 +578,7 @@ impl Inbound {
         if let Some(t) = trim {
             self.trimmed = t;
         }
+        tracing::trace!(first = self.next, n = self.group.len(), trim = ?trim, "journaled");
         for m in &self.group {
             if m.pkid != 0 {
                 self.recent
@@ -533,6 +589,9 @@ impl Inbound {
             }
         }
         self.send_acks();
+        // Never wait for the pipeline here: PUBACKs go out only while this
+        // thread drives the connection. What does not fit in the queue is
+        // read back from the journal.
         for m in std::mem::take(&mut self.group) {
             let live = Live {
                 seq: self.next,
@@ -540,9 +599,15 @@ impl Inbound {
                 payload: m.payload,
             };
             self.next += 1;
-            if self.tx.send(live).is_err() {
+            if let Err(TrySendError::Disconnected(_)) = self.tx.try_send(live) {
                 return false;
             }
+        }
+        let lag = self.next - 1 - self.handed.load(Ordering::Relaxed).min(self.next - 1);
+        if lag > MAX_LAG {
+            // The pipeline is far behind: read the network more slowly
+            // (the connection, and its PUBACKs and pings, still go on).
+            std::thread::sleep(Duration::from_millis(10));
         }
         true
     }
