@@ -313,8 +313,11 @@ fn inspect(dir: &std::path::Path) -> Result<(), rivulet::state::StateError> {
                 .collect()
         })
         .unwrap_or_default();
+    let position = <[u8; 8]>::try_from(st.position.as_slice())
+        .map(|b| format!(", input position {}", u64::from_le_bytes(b)))
+        .unwrap_or_default();
     eprintln!(
-        "checkpoint {} of `{}`: {} keys, watermark {}",
+        "checkpoint {} of `{}`: {} keys, watermark {}{position}",
         st.epoch,
         st.fingerprint,
         st.keys.len(),
