@@ -23,9 +23,16 @@
 //!   start and key, and writes the sinks. Output is therefore identical for
 //!   any number of workers.
 //!
+//! - With `state:`, the batches that close a checkpoint carry the source
+//!   position after them; the merger, once their outputs are written, hands
+//!   the changed keys to the **checkpoint writer** thread
+//!   ([`checkpoint`]), which commits them while processing goes on.
+//!
 //! Every queue is a bounded channel: a slow sink stops the reader
 //! (backpressure), never grows memory. Each stage consumes strictly in
 //! batch order, which rules out deadlock between them.
+
+mod checkpoint;
 
 use crate::operators::window::{AggFunc, Emitted, Outcome, WindowOperator};
 use crate::operators::{Records, Status, Step};
@@ -382,8 +389,16 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
         )
     })?;
 
+    let checkpointer = match store {
+        Some(s) => Some(checkpoint::Checkpointer::start(
+            s,
+            fingerprint,
+            on_checkpoint,
+        )?),
+        None => None,
+    };
     let merged = merge(
-        store.map(|s| (s, fingerprint, on_checkpoint)),
+        checkpointer,
         &opts.progress,
         parse_out_rx,
         win_out_rx,
@@ -1032,11 +1047,7 @@ impl WindowWorker {
 
 /// The merger: writes each batch's outputs in order.
 fn merge(
-    mut store: Option<(
-        crate::state::StateStore,
-        String,
-        Option<crate::sources::CheckpointHook>,
-    )>,
+    mut checkpointer: Option<checkpoint::Checkpointer>,
     progress: &Progress,
     parse_out: Vec<Receiver<OutBatch>>,
     win_out: Vec<Receiver<OutBatch>>,
@@ -1109,31 +1120,22 @@ fn merge(
         for s in sinks.iter_mut().chain(&mut late).chain(&mut dead) {
             s.flush()?;
         }
-        // The outputs up to here are written: now the checkpoint that covers them.
-        if let (Some((st, fingerprint, hook)), Some(position)) = (store.as_mut(), &batch.checkpoint)
-        {
-            let committed = st.commit(position, time.0, time.1, &mut pending, fingerprint);
-            match (&committed, hook) {
-                (Err(e), _) => {
-                    tracing::error!(error = %e, "checkpoint failed; processing goes on and the next checkpoint retries");
+        // The outputs up to here are written: now the checkpoint that
+        // covers them (written by its own thread while processing goes on).
+        if let Some(cp) = checkpointer.as_mut() {
+            match batch.checkpoint.take() {
+                Some(position) => {
+                    cp.checkpoint(position, time, &mut pending, batch.savepoint.take())
                 }
-                (Ok(()), Some(hook)) => hook(position),
-                (Ok(()), None) => {}
-            }
-            if let Some(req) = &batch.savepoint {
-                let result = committed
-                    .map_err(|e| e.to_string())
-                    .and_then(|_| st.save_copy(&req.path).map_err(|e| e.to_string()))
-                    .map(|_| req.path.clone());
-                if let Ok(p) = &result {
-                    tracing::info!(savepoint = %p.display(), "savepoint written");
-                }
-                let _ = req.reply.send(result);
+                None => cp.poll(),
             }
         }
         progress.batches_written.fetch_add(1, Ordering::Relaxed);
         if let Some(end) = batch.end {
             stats.stopped = end == End::Stop;
+            if let Some(cp) = checkpointer.as_mut() {
+                cp.finish();
+            }
             for s in sinks.iter_mut().chain(&mut late).chain(&mut dead) {
                 s.close()?;
             }

@@ -1,0 +1,256 @@
+//! The checkpoint writer: a thread of its own, so the pipeline goes on
+//! while a checkpoint is committed.
+//!
+//! The merger hands over, at each checkpoint boundary, the keys changed
+//! since the last boundary with the source position and watermark there.
+//! One checkpoint is written at a time. A boundary reached while the
+//! writer is busy is queued; a later boundary absorbs a queued one (its
+//! changes are older, so newer ones win), which still describes a
+//! consistent cut: the later position with every change up to it. A
+//! failed checkpoint's changes go under the next one's, so nothing is lost.
+
+use super::{RunError, SavepointRequest};
+use crate::sources::CheckpointHook;
+use crate::state::{Pending, StateStore};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// One checkpoint to write.
+struct Job {
+    position: Arc<Vec<u8>>,
+    watermark: i64,
+    max_ts: i64,
+    pending: Pending,
+    savepoints: Vec<Arc<SavepointRequest>>,
+}
+
+impl Job {
+    /// Takes in an older job's changes and savepoint requests.
+    fn absorb(&mut self, older: Pending, savepoints: Vec<Arc<SavepointRequest>>) {
+        for (k, v) in older.keys {
+            self.pending.keys.entry(k).or_insert(v);
+        }
+        let mut all = savepoints;
+        all.append(&mut self.savepoints);
+        self.savepoints = all;
+    }
+}
+
+/// What the writer reports after a job: the changes of a failed one.
+struct Done {
+    failed: Option<Pending>,
+}
+
+pub(super) struct Checkpointer {
+    tx: Option<SyncSender<Job>>,
+    done: Receiver<Done>,
+    busy: bool,
+    queued: Option<Job>,
+    /// Changes of a failed checkpoint, for the next one.
+    carry: Pending,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    pub(super) fn start(
+        mut store: StateStore,
+        fingerprint: String,
+        hook: Option<CheckpointHook>,
+    ) -> Result<Checkpointer, RunError> {
+        let (tx, rx) = sync_channel::<Job>(1);
+        let (done_tx, done) = sync_channel::<Done>(1);
+        let thread = super::spawn("rivulet-checkpoint".into(), move || {
+            for job in rx {
+                let Job {
+                    position,
+                    watermark,
+                    max_ts,
+                    mut pending,
+                    savepoints,
+                } = job;
+                let started = std::time::Instant::now();
+                let keys = pending.keys.len();
+                let committed =
+                    store.commit(&position, watermark, max_ts, &mut pending, &fingerprint);
+                match &committed {
+                    Err(e) => {
+                        tracing::error!(error = %e, "checkpoint failed; processing goes on and the next checkpoint retries");
+                    }
+                    Ok(()) => {
+                        tracing::debug!(keys, took = ?started.elapsed(), "checkpoint written");
+                        if let Some(hook) = &hook {
+                            hook(&position);
+                        }
+                    }
+                }
+                for req in savepoints {
+                    let result = committed
+                        .as_ref()
+                        .map_err(|e| e.to_string())
+                        .and_then(|_| store.save_copy(&req.path).map_err(|e| e.to_string()))
+                        .map(|_| req.path.clone());
+                    if let Ok(p) = &result {
+                        tracing::info!(savepoint = %p.display(), "savepoint written");
+                    }
+                    let _ = req.reply.send(result);
+                }
+                let failed = committed.is_err().then_some(pending);
+                if done_tx.send(Done { failed }).is_err() {
+                    return;
+                }
+            }
+        })?;
+        Ok(Checkpointer {
+            tx: Some(tx),
+            done,
+            busy: false,
+            queued: None,
+            carry: Pending::default(),
+            thread: Some(thread),
+        })
+    }
+
+    /// A checkpoint boundary: `pending` (taken) holds the changes since the
+    /// previous boundary, `position` the source position here.
+    pub(super) fn checkpoint(
+        &mut self,
+        position: Arc<Vec<u8>>,
+        time: (i64, i64),
+        pending: &mut Pending,
+        savepoint: Option<Arc<SavepointRequest>>,
+    ) {
+        self.poll();
+        let mut job = Job {
+            position,
+            watermark: time.0,
+            max_ts: time.1,
+            pending: std::mem::take(pending),
+            savepoints: savepoint.into_iter().collect(),
+        };
+        if let Some(older) = self.queued.take() {
+            job.absorb(older.pending, older.savepoints);
+        }
+        job.absorb(std::mem::take(&mut self.carry), Vec::new());
+        if self.busy {
+            self.queued = Some(job);
+        } else {
+            self.send(job);
+        }
+    }
+
+    /// Notes finished checkpoints without waiting; starts a queued one.
+    pub(super) fn poll(&mut self) {
+        while let Ok(d) = self.done.try_recv() {
+            self.finished(d);
+        }
+    }
+
+    fn finished(&mut self, d: Done) {
+        self.busy = false;
+        if let Some(failed) = d.failed {
+            match &mut self.queued {
+                Some(q) => q.absorb(failed, Vec::new()),
+                None => {
+                    for (k, v) in failed.keys {
+                        self.carry.keys.entry(k).or_insert(v);
+                    }
+                }
+            }
+        }
+        if let Some(q) = self.queued.take() {
+            self.send(q);
+        }
+    }
+
+    fn send(&mut self, job: Job) {
+        if let Some(tx) = &self.tx {
+            if tx.send(job).is_ok() {
+                self.busy = true;
+            }
+        }
+    }
+
+    /// Waits until every checkpoint handed over is written (at the end).
+    pub(super) fn finish(&mut self) {
+        while self.busy {
+            match self.done.recv() {
+                Ok(d) => self.finished(d),
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::operators::window::KeySnapshot;
+
+    fn snap(start: i64) -> KeySnapshot {
+        KeySnapshot {
+            windows: vec![(start, start + 10)],
+            accs: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn boundaries_reached_while_writing_are_queued_and_merged_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = StateStore::open(dir.path(), "fp", "{}", false).unwrap();
+        let mut cp = Checkpointer::start(store, "fp".into(), None).unwrap();
+        let mut pending = Pending::default();
+        // Several boundaries in quick succession: the writer is busy with
+        // the first while the others arrive.
+        pending.upsert(b"a".to_vec().into(), snap(0));
+        pending.upsert(b"b".to_vec().into(), snap(0));
+        cp.checkpoint(Arc::new(vec![1]), (5, 9), &mut pending, None);
+        assert!(pending.keys.is_empty(), "the changes were handed over");
+        pending.delete(b"a".to_vec().into());
+        pending.upsert(b"b".to_vec().into(), snap(10));
+        cp.checkpoint(Arc::new(vec![2]), (15, 19), &mut pending, None);
+        pending.upsert(b"c".to_vec().into(), snap(20));
+        cp.checkpoint(Arc::new(vec![3]), (25, 29), &mut pending, None);
+        cp.finish();
+        drop(cp);
+        let (_, restored) = StateStore::open(dir.path(), "fp", "{}", false).unwrap();
+        let r = restored.unwrap();
+        assert_eq!(r.position, vec![3]);
+        assert_eq!(r.watermark, 25);
+        let mut keys: Vec<(Vec<u8>, i64)> = r
+            .keys
+            .into_iter()
+            .map(|(k, s)| (k, s.windows[0].0))
+            .collect();
+        keys.sort();
+        assert_eq!(keys, vec![(b"b".to_vec(), 10), (b"c".to_vec(), 20)]);
+    }
+
+    #[test]
+    fn a_newer_change_wins_over_an_absorbed_older_one() {
+        let mut job = Job {
+            position: Arc::new(vec![2]),
+            watermark: 0,
+            max_ts: 0,
+            pending: Pending::default(),
+            savepoints: Vec::new(),
+        };
+        job.pending.delete(b"k".to_vec().into());
+        let mut older = Pending::default();
+        older.upsert(b"k".to_vec().into(), snap(0));
+        older.upsert(b"j".to_vec().into(), snap(0));
+        job.absorb(older, Vec::new());
+        assert!(job.pending.keys[&b"k"[..]].is_none(), "the delete stays");
+        assert!(job.pending.keys[&b"j"[..]].is_some());
+    }
+}
