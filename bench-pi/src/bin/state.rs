@@ -96,9 +96,9 @@ fn recover(keys: u64) {
     );
 }
 
-fn engine(every_ms: u64, events: u64) {
+fn engine(every_ms: u64, events: u64, keys: u32) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let src = SyntheticJson::new(events, 10_000, 100_000);
+    let src = SyntheticJson::new(events, keys, 100_000);
     let mut b = Pipeline::builder("bench")
         .source(src)
         .event_time("ts", Duration::from_secs(1))
@@ -125,7 +125,7 @@ fn engine(every_ms: u64, events: u64) {
     let (cpu1, rss) = usage();
     println!(
         "{}",
-        serde_json::json!({"bench": "engine", "checkpoint_every_ms": every_ms, "events": stats.events,
+        serde_json::json!({"bench": "engine", "checkpoint_every_ms": every_ms, "keys": keys, "events": stats.events,
             "events_per_s": events as f64 / wall, "cpu_us_per_event": (cpu1 - cpu0).as_secs_f64() * 1e6 / events as f64,
             "peak_rss_mb": rss as f64 / (1 << 20) as f64})
     );
@@ -137,9 +137,9 @@ fn main() {
     match a.get(1).map(String::as_str) {
         Some("checkpoint") => checkpoint(n(2, 10_000)),
         Some("recover") => recover(n(2, 100_000)),
-        Some("engine") => engine(n(2, 0), n(3, 3_000_000)),
+        Some("engine") => engine(n(2, 0), n(3, 3_000_000), n(4, 10_000) as u32),
         _ => eprintln!(
-            "usage: state checkpoint KEYS | state recover KEYS | state engine EVERY_MS EVENTS"
+            "usage: state checkpoint KEYS | state recover KEYS | state engine EVERY_MS EVENTS [KEYS]"
         ),
     }
 }
