@@ -3,8 +3,11 @@
 rivulet, on the same stream of ~100-byte JSON readings, in one run.
 
     python3 bench-pi/mqtt_bench.py [--quick]
+    python3 bench-pi/mqtt_bench.py --journal [--quick]
 
-Writes bench-pi/reports/mqtt-latest.md (compare with mqtt.md)."""
+Writes bench-pi/reports/mqtt-latest.md (compare with mqtt.md). With
+--journal: the window case with and without `state:` (the input journal and
+1 s checkpoints), rounds interleaved, to bench-pi/reports/mqtt-journal-latest.md."""
 import json, os, shutil, socket, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,8 +142,13 @@ def case_ceiling(b, qos):
     return {"rate": rate_since(t0, r, r["received"]), "received": r["received"]}
 
 
-def case_rivulet_window(b, work, qos):
-    p, stats = start_rivulet(work, WINDOW.format(port=b.port, qos=qos))
+def case_rivulet_window(b, work, qos, state=False):
+    yaml = WINDOW.format(port=b.port, qos=qos)
+    if state:
+        sd = os.path.join(work, "state")
+        shutil.rmtree(sd, ignore_errors=True)
+        yaml += f"state: {{ dir: {sd}, checkpoint_interval: 1s }}\n"
+    p, stats = start_rivulet(work, yaml)
     cpu0 = cpu_s(p.pid)
     t0 = time.time()
     load(b.port, qos, N[qos], 0)
@@ -212,6 +220,8 @@ def main():
         finally:
             b.stop()
 
+    if "--journal" in sys.argv:
+        return journal(fresh, work)
     rows = []
     for qos in (0, 1):
         ceil = fresh(case_ceiling, qos)
@@ -239,6 +249,29 @@ def main():
         out.append(f"| {qos} | {rate:,} | {n:,} | {rl['p50_ms']:.2f} / {rl['p99_ms']:.2f} | {rv['p50_ms']:.2f} / {rv['p99_ms']:.2f} | {rl['received']:,} / {rv['received']:,} |")
     report = "\n".join(out) + "\n"
     with open(os.path.join(ROOT, "bench-pi/reports/mqtt-latest.md"), "w") as f:
+        f.write(report)
+    print(report)
+
+
+def journal(fresh, work):
+    """The input journal's cost: the window case with and without state."""
+    import statistics
+    res = {}
+    for rnd in range(3):
+        for qos in (0, 1):
+            for state in (False, True):
+                r = fresh(case_rivulet_window, work, qos, state)
+                res.setdefault((qos, state), []).append(r)
+                print(json.dumps({"round": rnd, "qos": qos, "state": state, **r}), flush=True)
+    med = lambda rs, k: statistics.median(r.get(k, 0) for r in rs)
+    out = ["| QoS | without state (msg/s) | with journal + 1 s checkpoints (msg/s) | ratio | CPU µs/msg without / with | RSS MB without / with |",
+           "|---|---|---|---|---|---|"]
+    for qos in (0, 1):
+        a, b = res[(qos, False)], res[(qos, True)]
+        out.append(f"| {qos} | {med(a, 'rate'):,.0f} | {med(b, 'rate'):,.0f} | {med(b, 'rate') / max(med(a, 'rate'), 1):.2f} | "
+                   f"{med(a, 'cpu_us_per_msg'):.1f} / {med(b, 'cpu_us_per_msg'):.1f} | {med(a, 'rss_mb'):.1f} / {med(b, 'rss_mb'):.1f} |")
+    report = "\n".join(out) + "\n"
+    with open(os.path.join(ROOT, "bench-pi/reports/mqtt-journal-latest.md"), "w") as f:
         f.write(report)
     print(report)
 

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{eventually, publish_all, Broker};
+use common::{eventually, publish_all, Broker, Tmpfs};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -285,4 +285,104 @@ fn a_quiet_input_is_checkpointed_and_an_idle_pipeline_gives_a_savepoint() {
     for l in &new {
         assert!(!old.contains(&window_of(l)), "emitted again: {l}");
     }
+}
+
+#[test]
+fn a_full_disk_holds_back_acknowledgements_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let disk = d.join("disk");
+    let _fs = Tmpfs::mount(&disk, "8m");
+    // Padded payloads, so the journal must grow while the disk is full.
+    let pad = "x".repeat(300);
+    let mut evs: Vec<String> = events(6000)
+        .into_iter()
+        .map(|e| format!("{},\"pad\":\"{pad}\"}}", &e[..e.len() - 1]))
+        .collect();
+    evs.push("{\"k\":\"flush\",\"ts\":100000000,\"v\":0}".to_string());
+    std::fs::write(d.join("events.jsonl"), evs.join("\n") + "\n").unwrap();
+    std::fs::write(
+        d.join("reference.yaml"),
+        pipeline("  file: { path: events.jsonl }\n", "reference.jsonl", ""),
+    )
+    .unwrap();
+    assert!(start(d, "reference.yaml").wait().unwrap().success());
+    let reference: BTreeSet<String> = lines(&d.join("reference.jsonl"))
+        .into_iter()
+        .filter(|l| window_of(l).0 != "flush")
+        .collect();
+
+    let broker = Broker::start("max_queued_messages 0");
+    let source = format!(
+        "  mqtt: {{ url: \"{}\", topics: [full/in], topic_field: \"\", qos: 1, client_id: full-in }}\n",
+        broker.url()
+    );
+    std::fs::write(
+        d.join("p.yaml"),
+        pipeline(
+            &source,
+            "out.jsonl",
+            &format!(
+                "state: {{ dir: {}, checkpoint_interval: 100ms }}\n",
+                disk.join("state").display()
+            ),
+        ),
+    )
+    .unwrap();
+    let child = start(d, "p.yaml");
+    eventually("rivulet's subscription", 20, || {
+        broker.log().contains("full/in")
+    });
+    let msgs: Vec<(String, String)> = evs
+        .iter()
+        .map(|e| ("full/in".to_string(), e.clone()))
+        .collect();
+    publish_all(broker.port, &msgs[..1000]);
+    eventually("a checkpoint of the first 1000 messages", 20, || {
+        inspect_header(&disk.join("state")).contains("input position 1000")
+    });
+
+    let filler = disk.join("filler");
+    let _ = Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", filler.display()))
+        .args(["bs=4k", "status=none"])
+        .stderr(Stdio::null())
+        .status();
+    // The broker takes the rest; rivulet cannot journal it.
+    publish_all(broker.port, &msgs[1000..msgs.len() - 1]);
+    let log = || std::fs::read_to_string(d.join("rivulet.log")).unwrap_or_default();
+    eventually("the journal failure to be reported", 20, || {
+        log().contains("cannot write the input journal")
+    });
+    // Room again: everything held at the broker comes through.
+    std::fs::remove_file(&filler).unwrap();
+    publish_all(broker.port, &msgs[msgs.len() - 1..]);
+    let want: BTreeSet<(String, i64)> = reference.iter().map(|l| window_of(l)).collect();
+    let out = d.join("out.jsonl");
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let got: BTreeSet<(String, i64)> = lines(&out).iter().map(|l| window_of(l)).collect();
+        if want.is_subset(&got) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "{} of {} windows after the disk had room again:\n{}",
+            got.len(),
+            want.len(),
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let mut child = child;
+    assert!(child.wait().unwrap().success(), "{}", log());
+    assert!(log().contains("the input journal works again"), "{}", log());
+    let got: BTreeSet<String> = lines(&out).into_iter().collect();
+    assert_eq!(got, reference, "nothing lost, nothing counted twice");
 }

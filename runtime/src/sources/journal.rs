@@ -19,7 +19,7 @@
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
@@ -91,7 +91,9 @@ pub struct Opened {
 /// writes, the source replays).
 #[derive(Clone)]
 pub struct Journal {
-    db: Arc<redb::Database>,
+    /// `None` after a failed write: opened again (and so repaired) by the
+    /// next one.
+    db: Arc<Mutex<Option<redb::Database>>>,
     path: PathBuf,
 }
 
@@ -145,7 +147,7 @@ impl Journal {
         }
         Ok((
             Journal {
-                db: Arc::new(db),
+                db: Arc::new(Mutex::new(Some(db))),
                 path,
             },
             opened,
@@ -154,6 +156,29 @@ impl Journal {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Runs `f` on the database, opening it again first if a write failed.
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&redb::Database) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let path = &self.path;
+        let mut guard = self
+            .db
+            .lock()
+            .map_err(|_| err(path, "a thread failed while holding the journal"))?;
+        let db = match guard.take() {
+            Some(db) => db,
+            None => redb::Database::create(path).map_err(|e| err(path, e))?,
+        };
+        let result = f(&db);
+        if result.is_ok() {
+            *guard = Some(db);
+        }
+        // After a failure the handle is dropped: redb may refuse further
+        // writes on it, and opening the file again repairs it.
+        result
     }
 
     /// Writes `entries`, numbered from `first`, and removes the entries
@@ -167,34 +192,36 @@ impl Journal {
         trim_through: Option<u64>,
     ) -> Result<(), String> {
         let path = &self.path;
-        let mut buf = Vec::new();
-        let mut txn = self.db.begin_write().map_err(|e| err(path, e))?;
-        if entries.is_empty() {
-            txn.set_durability(redb::Durability::None)
-                .map_err(|e| err(path, e))?;
-        }
-        {
-            let mut t = txn.open_table(ENTRIES).map_err(|e| err(path, e))?;
-            for (i, e) in entries.iter().enumerate() {
-                e.encode(&mut buf);
-                t.insert(first + i as u64, buf.as_slice())
+        self.with_db(|db| {
+            let mut buf = Vec::new();
+            let mut txn = db.begin_write().map_err(|e| err(path, e))?;
+            if entries.is_empty() {
+                txn.set_durability(redb::Durability::None)
                     .map_err(|e| err(path, e))?;
             }
-            if let Some(through) = trim_through {
-                t.retain_in(..=through, |_, _| false)
+            {
+                let mut t = txn.open_table(ENTRIES).map_err(|e| err(path, e))?;
+                for (i, e) in entries.iter().enumerate() {
+                    e.encode(&mut buf);
+                    t.insert(first + i as u64, buf.as_slice())
+                        .map_err(|e| err(path, e))?;
+                }
+                if let Some(through) = trim_through {
+                    t.retain_in(..=through, |_, _| false)
+                        .map_err(|e| err(path, e))?;
+                }
+                let mut meta = txn.open_table(META).map_err(|e| err(path, e))?;
+                let next = first + entries.len() as u64;
+                let stored = meta
+                    .get("next")
+                    .map_err(|e| err(path, e))?
+                    .map(|v| v.value())
+                    .unwrap_or(1);
+                meta.insert("next", next.max(stored))
                     .map_err(|e| err(path, e))?;
             }
-            let mut meta = txn.open_table(META).map_err(|e| err(path, e))?;
-            let next = first + entries.len() as u64;
-            let stored = meta
-                .get("next")
-                .map_err(|e| err(path, e))?
-                .map(|v| v.value())
-                .unwrap_or(1);
-            meta.insert("next", next.max(stored))
-                .map_err(|e| err(path, e))?;
-        }
-        txn.commit().map_err(|e| err(path, e))
+            txn.commit().map_err(|e| err(path, e))
+        })
     }
 
     /// Calls `f` with the entries numbered `from..=through`, at most `max`
@@ -207,24 +234,26 @@ impl Journal {
         mut f: impl FnMut(u64, Entry<'_>),
     ) -> Result<u64, String> {
         let path = &self.path;
-        let txn = self.db.begin_read().map_err(|e| err(path, e))?;
-        let t = match txn.open_table(ENTRIES) {
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(through + 1),
-            other => other.map_err(|e| err(path, e))?,
-        };
-        let mut next = from;
-        for e in t.range(from..=through).map_err(|e| err(path, e))?.take(max) {
-            let (k, v) = e.map_err(|e| err(path, e))?;
-            let entry = Entry::decode(v.value())
-                .ok_or_else(|| err(path, format!("entry {} is unreadable", k.value())))?;
-            f(k.value(), entry);
-            next = k.value() + 1;
-        }
-        if next == from {
-            // Nothing (left) in the range: it was trimmed.
-            next = through + 1;
-        }
-        Ok(next)
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(|e| err(path, e))?;
+            let t = match txn.open_table(ENTRIES) {
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(through + 1),
+                other => other.map_err(|e| err(path, e))?,
+            };
+            let mut next = from;
+            for e in t.range(from..=through).map_err(|e| err(path, e))?.take(max) {
+                let (k, v) = e.map_err(|e| err(path, e))?;
+                let entry = Entry::decode(v.value())
+                    .ok_or_else(|| err(path, format!("entry {} is unreadable", k.value())))?;
+                f(k.value(), entry);
+                next = k.value() + 1;
+            }
+            if next == from {
+                // Nothing (left) in the range: it was trimmed.
+                next = through + 1;
+            }
+            Ok(next)
+        })
     }
 }
 
