@@ -303,6 +303,8 @@ pub enum Ev {
     PubAck(u16),
     /// A publish (packet id; 0 for QoS 0) was written to the network.
     Sent(u16),
+    /// A PUBACK for an incoming message was written to the network.
+    AckSent(u16),
     /// The connection dropped; the reason, and whether retrying cannot help.
     Disconnected {
         reason: String,
@@ -433,6 +435,7 @@ impl Connection {
                         }),
                         Event::Incoming(Packet::PubAck(a)) => Step::Ev(Ev::PubAck(a.pkid)),
                         Event::Outgoing(rumqttc::Outgoing::Publish(id)) => Step::Ev(Ev::Sent(id)),
+                        Event::Outgoing(rumqttc::Outgoing::PubAck(id)) => Step::Ev(Ev::AckSent(id)),
                         _ => Step::Nothing,
                     }
                 }
@@ -467,6 +470,7 @@ impl Connection {
                         }),
                         Event::Incoming(Packet::PubAck(a)) => Step::Ev(Ev::PubAck(a.pkid)),
                         Event::Outgoing(rumqttc::Outgoing::Publish(id)) => Step::Ev(Ev::Sent(id)),
+                        Event::Outgoing(rumqttc::Outgoing::PubAck(id)) => Step::Ev(Ev::AckSent(id)),
                         _ => Step::Nothing,
                     }
                 }

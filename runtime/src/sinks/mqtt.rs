@@ -325,7 +325,7 @@ impl MqttSink {
                             Ev::PubAck(pkid) => {
                                 st.inflight.remove(&pkid);
                             }
-                            Ev::Message { .. } | Ev::Tick => {}
+                            Ev::Message { .. } | Ev::Tick | Ev::AckSent(_) => {}
                         }
                         shared.cv.notify_all();
                         true

@@ -29,10 +29,10 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub const GROUP: usize = 512;
 /// Longest a message waits for its group to be committed.
 pub const LINGER: Duration = Duration::from_millis(5);
-/// Entries kept after a trim, so redeliveries after a restart are
-/// recognised: more than can be journaled but not yet acknowledged (the
-/// client's request queue of PUBACKs plus one group).
-pub const KEEP_FOR_DEDUP: u64 = 8192;
+/// Entries always kept after a trim, besides every entry whose PUBACK is not
+/// known to be written: with them, a redelivery after a restart is
+/// recognised.
+pub const KEEP_FOR_DEDUP: u64 = 1024;
 
 /// One journaled message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,8 +83,9 @@ pub struct Opened {
     pub first: u64,
     /// Number the next message gets.
     pub next: u64,
-    /// Packet id → hash of the latest entries, for redelivery checks.
-    pub recent: Vec<(u16, u64)>,
+    /// Packet id, content hash and number of every entry held, oldest
+    /// first, for redelivery checks.
+    pub recent: Vec<(u16, u64, u64)>,
 }
 
 /// A handle on the journal; clones share the file (the connection thread
@@ -135,12 +136,11 @@ impl Journal {
                     if let Some((k, _)) = t.last().map_err(|e| err(&path, e))? {
                         opened.next = opened.next.max(k.value() + 1);
                     }
-                    let from = opened.next.saturating_sub(KEEP_FOR_DEDUP);
-                    for e in t.range(from..).map_err(|e| err(&path, e))? {
-                        let (_, v) = e.map_err(|e| err(&path, e))?;
+                    for e in t.iter().map_err(|e| err(&path, e))? {
+                        let (k, v) = e.map_err(|e| err(&path, e))?;
                         let entry = Entry::decode(v.value())
                             .ok_or_else(|| err(&path, "an entry is unreadable"))?;
-                        opened.recent.push((entry.pkid, entry.hash()));
+                        opened.recent.push((entry.pkid, entry.hash(), k.value()));
                     }
                 }
             }
@@ -283,7 +283,7 @@ mod tests {
         let (j, o) = Journal::open(dir.path()).unwrap();
         assert_eq!((o.first, o.next), (1, 4));
         assert_eq!(o.recent.len(), 3);
-        assert_eq!(o.recent[1], (8, hash_message("a/c", b"xy")));
+        assert_eq!(o.recent[1], (8, hash_message("a/c", b"xy"), 2));
         let mut seen = Vec::new();
         let next = j
             .read(2, 3, 10, |n, e| {

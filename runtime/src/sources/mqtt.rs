@@ -95,6 +95,9 @@ pub struct MqttSource {
     held: Option<Live>,
     /// The last number handed out, for the connection thread's lag check.
     handed: Arc<AtomicU64>,
+    /// The last number journaled, so a quiet queue does not hide entries
+    /// that did not fit in it.
+    committed: Arc<AtomicU64>,
     /// Trim requests from committed checkpoints, for the connection thread.
     trim: Arc<AtomicU64>,
 }
@@ -149,6 +152,7 @@ impl MqttSource {
             replay,
             held: None,
             handed: Arc::new(AtomicU64::new(position)),
+            committed: Arc::new(AtomicU64::new(0)),
             trim: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -182,6 +186,9 @@ impl MqttSource {
     /// entries before it (the connection thread skips the queue when it is
     /// full: those messages are read back from the journal).
     fn push(&mut self, batch: &mut RawBatch, msg: Live, max_payload: usize) -> bool {
+        if self.journal.is_some() && msg.seq <= self.position {
+            return true; // read from the journal already
+        }
         if self.journal.is_some() && msg.seq > self.position + 1 {
             self.replay = Some((self.position + 1, msg.seq - 1));
             self.held = Some(msg);
@@ -317,7 +324,15 @@ impl MqttSource {
                 }
                 Ok(Poll::Open)
             }
-            Err(RecvTimeoutError::Timeout) => Ok(Poll::Open),
+            Err(RecvTimeoutError::Timeout) => {
+                // Journaled messages that skipped the full queue, with
+                // nothing after them to reveal the gap.
+                let committed = self.committed.load(Ordering::Acquire);
+                if self.journal.is_some() && committed > self.position {
+                    self.replay = Some((self.position + 1, committed));
+                }
+                Ok(Poll::Open)
+            }
             // The connection thread ended: a fatal error.
             Err(RecvTimeoutError::Disconnected) => Err(self.fatal_error().unwrap_or_else(|| {
                 SourceError::Other(format!(
@@ -393,14 +408,21 @@ struct Inbound {
     next: u64,
     group: Vec<Held>,
     group_since: Instant,
-    /// PUBACKs not yet taken by the client's request queue.
-    acks: VecDeque<u16>,
-    /// Packet id → content hash of the latest journaled message with it.
-    recent: HashMap<u16, u64>,
+    /// PUBACKs not yet taken by the client's request queue: packet id and
+    /// the journal number of the message.
+    acks: VecDeque<(u16, u64)>,
+    /// Journal numbers of PUBACKs in the client's queue, not yet written
+    /// to the network (the client writes them in order).
+    acks_in_client: VecDeque<u64>,
+    /// Packet id → content hash and journal number of the latest journaled
+    /// message with it.
+    recent: HashMap<u16, (u64, u64)>,
     trim: Arc<AtomicU64>,
     trimmed: u64,
     /// The last number the pipeline took.
     handed: Arc<AtomicU64>,
+    /// The last number journaled.
+    committed: Arc<AtomicU64>,
     /// When the last journal write failed (retries wait [`RETRY`]).
     failed_at: Option<Instant>,
 }
@@ -412,7 +434,10 @@ impl Inbound {
             // after the checkpoint's position even if the journal was lost.
             Some((j, o)) => (
                 Some(j),
-                o.recent.into_iter().collect(),
+                o.recent
+                    .into_iter()
+                    .map(|(pkid, hash, seq)| (pkid, (hash, seq)))
+                    .collect(),
                 o.next.max(src.position + 1),
             ),
             None => (None, HashMap::new(), 0),
@@ -431,10 +456,12 @@ impl Inbound {
             group: Vec::new(),
             group_since: Instant::now(),
             acks: VecDeque::new(),
+            acks_in_client: VecDeque::new(),
             recent,
             trim: src.trim.clone(),
             trimmed: 0,
             handed: src.handed.clone(),
+            committed: src.committed.clone(),
             failed_at: None,
         }
     }
@@ -470,11 +497,18 @@ impl Inbound {
                     return false;
                 }
                 // Keep what arrived, but acknowledge nothing of the old
-                // connection: the broker redelivers it (with DUP) and the
-                // redelivery is recognised.
+                // connection: the broker redelivers it (with DUP) first
+                // thing after reconnecting, and the redelivery is recognised
+                // (the journal always keeps more than a group's worth).
                 let ok = self.commit(false);
                 self.acks.clear();
+                // The client may drop what it held for the old connection.
+                self.acks_in_client.clear();
                 ok
+            }
+            Ev::AckSent(_) => {
+                self.acks_in_client.pop_front();
+                true
             }
             Ev::PubAck(_) | Ev::Sent(_) | Ev::Tick => true,
         };
@@ -506,12 +540,19 @@ impl Inbound {
                 .group
                 .iter()
                 .any(|m| m.pkid == pkid && hash_message(&m.topic, &m.payload) == h);
-            if held || self.recent.get(&pkid) == Some(&h) {
-                // Journaled already; acknowledge it (after what came before).
-                tracing::debug!(pkid, "redelivered message already journaled");
+            if held {
+                // Journaled with the group, under its latest number.
                 let ok = self.commit(true);
-                self.acks.push_back(pkid);
                 return ok;
+            }
+            if let Some(&(hash, seq)) = self.recent.get(&pkid) {
+                if hash == h {
+                    // Journaled already; acknowledge it (after what came before).
+                    tracing::debug!(pkid, seq, "redelivered message already journaled");
+                    let ok = self.commit(true);
+                    self.acks.push_back((pkid, seq));
+                    return ok;
+                }
             }
         }
         if self.group.is_empty() {
@@ -533,7 +574,21 @@ impl Inbound {
     /// recognising redeliveries.
     fn trim_through(&self) -> Option<u64> {
         self.journal.as_ref()?;
-        let keep_from = self.next.saturating_sub(journal::KEEP_FOR_DEDUP);
+        // Never past a message whose PUBACK may not have reached the broker:
+        // after a crash the broker sends it again, and only the journal can
+        // tell it was counted already.
+        let unacked = [
+            self.acks.front().map(|a| a.1),
+            self.acks_in_client.front().copied(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(self.next);
+        let keep_from = self
+            .next
+            .saturating_sub(journal::KEEP_FOR_DEDUP)
+            .min(unacked);
         let t = self
             .trim
             .load(Ordering::Relaxed)
@@ -579,16 +634,19 @@ impl Inbound {
             self.trimmed = t;
         }
         tracing::trace!(first = self.next, n = self.group.len(), trim = ?trim, "journaled");
-        for m in &self.group {
+        for (i, m) in self.group.iter().enumerate() {
             if m.pkid != 0 {
+                let seq = self.next + i as u64;
                 self.recent
-                    .insert(m.pkid, hash_message(&m.topic, &m.payload));
+                    .insert(m.pkid, (hash_message(&m.topic, &m.payload), seq));
                 if ack {
-                    self.acks.push_back(m.pkid);
+                    self.acks.push_back((m.pkid, seq));
                 }
             }
         }
         self.send_acks();
+        self.committed
+            .store(self.next + self.group.len() as u64 - 1, Ordering::Release);
         // Never wait for the pipeline here: PUBACKs go out only while this
         // thread drives the connection. What does not fit in the queue is
         // read back from the journal.
@@ -613,10 +671,11 @@ impl Inbound {
     }
 
     fn send_acks(&mut self) {
-        while let Some(&pkid) = self.acks.front() {
+        while let Some(&(pkid, seq)) = self.acks.front() {
             if !self.client.try_ack(pkid) {
                 break; // the request queue is full; the next event retries
             }
+            self.acks_in_client.push_back(seq);
             self.acks.pop_front();
         }
     }
