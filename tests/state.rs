@@ -520,3 +520,56 @@ fn inspect_reads_the_state_a_killed_run_left_without_changing_it() {
         "inspect changed the file"
     );
 }
+
+/// Keys need no time-to-live of their own: a key that goes silent leaves
+/// the checkpointed state once the watermark passes its last window.
+#[test]
+fn a_key_that_goes_silent_leaves_the_state() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = d.join("s.yaml");
+    std::fs::write(
+        &p,
+        "name: s\nsource:\n  file: { path: \"-\" }\n  event_time: { field: ts, max_out_of_orderness: 0s }\n\
+         steps:\n  - key_by: k\n  - window: { tumbling: 1s, allowed_lateness: 1s, aggregate: { n: count() } }\n\
+         sink: { file: { path: out.jsonl } }\nstate: { dir: st, checkpoint_interval: 50ms }\n",
+    )
+    .unwrap();
+    let mut child = rivulet(d, &p).stdin(Stdio::piped()).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let keys = |d: &Path| -> Vec<String> {
+        let out = Command::new(env!("CARGO_BIN_EXE_rivulet"))
+            .args(["state", "inspect"])
+            .arg(d.join("st"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["key"]["k"].as_str().unwrap().to_string()
+            })
+            .collect()
+    };
+    // Both keys, then only "busy" for a while of event time.
+    for ts in (0..900).step_by(100) {
+        writeln!(stdin, "{{\"k\":\"quiet\",\"ts\":{ts}}}").unwrap();
+        writeln!(stdin, "{{\"k\":\"busy\",\"ts\":{ts}}}").unwrap();
+    }
+    stdin.flush().unwrap();
+    common::eventually("both keys in the state", 20, || {
+        let k = keys(d);
+        k.contains(&"quiet".to_string()) && k.contains(&"busy".to_string())
+    });
+    for ts in (1000..5000).step_by(100) {
+        writeln!(stdin, "{{\"k\":\"busy\",\"ts\":{ts}}}").unwrap();
+    }
+    stdin.flush().unwrap();
+    common::eventually("the quiet key to leave the state", 20, || {
+        let k = keys(d);
+        !k.contains(&"quiet".to_string()) && k.contains(&"busy".to_string())
+    });
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+}

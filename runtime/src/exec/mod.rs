@@ -445,7 +445,9 @@ fn read(
         savepoints,
     } = cfg;
     let mut next_checkpoint = checkpoint_every.map(|d| Instant::now() + d);
-    let mut last_checkpoint: Option<Vec<u8>> = None;
+    // Whether events came since the last checkpoint (a quiet input gets
+    // one more checkpoint, then none until something arrives).
+    let mut read_since_checkpoint = false;
     let mut seq = 0u64;
     let mut last_arrival = i64::MIN;
     let mut result = Ok(());
@@ -504,24 +506,24 @@ fn read(
         }
         // Every checkpoint_interval, at the end, and for a savepoint, the
         // batch closes a checkpoint; when the input is quiet, an empty
-        // batch does, if the source moved since the last one.
+        // batch does, if events came since the last one.
         let savepoint = savepoints
             .as_ref()
             .and_then(|rx| rx.try_recv().ok())
             .map(Arc::new);
         let due = next_checkpoint.is_some_and(|at| Instant::now() >= at);
-        let position = checkpoint_every.map(|_| source.position().unwrap_or_default());
-        let quiet_checkpoint = due && position != last_checkpoint;
+        read_since_checkpoint |= !batch.is_empty();
+        let quiet_checkpoint = due && read_since_checkpoint;
         if batch.is_empty() && end.is_none() && !ticks && savepoint.is_none() && !quiet_checkpoint {
             continue;
         }
         cap_items = batch.items.len().clamp(16, BATCH_EVENTS);
         cap_bytes = batch.data.len().clamp(1024, 1 << 20);
-        let checkpoint = match (checkpoint_every, position) {
-            (Some(every), Some(position)) if end.is_some() || savepoint.is_some() || due => {
+        let checkpoint = match checkpoint_every {
+            Some(every) if end.is_some() || savepoint.is_some() || due => {
                 next_checkpoint = Some(Instant::now() + every);
-                last_checkpoint = Some(position.clone());
-                Some(Arc::new(position))
+                read_since_checkpoint = false;
+                Some(Arc::new(source.position().unwrap_or_default()))
             }
             _ => None,
         };

@@ -315,7 +315,10 @@ pub enum Ev {
 /// Outcome of waiting for one event.
 enum Step {
     Ev(Ev),
+    /// Nothing happened within the wait.
     Nothing,
+    /// Something happened that no handler needs (pings, SUBACKs).
+    Other,
     Closed,
 }
 
@@ -436,7 +439,7 @@ impl Connection {
                         Event::Incoming(Packet::PubAck(a)) => Step::Ev(Ev::PubAck(a.pkid)),
                         Event::Outgoing(rumqttc::Outgoing::Publish(id)) => Step::Ev(Ev::Sent(id)),
                         Event::Outgoing(rumqttc::Outgoing::PubAck(id)) => Step::Ev(Ev::AckSent(id)),
-                        _ => Step::Nothing,
+                        _ => Step::Other,
                     }
                 }
                 Ok(Err(e)) => {
@@ -471,7 +474,7 @@ impl Connection {
                         Event::Incoming(Packet::PubAck(a)) => Step::Ev(Ev::PubAck(a.pkid)),
                         Event::Outgoing(rumqttc::Outgoing::Publish(id)) => Step::Ev(Ev::Sent(id)),
                         Event::Outgoing(rumqttc::Outgoing::PubAck(id)) => Step::Ev(Ev::AckSent(id)),
-                        _ => Step::Nothing,
+                        _ => Step::Other,
                     }
                 }
                 Ok(Err(e)) => {
@@ -506,6 +509,7 @@ pub fn drive(
                     return;
                 }
             }
+            Step::Other => {}
             Step::Closed => return,
             Step::Ev(ev) => match ev {
                 Ev::Connected { .. } => {
