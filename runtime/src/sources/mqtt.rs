@@ -289,9 +289,10 @@ impl MqttSource {
         max_payload: usize,
         wait: Duration,
     ) -> Result<Poll, SourceError> {
+        let before = batch.len();
         if self.replay.is_some() {
             self.poll_replay(batch, max_items, max_payload)?;
-            if self.replay.is_some() || batch.len() >= max_items {
+            if self.replay.is_some() || batch.len() - before >= max_items {
                 return Ok(Poll::Open);
             }
         }
@@ -310,7 +311,7 @@ impl MqttSource {
         let result = match rx.recv_timeout(wait) {
             Ok(first) => {
                 if self.push(batch, first, max_payload) {
-                    while batch.len() < max_items {
+                    while batch.len() - before < max_items {
                         match rx.try_recv() {
                             Ok(m) => {
                                 if !self.push(batch, m, max_payload) {
