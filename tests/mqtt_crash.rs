@@ -71,6 +71,67 @@ fn window_of(line: &str) -> (String, i64) {
     )
 }
 
+/// Runs `evs` from a file, uninterrupted: the results to expect. The end
+/// of the file also closes the flush event's own window; over MQTT that
+/// window stays open, so it is left out.
+fn reference(d: &Path, evs: &[String]) -> BTreeSet<String> {
+    std::fs::write(d.join("events.jsonl"), evs.join("\n") + "\n").unwrap();
+    std::fs::write(
+        d.join("reference.yaml"),
+        pipeline("  file: { path: events.jsonl }\n", "reference.jsonl", ""),
+    )
+    .unwrap();
+    assert!(start(d, "reference.yaml").wait().unwrap().success());
+    lines(&d.join("reference.jsonl"))
+        .into_iter()
+        .filter(|l| window_of(l).0 != "flush")
+        .collect()
+}
+
+/// Writes `file`: QoS 1 from `topic` (client id `<topic>-in`), the window
+/// pipeline, and `state`; starts it and waits for its subscription.
+fn start_mqtt(d: &Path, broker: &Broker, file: &str, topic: &str, state: &str) -> Child {
+    let source = format!(
+        "  mqtt: {{ url: \"{}\", topics: [{topic}], topic_field: \"\", qos: 1, client_id: {}-in }}\n",
+        broker.url(),
+        topic.replace('/', "-")
+    );
+    std::fs::write(d.join(file), pipeline(&source, "out.jsonl", state)).unwrap();
+    let child = start(d, file);
+    eventually("rivulet's subscription", 20, || {
+        broker.log().contains(topic)
+    });
+    child
+}
+
+fn on_topic(topic: &str, evs: &[String]) -> Vec<(String, String)> {
+    evs.iter().map(|e| (topic.to_string(), e.clone())).collect()
+}
+
+/// Waits (bounded) until `out.jsonl` holds a result for every window of
+/// `want`; on timeout, fails with rivulet's log.
+fn wait_for_windows(d: &Path, want: &BTreeSet<String>) {
+    let want: BTreeSet<(String, i64)> = want.iter().map(|l| window_of(l)).collect();
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let got: BTreeSet<(String, i64)> = lines(&d.join("out.jsonl"))
+            .iter()
+            .map(|l| window_of(l))
+            .collect();
+        if want.is_subset(&got) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "{} of {} windows:\n{}",
+            got.len(),
+            want.len(),
+            std::fs::read_to_string(d.join("rivulet.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn qos1_input_killed_twenty_times_loses_nothing_and_counts_nothing_twice() {
     let dir = tempfile::tempdir().unwrap();
@@ -80,50 +141,18 @@ fn qos1_input_killed_twenty_times_loses_nothing_and_counts_nothing_twice() {
     evs.push("{\"k\":\"flush\",\"ts\":100000000,\"v\":0}".to_string());
 
     // The uninterrupted run: the same events from a file.
-    std::fs::write(d.join("events.jsonl"), evs.join("\n") + "\n").unwrap();
-    std::fs::write(
-        d.join("reference.yaml"),
-        pipeline("  file: { path: events.jsonl }\n", "reference.jsonl", ""),
-    )
-    .unwrap();
-    let status = start(d, "reference.yaml").wait().unwrap();
-    assert!(status.success());
-    // The end of the file also closes the flush event's own window; on
-    // MQTT that window stays open.
-    let reference: BTreeSet<String> = lines(&d.join("reference.jsonl"))
-        .into_iter()
-        .filter(|l| window_of(l).0 != "flush")
-        .collect();
+    let reference = reference(d, &evs);
     assert!(reference.len() > 1000, "{} results", reference.len());
 
     // The broker queues everything for the persistent session while
-    // rivulet is down (Mosquitto's default drops beyond 1000).
+    // rivulet is down (Mosquitto's default drops beyond 1000). The first
+    // start makes the session and its subscription.
     let broker = Broker::start("max_queued_messages 0\nmax_inflight_messages 100");
-    let source = format!(
-        "  mqtt: {{ url: \"{}\", topics: [crash/in], topic_field: \"\", qos: 1, client_id: crash-in }}\n",
-        broker.url()
-    );
-    std::fs::write(
-        d.join("crash.yaml"),
-        pipeline(
-            &source,
-            "out.jsonl",
-            "state: { dir: state, checkpoint_interval: 50ms }\n",
-        ),
-    )
-    .unwrap();
-
-    // The first start makes the session and its subscription.
-    let mut child = start(d, "crash.yaml");
-    eventually("rivulet's subscription", 20, || {
-        broker.log().contains("crash/in")
-    });
+    let state = "state: { dir: state, checkpoint_interval: 50ms }\n";
+    let mut child = start_mqtt(d, &broker, "crash.yaml", "crash/in", state);
 
     let port = broker.port;
-    let msgs: Vec<(String, String)> = evs
-        .iter()
-        .map(|e| ("crash/in".to_string(), e.clone()))
-        .collect();
+    let msgs = on_topic("crash/in", &evs);
     let publisher = std::thread::spawn(move || {
         for chunk in msgs.chunks(400) {
             publish_all(port, chunk);
@@ -143,16 +172,7 @@ fn qos1_input_killed_twenty_times_loses_nothing_and_counts_nothing_twice() {
     publisher.join().unwrap();
 
     // The last run goes on until every window is out.
-    let want: BTreeSet<(String, i64)> = reference.iter().map(|l| window_of(l)).collect();
-    let out = d.join("out.jsonl");
-    let done = || {
-        let got: BTreeSet<(String, i64)> = lines(&out).iter().map(|l| window_of(l)).collect();
-        want.is_subset(&got)
-    };
-    let until = std::time::Instant::now() + Duration::from_secs(60);
-    while !done() && std::time::Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_windows(d, &reference);
     Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())
@@ -160,19 +180,11 @@ fn qos1_input_killed_twenty_times_loses_nothing_and_counts_nothing_twice() {
         .unwrap();
     assert!(child.wait().unwrap().success());
 
-    let got = lines(&out);
+    let got = lines(&d.join("out.jsonl"));
     let mut by_window: BTreeMap<(String, i64), BTreeSet<String>> = BTreeMap::new();
     for l in &got {
         by_window.entry(window_of(l)).or_default().insert(l.clone());
     }
-    let missing: Vec<_> = want.iter().filter(|w| !by_window.contains_key(w)).collect();
-    assert!(
-        missing.is_empty(),
-        "after {kills} kills, {} windows missing, e.g. {:?}\n{}",
-        missing.len(),
-        &missing[..missing.len().min(5)],
-        std::fs::read_to_string(d.join("rivulet.log")).unwrap_or_default()
-    );
     // Results emitted again after a restart are byte-identical; none differs
     // from the uninterrupted run (a lost or doubled event would).
     let wrong: Vec<_> = by_window
@@ -210,28 +222,9 @@ fn a_quiet_input_is_checkpointed_and_an_idle_pipeline_gives_a_savepoint() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let broker = Broker::start("");
-    let source = format!(
-        "  mqtt: {{ url: \"{}\", topics: [quiet/in], topic_field: \"\", qos: 1, client_id: quiet-in }}\n",
-        broker.url()
-    );
-    std::fs::write(
-        d.join("p.yaml"),
-        pipeline(
-            &source,
-            "out.jsonl",
-            "state: { dir: state, checkpoint_interval: 100ms }\n",
-        ),
-    )
-    .unwrap();
-    let mut child = start(d, "p.yaml");
-    eventually("rivulet's subscription", 20, || {
-        broker.log().contains("quiet/in")
-    });
-    let msgs: Vec<(String, String)> = events(300)
-        .into_iter()
-        .map(|e| ("quiet/in".to_string(), e))
-        .collect();
-    publish_all(broker.port, &msgs);
+    let state = "state: { dir: state, checkpoint_interval: 100ms }\n";
+    let mut child = start_mqtt(d, &broker, "p.yaml", "quiet/in", state);
+    publish_all(broker.port, &on_topic("quiet/in", &events(300)));
     // Nothing more arrives; the checkpoint still catches up with the input.
     eventually("a checkpoint of all 300 messages", 20, || {
         inspect_header(&d.join("state")).contains("input position 300")
@@ -300,43 +293,14 @@ fn a_full_disk_holds_back_acknowledgements_and_loses_nothing() {
         .map(|e| format!("{},\"pad\":\"{pad}\"}}", &e[..e.len() - 1]))
         .collect();
     evs.push("{\"k\":\"flush\",\"ts\":100000000,\"v\":0}".to_string());
-    std::fs::write(d.join("events.jsonl"), evs.join("\n") + "\n").unwrap();
-    std::fs::write(
-        d.join("reference.yaml"),
-        pipeline("  file: { path: events.jsonl }\n", "reference.jsonl", ""),
-    )
-    .unwrap();
-    assert!(start(d, "reference.yaml").wait().unwrap().success());
-    let reference: BTreeSet<String> = lines(&d.join("reference.jsonl"))
-        .into_iter()
-        .filter(|l| window_of(l).0 != "flush")
-        .collect();
-
+    let reference = reference(d, &evs);
     let broker = Broker::start("max_queued_messages 0");
-    let source = format!(
-        "  mqtt: {{ url: \"{}\", topics: [full/in], topic_field: \"\", qos: 1, client_id: full-in }}\n",
-        broker.url()
+    let state = format!(
+        "state: {{ dir: {}, checkpoint_interval: 100ms }}\n",
+        disk.join("state").display()
     );
-    std::fs::write(
-        d.join("p.yaml"),
-        pipeline(
-            &source,
-            "out.jsonl",
-            &format!(
-                "state: {{ dir: {}, checkpoint_interval: 100ms }}\n",
-                disk.join("state").display()
-            ),
-        ),
-    )
-    .unwrap();
-    let child = start(d, "p.yaml");
-    eventually("rivulet's subscription", 20, || {
-        broker.log().contains("full/in")
-    });
-    let msgs: Vec<(String, String)> = evs
-        .iter()
-        .map(|e| ("full/in".to_string(), e.clone()))
-        .collect();
+    let child = start_mqtt(d, &broker, "p.yaml", "full/in", &state);
+    let msgs = on_topic("full/in", &evs);
     publish_all(broker.port, &msgs[..1000]);
     eventually("a checkpoint of the first 1000 messages", 20, || {
         inspect_header(&disk.join("state")).contains("input position 1000")
@@ -358,23 +322,7 @@ fn a_full_disk_holds_back_acknowledgements_and_loses_nothing() {
     // Room again: everything held at the broker comes through.
     std::fs::remove_file(&filler).unwrap();
     publish_all(broker.port, &msgs[msgs.len() - 1..]);
-    let want: BTreeSet<(String, i64)> = reference.iter().map(|l| window_of(l)).collect();
-    let out = d.join("out.jsonl");
-    let until = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let got: BTreeSet<(String, i64)> = lines(&out).iter().map(|l| window_of(l)).collect();
-        if want.is_subset(&got) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < until,
-            "{} of {} windows after the disk had room again:\n{}",
-            got.len(),
-            want.len(),
-            log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_windows(d, &reference);
     Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())
@@ -383,7 +331,7 @@ fn a_full_disk_holds_back_acknowledgements_and_loses_nothing() {
     let mut child = child;
     assert!(child.wait().unwrap().success(), "{}", log());
     assert!(log().contains("the input journal works again"), "{}", log());
-    let got: BTreeSet<String> = lines(&out).into_iter().collect();
+    let got: BTreeSet<String> = lines(&d.join("out.jsonl")).into_iter().collect();
     assert_eq!(got, reference, "nothing lost, nothing counted twice");
 }
 
