@@ -418,3 +418,37 @@ fn a_source_far_behind_reads_the_overflow_from_the_journal() {
     assert_eq!(got.len(), want.len());
     drop(src);
 }
+
+/// MQTT 5 ends a session at disconnect unless told otherwise: the source
+/// asks for a persistent one, so what is published while rivulet is down
+/// still arrives.
+#[test]
+fn mqtt5_messages_published_while_rivulet_is_down_arrive_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let broker = Broker::start("max_queued_messages 0");
+    let source = format!(
+        "  mqtt: {{ url: \"{}\", version: 5, topics: [v5/in], topic_field: \"\", qos: 1, client_id: v5-in }}\n",
+        broker.url()
+    );
+    let state = "state: { dir: state, checkpoint_interval: 50ms }\n";
+    std::fs::write(d.join("p.yaml"), pipeline(&source, "out.jsonl", state)).unwrap();
+    let mut child = start(d, "p.yaml");
+    eventually("rivulet's subscription", 20, || {
+        broker.log().contains("v5/in")
+    });
+    let evs = events(400);
+    publish_all(broker.port, &on_topic("v5/in", &evs[..200]));
+    eventually("200 messages checkpointed", 20, || {
+        inspect_header(&d.join("state")).contains("input position 200")
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    publish_all(broker.port, &on_topic("v5/in", &evs[200..]));
+    let mut child = start(d, "p.yaml");
+    eventually("all 400 messages checkpointed", 20, || {
+        inspect_header(&d.join("state")).contains("input position 400")
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
