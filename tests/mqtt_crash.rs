@@ -452,3 +452,26 @@ fn mqtt5_messages_published_while_rivulet_is_down_arrive_after_a_restart() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn a_foreign_journal_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("state")).unwrap();
+    std::fs::write(d.join("state/journal.redb"), b"not a database at all").unwrap();
+    // No broker is needed: the journal is opened before connecting.
+    let source = "  mqtt: { url: \"mqtt://127.0.0.1:9\", topics: [x], qos: 1 }\n";
+    let state = "state: { dir: state }\n";
+    std::fs::write(d.join("p.yaml"), pipeline(source, "out.jsonl", state)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rivulet"))
+        .args(["run", "p.yaml"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("journal.redb") && !err.contains("panicked"),
+        "{err}"
+    );
+}
