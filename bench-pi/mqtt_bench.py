@@ -12,7 +12,7 @@ import json, os, shutil, socket, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, "target/release/mqtt_tools")
-RIVULET = os.path.join(ROOT, "target/release/rivulet")
+RIVULET = os.environ.get("RIVULET", os.path.join(ROOT, "target/release/rivulet"))
 QUICK = "--quick" in sys.argv
 N = {0: 100_000 if QUICK else 400_000, 1: 50_000 if QUICK else 200_000}
 SENSORS = 10_000
