@@ -98,6 +98,14 @@ pub struct Journal {
     path: PathBuf,
 }
 
+/// redb's page cache for the journal: entries are written once and read
+/// back at most once, so a small cache does (redb's default is 1 GiB).
+const CACHE: usize = 4 << 20;
+
+fn create(path: &Path) -> Result<redb::Database, redb::DatabaseError> {
+    redb::Builder::new().set_cache_size(CACHE).create(path)
+}
+
 fn err(path: &Path, e: impl std::fmt::Display) -> String {
     format!("input journal {}: {e}", path.display())
 }
@@ -107,8 +115,7 @@ impl Journal {
     pub fn open(dir: &Path) -> Result<(Journal, Opened), String> {
         std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
         let path = dir.join("journal.redb");
-        let db = redb::Database::create(&path)
-            .map_err(|e| err(&path, format!("{e} (not a rivulet journal?)")))?;
+        let db = create(&path).map_err(|e| err(&path, format!("{e} (not a rivulet journal?)")))?;
         let mut opened = Opened {
             first: 1,
             next: 1,
@@ -170,7 +177,7 @@ impl Journal {
             .map_err(|_| err(path, "a thread failed while holding the journal"))?;
         let db = match guard.take() {
             Some(db) => db,
-            None => redb::Database::create(path).map_err(|e| err(path, e))?,
+            None => create(path).map_err(|e| err(path, e))?,
         };
         let result = f(&db);
         if result.is_ok() {
