@@ -414,9 +414,17 @@ fn conn_error5(e: &rumqttc::v5::ConnectionError) -> (String, bool) {
 impl Connection {
     fn step(&mut self, wait: Duration) -> Step {
         match self {
-            Connection::V4(c) => match c.recv_timeout(wait) {
-                Err(rumqttc::RecvTimeoutError::Timeout) => Step::Nothing,
-                Err(rumqttc::RecvTimeoutError::Disconnected) => Step::Closed,
+            // A zero wait polls once (a timer would round it up to the
+            // runtime's millisecond); `Err(true)`: the client side is gone.
+            Connection::V4(c) => match if wait.is_zero() {
+                c.try_recv()
+                    .map_err(|e| matches!(e, rumqttc::TryRecvError::Disconnected))
+            } else {
+                c.recv_timeout(wait)
+                    .map_err(|e| matches!(e, rumqttc::RecvTimeoutError::Disconnected))
+            } {
+                Err(false) => Step::Nothing,
+                Err(true) => Step::Closed,
                 Ok(Ok(ev)) => {
                     use rumqttc::{Event, Packet};
                     match ev {
@@ -447,9 +455,15 @@ impl Connection {
                     Step::Ev(Ev::Disconnected { reason, permanent })
                 }
             },
-            Connection::V5(c) => match c.recv_timeout(wait) {
-                Err(rumqttc::v5::RecvTimeoutError::Timeout) => Step::Nothing,
-                Err(rumqttc::v5::RecvTimeoutError::Disconnected) => Step::Closed,
+            Connection::V5(c) => match if wait.is_zero() {
+                c.try_recv()
+                    .map_err(|e| matches!(e, rumqttc::v5::TryRecvError::Disconnected))
+            } else {
+                c.recv_timeout(wait)
+                    .map_err(|e| matches!(e, rumqttc::v5::RecvTimeoutError::Disconnected))
+            } {
+                Err(false) => Step::Nothing,
+                Err(true) => Step::Closed,
                 Ok(Ok(ev)) => {
                     use rumqttc::v5::mqttbytes::v5::Packet;
                     use rumqttc::v5::Event;
@@ -489,13 +503,13 @@ impl Connection {
 /// Runs a connection until `stop` is set or the client side is dropped:
 /// hands every event to `on_event`, reconnects with exponential backoff
 /// (0.1 s doubling to 30 s, with ±25 % jitter) and logs each change of
-/// state once. When nothing happens for `tick`, `on_event` gets
-/// [`Ev::Tick`]. `on_event` returns `false` to end the loop.
+/// state once. When nothing happens for `tick()` (asked before each wait),
+/// `on_event` gets [`Ev::Tick`]. `on_event` returns `false` to end the loop.
 pub fn drive(
     mut conn: Connection,
     url: &str,
     stop: Arc<AtomicBool>,
-    tick: Duration,
+    tick: impl Fn() -> Duration,
     mut on_event: impl FnMut(Ev) -> bool,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -503,7 +517,7 @@ pub fn drive(
     let mut last_error: Option<String> = None;
     let mut rng = fastrand::Rng::new();
     while !stop.load(Ordering::Relaxed) {
-        match conn.step(tick) {
+        match conn.step(tick()) {
             Step::Nothing => {
                 if !on_event(Ev::Tick) {
                     return;

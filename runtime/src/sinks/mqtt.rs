@@ -297,39 +297,45 @@ impl MqttSink {
             std::thread::Builder::new()
                 .name("rivulet-mqtt-conn".into())
                 .spawn(move || {
-                    drive(conn, &url, stop, Duration::from_millis(200), |ev| {
-                        let mut st = shared.lock();
-                        match ev {
-                            Ev::Connected { session_present } => {
-                                st.connected = true;
-                                st.ever_connected = true;
-                                if !session_present {
-                                    st.requeue_unfinished();
-                                }
-                            }
-                            Ev::Disconnected { reason, permanent } => {
-                                st.connected = false;
-                                if permanent && !st.ever_connected {
-                                    st.fatal = Some(reason);
-                                    shared.cv.notify_all();
-                                    return false;
-                                }
-                            }
-                            Ev::Sent(pkid) => {
-                                if let Some(m) = st.handed.pop_front() {
-                                    if qos > 0 && pkid != 0 {
-                                        st.inflight.insert(pkid, m);
+                    drive(
+                        conn,
+                        &url,
+                        stop,
+                        || Duration::from_millis(200),
+                        |ev| {
+                            let mut st = shared.lock();
+                            match ev {
+                                Ev::Connected { session_present } => {
+                                    st.connected = true;
+                                    st.ever_connected = true;
+                                    if !session_present {
+                                        st.requeue_unfinished();
                                     }
                                 }
+                                Ev::Disconnected { reason, permanent } => {
+                                    st.connected = false;
+                                    if permanent && !st.ever_connected {
+                                        st.fatal = Some(reason);
+                                        shared.cv.notify_all();
+                                        return false;
+                                    }
+                                }
+                                Ev::Sent(pkid) => {
+                                    if let Some(m) = st.handed.pop_front() {
+                                        if qos > 0 && pkid != 0 {
+                                            st.inflight.insert(pkid, m);
+                                        }
+                                    }
+                                }
+                                Ev::PubAck(pkid) => {
+                                    st.inflight.remove(&pkid);
+                                }
+                                Ev::Message { .. } | Ev::Tick | Ev::AckSent(_) => {}
                             }
-                            Ev::PubAck(pkid) => {
-                                st.inflight.remove(&pkid);
-                            }
-                            Ev::Message { .. } | Ev::Tick | Ev::AckSent(_) => {}
-                        }
-                        shared.cv.notify_all();
-                        true
-                    })
+                            shared.cv.notify_all();
+                            true
+                        },
+                    )
                 })
                 .map_err(|e| err(format!("cannot start a thread: {e}")))?
         };

@@ -1,9 +1,11 @@
 //! Events from an MQTT broker.
 //!
 //! One thread drives the connection ([`crate::mqtt::drive`]) and feeds a
-//! bounded queue of messages; [`MqttSource::poll`] takes from it. A full
-//! queue stops the connection thread from reading, which pushes back on the
-//! broker through TCP: memory stays bounded.
+//! bounded queue of messages; [`MqttSource::poll`] takes from it. Messages
+//! are handed over in groups (what arrived together), which saves the
+//! pipeline a wake-up per message. Without a journal, a full queue stops
+//! the connection thread from reading, which pushes back on the broker
+//! through TCP: memory stays bounded.
 //!
 //! With a journal (the pipeline has `state:`), every message is first made
 //! durable in `<state.dir>/journal.redb` (group commit, see
@@ -41,6 +43,10 @@ use std::time::{Duration, Instant};
 const QUEUE: usize = 8192;
 /// Requests (subscribes, PUBACKs) the client queues for its connection.
 const REQUESTS: usize = 2 * journal::GROUP;
+/// Without a journal, the longest a message is held for the ones after it
+/// while they keep coming (handing over in groups saves a wake-up per
+/// message; a pause hands over at once).
+const PLAIN_LINGER: Duration = Duration::from_millis(1);
 /// How long a failed journal write waits before it is tried again.
 const RETRY: Duration = Duration::from_secs(1);
 /// Journaled messages the pipeline may lag behind before the connection
@@ -163,10 +169,21 @@ impl MqttSource {
         };
         let mut inbound = Inbound::new(start, self);
         let (stop, url) = (self.stop.clone(), self.url.clone());
-        let tick = if inbound.journal.is_some() {
+        // While messages are held, a pause hands them over: with a journal
+        // after 1 ms (fewer, larger commits), without one as soon as
+        // nothing more is waiting. Idle, wake rarely.
+        let holding = inbound.holding.clone();
+        let pause = if inbound.journal.is_some() {
             Duration::from_millis(1)
         } else {
-            Duration::from_millis(200)
+            Duration::ZERO
+        };
+        let tick = move || {
+            if holding.load(Ordering::Relaxed) {
+                pause
+            } else {
+                Duration::from_millis(200)
+            }
         };
         let conn = inbound.conn.take();
         let thread = std::thread::Builder::new()
@@ -303,10 +320,12 @@ impl MqttSource {
         let Some(rx) = self.rx.take() else {
             return Ok(Poll::Finished);
         };
-        let wait = if batch.is_empty() {
-            wait
-        } else {
+        // Wait as asked unless this poll already has something to give
+        // (the reader lingers by asking again with what is left).
+        let wait = if batch.len() > before {
             Duration::ZERO
+        } else {
+            wait
         };
         let result = match rx.recv_timeout(wait) {
             Ok(first) => {
@@ -424,6 +443,9 @@ struct Inbound {
     handed: Arc<AtomicU64>,
     /// The last number journaled.
     committed: Arc<AtomicU64>,
+    /// Set while messages are held: the connection thread then waits for
+    /// more only briefly.
+    holding: Arc<AtomicBool>,
     /// When the last journal write failed (retries wait [`RETRY`]).
     failed_at: Option<Instant>,
 }
@@ -464,6 +486,7 @@ impl Inbound {
             handed: src.handed.clone(),
             committed: src.committed.clone(),
             failed_at: None,
+            holding: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -513,8 +536,12 @@ impl Inbound {
             }
             Ev::PubAck(_) | Ev::Sent(_) | Ev::Tick => true,
         };
-        let due =
-            !self.group.is_empty() && (quiet || self.group_since.elapsed() >= journal::LINGER);
+        let linger = if self.journal.is_some() {
+            journal::LINGER
+        } else {
+            PLAIN_LINGER
+        };
+        let due = !self.group.is_empty() && (quiet || self.group_since.elapsed() >= linger);
         let ok = if due || self.trim_through().is_some() {
             self.commit(true)
         } else {
@@ -525,17 +552,7 @@ impl Inbound {
     }
 
     fn on_message(&mut self, topic: String, payload: Bytes, pkid: u16, dup: bool) -> bool {
-        let Some(_) = &self.journal else {
-            return self
-                .tx
-                .send(Live {
-                    seq: 0,
-                    topic,
-                    payload,
-                })
-                .is_ok();
-        };
-        if dup && pkid != 0 {
+        if self.journal.is_some() && dup && pkid != 0 {
             let h = hash_message(&topic, &payload);
             let held = self
                 .group
@@ -564,6 +581,7 @@ impl Inbound {
             payload,
             pkid,
         });
+        self.holding.store(true, Ordering::Relaxed);
         if self.group.len() >= journal::GROUP {
             return self.commit(true);
         }
@@ -602,7 +620,26 @@ impl Inbound {
     /// write keeps the group, acknowledges nothing, and is retried.
     /// `false` when the pipeline is gone.
     fn commit(&mut self, ack: bool) -> bool {
+        let ok = self.commit_group(ack);
+        self.holding
+            .store(!self.group.is_empty(), Ordering::Relaxed);
+        ok
+    }
+
+    fn commit_group(&mut self, ack: bool) -> bool {
         let Some(j) = &self.journal else {
+            // No journal: hand the group over as it is, waiting for room
+            // (which pushes back on the broker through TCP).
+            for m in std::mem::take(&mut self.group) {
+                let live = Live {
+                    seq: 0,
+                    topic: m.topic,
+                    payload: m.payload,
+                };
+                if self.tx.send(live).is_err() {
+                    return false;
+                }
+            }
             return true;
         };
         let trim = self.trim_through();
