@@ -340,36 +340,14 @@ fn a_full_disk_holds_back_acknowledgements_and_loses_nothing() {
 /// replays what no checkpoint covered.
 #[test]
 fn a_source_far_behind_reads_the_overflow_from_the_journal() {
-    use rivulet::mqtt::topic::TopicPattern;
-    use rivulet::mqtt::Endpoint;
-    use rivulet::sources::mqtt::{MqttSource, MqttSourceOptions};
+    use rivulet::sources::mqtt::MqttSource;
     use rivulet::sources::{RawBatch, Source};
 
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start("max_queued_messages 0\nmax_inflight_messages 1000");
     let open = || {
-        MqttSource::start(MqttSourceOptions {
-            endpoint: Endpoint {
-                url: broker.url(),
-                host: "127.0.0.1".into(),
-                port: broker.port,
-                tls: false,
-                version: 4,
-                client_id: "overflow-in".into(),
-                clean_session: false,
-                keep_alive: Duration::from_secs(30),
-                username: None,
-                password: None,
-                ca_file: None,
-                client_cert: None,
-                max_packet: 1 << 20,
-            },
-            patterns: vec![TopicPattern::parse("ov/in").unwrap()],
-            qos: 1,
-            topic_field: None,
-            journal_dir: Some(dir.path().to_path_buf()),
-        })
-        .unwrap()
+        rivulet::sources::mqtt::MqttSource::start(source_options(broker.port, Some(dir.path())))
+            .unwrap()
     };
     let mut src = open();
     let mut batch = RawBatch::default();
@@ -474,4 +452,57 @@ fn a_foreign_journal_file_is_a_clear_error() {
         err.contains("journal.redb") && !err.contains("panicked"),
         "{err}"
     );
+}
+
+/// A journaled QoS 1 source on `ov/in` at `127.0.0.1:port`.
+fn source_options(port: u16, journal: Option<&Path>) -> rivulet::sources::mqtt::MqttSourceOptions {
+    rivulet::sources::mqtt::MqttSourceOptions {
+        endpoint: rivulet::mqtt::Endpoint {
+            url: format!("mqtt://127.0.0.1:{port}"),
+            host: "127.0.0.1".into(),
+            port,
+            tls: false,
+            version: 4,
+            client_id: "overflow-in".into(),
+            clean_session: false,
+            keep_alive: Duration::from_secs(30),
+            username: None,
+            password: None,
+            ca_file: None,
+            client_cert: None,
+            max_packet: 1 << 20,
+        },
+        patterns: vec![rivulet::mqtt::topic::TopicPattern::parse("ov/in").unwrap()],
+        qos: 1,
+        topic_field: None,
+        journal_dir: journal.map(Path::to_path_buf),
+    }
+}
+
+/// The reader lingers for more events by polling again with what is left of
+/// its millisecond: the source must wait, not return at once (which made the
+/// reader spin). A lower bound on the time taken, so no flakiness.
+#[test]
+fn a_poll_asked_to_wait_waits_even_when_the_batch_has_events() {
+    use rivulet::sources::{RawBatch, Source};
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port(); // nothing listens: no message comes
+    for journal in [None, Some(dir.path())] {
+        let mut src =
+            rivulet::sources::mqtt::MqttSource::start(source_options(port, journal)).unwrap();
+        let mut batch = RawBatch::default();
+        batch.push(b"{}", 1);
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            src.poll(&mut batch, 100, 1 << 20, Duration::from_millis(20))
+                .unwrap();
+            assert!(
+                t.elapsed() >= Duration::from_millis(20),
+                "returned after {:?} (journal: {})",
+                t.elapsed(),
+                journal.is_some()
+            );
+            assert_eq!(batch.len(), 1);
+        }
+    }
 }
