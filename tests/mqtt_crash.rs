@@ -8,10 +8,10 @@
 
 mod common;
 
-use common::{eventually, publish_all, Broker, Tmpfs};
+use common::{eventually, publish_all, Broker, Running, Tmpfs};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// Events in publish order, with a little disorder in event time.
@@ -37,22 +37,24 @@ fn pipeline(source: &str, out: &str, state: &str) -> String {
     )
 }
 
-fn start(dir: &Path, file: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_rivulet"))
-        .arg("run")
-        .arg(file)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join("rivulet.log"))
-                .unwrap(),
-        ))
-        .spawn()
-        .unwrap()
+fn start(dir: &Path, file: &str) -> Running {
+    Running(
+        Command::new(env!("CARGO_BIN_EXE_rivulet"))
+            .arg("run")
+            .arg(file)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join("rivulet.log"))
+                    .unwrap(),
+            ))
+            .spawn()
+            .unwrap(),
+    )
 }
 
 fn lines(path: &Path) -> Vec<String> {
@@ -90,7 +92,7 @@ fn reference(d: &Path, evs: &[String]) -> BTreeSet<String> {
 
 /// Writes `file`: QoS 1 from `topic` (client id `<topic>-in`), the window
 /// pipeline, and `state`; starts it and waits for its subscription.
-fn start_mqtt(d: &Path, broker: &Broker, file: &str, topic: &str, state: &str) -> Child {
+fn start_mqtt(d: &Path, broker: &Broker, file: &str, topic: &str, state: &str) -> Running {
     let source = format!(
         "  mqtt: {{ url: \"{}\", topics: [{topic}], topic_field: \"\", qos: 1, client_id: {}-in }}\n",
         broker.url(),
@@ -268,8 +270,8 @@ fn a_quiet_input_is_checkpointed_and_an_idle_pipeline_gives_a_savepoint() {
         .arg(child.id().to_string())
         .status()
         .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
+    let mut child = child;
+    assert!(child.wait().unwrap().success());
     let after = lines(&d.join("out.jsonl"));
     let new: Vec<_> = after[before.len()..].to_vec();
     // Only windows the flush event closed; none of them was emitted before.
