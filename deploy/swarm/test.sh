@@ -39,6 +39,9 @@ done
 for s in a b c; do mosquitto_pub -h 127.0.0.1 -p "$port" -q 1 -t "sensors/$s/temperature" -m '{"ts": 60000, "temperature": 61}'; done
 wait $sub || { echo "no averages came back from the swarm" >&2; docker service logs "${stack}_rivulet" 2>&1 | tail -20 >&2; exit 1; }
 grep -q '"window_start":0' /tmp/$stack.out
+# The task's host name (and so its default MQTT client id) is stable.
+name=$(docker inspect --format '{{.Config.Hostname}}' "$(docker ps -q --filter "name=${stack}_rivulet" | head -1)")
+[[ "$name" =~ ^rivulet-.+-1$ ]] || { echo "unexpected task host name: $name" >&2; exit 1; }
 grep -q '"readings":' /tmp/$stack.out
 echo "swarm: $(wc -l < /tmp/$stack.out) averages through the stack"
 rm -f /tmp/$stack.out
