@@ -1416,7 +1416,15 @@ fn endpoint(
             .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
             .map(|h| h.trim().to_string())
             .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| format!("{:08x}", fastrand::u32(..)));
+            .unwrap_or_else(|| {
+                if !default_clean && c.clean_session != Some(true) {
+                    tracing::warn!(
+                        broker = %c.url,
+                        "no host name to build a stable MQTT client id from: the broker cannot find this client's session after a restart; set `client_id`"
+                    );
+                }
+                format!("{:08x}", fastrand::u32(..))
+            });
         format!("rivulet-{pipeline}-{host}-{role}")
     });
     Ok(Endpoint {
