@@ -61,19 +61,6 @@ impl<'a> Entry<'a> {
             payload: b.get(6 + len..)?,
         })
     }
-
-    /// What identifies a redelivered message besides its packet id.
-    pub fn hash(&self) -> u64 {
-        hash_message(self.topic, self.payload)
-    }
-}
-
-pub fn hash_message(topic: &str, payload: &[u8]) -> u64 {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    h.update(topic.as_bytes());
-    h.update(&[0]);
-    h.update(payload);
-    h.digest()
 }
 
 /// What the journal held when opened.
@@ -83,9 +70,9 @@ pub struct Opened {
     pub first: u64,
     /// Number the next message gets.
     pub next: u64,
-    /// Packet id, content hash and number of every entry held, oldest
-    /// first, for redelivery checks.
-    pub recent: Vec<(u16, u64, u64)>,
+    /// Packet id and number of every entry held, oldest first, for
+    /// redelivery checks.
+    pub recent: Vec<(u16, u64)>,
 }
 
 /// A handle on the journal; clones share the file (the connection thread
@@ -147,7 +134,7 @@ impl Journal {
                         let (k, v) = e.map_err(|e| err(&path, e))?;
                         let entry = Entry::decode(v.value())
                             .ok_or_else(|| err(&path, "an entry is unreadable"))?;
-                        opened.recent.push((entry.pkid, entry.hash(), k.value()));
+                        opened.recent.push((entry.pkid, k.value()));
                     }
                 }
             }
@@ -231,6 +218,16 @@ impl Journal {
         })
     }
 
+    /// Whether entry `seq` holds this topic and payload (`false` when it was
+    /// trimmed).
+    pub fn holds(&self, seq: u64, topic: &str, payload: &[u8]) -> Result<bool, String> {
+        let mut same = false;
+        self.read(seq, seq, 1, |_, e| {
+            same = e.topic == topic && e.payload == payload;
+        })?;
+        Ok(same)
+    }
+
     /// Calls `f` with the entries numbered `from..=through`, at most `max`
     /// of them, in order; returns the number after the last one read.
     pub fn read(
@@ -290,7 +287,10 @@ mod tests {
         let (j, o) = Journal::open(dir.path()).unwrap();
         assert_eq!((o.first, o.next), (1, 4));
         assert_eq!(o.recent.len(), 3);
-        assert_eq!(o.recent[1], (8, hash_message("a/c", b"xy"), 2));
+        assert_eq!(o.recent[1], (8, 2));
+        assert!(j.holds(2, "a/c", b"xy").unwrap());
+        assert!(!j.holds(2, "a/c", b"xz").unwrap());
+        assert!(!j.holds(2, "a/d", b"xy").unwrap());
         let mut seen = Vec::new();
         let next = j
             .read(2, 3, 10, |n, e| {

@@ -15,14 +15,14 @@
 //! position before taking live messages, and a committed checkpoint trims
 //! the journal. A message the broker redelivers (DUP) after it was
 //! journaled but before its PUBACK arrived is recognised by packet id and
-//! content, acknowledged again and not journaled twice.
+//! its journal entry, acknowledged again and not journaled twice.
 //!
 //! Without a journal, QoS 1 messages are acknowledged on receipt.
 //!
 //! Subscriptions are made on the first connection and again whenever the
 //! broker has no session for us.
 
-use super::journal::{self, hash_message, Entry, Journal};
+use super::journal::{self, Entry, Journal};
 use super::{
     count_position, read_count_position, Poll, RawBatch, Source, SourceError, TopicBinder,
 };
@@ -434,9 +434,14 @@ struct Inbound {
     /// Journal numbers of PUBACKs in the client's queue, not yet written
     /// to the network (the client writes them in order).
     acks_in_client: VecDeque<u64>,
-    /// Packet id → content hash and journal number of the latest journaled
-    /// message with it.
-    recent: HashMap<u16, (u64, u64)>,
+    /// The first entry left by an earlier run, while its redeliveries may
+    /// still come: the broker sends them first after resuming the session,
+    /// so the first new message (or a connection without a session) ends
+    /// it. Nothing from there on is trimmed before.
+    earlier_run: Option<u64>,
+    /// Packet id → journal number of the latest journaled message with it
+    /// (a redelivery is compared with that entry).
+    recent: HashMap<u16, u64>,
     trim: Arc<AtomicU64>,
     trimmed: u64,
     /// The last number the pipeline took.
@@ -452,15 +457,16 @@ struct Inbound {
 
 impl Inbound {
     fn new(start: Start, src: &MqttSource) -> Inbound {
+        let earlier_run = start
+            .journal
+            .as_ref()
+            .and_then(|(_, o)| (o.first < o.next).then_some(o.first));
         let (journal, recent, next) = match start.journal {
             // Live messages are numbered after everything journaled, and
             // after the checkpoint's position even if the journal was lost.
             Some((j, o)) => (
                 Some(j),
-                o.recent
-                    .into_iter()
-                    .map(|(pkid, hash, seq)| (pkid, (hash, seq)))
-                    .collect(),
+                o.recent.into_iter().collect(),
                 o.next.max(src.position + 1),
             ),
             None => (None, HashMap::new(), 0),
@@ -481,6 +487,7 @@ impl Inbound {
             acks: VecDeque::new(),
             acks_in_client: VecDeque::new(),
             recent,
+            earlier_run,
             trim: src.trim.clone(),
             trimmed: 0,
             handed: src.handed.clone(),
@@ -505,6 +512,9 @@ impl Inbound {
                     }
                 }
                 self.ever_connected = true;
+                if !session_present {
+                    self.earlier_run = None; // nothing will be redelivered
+                }
                 true
             }
             Ev::Message {
@@ -552,19 +562,22 @@ impl Inbound {
     }
 
     fn on_message(&mut self, topic: String, payload: Bytes, pkid: u16, dup: bool) -> bool {
-        if self.journal.is_some() && dup && pkid != 0 {
-            let h = hash_message(&topic, &payload);
+        if !dup {
+            self.earlier_run = None;
+        }
+        if let (Some(j), true, true) = (&self.journal, dup, pkid != 0) {
             let held = self
                 .group
                 .iter()
-                .any(|m| m.pkid == pkid && hash_message(&m.topic, &m.payload) == h);
+                .any(|m| m.pkid == pkid && m.topic == topic && m.payload == payload);
             if held {
-                // Journaled with the group, under its latest number.
-                let ok = self.commit(true);
-                return ok;
+                // Journaled with the group, and acknowledged with it.
+                return self.commit(true);
             }
-            if let Some(&(hash, seq)) = self.recent.get(&pkid) {
-                if hash == h {
+            if let Some(&seq) = self.recent.get(&pkid) {
+                // A redelivery is rare: compare it with the entry itself. A
+                // failed read journals it again (a duplicate, never a loss).
+                if j.holds(seq, &topic, &payload).unwrap_or(false) {
                     // Journaled already; acknowledge it (after what came before).
                     tracing::debug!(pkid, seq, "redelivered message already journaled");
                     let ok = self.commit(true);
@@ -599,6 +612,7 @@ impl Inbound {
         let unacked = [
             self.acks.front().map(|a| a.1),
             self.acks_in_client.front().copied(),
+            self.earlier_run,
         ]
         .into_iter()
         .flatten()
@@ -675,8 +689,7 @@ impl Inbound {
         for (i, m) in self.group.iter().enumerate() {
             if m.pkid != 0 {
                 let seq = self.next + i as u64;
-                self.recent
-                    .insert(m.pkid, (hash_message(&m.topic, &m.payload), seq));
+                self.recent.insert(m.pkid, seq);
                 if ack {
                     self.acks.push_back((m.pkid, seq));
                 }
