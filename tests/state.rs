@@ -202,11 +202,7 @@ fn state_inspect_shows_the_open_windows_after_a_clean_stop() {
     .unwrap();
     let child = rivulet(d, &p).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
+    common::sigterm(&child);
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -246,11 +242,7 @@ fn state_inspect_shows_the_open_windows_after_a_clean_stop() {
     // The stopped run resumes where it stopped: the counts only grow.
     let child = rivulet(d, &p).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(800));
-    Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
+    common::sigterm(&child);
     let out = child.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("resuming from the last checkpoint"), "{log}");
@@ -287,7 +279,7 @@ fn a_full_disk_fails_checkpoints_without_stopping_and_the_next_one_catches_up() 
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let disk = d.join("disk");
-    let _fs = Tmpfs::mount(&disk, "8m");
+    let fs = Tmpfs::mount(&disk, "8m");
     let p = d.join("g.yaml");
     std::fs::write(
         &p,
@@ -302,22 +294,12 @@ fn a_full_disk_fails_checkpoints_without_stopping_and_the_next_one_catches_up() 
     let child = rivulet(d, &p).spawn().unwrap();
     // Let it write a first checkpoint, then fill the disk.
     std::thread::sleep(Duration::from_millis(600));
-    let filler = disk.join("filler");
-    let _ = Command::new("dd")
-        .arg("if=/dev/zero")
-        .arg(format!("of={}", filler.display()))
-        .args(["bs=4k", "status=none"])
-        .stderr(Stdio::null())
-        .status();
+    let filler = fs.fill();
     std::thread::sleep(Duration::from_millis(1500));
     // Room again: a later checkpoint succeeds and catches up.
     std::fs::remove_file(&filler).unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
+    common::sigterm(&child);
     let out = child.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
@@ -430,11 +412,7 @@ fn savepoint_round_trip_and_the_incompatible_change_rules() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(800));
-    Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
+    common::sigterm(&child);
     let out = child.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -468,11 +446,7 @@ fn savepoint_round_trip_and_the_incompatible_change_rules() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(600));
-    Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
+    common::sigterm(&child);
     let out = child.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");

@@ -264,6 +264,19 @@ impl Rivulet {
 pub struct Tmpfs(std::path::PathBuf);
 
 impl Tmpfs {
+    /// Fills the file system up with a file; returns its path (remove it
+    /// to make room again).
+    pub fn fill(&self) -> PathBuf {
+        let filler = self.0.join("filler");
+        let _ = Command::new("dd")
+            .arg("if=/dev/zero")
+            .arg(format!("of={}", filler.display()))
+            .args(["bs=4k", "status=none"])
+            .stderr(Stdio::null())
+            .status();
+        filler
+    }
+
     pub fn mount(at: &Path, size: &str) -> Tmpfs {
         std::fs::create_dir_all(at).unwrap();
         let ok = Command::new("mount")
@@ -310,4 +323,13 @@ impl Drop for Running {
             let _ = self.0.wait();
         }
     }
+}
+
+/// Asks a process to stop (SIGTERM), as a service manager would.
+pub fn sigterm(child: &Child) {
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
 }
