@@ -297,22 +297,18 @@ fn health(path: &std::path::Path, max_age_s: u64) -> ExitCode {
 fn inspect(dir: &std::path::Path) -> Result<(), rivulet::state::StateError> {
     use rivulet::value::decode_key;
     let st = rivulet::state::inspect(dir)?;
-    let key_names: Vec<String> = st.layout["keys"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
-    let agg_names: Vec<String> = st.layout["aggregates"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
+    // The names the state file records for its key fields and aggregates.
+    let names = |what: &str| -> Vec<String> {
+        st.layout[what]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (key_names, agg_names) = (names("keys"), names("aggregates"));
     let position = <[u8; 8]>::try_from(st.position.as_slice())
         .map(|b| format!(", input position {}", u64::from_le_bytes(b)))
         .unwrap_or_default();
