@@ -411,91 +411,80 @@ fn conn_error5(e: &rumqttc::v5::ConnectionError) -> (String, bool) {
     }
 }
 
+/// One wait on a connection of either protocol version: `$m` is the
+/// rumqttc module (`rumqttc` or `rumqttc::v5`), `$packet` its packet module,
+/// `$code` its CONNACK return code type, `$topic` turns a publish's topic
+/// into a `String`, `$refusal` and `$error` describe failures.
+macro_rules! step_on {
+    ($c:expr, $wait:expr, $m:path, $packet:path, $code:path, $topic:expr, $refusal:expr, $error:expr) => {{
+        use $code as code;
+        use $m as m;
+        use $packet as packet;
+        // A zero wait polls once (a timer would round it up to the
+        // runtime's millisecond); `Err(true)`: the client side is gone.
+        let got = if $wait.is_zero() {
+            $c.try_recv()
+                .map_err(|e| matches!(e, m::TryRecvError::Disconnected))
+        } else {
+            $c.recv_timeout($wait)
+                .map_err(|e| matches!(e, m::RecvTimeoutError::Disconnected))
+        };
+        match got {
+            Err(false) => Step::Nothing,
+            Err(true) => Step::Closed,
+            Ok(Ok(ev)) => match ev {
+                m::Event::Incoming(packet::Packet::ConnAck(a)) => {
+                    if a.code == code::Success {
+                        Step::Ev(Ev::Connected {
+                            session_present: a.session_present,
+                        })
+                    } else {
+                        let (reason, permanent) = $refusal(a.code);
+                        Step::Ev(Ev::Disconnected { reason, permanent })
+                    }
+                }
+                m::Event::Incoming(packet::Packet::Publish(p)) => Step::Ev(Ev::Message {
+                    topic: $topic(p.topic),
+                    payload: p.payload,
+                    pkid: p.pkid,
+                    dup: p.dup,
+                }),
+                m::Event::Incoming(packet::Packet::PubAck(a)) => Step::Ev(Ev::PubAck(a.pkid)),
+                m::Event::Outgoing(rumqttc::Outgoing::Publish(id)) => Step::Ev(Ev::Sent(id)),
+                m::Event::Outgoing(rumqttc::Outgoing::PubAck(id)) => Step::Ev(Ev::AckSent(id)),
+                _ => Step::Other,
+            },
+            Ok(Err(e)) => {
+                let (reason, permanent) = $error(&e);
+                Step::Ev(Ev::Disconnected { reason, permanent })
+            }
+        }
+    }};
+}
+
 impl Connection {
     fn step(&mut self, wait: Duration) -> Step {
         match self {
-            // A zero wait polls once (a timer would round it up to the
-            // runtime's millisecond); `Err(true)`: the client side is gone.
-            Connection::V4(c) => match if wait.is_zero() {
-                c.try_recv()
-                    .map_err(|e| matches!(e, rumqttc::TryRecvError::Disconnected))
-            } else {
-                c.recv_timeout(wait)
-                    .map_err(|e| matches!(e, rumqttc::RecvTimeoutError::Disconnected))
-            } {
-                Err(false) => Step::Nothing,
-                Err(true) => Step::Closed,
-                Ok(Ok(ev)) => {
-                    use rumqttc::{Event, Packet};
-                    match ev {
-                        Event::Incoming(Packet::ConnAck(a)) => {
-                            if a.code == rumqttc::ConnectReturnCode::Success {
-                                Step::Ev(Ev::Connected {
-                                    session_present: a.session_present,
-                                })
-                            } else {
-                                let (reason, permanent) = refusal4(a.code);
-                                Step::Ev(Ev::Disconnected { reason, permanent })
-                            }
-                        }
-                        Event::Incoming(Packet::Publish(p)) => Step::Ev(Ev::Message {
-                            topic: p.topic,
-                            payload: p.payload,
-                            pkid: p.pkid,
-                            dup: p.dup,
-                        }),
-                        Event::Incoming(Packet::PubAck(a)) => Step::Ev(Ev::PubAck(a.pkid)),
-                        Event::Outgoing(rumqttc::Outgoing::Publish(id)) => Step::Ev(Ev::Sent(id)),
-                        Event::Outgoing(rumqttc::Outgoing::PubAck(id)) => Step::Ev(Ev::AckSent(id)),
-                        _ => Step::Other,
-                    }
-                }
-                Ok(Err(e)) => {
-                    let (reason, permanent) = conn_error4(&e);
-                    Step::Ev(Ev::Disconnected { reason, permanent })
-                }
-            },
-            Connection::V5(c) => match if wait.is_zero() {
-                c.try_recv()
-                    .map_err(|e| matches!(e, rumqttc::v5::TryRecvError::Disconnected))
-            } else {
-                c.recv_timeout(wait)
-                    .map_err(|e| matches!(e, rumqttc::v5::RecvTimeoutError::Disconnected))
-            } {
-                Err(false) => Step::Nothing,
-                Err(true) => Step::Closed,
-                Ok(Ok(ev)) => {
-                    use rumqttc::v5::mqttbytes::v5::Packet;
-                    use rumqttc::v5::Event;
-                    match ev {
-                        Event::Incoming(Packet::ConnAck(a)) => {
-                            use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as C;
-                            if a.code == C::Success {
-                                Step::Ev(Ev::Connected {
-                                    session_present: a.session_present,
-                                })
-                            } else {
-                                let (reason, permanent) = refusal5(a.code);
-                                Step::Ev(Ev::Disconnected { reason, permanent })
-                            }
-                        }
-                        Event::Incoming(Packet::Publish(p)) => Step::Ev(Ev::Message {
-                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                            payload: p.payload,
-                            pkid: p.pkid,
-                            dup: p.dup,
-                        }),
-                        Event::Incoming(Packet::PubAck(a)) => Step::Ev(Ev::PubAck(a.pkid)),
-                        Event::Outgoing(rumqttc::Outgoing::Publish(id)) => Step::Ev(Ev::Sent(id)),
-                        Event::Outgoing(rumqttc::Outgoing::PubAck(id)) => Step::Ev(Ev::AckSent(id)),
-                        _ => Step::Other,
-                    }
-                }
-                Ok(Err(e)) => {
-                    let (reason, permanent) = conn_error5(&e);
-                    Step::Ev(Ev::Disconnected { reason, permanent })
-                }
-            },
+            Connection::V4(c) => step_on!(
+                c,
+                wait,
+                rumqttc,
+                rumqttc,
+                rumqttc::ConnectReturnCode,
+                |t: String| t,
+                refusal4,
+                conn_error4
+            ),
+            Connection::V5(c) => step_on!(
+                c,
+                wait,
+                rumqttc::v5,
+                rumqttc::v5::mqttbytes::v5,
+                rumqttc::v5::mqttbytes::v5::ConnectReturnCode,
+                |t: bytes::Bytes| String::from_utf8_lossy(&t).into_owned(),
+                refusal5,
+                conn_error5
+            ),
         }
     }
 }
