@@ -547,3 +547,71 @@ fn a_key_that_goes_silent_leaves_the_state() {
     drop(stdin);
     assert!(child.wait().unwrap().success());
 }
+
+/// The state fixtures in `tests/fixtures/state-v1/` were written by the
+/// first state format (one `keys` table under one fingerprint):
+/// `checkpoint.redb` by `checkpoint.yaml` (the pipeline of the kill test)
+/// killed with SIGKILL mid-file, `savepoint.redb` by `rivulet savepoint`
+/// of `savepoint.yaml`. Every later version must still restore them.
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/state-v1")
+        .join(name)
+}
+
+#[test]
+fn a_checkpoint_of_state_format_1_still_restores_and_finishes_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_input(&d.join("events.jsonl"), 300_000);
+    let reference = pipeline(d, "reference.jsonl", false);
+    assert!(rivulet(d, &reference).output().unwrap().status.success());
+    let expected = finals(&d.join("reference.jsonl"));
+
+    std::fs::create_dir_all(d.join("state")).unwrap();
+    std::fs::copy(fixture("checkpoint.redb"), d.join("state/state.redb")).unwrap();
+    let p = pipeline(d, "out.jsonl", true);
+    let out = rivulet(d, &p).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("resuming from the last checkpoint"), "{log}");
+    let got = finals(&d.join("out.jsonl"));
+    // The fixture's checkpoint stands at watermark 148496 (`state inspect`):
+    // every window still open there is emitted by the resumed run, and
+    // every result it emits is the uninterrupted run's final one.
+    let open: Vec<_> = expected
+        .iter()
+        .filter(|(_, v)| v["window_end"].as_i64().unwrap() - 1 > 148_496)
+        .collect();
+    assert!(open.len() > 1000, "{} windows", open.len());
+    for (k, v) in &open {
+        assert_eq!(got.get(*k), Some(*v), "window {k:?}");
+    }
+    for (k, v) in &got {
+        assert_eq!(expected.get(k), Some(v), "window {k:?}");
+    }
+}
+
+#[test]
+fn a_savepoint_of_state_format_1_still_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sp = fixture("savepoint.redb");
+    assert_eq!(inspect_total(&sp), (4, 1605));
+    let p = d.join("sp.yaml");
+    std::fs::copy(fixture("savepoint.yaml"), &p).unwrap();
+    let child = rivulet(d, &p)
+        .arg("--from-savepoint")
+        .arg(&sp)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    common::sigterm(&child);
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("starting from a savepoint"), "{log}");
+    let (keys, after) = inspect_total(&d.join("st"));
+    assert_eq!(keys, 4);
+    assert!(after > 1605, "the restored counts went on: {after}");
+}

@@ -9,6 +9,7 @@
 //! - [`time`]: clocks, durations, timestamps, the watermark rule.
 //! - [`operators`]: steps (`map`, `filter`, your own) and [`operators::window`].
 //! - [`sources`], [`sinks`]: where events come from and results go.
+//! - [`partition`]: key groups and their assignment to owners.
 //! - [`exec`]: threads, bounded queues, deterministic output order, shutdown.
 
 pub mod config;
@@ -17,11 +18,13 @@ pub mod exec;
 pub mod expr;
 pub mod mqtt;
 pub mod operators;
+pub mod partition;
 pub mod plan;
 pub mod sinks;
 pub mod sources;
 pub mod state;
 pub mod time;
+pub mod util;
 pub mod value;
 
 pub use exec::{Progress, RunOptions, RunStats};

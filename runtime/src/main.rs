@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use rivulet::config::{self, Overrides};
 use rivulet::RunOptions;
 use std::io::IsTerminal;
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -320,6 +321,8 @@ fn inspect(dir: &std::path::Path) -> Result<(), rivulet::state::StateError> {
         st.watermark
     );
     let n = agg_names.len().max(1);
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
     for (key, snap) in &st.keys {
         let vals = decode_key(key).unwrap_or_default();
         let mut k = serde_json::Map::new();
@@ -339,12 +342,14 @@ fn inspect(dir: &std::path::Path) -> Result<(), rivulet::state::StateError> {
                     .unwrap_or_else(|| format!("agg{i}"));
                 aggs.insert(name, acc.result().to_json());
             }
-            println!(
-                "{}",
-                serde_json::json!({"key": k, "window_start": start, "window_end": end, "aggregates": aggs})
-            );
+            let row = serde_json::json!({"key": k, "window_start": start, "window_end": end, "aggregates": aggs});
+            // A reader that went away (`| head`) ends the listing quietly.
+            if writeln!(out, "{row}").is_err() {
+                return Ok(());
+            }
         }
     }
+    let _ = out.flush();
     Ok(())
 }
 

@@ -72,15 +72,7 @@ fn render(file: &str, problems: &[Problem]) -> String {
     s
 }
 
-/// The closest candidate to a misspelled `word`, if one is close enough.
-pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-    candidates
-        .into_iter()
-        .map(|c| (strsim::damerau_levenshtein(word, c), c))
-        .filter(|(d, c)| *d <= 2.max(c.len() / 3) && *d < c.len())
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, c)| c)
-}
+pub use crate::util::suggest::suggest;
 
 const TOP_KEYS: &[&str] = &[
     "name",

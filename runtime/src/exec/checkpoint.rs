@@ -9,8 +9,9 @@
 //! consistent cut: the later position with every change up to it. A
 //! failed checkpoint's changes go under the next one's, so nothing is lost.
 
-use super::{RunError, SavepointRequest};
+use super::RunError;
 use crate::sources::CheckpointHook;
+use crate::state::control::SavepointRequest;
 use crate::state::{Pending, StateStore};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;

@@ -36,9 +36,11 @@ mod checkpoint;
 
 use crate::operators::window::{AggFunc, Emitted, Outcome, WindowOperator};
 use crate::operators::{Records, Status, Step};
+use crate::partition::{Assignment, KeyGroup};
 use crate::plan::{Format, Pipeline, Plan, TimeMode};
 use crate::sinks::{Sink, SinkError};
 use crate::sources::{Poll, RawBatch, Source, SourceError};
+use crate::state::control::SavepointRequest;
 use crate::time::{timestamp_from, Clock};
 use crate::value::{encode_key, hash_key, write_json_str, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -54,8 +56,7 @@ const LINGER: Duration = Duration::from_millis(1);
 const TICK: Duration = Duration::from_millis(100);
 /// Batches each queue holds.
 const QUEUE: usize = 4;
-/// Number of key groups; a key's group is the top 8 bits of its hash.
-pub const KEY_GROUPS: usize = 256;
+pub use crate::partition::KEY_GROUPS;
 
 /// Options of one run.
 #[derive(Clone, Default)]
@@ -70,12 +71,6 @@ pub struct RunOptions {
     /// With `restore_from`: start even if the pipeline changed so that the
     /// saved keyed state cannot be used (it is dropped; the position is kept).
     pub allow_non_restored_state: bool,
-}
-
-/// A request for a savepoint, from the control socket.
-pub(crate) struct SavepointRequest {
-    pub(crate) path: std::path::PathBuf,
-    pub(crate) reply: std::sync::mpsc::Sender<Result<std::path::PathBuf, String>>,
 }
 
 /// Counters updated while a pipeline runs (per batch, not per event).
@@ -223,6 +218,7 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
     let plan = p.plan.clone();
     let n = plan.workers;
     let windowed = plan.window.is_some();
+    let assignment = Assignment::contiguous(n);
     let mut source = p.source;
 
     // Durable state: load the last checkpoint, resume the source after it.
@@ -258,8 +254,7 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
             }
             restored_time = (r.watermark, r.max_ts);
             for (key, snap) in r.keys {
-                let group = (hash_key(&key) >> 56) as usize;
-                restored_keys[group * n / KEY_GROUPS].push((key, snap));
+                restored_keys[assignment.owner(KeyGroup::of_key(&key))].push((key, snap));
             }
         }
         store = Some(s);
@@ -297,6 +292,7 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
         parse_out_rx.push(out_rx);
         let mut worker = ParseWorker {
             plan: plan.clone(),
+            assignment: assignment.clone(),
             before: p.steps_before_key.iter().map(|s| s.clone_box()).collect(),
             after: p.steps_after_key.iter().map(|s| s.clone_box()).collect(),
             slots: Vec::new(),
@@ -327,8 +323,7 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
             let mut op = WindowOperator::new(def.clone(), plan.key_names.clone());
             if let Some(max) = def.max_keys {
                 // This worker's share of the bound, by the key groups it owns.
-                let groups = (j + 1) * KEY_GROUPS / n - j * KEY_GROUPS / n;
-                op.limit_keys((max * groups).div_ceil(KEY_GROUPS).max(1));
+                op.limit_keys(assignment.share_of(j, max));
             }
             if store.is_some() {
                 op.track_changes();
@@ -551,6 +546,8 @@ fn read(
 
 struct ParseWorker {
     plan: Arc<Plan>,
+    /// Which window worker owns each key group.
+    assignment: Assignment,
     before: Vec<Box<dyn Step>>,
     after: Vec<Box<dyn Step>>,
     slots: Vec<Value>,
@@ -681,8 +678,7 @@ impl ParseWorker {
                 let (ks, ke) = key_ranges[i];
                 let key = &keys[ks as usize..ke as usize];
                 let hash = hash_key(key);
-                let group = (hash >> 56) as usize;
-                let sub = &mut subs[group * workers / KEY_GROUPS];
+                let sub = &mut subs[self.assignment.owner_of_hash(hash)];
                 let vals_start = sub.vals.len();
                 let row = records.get(i);
                 for (func, arg, name) in &plan.aggs {

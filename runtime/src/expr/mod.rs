@@ -265,9 +265,10 @@ impl Ast {
             Ast::Call(name, args) => {
                 match FUNCTIONS.iter().find(|(n, _)| n == name) {
                     None => {
-                        let hint = crate::config::suggest(name, FUNCTIONS.iter().map(|f| f.0))
-                            .map(|s| format!("; did you mean `{s}`?"))
-                            .unwrap_or_default();
+                        let hint =
+                            crate::util::suggest::suggest(name, FUNCTIONS.iter().map(|f| f.0))
+                                .map(|s| format!("; did you mean `{s}`?"))
+                                .unwrap_or_default();
                         problems.push(format!("unknown function `{name}`{hint}"));
                     }
                     Some((_, Some(n))) if *n != args.len() => problems.push(format!(

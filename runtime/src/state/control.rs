@@ -5,7 +5,6 @@
 //! `error <reason>`.
 
 use super::{store_err, StateError};
-use crate::exec::SavepointRequest;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -17,6 +16,14 @@ use std::time::Duration;
 
 /// How long a savepoint may take before the requester gives up.
 const SAVEPOINT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A request for a savepoint, from the control socket to the run.
+pub(crate) struct SavepointRequest {
+    /// Where the savepoint file goes.
+    pub(crate) path: PathBuf,
+    /// Answered once the savepoint is written (or failed).
+    pub(crate) reply: std::sync::mpsc::Sender<Result<PathBuf, String>>,
+}
 
 pub fn socket_path(dir: &Path) -> PathBuf {
     dir.join("control.sock")

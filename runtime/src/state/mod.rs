@@ -95,7 +95,7 @@ fn store_err(path: &Path, e: impl std::fmt::Display) -> StateError {
 
 /// The table key of a key: its key group first, so one range holds a group.
 fn table_key(key: &[u8]) -> Vec<u8> {
-    let group = (crate::value::hash_key(key) >> 56) as u8;
+    let group = crate::partition::KeyGroup::of_key(key).0;
     let mut k = Vec::with_capacity(key.len() + 1);
     k.push(group);
     k.extend_from_slice(key);

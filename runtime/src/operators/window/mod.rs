@@ -185,7 +185,7 @@ pub fn parse_aggregate(call: &str) -> Result<(AggFunc, Option<Ast>), String> {
             }
         )),
         None => {
-            let hint = crate::config::suggest(&name, AggFunc::NAMES.iter().copied())
+            let hint = crate::util::suggest::suggest(&name, AggFunc::NAMES.iter().copied())
                 .map(|s| format!("; did you mean `{s}`?"))
                 .unwrap_or_default();
             Err(format!("unknown aggregate function `{name}`{hint}"))
