@@ -590,6 +590,19 @@ fn a_checkpoint_of_state_format_1_still_restores_and_finishes_the_run() {
     for (k, v) in &got {
         assert_eq!(expected.get(k), Some(v), "window {k:?}");
     }
+    // The run upgraded the file to the current format; the fixture is a
+    // format-1 file, which inspect reads as it is.
+    let header = |path: &Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_rivulet"))
+            .args(["state", "inspect"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(header(&d.join("state")).contains("state format 2"));
+    assert!(header(&fixture("checkpoint.redb")).contains("(state format 1)"));
 }
 
 #[test]

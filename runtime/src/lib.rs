@@ -9,6 +9,7 @@
 //! - [`time`]: clocks, durations, timestamps, the watermark rule.
 //! - [`operators`]: steps (`map`, `filter`, your own) and [`operators::window`].
 //! - [`sources`], [`sinks`]: where events come from and results go.
+//! - [`msg`]: what travels between stages (data, watermarks, barriers).
 //! - [`partition`]: key groups and their assignment to owners.
 //! - [`exec`]: threads, bounded queues, deterministic output order, shutdown.
 
@@ -17,6 +18,7 @@ pub mod decode;
 pub mod exec;
 pub mod expr;
 pub mod mqtt;
+pub mod msg;
 pub mod operators;
 pub mod partition;
 pub mod plan;

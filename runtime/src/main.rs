@@ -314,8 +314,9 @@ fn inspect(dir: &std::path::Path) -> Result<(), rivulet::state::StateError> {
         .map(|b| format!(", input position {}", u64::from_le_bytes(b)))
         .unwrap_or_default();
     eprintln!(
-        "checkpoint {} of `{}`: {} keys, watermark {}{position}",
+        "checkpoint {} (state format {}) of `{}`: {} keys, watermark {}{position}",
         st.epoch,
+        st.version,
         st.fingerprint,
         st.keys.len(),
         st.watermark

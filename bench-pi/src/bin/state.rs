@@ -31,6 +31,15 @@ fn snapshot(i: u64) -> KeySnapshot {
     }
 }
 
+fn decl() -> rivulet::operators::keyed::StateDecl {
+    rivulet::operators::keyed::StateDecl {
+        name: "window",
+        version: 1,
+        fingerprint: "bench".into(),
+        layout: "{}".into(),
+    }
+}
+
 fn key(i: u64) -> Box<[u8]> {
     let mut k = Vec::new();
     encode_key(&Value::Str(format!("sensor-{i:06}").into()), &mut k);
@@ -40,21 +49,25 @@ fn key(i: u64) -> Box<[u8]> {
 fn fill(keys: u64, step: u64) -> Pending {
     let mut p = Pending::default();
     for i in (0..keys).step_by(step as usize) {
-        p.upsert(key(i), snapshot(i));
+        p.upsert(
+            0,
+            key(i),
+            postcard::to_stdvec(&snapshot(i)).expect("a snapshot encodes"),
+        );
     }
     p
 }
 
 fn checkpoint(keys: u64) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (mut store, _) = StateStore::open(dir.path(), "bench", "{}", false).expect("open");
+    let (mut store, _) = StateStore::open(dir.path(), &[decl()], false).expect("open");
     let mut full = fill(keys, 1);
     let t = Instant::now();
-    store.commit(&[], 0, 0, &mut full, "bench").expect("commit");
+    store.commit(&[], 0, 0, &mut full).expect("commit");
     let full_ms = t.elapsed().as_secs_f64() * 1000.0;
     let mut part = fill(keys, 10);
     let t = Instant::now();
-    store.commit(&[], 0, 0, &mut part, "bench").expect("commit");
+    store.commit(&[], 0, 0, &mut part).expect("commit");
     let part_ms = t.elapsed().as_secs_f64() * 1000.0;
     let size = std::fs::metadata(store.path())
         .map(|m| m.len())
@@ -69,25 +82,30 @@ fn checkpoint(keys: u64) {
 fn recover(keys: u64) {
     let dir = tempfile::tempdir().expect("temp dir");
     {
-        let (mut store, _) = StateStore::open(dir.path(), "bench", "{}", false).expect("open");
-        store
-            .commit(&[], 0, 0, &mut fill(keys, 1), "bench")
-            .expect("commit");
+        let (mut store, _) = StateStore::open(dir.path(), &[decl()], false).expect("open");
+        store.commit(&[], 0, 0, &mut fill(keys, 1)).expect("commit");
     }
     let t = Instant::now();
-    let (_, restored) = StateStore::open(dir.path(), "bench", "{}", false).expect("open");
+    let (_, restored) = StateStore::open(dir.path(), &[decl()], false).expect("open");
     let restored = restored.expect("state");
     let load_ms = t.elapsed().as_secs_f64() * 1000.0;
     let def = WindowDef::tumbling(Duration::from_secs(5))
         .aggregate("a", "avg(x)")
         .aggregate("m", "max(x)")
         .aggregate("n", "count()");
-    let mut op = rivulet::operators::window::WindowOperator::new(def, vec!["sensor_id".into()]);
-    op.restore_watermark(0);
+    let mut op = rivulet::operators::window::WindowStep::new(
+        def,
+        rivulet::operators::window::WindowStepOptions {
+            key_names: vec!["sensor_id".into()],
+            source_name: "bench".into(),
+            key_limit: None,
+            fingerprint: "bench".into(),
+            layout: "{}".into(),
+        },
+    );
     let t = Instant::now();
-    for (k, s) in restored.keys {
-        op.restore_key(&k, rivulet::value::hash_key(&k), s);
-    }
+    rivulet::operators::keyed::KeyedOperator::restore(&mut op, 0, restored.keys.concat())
+        .expect("the records decode");
     let restore_ms = t.elapsed().as_secs_f64() * 1000.0;
     println!(
         "{}",

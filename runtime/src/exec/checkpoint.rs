@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 struct Job {
     position: Arc<Vec<u8>>,
     watermark: i64,
-    max_ts: i64,
+    input_watermark: i64,
     pending: Pending,
     savepoints: Vec<Arc<SavepointRequest>>,
 }
@@ -56,7 +56,6 @@ pub(super) struct Checkpointer {
 impl Checkpointer {
     pub(super) fn start(
         mut store: StateStore,
-        fingerprint: String,
         hook: Option<CheckpointHook>,
     ) -> Result<Checkpointer, RunError> {
         let (tx, rx) = sync_channel::<Job>(1);
@@ -66,14 +65,13 @@ impl Checkpointer {
                 let Job {
                     position,
                     watermark,
-                    max_ts,
+                    input_watermark,
                     mut pending,
                     savepoints,
                 } = job;
                 let started = std::time::Instant::now();
                 let keys = pending.keys.len();
-                let committed =
-                    store.commit(&position, watermark, max_ts, &mut pending, &fingerprint);
+                let committed = store.commit(&position, watermark, input_watermark, &mut pending);
                 match &committed {
                     Err(e) => {
                         tracing::error!(error = %e, "checkpoint failed; processing goes on and the next checkpoint retries");
@@ -125,7 +123,7 @@ impl Checkpointer {
         let mut job = Job {
             position,
             watermark: time.0,
-            max_ts: time.1,
+            input_watermark: time.1,
             pending: std::mem::take(pending),
             savepoints: savepoint.into_iter().collect(),
         };
@@ -198,40 +196,53 @@ mod tests {
     use super::*;
     use crate::operators::window::KeySnapshot;
 
-    fn snap(start: i64) -> KeySnapshot {
-        KeySnapshot {
+    fn decl() -> crate::operators::keyed::StateDecl {
+        crate::operators::keyed::StateDecl {
+            name: "window",
+            version: 1,
+            fingerprint: "fp".into(),
+            layout: "{}".into(),
+        }
+    }
+
+    fn snap(start: i64) -> Vec<u8> {
+        postcard::to_stdvec(&KeySnapshot {
             windows: vec![(start, start + 10)],
             accs: Vec::new(),
-        }
+        })
+        .unwrap()
     }
 
     #[test]
     fn boundaries_reached_while_writing_are_queued_and_merged_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = StateStore::open(dir.path(), "fp", "{}", false).unwrap();
-        let mut cp = Checkpointer::start(store, "fp".into(), None).unwrap();
+        let (store, _) = StateStore::open(dir.path(), &[decl()], false).unwrap();
+        let mut cp = Checkpointer::start(store, None).unwrap();
         let mut pending = Pending::default();
         // Several boundaries in quick succession: the writer is busy with
         // the first while the others arrive.
-        pending.upsert(b"a".to_vec().into(), snap(0));
-        pending.upsert(b"b".to_vec().into(), snap(0));
+        pending.upsert(0, b"a".to_vec().into(), snap(0));
+        pending.upsert(0, b"b".to_vec().into(), snap(0));
         cp.checkpoint(Arc::new(vec![1]), (5, 9), &mut pending, None);
         assert!(pending.keys.is_empty(), "the changes were handed over");
-        pending.delete(b"a".to_vec().into());
-        pending.upsert(b"b".to_vec().into(), snap(10));
+        pending.delete(0, b"a".to_vec().into());
+        pending.upsert(0, b"b".to_vec().into(), snap(10));
         cp.checkpoint(Arc::new(vec![2]), (15, 19), &mut pending, None);
-        pending.upsert(b"c".to_vec().into(), snap(20));
+        pending.upsert(0, b"c".to_vec().into(), snap(20));
         cp.checkpoint(Arc::new(vec![3]), (25, 29), &mut pending, None);
         cp.finish();
         drop(cp);
-        let (_, restored) = StateStore::open(dir.path(), "fp", "{}", false).unwrap();
+        let (_, restored) = StateStore::open(dir.path(), &[decl()], false).unwrap();
         let r = restored.unwrap();
         assert_eq!(r.position, vec![3]);
         assert_eq!(r.watermark, 25);
-        let mut keys: Vec<(Vec<u8>, i64)> = r
-            .keys
+        let mut keys: Vec<(Vec<u8>, i64)> = r.keys[0]
+            .clone()
             .into_iter()
-            .map(|(k, s)| (k, s.windows[0].0))
+            .map(|(k, s)| {
+                let s: KeySnapshot = postcard::from_bytes(&s).unwrap();
+                (k, s.windows[0].0)
+            })
             .collect();
         keys.sort();
         assert_eq!(keys, vec![(b"b".to_vec(), 10), (b"c".to_vec(), 20)]);
@@ -242,16 +253,19 @@ mod tests {
         let mut job = Job {
             position: Arc::new(vec![2]),
             watermark: 0,
-            max_ts: 0,
+            input_watermark: 0,
             pending: Pending::default(),
             savepoints: Vec::new(),
         };
-        job.pending.delete(b"k".to_vec().into());
+        job.pending.delete(0, b"k".to_vec().into());
         let mut older = Pending::default();
-        older.upsert(b"k".to_vec().into(), snap(0));
-        older.upsert(b"j".to_vec().into(), snap(0));
+        older.upsert(0, b"k".to_vec().into(), snap(0));
+        older.upsert(0, b"j".to_vec().into(), snap(0));
         job.absorb(older, Vec::new());
-        assert!(job.pending.keys[&b"k"[..]].is_none(), "the delete stays");
-        assert!(job.pending.keys[&b"j"[..]].is_some());
+        assert!(
+            job.pending.keys[&(0, b"k".to_vec().into())].is_none(),
+            "the delete stays"
+        );
+        assert!(job.pending.keys[&(0, b"j".to_vec().into())].is_some());
     }
 }

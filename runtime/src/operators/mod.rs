@@ -1,4 +1,5 @@
-//! Stateless steps (`map`, `filter`, your own) and the window operator.
+//! Stateless steps (`map`, `filter`, your own), the [`keyed::KeyedOperator`]
+//! trait of keyed, stateful operators, and the window operator.
 //!
 //! A [`Step`] processes a batch of records in place: it may change fields,
 //! drop records, or reject them to the dead-letter output. Steps run in the
@@ -26,6 +27,7 @@
 //! }
 //! ```
 
+pub mod keyed;
 pub mod window;
 
 use crate::expr::{Ast, Expr};

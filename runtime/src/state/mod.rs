@@ -1,32 +1,56 @@
-//! Durable state: checkpoints of keyed window state in redb.
+//! Durable state: checkpoints of keyed operator state in redb.
 //!
 //! A checkpoint is one redb write transaction holding what changed since
-//! the previous one (keys upserted or deleted, postcard-encoded), the
-//! watermark, and the source position after the last event it covers. It
-//! is committed durably, so a checkpoint is wholly there or not at all. On
-//! start, rivulet loads the last checkpoint, gives each key to the worker
-//! that owns its key group, and asks the source to resume after the
-//! position; results after that point are emitted again (identical, since
-//! processing is deterministic).
+//! the previous one (keys upserted or deleted, each an operator's encoded
+//! record), the watermarks, and the source position after the last event
+//! it covers. It is committed durably, so a checkpoint is wholly there or
+//! not at all. On start, rivulet loads the last checkpoint, gives each key
+//! to the worker that owns its key group, and asks the source to resume
+//! after the position; results after that point are emitted again
+//! (identical, since processing is deterministic).
 //!
 //! Savepoints are copies of the state file taken right after a checkpoint
 //! requested through the control socket (see [`control`]); they are
 //! portable (redb and postcard fix their byte order).
 //!
-//! Record format version 1: `meta` table (`version`, `fingerprint`,
-//! `position`, `watermark`, `max_ts`, `epoch`), `keys` table from
-//! `[key group] ++ key bytes` to a postcard [`KeySnapshot`].
+//! ## Format 2 (this version)
+//! - `meta` table: `version` (2), `position`, `watermark`,
+//!   `input_watermark`, `epoch`, `fingerprint` and `layout` (of the whole
+//!   pipeline, for messages and `state inspect`), and `operators`: a JSON
+//!   list of [`OperatorMeta`] (id, state name and record version,
+//!   fingerprint, layout).
+//! - one table per keyed operator, `op.<id>`: `[key group] ++ key bytes` →
+//!   the operator's record for that key. Key groups come first, so one
+//!   range scan reads (or [`StateStore::export_groups`] moves) a range of
+//!   groups of one operator.
+//!
+//! ## Format 1 (read, and upgraded on open)
+//! `meta` with `version` 1, `fingerprint`, `max_ts` instead of
+//! `input_watermark`, and one `keys` table laid out as `op.0` is, holding
+//! window records (`window`, version 1). Opening such a file for a run
+//! moves `keys` to `op.0` in one transaction; reading it (`inspect`,
+//! installing a savepoint) leaves it as it is.
 
 pub mod control;
 
+use crate::operators::keyed::StateDecl;
 use crate::operators::window::KeySnapshot;
-use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use crate::partition::KeyGroup;
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-const KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("keys");
-pub const FORMAT_VERSION: u64 = 1;
+/// Format 1's only keyed table.
+const KEYS_V1: TableDefinition<&[u8], &[u8]> = TableDefinition::new("keys");
+pub const FORMAT_VERSION: u64 = 2;
+
+/// The table of operator `id`'s keys.
+fn op_table_name(id: u16) -> String {
+    format!("op.{id}")
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -40,28 +64,73 @@ pub enum StateError {
     },
 }
 
+/// What a checkpoint records of one keyed operator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorMeta {
+    /// Index of the operator in the pipeline; names its table.
+    pub id: u16,
+    /// The kind of state (`window`) and the version of its records.
+    pub name: String,
+    pub version: u32,
+    pub fingerprint: String,
+    pub layout: String,
+}
+
+impl OperatorMeta {
+    fn of(id: u16, d: &StateDecl) -> Self {
+        OperatorMeta {
+            id,
+            name: d.name.to_string(),
+            version: d.version,
+            fingerprint: d.fingerprint.clone(),
+            layout: d.layout.clone(),
+        }
+    }
+}
+
+/// One key's state: the key's bytes and its operator's record.
+pub type KeyRecord = (Vec<u8>, Vec<u8>);
+
 /// What a checkpoint restores.
 #[derive(Debug, Default)]
 pub struct Restored {
     pub position: Vec<u8>,
     pub watermark: i64,
+    /// The largest event time seen (written by format 1 only).
     pub max_ts: i64,
+    /// The watermark of the keyed stage's input (its valve), when recorded;
+    /// format 1 recorded `max_ts` instead, from which it follows.
+    pub input_watermark: Option<i64>,
     pub epoch: u64,
-    pub keys: Vec<(Vec<u8>, KeySnapshot)>,
+    /// Per operator (in the order of the declarations given to
+    /// [`StateStore::open`]), each key with its record.
+    pub keys: Vec<Vec<KeyRecord>>,
 }
 
-/// Changes waiting to be committed: key → new state (`None`: deleted).
+impl Restored {
+    /// Keys restored, over all operators.
+    pub fn key_count(&self) -> usize {
+        self.keys.iter().map(Vec::len).sum()
+    }
+}
+
+/// A key of one operator: (operator id, key bytes).
+pub type OperatorKey = (u16, Box<[u8]>);
+
+/// Changes waiting to be committed: (operator, key) → new record
+/// (`None`: deleted).
 #[derive(Debug, Default)]
 pub struct Pending {
-    pub keys: HashMap<Box<[u8]>, Option<KeySnapshot>>,
+    pub keys: HashMap<OperatorKey, Option<Vec<u8>>>,
 }
 
 impl Pending {
-    pub fn upsert(&mut self, key: Box<[u8]>, snap: KeySnapshot) {
-        self.keys.insert(key, Some(snap));
+    /// A key's new encoded record.
+    pub fn upsert(&mut self, op: u16, key: Box<[u8]>, record: Vec<u8>) {
+        self.keys.insert((op, key), Some(record));
     }
-    pub fn delete(&mut self, key: Box<[u8]>) {
-        self.keys.insert(key, None);
+    pub fn delete(&mut self, op: u16, key: Box<[u8]>) {
+        self.keys.insert((op, key), None);
     }
 }
 
@@ -70,19 +139,27 @@ pub struct StateStore {
     db: Option<redb::Database>,
     path: PathBuf,
     epoch: u64,
-    /// Key field and aggregate names, so `rivulet state inspect` can label values.
+    /// The operators whose state this store keeps.
+    operators: Vec<OperatorMeta>,
+    /// The pipeline's fingerprint and layout (operator 0's), as format 1
+    /// recorded them: shown by `inspect` and in errors.
+    fingerprint: String,
     layout: String,
 }
 
 /// What `rivulet state inspect` shows.
 #[derive(Debug)]
 pub struct Inspection {
+    /// The state format of the file.
+    pub version: u64,
     pub epoch: u64,
     pub watermark: i64,
     pub position: Vec<u8>,
     pub fingerprint: String,
-    /// Key field names and aggregate names.
+    /// Key field names and aggregate names (of the window operator).
     pub layout: serde_json::Value,
+    pub operators: Vec<OperatorMeta>,
+    /// The window operator's keys.
     pub keys: Vec<(Vec<u8>, KeySnapshot)>,
 }
 
@@ -95,126 +172,249 @@ fn store_err(path: &Path, e: impl std::fmt::Display) -> StateError {
 
 /// The table key of a key: its key group first, so one range holds a group.
 fn table_key(key: &[u8]) -> Vec<u8> {
-    let group = crate::partition::KeyGroup::of_key(key).0;
     let mut k = Vec::with_capacity(key.len() + 1);
-    k.push(group);
+    k.push(KeyGroup::of_key(key).0);
     k.extend_from_slice(key);
     k
 }
 
+/// What a file holds, read in one read transaction.
+struct Saved {
+    version: u64,
+    meta: HashMap<String, Vec<u8>>,
+    operators: Vec<OperatorMeta>,
+}
+
+fn num(b: Option<&Vec<u8>>) -> i64 {
+    b.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+        .map(i64::from_le_bytes)
+        .unwrap_or(i64::MIN)
+}
+
+/// Reads the meta table; `None` for a file without one (fresh).
+fn read_saved(txn: &redb::ReadTransaction, path: &Path) -> Result<Option<Saved>, StateError> {
+    let meta_table = match txn.open_table(META) {
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(store_err(path, e)),
+        Ok(t) => t,
+    };
+    let mut meta = HashMap::new();
+    for entry in meta_table.iter().map_err(|e| store_err(path, e))? {
+        let (k, v) = entry.map_err(|e| store_err(path, e))?;
+        meta.insert(k.value().to_string(), v.value().to_vec());
+    }
+    let version = num(meta.get("version"));
+    let text = |k: &str| {
+        meta.get(k)
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .unwrap_or_default()
+    };
+    let operators = match version {
+        1 => vec![OperatorMeta {
+            id: 0,
+            name: "window".into(),
+            version: 1,
+            fingerprint: text("fingerprint"),
+            layout: text("layout"),
+        }],
+        2 => serde_json::from_slice(meta.get("operators").map(Vec::as_slice).unwrap_or(b"[]"))
+            .map_err(|e| store_err(path, format!("unreadable operator list: {e}")))?,
+        v => {
+            return Err(store_err(
+                path,
+                format!("state format {v} is not one this rivulet reads (1 or {FORMAT_VERSION}); was it written by a newer release?"),
+            ))
+        }
+    };
+    Ok(Some(Saved {
+        version: version as u64,
+        meta,
+        operators,
+    }))
+}
+
+/// Every entry of operator `op`'s table (format 1: the `keys` table).
+fn read_keys(
+    txn: &redb::ReadTransaction,
+    version: u64,
+    op: u16,
+    path: &Path,
+) -> Result<Vec<KeyRecord>, StateError> {
+    let name = op_table_name(op);
+    let def = if version == 1 {
+        KEYS_V1
+    } else {
+        TableDefinition::<&[u8], &[u8]>::new(&name)
+    };
+    let table = match txn.open_table(def) {
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(store_err(path, e)),
+        Ok(t) => t,
+    };
+    let mut out = Vec::new();
+    for entry in table.iter().map_err(|e| store_err(path, e))? {
+        let (k, v) = entry.map_err(|e| store_err(path, e))?;
+        out.push((k.value()[1..].to_vec(), v.value().to_vec()));
+    }
+    Ok(out)
+}
+
 impl StateStore {
-    /// Opens (creating) `dir/state.redb`. `fingerprint` names what the state
-    /// depends on (key fields, window, aggregates); state written under
-    /// another fingerprint is refused.
+    /// Opens (creating) `dir/state.redb` for the keyed operators `decls`
+    /// (operator `i` has id `i`). State saved for an operator under
+    /// another fingerprint or state kind is refused, or with
+    /// `allow_non_restored` dropped (the input position is kept).
     pub fn open(
         dir: &Path,
-        fingerprint: &str,
-        layout: &str,
+        decls: &[StateDecl],
         allow_non_restored: bool,
     ) -> Result<(StateStore, Option<Restored>), StateError> {
         std::fs::create_dir_all(dir).map_err(|e| store_err(dir, e))?;
         let path = dir.join("state.redb");
         let db = redb::Database::create(&path)
             .map_err(|e| store_err(&path, format!("{e} (not a rivulet state file?)")))?;
-        let restored = {
-            let txn = db.begin_read().map_err(|e| store_err(&path, e))?;
-            match txn.open_table(META) {
-                Err(redb::TableError::TableDoesNotExist(_)) => None,
-                Err(e) => return Err(store_err(&path, e)),
-                Ok(meta) => {
-                    let get = |k: &str| -> Result<Option<Vec<u8>>, StateError> {
-                        Ok(meta
-                            .get(k)
-                            .map_err(|e| store_err(&path, e))?
-                            .map(|v| v.value().to_vec()))
-                    };
-                    let num = |b: Option<Vec<u8>>| -> i64 {
-                        b.and_then(|b| b.try_into().ok())
-                            .map(i64::from_le_bytes)
-                            .unwrap_or(i64::MIN)
-                    };
-                    let found = get("fingerprint")?
-                        .map(|f| String::from_utf8_lossy(&f).into_owned())
-                        .unwrap_or_default();
-                    let drop_keys = found != fingerprint && allow_non_restored;
-                    if found != fingerprint && !allow_non_restored {
-                        return Err(StateError::Incompatible {
-                            path: path.display().to_string(),
-                            found,
-                            expected: fingerprint.to_string(),
-                        });
-                    }
-                    let version = num(get("version")?);
-                    if version != FORMAT_VERSION as i64 {
-                        return Err(store_err(
-                            &path,
-                            format!("state format {version} is not {FORMAT_VERSION}"),
-                        ));
-                    }
-                    let mut r = Restored {
-                        position: get("position")?.unwrap_or_default(),
-                        watermark: num(get("watermark")?),
-                        max_ts: num(get("max_ts")?),
-                        epoch: num(get("epoch")?).max(0) as u64,
-                        keys: Vec::new(),
-                    };
-                    let keys = txn.open_table(KEYS).map_err(|e| store_err(&path, e))?;
-                    if drop_keys {
-                        let n = keys.len().map_err(|e| store_err(&path, e))?;
-                        tracing::warn!(
-                            state = %path.display(),
-                            keys = n,
-                            "the pipeline changed: dropping the saved keyed state it cannot use (--allow-non-restored-state), keeping the input position"
-                        );
-                    } else {
-                        for entry in keys.iter().map_err(|e| store_err(&path, e))? {
-                            let (k, v) = entry.map_err(|e| store_err(&path, e))?;
-                            let snap: KeySnapshot =
-                                postcard::from_bytes(v.value()).map_err(|e| {
-                                    store_err(&path, format!("unreadable key state: {e}"))
-                                })?;
-                            r.keys.push((k.value()[1..].to_vec(), snap));
-                        }
-                    }
-                    if drop_keys {
-                        Some((r, true))
-                    } else {
-                        Some((r, false))
-                    }
-                }
+        let operators: Vec<OperatorMeta> = decls
+            .iter()
+            .enumerate()
+            .map(|(i, d)| OperatorMeta::of(i as u16, d))
+            .collect();
+        let fingerprint = operators
+            .first()
+            .map(|o| o.fingerprint.clone())
+            .unwrap_or_else(|| "no keyed state".into());
+        let layout = operators
+            .first()
+            .map(|o| o.layout.clone())
+            .unwrap_or_else(|| "{}".into());
+
+        let txn = db.begin_read().map_err(|e| store_err(&path, e))?;
+        let saved = read_saved(&txn, &path)?;
+        let mut restored = None;
+        // Whether the file must be rewritten: an upgrade, or dropped state.
+        let mut rewrite = false;
+        if let Some(saved) = &saved {
+            let fits = |o: &OperatorMeta| {
+                o.fingerprint == operators[o.id as usize].fingerprint
+                    && o.name == operators[o.id as usize].name
+                    && o.version <= operators[o.id as usize].version
+            };
+            let usable = saved.operators.len() == operators.len()
+                && saved
+                    .operators
+                    .iter()
+                    .all(|o| (o.id as usize) < operators.len() && fits(o));
+            if !usable && !allow_non_restored {
+                let found = saved
+                    .operators
+                    .iter()
+                    .map(|o| o.fingerprint.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                return Err(StateError::Incompatible {
+                    path: path.display().to_string(),
+                    found,
+                    expected: fingerprint.clone(),
+                });
             }
-        };
-        let (restored, clear) = match restored {
-            Some((r, clear)) => (Some(r), clear),
-            None => (None, false),
-        };
-        if clear {
-            let txn = db.begin_write().map_err(|e| store_err(&path, e))?;
-            txn.delete_table(KEYS).map_err(|e| store_err(&path, e))?;
-            txn.commit().map_err(|e| store_err(&path, e))?;
+            let mut r = Restored {
+                position: saved.meta.get("position").cloned().unwrap_or_default(),
+                watermark: num(saved.meta.get("watermark")),
+                max_ts: num(saved.meta.get("max_ts")),
+                input_watermark: saved.meta.get("input_watermark").map(|b| num(Some(b))),
+                epoch: num(saved.meta.get("epoch")).max(0) as u64,
+                keys: vec![Vec::new(); operators.len()],
+            };
+            if usable {
+                for o in &saved.operators {
+                    r.keys[o.id as usize] = read_keys(&txn, saved.version, o.id, &path)?;
+                }
+            } else {
+                tracing::warn!(
+                    state = %path.display(),
+                    "the pipeline changed: dropping the saved keyed state it cannot use (--allow-non-restored-state), keeping the input position"
+                );
+            }
+            rewrite = saved.version != FORMAT_VERSION || !usable;
+            restored = Some(r);
+        }
+        drop(txn);
+        if rewrite {
+            // One transaction: the old tables go, the kept keys are written
+            // to the current layout with the meta data of format 2.
+            Self::rewrite(&db, &path, saved.as_ref(), restored.as_ref())?;
         }
         let epoch = restored.as_ref().map(|r| r.epoch).unwrap_or(0);
         let mut store = StateStore {
             db: Some(db),
             path,
             epoch,
-            layout: layout.to_string(),
+            operators,
+            fingerprint,
+            layout,
         };
-        if restored.is_none() || clear {
-            // A fresh store records what it belongs to at once.
-            store.commit(
-                &[],
-                i64::MIN,
-                i64::MIN,
-                &mut Pending::default(),
-                fingerprint,
-            )?;
+        match &restored {
+            None => {
+                // A fresh store records what it belongs to at once.
+                store.commit(&[], i64::MIN, i64::MIN, &mut Pending::default())?;
+            }
+            Some(r) if rewrite => {
+                let input = r.input_watermark.unwrap_or(i64::MIN);
+                store.commit(&r.position, r.watermark, input, &mut Pending::default())?;
+            }
+            Some(_) => {}
         }
         Ok((store, restored))
     }
 
+    fn rewrite(
+        db: &redb::Database,
+        path: &Path,
+        saved: Option<&Saved>,
+        restored: Option<&Restored>,
+    ) -> Result<(), StateError> {
+        let e = |x: &dyn std::fmt::Display| store_err(path, x);
+        let txn = db.begin_write().map_err(|x| e(&x))?;
+        if let Some(saved) = saved {
+            if saved.version == 1 {
+                match txn.delete_table(KEYS_V1) {
+                    Ok(_) | Err(redb::TableError::TableDoesNotExist(_)) => {}
+                    Err(x) => return Err(e(&x)),
+                }
+                // Format 1 had `max_ts` where format 2 has `input_watermark`.
+                let mut meta = txn.open_table(META).map_err(|x| e(&x))?;
+                meta.remove("max_ts").map_err(|x| e(&x))?;
+            } else {
+                for o in &saved.operators {
+                    let name = op_table_name(o.id);
+                    match txn.delete_table(TableDefinition::<&[u8], &[u8]>::new(&name)) {
+                        Ok(_) | Err(redb::TableError::TableDoesNotExist(_)) => {}
+                        Err(x) => return Err(e(&x)),
+                    }
+                }
+            }
+        }
+        if let Some(r) = restored {
+            for (id, keys) in r.keys.iter().enumerate() {
+                let name = op_table_name(id as u16);
+                let mut t = txn
+                    .open_table(TableDefinition::<&[u8], &[u8]>::new(&name))
+                    .map_err(|x| e(&x))?;
+                for (k, v) in keys {
+                    t.insert(table_key(k).as_slice(), v.as_slice())
+                        .map_err(|x| e(&x))?;
+                }
+            }
+        }
+        txn.commit().map_err(|x| e(&x))
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The operators whose state this store keeps.
+    pub fn operators(&self) -> &[OperatorMeta] {
+        &self.operators
     }
 
     /// Writes the last committed checkpoint into a new, closed redb file
@@ -242,11 +442,18 @@ impl StateStore {
                     let (k, v) = entry.map_err(|x| e(&x))?;
                     m.insert(k.value(), v.value()).map_err(|x| e(&x))?;
                 }
-                let keys = read.open_table(KEYS).map_err(|x| e(&x))?;
-                let mut t = write.open_table(KEYS).map_err(|x| e(&x))?;
-                for entry in keys.iter().map_err(|x| e(&x))? {
-                    let (k, v) = entry.map_err(|x| e(&x))?;
-                    t.insert(k.value(), v.value()).map_err(|x| e(&x))?;
+                for o in &self.operators {
+                    let name = op_table_name(o.id);
+                    let def = TableDefinition::<&[u8], &[u8]>::new(&name);
+                    let keys = match read.open_table(def) {
+                        Err(redb::TableError::TableDoesNotExist(_)) => continue,
+                        other => other.map_err(|x| e(&x))?,
+                    };
+                    let mut t = write.open_table(def).map_err(|x| e(&x))?;
+                    for entry in keys.iter().map_err(|x| e(&x))? {
+                        let (k, v) = entry.map_err(|x| e(&x))?;
+                        t.insert(k.value(), v.value()).map_err(|x| e(&x))?;
+                    }
                 }
             }
             write.commit().map_err(|x| e(&x))?;
@@ -260,9 +467,8 @@ impl StateStore {
         &mut self,
         position: &[u8],
         watermark: i64,
-        max_ts: i64,
+        input_watermark: i64,
         pending: &mut Pending,
-        fingerprint: &str,
     ) -> Result<(), StateError> {
         let path = self.path.clone();
         let e = |x: &dyn std::fmt::Display| store_err(&path, x);
@@ -271,7 +477,7 @@ impl StateStore {
             // again, which also repairs it, and write everything pending.
             self.db = Some(redb::Database::create(&path).map_err(|x| e(&x))?);
         }
-        let result = self.write(position, watermark, max_ts, pending, fingerprint);
+        let result = self.write(position, watermark, input_watermark, pending);
         if result.is_err() {
             self.db = None;
         }
@@ -282,9 +488,8 @@ impl StateStore {
         &mut self,
         position: &[u8],
         watermark: i64,
-        max_ts: i64,
+        input_watermark: i64,
         pending: &mut Pending,
-        fingerprint: &str,
     ) -> Result<(), StateError> {
         let path = self.path.clone();
         let e = |x: &dyn std::fmt::Display| store_err(&path, x);
@@ -294,39 +499,129 @@ impl StateStore {
         let txn = db.begin_write().map_err(|x| e(&x))?;
         {
             let mut meta = txn.open_table(META).map_err(|x| e(&x))?;
-            let mut keys = txn.open_table(KEYS).map_err(|x| e(&x))?;
-            for (k, v) in &pending.keys {
+            let names: Vec<String> = self.operators.iter().map(|o| op_table_name(o.id)).collect();
+            let mut tables = Vec::with_capacity(names.len());
+            for name in &names {
+                tables.push(
+                    txn.open_table(TableDefinition::<&[u8], &[u8]>::new(name))
+                        .map_err(|x| e(&x))?,
+                );
+            }
+            for ((op, k), v) in &pending.keys {
+                let Some(table) = tables.get_mut(*op as usize) else {
+                    return Err(e(&format!("a change for unknown operator {op}")));
+                };
                 let tk = table_key(k);
                 match v {
-                    Some(snap) => {
-                        let bytes = postcard::to_stdvec(snap).map_err(|x| e(&x))?;
-                        keys.insert(tk.as_slice(), bytes.as_slice())
+                    Some(record) => {
+                        table
+                            .insert(tk.as_slice(), record.as_slice())
                             .map_err(|x| e(&x))?;
                     }
                     None => {
-                        keys.remove(tk.as_slice()).map_err(|x| e(&x))?;
+                        table.remove(tk.as_slice()).map_err(|x| e(&x))?;
                     }
                 }
             }
             let epoch = self.epoch + 1;
-            meta.insert("version", (FORMAT_VERSION as i64).to_le_bytes().as_slice())
-                .map_err(|x| e(&x))?;
-            meta.insert("fingerprint", fingerprint.as_bytes())
-                .map_err(|x| e(&x))?;
-            meta.insert("position", position).map_err(|x| e(&x))?;
-            meta.insert("watermark", watermark.to_le_bytes().as_slice())
-                .map_err(|x| e(&x))?;
-            meta.insert("max_ts", max_ts.to_le_bytes().as_slice())
-                .map_err(|x| e(&x))?;
-            meta.insert("epoch", (epoch as i64).to_le_bytes().as_slice())
-                .map_err(|x| e(&x))?;
-            meta.insert("layout", self.layout.as_bytes())
-                .map_err(|x| e(&x))?;
+            let operators = serde_json::to_vec(&self.operators).map_err(|x| e(&x))?;
+            let mut put = |k: &str, v: &[u8]| meta.insert(k, v).map(|_| ()).map_err(|x| e(&x));
+            put("version", &(FORMAT_VERSION as i64).to_le_bytes())?;
+            put("fingerprint", self.fingerprint.as_bytes())?;
+            put("layout", self.layout.as_bytes())?;
+            put("operators", &operators)?;
+            put("position", position)?;
+            put("watermark", &watermark.to_le_bytes())?;
+            put("input_watermark", &input_watermark.to_le_bytes())?;
+            put("epoch", &(epoch as i64).to_le_bytes())?;
         }
         txn.commit().map_err(|x| e(&x))?;
         self.epoch += 1;
         pending.keys.clear();
         Ok(())
+    }
+
+    /// The committed records of operator `op` in a range of key groups:
+    /// what moves when those groups change owner.
+    pub fn export_groups(
+        &self,
+        op: u16,
+        groups: RangeInclusive<KeyGroup>,
+    ) -> Result<Vec<KeyRecord>, StateError> {
+        let e = |x: &dyn std::fmt::Display| store_err(&self.path, x);
+        let Some(db) = self.db.as_ref() else {
+            return Err(e(&"the state file is not open"));
+        };
+        let txn = db.begin_read().map_err(|x| e(&x))?;
+        let name = op_table_name(op);
+        let table = match txn.open_table(TableDefinition::<&[u8], &[u8]>::new(&name)) {
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            other => other.map_err(|x| e(&x))?,
+        };
+        let start = [groups.start().0];
+        let mut out = Vec::new();
+        for entry in table.range(&start[..]..).map_err(|x| e(&x))? {
+            let (k, v) = entry.map_err(|x| e(&x))?;
+            if k.value()[0] > groups.end().0 {
+                break;
+            }
+            out.push((k.value()[1..].to_vec(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Replaces operator `op`'s records in a range of key groups with
+    /// `records` (keys outside the range are refused), durably, in one
+    /// transaction.
+    pub fn import_groups(
+        &mut self,
+        op: u16,
+        groups: RangeInclusive<KeyGroup>,
+        records: &[KeyRecord],
+    ) -> Result<(), StateError> {
+        let path = self.path.clone();
+        let e = |x: &dyn std::fmt::Display| store_err(&path, x);
+        if let Some((k, _)) = records
+            .iter()
+            .find(|(k, _)| !groups.contains(&KeyGroup::of_key(k)))
+        {
+            return Err(e(&format!(
+                "a key of group {} is outside the groups imported ({}..={})",
+                KeyGroup::of_key(k).0,
+                groups.start().0,
+                groups.end().0
+            )));
+        }
+        let Some(db) = self.db.as_ref() else {
+            return Err(e(&"the state file is not open"));
+        };
+        let txn = db.begin_write().map_err(|x| e(&x))?;
+        {
+            let name = op_table_name(op);
+            let mut t = txn
+                .open_table(TableDefinition::<&[u8], &[u8]>::new(&name))
+                .map_err(|x| e(&x))?;
+            let start = [groups.start().0];
+            let stale: Vec<Vec<u8>> = {
+                let mut v = Vec::new();
+                for entry in t.range(&start[..]..).map_err(|x| e(&x))? {
+                    let (k, _) = entry.map_err(|x| e(&x))?;
+                    if k.value()[0] > groups.end().0 {
+                        break;
+                    }
+                    v.push(k.value().to_vec());
+                }
+                v
+            };
+            for k in stale {
+                t.remove(k.as_slice()).map_err(|x| e(&x))?;
+            }
+            for (k, v) in records {
+                t.insert(table_key(k).as_slice(), v.as_slice())
+                    .map_err(|x| e(&x))?;
+            }
+        }
+        txn.commit().map_err(|x| e(&x))
     }
 }
 
@@ -363,29 +658,35 @@ fn inspect_file(path: &Path) -> Result<Inspection, StateError> {
             _rw.begin_read().map_err(|e| store_err(&path, e))?
         }
     };
-    let meta = txn.open_table(META).map_err(|e| store_err(&path, e))?;
-    let get = |k: &str| -> Result<Vec<u8>, StateError> {
-        Ok(meta
-            .get(k)
-            .map_err(|e| store_err(&path, e))?
-            .map(|v| v.value().to_vec())
-            .unwrap_or_default())
+    let Some(saved) = read_saved(&txn, &path)? else {
+        return Err(store_err(&path, "no checkpoint in this file"));
     };
-    let num = |b: Vec<u8>| b.try_into().map(i64::from_le_bytes).unwrap_or(i64::MIN);
+    let text = |k: &str| {
+        saved
+            .meta
+            .get(k)
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .unwrap_or_default()
+    };
     let mut out = Inspection {
-        epoch: num(get("epoch")?).max(0) as u64,
-        watermark: num(get("watermark")?),
-        position: get("position")?,
-        fingerprint: String::from_utf8_lossy(&get("fingerprint")?).into_owned(),
-        layout: serde_json::from_slice(&get("layout")?).unwrap_or_default(),
+        version: saved.version,
+        epoch: num(saved.meta.get("epoch")).max(0) as u64,
+        watermark: num(saved.meta.get("watermark")),
+        position: saved.meta.get("position").cloned().unwrap_or_default(),
+        fingerprint: text("fingerprint"),
+        layout: serde_json::from_str(&text("layout")).unwrap_or_default(),
+        operators: saved.operators.clone(),
         keys: Vec::new(),
     };
-    let keys = txn.open_table(KEYS).map_err(|e| store_err(&path, e))?;
-    for entry in keys.iter().map_err(|e| store_err(&path, e))? {
-        let (k, v) = entry.map_err(|e| store_err(&path, e))?;
-        let snap: KeySnapshot = postcard::from_bytes(v.value())
-            .map_err(|e| store_err(&path, format!("unreadable key state: {e}")))?;
-        out.keys.push((k.value()[1..].to_vec(), snap));
+    for o in &saved.operators {
+        if o.name != "window" {
+            continue;
+        }
+        for (k, v) in read_keys(&txn, saved.version, o.id, &path)? {
+            let snap: KeySnapshot = postcard::from_bytes(&v)
+                .map_err(|e| store_err(&path, format!("unreadable key state: {e}")))?;
+            out.keys.push((k, snap));
+        }
     }
     Ok(out)
 }
@@ -409,5 +710,92 @@ struct TempFile(PathBuf);
 impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn decl(fp: &str) -> StateDecl {
+        StateDecl {
+            name: "window",
+            version: 1,
+            fingerprint: fp.into(),
+            layout: "{}".into(),
+        }
+    }
+
+    fn key(i: u32) -> Box<[u8]> {
+        format!("key-{i}").into_bytes().into()
+    }
+
+    #[test]
+    fn keys_of_each_operator_round_trip_and_a_changed_operator_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let decls = [decl("a"), decl("b")];
+        {
+            let (mut s, restored) = StateStore::open(dir.path(), &decls, false).unwrap();
+            assert!(restored.is_none());
+            let mut p = Pending::default();
+            p.upsert(0, key(1), vec![1]);
+            p.upsert(1, key(1), vec![2]);
+            p.upsert(1, key(2), vec![3]);
+            s.commit(&[9], 100, 90, &mut p).unwrap();
+            p.delete(1, key(2));
+            s.commit(&[10], 200, 190, &mut p).unwrap();
+        }
+        let (_, r) = StateStore::open(dir.path(), &decls, false).unwrap();
+        let r = r.unwrap();
+        assert_eq!(
+            (r.position, r.watermark, r.input_watermark),
+            (vec![10], 200, Some(190))
+        );
+        assert_eq!(r.keys[0], vec![(key(1).to_vec(), vec![1])]);
+        assert_eq!(r.keys[1], vec![(key(1).to_vec(), vec![2])]);
+        let Err(err) = StateStore::open(dir.path(), &[decl("a"), decl("c")], false) else {
+            panic!("a changed operator must be refused");
+        };
+        assert!(err.to_string().contains("different pipeline"), "{err}");
+        let (_, r) = StateStore::open(dir.path(), &[decl("a"), decl("c")], true).unwrap();
+        assert_eq!(r.unwrap().key_count(), 0, "state dropped, position kept");
+    }
+
+    #[test]
+    fn a_range_of_key_groups_is_exported_and_imported() {
+        let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let decls = [decl("w")];
+        let (mut a, _) = StateStore::open(from.path(), &decls, false).unwrap();
+        let mut p = Pending::default();
+        for i in 0..500 {
+            p.upsert(0, key(i), i.to_le_bytes().to_vec());
+        }
+        a.commit(&[], 0, 0, &mut p).unwrap();
+        let range = KeyGroup(64)..=KeyGroup(127);
+        let moved = a.export_groups(0, range.clone()).unwrap();
+        let expected = (0..500)
+            .filter(|i| range.contains(&KeyGroup::of_key(&key(*i))))
+            .count();
+        assert_eq!(moved.len(), expected);
+        assert!(expected > 50);
+        let (mut b, _) = StateStore::open(to.path(), &decls, false).unwrap();
+        // What the target held in those groups is replaced.
+        let stale = (0..10_000)
+            .map(key)
+            .find(|k| range.contains(&KeyGroup::of_key(k)) && !moved.iter().any(|m| *m.0 == **k))
+            .unwrap();
+        let mut p = Pending::default();
+        p.upsert(0, stale.clone(), vec![0]);
+        b.commit(&[], 0, 0, &mut p).unwrap();
+        b.import_groups(0, range.clone(), &moved).unwrap();
+        let mut back = b.export_groups(0, KeyGroup(0)..=KeyGroup(255)).unwrap();
+        back.sort();
+        let mut want = moved.clone();
+        want.sort();
+        assert_eq!(back, want);
+        let outside = (key(0).to_vec(), vec![]);
+        let bad = b.import_groups(0, KeyGroup(0)..=KeyGroup(0), &[outside]);
+        assert!(KeyGroup::of_key(&key(0)).0 == 0 || bad.is_err());
     }
 }

@@ -1,11 +1,8 @@
 //! Time: the injected [`Clock`], durations in pipeline files, timestamps in
-//! events, and the watermark rule.
-//!
-//! Watermarks follow Flink's bounded-out-of-orderness generator, emitted
-//! after every event: `max timestamp seen − bound − 1 ms`. A window
-//! `[start, end)` fires when the watermark reaches `end − 1`. Because the
-//! watermark is a function of the input alone (never of a timer), the same
-//! input gives the same results, on any number of workers.
+//! events, and the watermark rule ([`valve`]: how a source's watermark is
+//! generated and how an operator combines the watermarks of its inputs).
+
+pub mod valve;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;

@@ -24,8 +24,10 @@
 //! allocation and one timer entry. Firing allocates the output line.
 
 mod acc;
+mod step;
 
 pub use acc::{Acc, AggFunc};
+pub use step::{WindowStep, WindowStepOptions, STATE_VERSION};
 
 use crate::expr::Ast;
 use crate::value::{decode_key, write_json_str, Value};

@@ -1,0 +1,221 @@
+//! The keyed stage: one host per owner of key groups, running a
+//! [`KeyedOperator`] over the frames of its [`Inbox`].
+//!
+//! The host owns the time and checkpoint rules, so operators need not:
+//! - watermarks of every input go through a [`WatermarkValve`]; when its
+//!   output rises the operator advances (timers fire);
+//! - checkpoint barriers are aligned ([`BarrierAligner`]): an input that
+//!   delivered barrier `n` is held until every input has; then the operator
+//!   snapshots its changed keys, which go to the merger with this frame's
+//!   outputs (the merger commits once they are written);
+//! - the input ends when every input has ended.
+//!
+//! For each frame it receives, the host sends the merger one [`OutBatch`]:
+//! the merger takes them in the same rotation as the inbox, which is what
+//! keeps the output order independent of the number of workers.
+
+use super::exchange::Inbox;
+use super::merge::{OutBatch, WorkerSnapshot};
+use crate::msg::{End, KeyedBatch, Msg, Order, Output, Phase};
+use crate::operators::keyed::KeyedOperator;
+use crate::time::valve::WatermarkValve;
+use std::sync::mpsc::SyncSender;
+
+/// Aligns checkpoint barriers across inputs (Flink's aligned checkpoints).
+#[derive(Debug)]
+pub struct BarrierAligner {
+    /// The barrier being aligned, if one arrived.
+    current: Option<u64>,
+    /// Inputs that delivered it (and are held until the others do).
+    arrived: Vec<bool>,
+}
+
+impl BarrierAligner {
+    pub fn new(inputs: usize) -> Self {
+        BarrierAligner {
+            current: None,
+            arrived: vec![false; inputs.max(1)],
+        }
+    }
+
+    /// Inputs to hold back: those that delivered the barrier in alignment.
+    pub fn blocked(&self) -> &[bool] {
+        &self.arrived
+    }
+
+    /// Input `i` delivered barrier `id`. Returns `Some(id)` when every
+    /// input has delivered it: snapshot now, and read every input again.
+    /// A barrier newer than the one in alignment means an input skipped
+    /// one (it cannot, in order): the older alignment is abandoned.
+    pub fn arrive(&mut self, i: usize, id: u64) -> Option<u64> {
+        match self.current {
+            Some(cur) if cur > id => return None,
+            Some(cur) if cur < id => {
+                tracing::warn!(
+                    abandoned = cur,
+                    barrier = id,
+                    "a newer checkpoint barrier overtook one in alignment"
+                );
+                self.arrived.iter_mut().for_each(|a| *a = false);
+            }
+            _ => {}
+        }
+        self.current = Some(id);
+        self.arrived[i] = true;
+        if self.arrived.iter().all(|&a| a) {
+            self.current = None;
+            self.arrived.iter_mut().for_each(|a| *a = false);
+            Some(id)
+        } else {
+            None
+        }
+    }
+}
+
+pub(super) struct KeyedHost {
+    pub op: Box<dyn KeyedOperator>,
+    pub valve: WatermarkValve,
+    pub aligner: BarrierAligner,
+    /// Inputs that have ended.
+    pub ended: Vec<bool>,
+}
+
+impl KeyedHost {
+    pub fn new(op: Box<dyn KeyedOperator>, inputs: usize) -> Self {
+        KeyedHost {
+            op,
+            valve: WatermarkValve::new(inputs),
+            aligner: BarrierAligner::new(inputs),
+            ended: vec![false; inputs.max(1)],
+        }
+    }
+
+    /// Runs until every input ended or the merger went away.
+    pub fn run(mut self, mut inbox: impl Inbox, to_merge: SyncSender<OutBatch>) {
+        loop {
+            let Some((input, frame)) = inbox.recv(self.aligner.blocked()) else {
+                return;
+            };
+            let out = self.frame(input, frame);
+            let end = out.end;
+            if to_merge.send(out).is_err() || end.is_some() {
+                return;
+            }
+        }
+    }
+
+    /// Handles one frame of input `input`.
+    pub fn frame(&mut self, input: usize, frame: Vec<Msg>) -> OutBatch {
+        let mut out = OutBatch::default();
+        let mut after_data = false;
+        for msg in frame {
+            match msg {
+                Msg::Data(batch) => {
+                    self.data(input, &batch, &mut out.outputs);
+                    after_data = true;
+                }
+                Msg::Watermark(w) => {
+                    if let Some(w) = self.valve.watermark(input, w) {
+                        // The final watermark's results come last of all.
+                        let order = match (w, after_data) {
+                            (i64::MAX, _) => Order::FLUSH,
+                            (_, true) => Order::END,
+                            (_, false) => Order::START,
+                        };
+                        self.op.advance(w, order, &mut out.outputs);
+                    }
+                }
+                Msg::Idle { quiet_ms } => {
+                    if let Some(w) = self.valve.idle(input, quiet_ms) {
+                        self.op.advance(w, Order::END, &mut out.outputs);
+                    }
+                }
+                Msg::Barrier(id) => {
+                    if self.aligner.arrive(input, id).is_some() {
+                        let mut changes = Vec::new();
+                        self.op.snapshot(&mut changes);
+                        out.snapshot = Some(WorkerSnapshot {
+                            changes,
+                            watermark: self.op.watermark(),
+                            input_watermark: self.valve.current(),
+                        });
+                    }
+                }
+                Msg::End(end) => {
+                    self.ended[input] = true;
+                    if self.ended.iter().all(|&e| e) {
+                        match end {
+                            End::Flush => self.op.advance(i64::MAX, Order::FLUSH, &mut out.outputs),
+                            End::Stop => out.open_windows = self.op.open_windows(),
+                        }
+                        out.end = Some(end);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Records, with the watermarks reached between them: a watermark
+    /// reached at event `i` applies after it, before the next record.
+    fn data(&mut self, input: usize, batch: &KeyedBatch, out: &mut Vec<Output>) {
+        let (recs, wms) = (&batch.recs, &batch.watermarks[..]);
+        let (mut r, mut w) = (0, 0);
+        while r < recs.len() {
+            while w < wms.len() && wms[w].0 < recs[r].idx {
+                self.raise(input, wms[w], out);
+                w += 1;
+            }
+            let end = match wms.get(w) {
+                Some(&(at, _)) => r + recs[r..].partition_point(|x| x.idx <= at),
+                None => recs.len(),
+            };
+            self.op.process(batch, r..end, out);
+            r = end;
+        }
+        for &wm in &wms[w..] {
+            self.raise(input, wm, out);
+        }
+    }
+
+    #[inline]
+    fn raise(&mut self, input: usize, (at, w): (u32, i64), out: &mut Vec<Output>) {
+        if let Some(w) = self.valve.watermark(input, w) {
+            let order = Order {
+                idx: at,
+                phase: Phase::After,
+            };
+            self.op.advance(w, order, out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_barrier_completes_when_every_input_delivered_it() {
+        let mut a = BarrierAligner::new(3);
+        assert_eq!(a.arrive(1, 7), None);
+        assert_eq!(a.blocked(), &[false, true, false]);
+        assert_eq!(a.arrive(0, 7), None);
+        assert_eq!(a.arrive(2, 7), Some(7));
+        assert_eq!(
+            a.blocked(),
+            &[false, false, false],
+            "every input reads again"
+        );
+        assert_eq!(BarrierAligner::new(1).arrive(0, 1), Some(1));
+    }
+
+    #[test]
+    fn an_overtaking_barrier_restarts_the_alignment() {
+        let mut a = BarrierAligner::new(2);
+        assert_eq!(a.arrive(0, 1), None);
+        assert_eq!(a.arrive(1, 2), None);
+        assert_eq!(a.blocked(), &[false, true]);
+        assert_eq!(a.arrive(0, 1), None, "a stale barrier is ignored");
+        assert_eq!(a.arrive(0, 2), Some(2));
+    }
+}

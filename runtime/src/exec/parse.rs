@@ -1,0 +1,395 @@
+//! The parse stage: decode, time, steps, key, aggregate inputs; then one
+//! frame per owner of key groups.
+//!
+//! Parse workers run in parallel, each on the batches the reader deals it.
+//! For every input batch a worker sends each keyed worker exactly one frame
+//! (through the [`super::exchange`]) and the merger one [`OutBatch`] with the
+//! batch's dead letters, pass-through records and counts. A frame is, in
+//! order: a processing-time watermark before the records (processing-time
+//! pipelines), the records the owner's key groups hold with the event-time
+//! watermarks reached inside the batch, a watermark or idleness after them,
+//! the final watermark (+infinity) at the end of a bounded input, a
+//! checkpoint barrier, the end.
+
+use super::exchange::Outbox;
+use super::merge::OutBatch;
+use super::reader::InBatch;
+use crate::msg::{
+    dead_letter_line, DeadSource, End, Frame, KeyedBatch, KeyedRec, Msg, Output, Stream,
+};
+use crate::operators::window::AggFunc;
+use crate::operators::{Records, Status, Step};
+use crate::partition::Assignment;
+use crate::plan::{Format, Plan, TimeMode};
+use crate::time::timestamp_from;
+use crate::time::valve::bounded;
+use crate::value::{encode_key, hash_key, Value};
+use std::sync::Arc;
+
+pub(super) struct ParseWorker {
+    pub plan: Arc<Plan>,
+    /// Which keyed worker owns each key group.
+    pub assignment: Assignment,
+    pub before: Vec<Box<dyn Step>>,
+    pub after: Vec<Box<dyn Step>>,
+    /// Whether keyed records carry their payload (a late output or a key
+    /// bound may need it).
+    pub carry_payloads: bool,
+    pub slots: Vec<Value>,
+    pub status: Vec<Status>,
+}
+
+impl ParseWorker {
+    /// Runs until the reader stops or a receiver goes away.
+    pub fn run(
+        mut self,
+        rx: std::sync::mpsc::Receiver<InBatch>,
+        to_merge: std::sync::mpsc::SyncSender<OutBatch>,
+        mut outbox: impl Outbox,
+    ) {
+        for batch in rx {
+            let end = batch.end;
+            let (out, frames) = self.process(batch);
+            if to_merge.send(out).is_err() {
+                return;
+            }
+            for (owner, frame) in frames.into_iter().enumerate() {
+                if outbox.send(owner, frame).is_err() {
+                    return;
+                }
+            }
+            if end.is_some() {
+                return;
+            }
+        }
+    }
+
+    pub fn process(&mut self, batch: InBatch) -> (OutBatch, Vec<Frame>) {
+        let plan = &*self.plan;
+        let raw = &batch.raw;
+        let n = raw.items.len();
+        let width = plan.fields.len().max(1);
+        self.slots.clear();
+        self.slots.resize(n * width, Value::Null);
+        self.status.clear();
+        self.status.resize(n, Status::Live);
+        let mut ts = vec![0i64; n];
+        // Event-time watermarks reached inside the batch, by event.
+        let mut watermarks = Vec::new();
+        let mut running = i64::MIN;
+        let bound = match plan.time {
+            TimeMode::Event {
+                max_out_of_orderness,
+                ..
+            } => Some(max_out_of_orderness),
+            _ => None,
+        };
+        for (i, item) in raw.items.iter().enumerate() {
+            let row = &mut self.slots[i * width..(i + 1) * width];
+            if let Some(size) = item.oversize {
+                self.status[i] = Status::Dead(format!(
+                    "payload of {size} bytes exceeds max_payload ({} bytes)",
+                    plan.max_payload
+                ));
+                continue;
+            }
+            let payload = raw.payload(item);
+            match plan.format {
+                Format::Json => {
+                    if let Err(e) = plan.fields.decode(payload, row) {
+                        self.status[i] = Status::Dead(e);
+                        continue;
+                    }
+                }
+                Format::Text => row[plan.value_slot] = text_value(payload),
+            }
+            if let (Some((binder, slots)), Some(topic)) = (&plan.binder, raw.topic(item)) {
+                bind_topic(binder, slots, topic, row);
+            }
+            ts[i] = match (&plan.time, plan.ts_slot) {
+                (TimeMode::Event { field, .. }, Some(slot)) => match timestamp_from(&row[slot]) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        self.status[i] = Status::Dead(format!("event_time `{field}`: {e}"));
+                        continue;
+                    }
+                },
+                (TimeMode::Processing, _) => item.arrival_ms,
+                _ => 0,
+            };
+            if let Some(bound) = bound {
+                if ts[i] > running {
+                    running = ts[i];
+                    watermarks.push((i as u32, bounded(running, bound)));
+                }
+            }
+        }
+        let mut records = Records {
+            slots: &mut self.slots,
+            width,
+            status: &mut self.status,
+        };
+        for s in &mut self.before {
+            s.process(&mut records);
+        }
+        let mut keys = Vec::new();
+        let mut key_ranges = vec![(0u32, 0u32); n];
+        if plan.window.is_some() {
+            for (i, range) in key_ranges.iter_mut().enumerate() {
+                if records.status[i] != Status::Live {
+                    continue;
+                }
+                let start = keys.len() as u32;
+                let row = records.get(i);
+                if let Some(k) = plan.key_slots.iter().position(|&s| row[s].is_null()) {
+                    records.reject(
+                        i,
+                        format!("key field `{}` is missing or null", plan.key_names[k]),
+                    );
+                    continue;
+                }
+                for &s in &plan.key_slots {
+                    encode_key(&row[s], &mut keys);
+                }
+                *range = (start, keys.len() as u32);
+            }
+        }
+        for s in &mut self.after {
+            s.process(&mut records);
+        }
+
+        let mut out = OutBatch {
+            end: batch.end,
+            events: n as u64,
+            checkpoint: batch.checkpoint.clone(),
+            savepoint: batch.savepoint.clone(),
+            ..Default::default()
+        };
+        let owners = self.assignment.size();
+        let mut frames: Vec<Frame> = Vec::new();
+        if plan.window.is_some() {
+            let watermarks: Arc<[(u32, i64)]> = Arc::from(watermarks);
+            let mut data: Vec<KeyedBatch> = (0..owners)
+                .map(|_| KeyedBatch {
+                    recs: Vec::with_capacity(n / owners + 1),
+                    watermarks: watermarks.clone(),
+                    ..Default::default()
+                })
+                .collect();
+            let width = plan.aggs.len();
+            'rec: for i in 0..n {
+                if records.status[i] != Status::Live {
+                    continue;
+                }
+                let (ks, ke) = key_ranges[i];
+                let key = &keys[ks as usize..ke as usize];
+                let hash = hash_key(key);
+                let kb = &mut data[self.assignment.owner_of_hash(hash)];
+                let vals_start = kb.vals.len();
+                let row = records.get(i);
+                for (func, arg, name) in &plan.aggs {
+                    let v = match arg {
+                        None => Value::Bool(true),
+                        Some(e) => match e.eval(row) {
+                            Ok(v) => v,
+                            Err(e) => {
+                                kb.vals.truncate(vals_start);
+                                records.reject(i, format!("aggregate `{name}`: {e}"));
+                                continue 'rec;
+                            }
+                        },
+                    };
+                    if func.numeric() && !v.is_null() && v.as_f64().is_none() {
+                        kb.vals.truncate(vals_start);
+                        records.reject(
+                            i,
+                            format!(
+                                "aggregate `{name}`: {} needs numbers, got a {} ({v})",
+                                func_name(*func),
+                                v.type_name()
+                            ),
+                        );
+                        continue 'rec;
+                    }
+                    kb.vals.push(v);
+                }
+                debug_assert_eq!(kb.vals.len(), vals_start + width);
+                let kstart = kb.keys.len() as u32;
+                kb.keys.extend_from_slice(key);
+                let item = &raw.items[i];
+                let (payload, topic) = if self.carry_payloads {
+                    kb.carry(raw.payload(item), raw.topic(item))
+                } else {
+                    ((0, 0), (0, 0))
+                };
+                kb.recs.push(KeyedRec {
+                    idx: i as u32,
+                    ts: ts[i],
+                    hash,
+                    position: item.position,
+                    key: (kstart, kb.keys.len() as u32),
+                    vals: vals_start as u32,
+                    payload,
+                    topic,
+                });
+            }
+            frames = data.into_iter().map(|kb| frame(plan, &batch, kb)).collect();
+        } else {
+            for i in 0..n {
+                if records.status[i] == Status::Live {
+                    let line = passthrough(plan, raw.payload(&raw.items[i]), records.get(i));
+                    out.outputs
+                        .push(Output::plain(i as u32, Stream::Main, line));
+                }
+            }
+        }
+        for (i, st) in records.status.iter().enumerate() {
+            match st {
+                Status::Dropped => out.filtered += 1,
+                Status::Dead(reason) => {
+                    let item = &raw.items[i];
+                    let from = DeadSource {
+                        source: &plan.source_name,
+                        position: item.position,
+                        topic: raw.topic(item),
+                        payload: raw.payload(item),
+                        oversize: item.oversize,
+                    };
+                    out.outputs.push(Output::plain(
+                        i as u32,
+                        Stream::Dead,
+                        dead_letter_line(reason, &from),
+                    ));
+                }
+                Status::Live => {}
+            }
+        }
+        (out, frames)
+    }
+}
+
+/// One owner's frame for a batch (see the module docs for the order).
+fn frame(plan: &Plan, batch: &InBatch, data: KeyedBatch) -> Frame {
+    let mut frame = Vec::with_capacity(4);
+    match plan.time {
+        TimeMode::Processing => {
+            let first_arrival = batch
+                .raw
+                .items
+                .iter()
+                .map(|i| i.arrival_ms)
+                .min()
+                .unwrap_or(batch.now_ms);
+            frame.push(Msg::Watermark(first_arrival.saturating_sub(1)));
+            frame.push(Msg::Data(data));
+            frame.push(Msg::Watermark(batch.now_ms.saturating_sub(1)));
+        }
+        TimeMode::Event {
+            idle_timeout: Some(idle),
+            ..
+        } => {
+            frame.push(Msg::Data(data));
+            let quiet = batch.now_ms.saturating_sub(batch.last_arrival_ms);
+            if batch.raw.is_empty() && batch.last_arrival_ms != i64::MIN && quiet >= idle {
+                frame.push(Msg::Idle { quiet_ms: quiet });
+            }
+        }
+        _ => frame.push(Msg::Data(data)),
+    }
+    // The end of a bounded input is the final watermark, +infinity: every
+    // window fires before the last checkpoint is cut (as in Flink).
+    if batch.end == Some(End::Flush) {
+        frame.push(Msg::Watermark(i64::MAX));
+    }
+    if let Some(cut) = &batch.checkpoint {
+        frame.push(Msg::Barrier(cut.id));
+    }
+    if let Some(end) = batch.end {
+        frame.push(Msg::End(end));
+    }
+    frame
+}
+
+/// A text payload as a value: a number where it parses as one, else a string.
+fn text_value(payload: &[u8]) -> Value {
+    let text = String::from_utf8_lossy(payload);
+    let t = text.trim();
+    if let Ok(i) = t.parse::<i64>() {
+        return Value::Int(i);
+    }
+    match t.parse::<f64>() {
+        Ok(f) if f.is_finite() => Value::Float(f),
+        _ => Value::Str(t.into()),
+    }
+}
+
+/// Sets the fields bound by the first pattern the topic matches, and the
+/// whole-topic field. Bound fields replace fields of the payload.
+fn bind_topic(
+    binder: &crate::sources::TopicBinder,
+    slots: &[(String, usize)],
+    topic: &str,
+    row: &mut [Value],
+) {
+    let slot = |name: &str| slots.iter().find(|(n, _)| n == name).map(|(_, s)| *s);
+    for p in &binder.patterns {
+        if p.matches(topic, |name, v| {
+            if let Some(s) = slot(name) {
+                row[s] = Value::Str(v.into());
+            }
+        }) {
+            break;
+        }
+    }
+    if let Some(s) = binder.topic_field.as_deref().and_then(slot) {
+        row[s] = Value::Str(topic.into());
+    }
+}
+
+fn func_name(f: AggFunc) -> &'static str {
+    match f {
+        AggFunc::Count | AggFunc::CountOf => "count",
+        AggFunc::Sum => "sum",
+        AggFunc::Avg => "avg",
+        AggFunc::Min => "min",
+        AggFunc::Max => "max",
+        AggFunc::First => "first",
+        AggFunc::Last => "last",
+    }
+}
+
+/// The output of a pipeline without a window: the event as it came, with
+/// the fields written by steps set over it.
+/// A text payload passes through as it came, unless steps wrote fields:
+/// then it becomes an object with `value` and those fields.
+fn passthrough(plan: &Plan, payload: &[u8], row: &[Value]) -> Vec<u8> {
+    let writes = &plan.writes;
+    if writes.is_empty() {
+        return payload.to_vec();
+    }
+    let mut obj: serde_json::Value = match plan.format {
+        // The payload decoded as an object earlier, so this parse succeeds.
+        Format::Json => serde_json::from_slice(payload).unwrap_or_default(),
+        Format::Text => serde_json::json!({ "value": row[plan.value_slot].to_json() }),
+    };
+    for (path, slot) in writes {
+        let mut cur = &mut obj;
+        let mut parts = path.split('.').peekable();
+        while let Some(part) = parts.next() {
+            if !cur.is_object() {
+                *cur = serde_json::Value::Object(Default::default());
+            }
+            let serde_json::Value::Object(map) = cur else {
+                break;
+            };
+            if parts.peek().is_none() {
+                map.insert(part.to_string(), row[*slot].to_json());
+                break;
+            }
+            cur = map
+                .entry(part.to_string())
+                .or_insert_with(|| serde_json::Value::Object(Default::default()));
+        }
+    }
+    serde_json::to_vec(&obj).unwrap_or_default()
+}

@@ -1,0 +1,181 @@
+//! The reader thread: polls the source and deals numbered batches to the
+//! parse workers in rotation.
+//!
+//! A batch is up to [`BATCH_EVENTS`] events, or what arrived within
+//! [`LINGER`] of the first (low latency for a quiet stream, full batches for
+//! a busy one). Every `checkpoint_interval`, at the end of the input and for
+//! a savepoint, the batch closes a checkpoint: it carries the checkpoint's
+//! id and the source position after it, and the stages downstream put a
+//! barrier after its records.
+
+use super::{Progress, SavepointRequest};
+use crate::msg::End;
+use crate::sources::{Poll, RawBatch, Source, SourceError};
+use crate::time::Clock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Events per batch at most.
+pub const BATCH_EVENTS: usize = 1024;
+/// The longest the reader keeps adding to a batch while events keep coming.
+const LINGER: Duration = Duration::from_millis(1);
+/// How often the reader wakes when the source is quiet.
+const TICK: Duration = Duration::from_millis(100);
+
+/// A checkpoint cut after a batch.
+#[derive(Clone, Debug)]
+pub(super) struct Cut {
+    /// The checkpoint's id, counting from 1 in each run.
+    pub id: u64,
+    /// The source position after the batch.
+    pub position: Arc<Vec<u8>>,
+}
+
+/// One batch of raw input, as the reader deals it.
+pub(super) struct InBatch {
+    pub now_ms: i64,
+    /// Arrival time of the newest event so far (`i64::MIN` before any).
+    pub last_arrival_ms: i64,
+    pub raw: RawBatch,
+    pub end: Option<End>,
+    /// Set on batches that close a checkpoint.
+    pub checkpoint: Option<Cut>,
+    /// A savepoint to write once this batch's checkpoint is committed.
+    pub savepoint: Option<Arc<SavepointRequest>>,
+}
+
+/// What the reader needs to know besides its channels.
+pub(super) struct ReaderConfig {
+    /// Send empty batches when quiet (processing time, idleness).
+    pub ticks: bool,
+    pub max_payload: usize,
+    pub checkpoint_every: Option<Duration>,
+    /// Savepoint requests from the control socket.
+    pub savepoints: Option<Receiver<SavepointRequest>>,
+}
+
+pub(super) fn read(
+    mut source: Box<dyn Source>,
+    to_parse: Vec<SyncSender<InBatch>>,
+    clock: Arc<dyn Clock>,
+    shutdown: Arc<AtomicBool>,
+    cfg: ReaderConfig,
+    progress: &Progress,
+) -> Result<(), SourceError> {
+    let ReaderConfig {
+        ticks,
+        max_payload,
+        checkpoint_every,
+        savepoints,
+    } = cfg;
+    let mut next_checkpoint = checkpoint_every.map(|d| Instant::now() + d);
+    // Whether events came since the last checkpoint (a quiet input gets
+    // one more checkpoint, then none until something arrives).
+    let mut read_since_checkpoint = false;
+    let mut seq = 0u64;
+    let mut checkpoint_id = 0u64;
+    let mut last_arrival = i64::MIN;
+    let mut result = Ok(());
+    // Size each batch like the last full one, so buffers rarely regrow.
+    let (mut cap_items, mut cap_bytes) = (16, 1024);
+    loop {
+        let mut batch = RawBatch {
+            data: Vec::with_capacity(cap_bytes),
+            items: Vec::with_capacity(cap_items),
+            topics: Vec::new(),
+        };
+        let started = Instant::now();
+        let mut end = None;
+        loop {
+            if shutdown.load(Ordering::Relaxed) {
+                end = Some(End::Stop);
+                break;
+            }
+            // Wait for the first event; after that, linger briefly for more.
+            let wait = if batch.is_empty() {
+                TICK.saturating_sub(started.elapsed())
+            } else {
+                LINGER.saturating_sub(started.elapsed())
+            };
+            let before = batch.len();
+            let room = BATCH_EVENTS - batch.len();
+            let polled = source.poll(&mut batch, room, max_payload, wait);
+            if batch.len() > before {
+                let now = clock.now_ms();
+                for it in &mut batch.items[before..] {
+                    it.arrival_ms = now;
+                }
+                last_arrival = now;
+                progress
+                    .events_read
+                    .fetch_add((batch.len() - before) as u64, Ordering::Relaxed);
+            }
+            match polled {
+                Ok(Poll::Finished) => {
+                    end = Some(End::Flush);
+                    break;
+                }
+                Ok(Poll::Open) => {}
+                Err(e) => {
+                    result = Err(e);
+                    end = Some(End::Stop);
+                    break;
+                }
+            }
+            let full = batch.len() >= BATCH_EVENTS;
+            let lingered = !batch.is_empty() && started.elapsed() >= LINGER;
+            let ticked = batch.is_empty() && started.elapsed() >= TICK;
+            if full || lingered || ticked {
+                break;
+            }
+        }
+        // Every checkpoint_interval, at the end, and for a savepoint, the
+        // batch closes a checkpoint; when the input is quiet, an empty
+        // batch does, if events came since the last one.
+        let savepoint = savepoints
+            .as_ref()
+            .and_then(|rx| rx.try_recv().ok())
+            .map(Arc::new);
+        let due = next_checkpoint.is_some_and(|at| Instant::now() >= at);
+        read_since_checkpoint |= !batch.is_empty();
+        let quiet_checkpoint = due && read_since_checkpoint;
+        if batch.is_empty() && end.is_none() && !ticks && savepoint.is_none() && !quiet_checkpoint {
+            continue;
+        }
+        cap_items = batch.items.len().clamp(16, BATCH_EVENTS);
+        cap_bytes = batch.data.len().clamp(1024, 1 << 20);
+        let checkpoint = match checkpoint_every {
+            Some(every) if end.is_some() || savepoint.is_some() || due => {
+                next_checkpoint = Some(Instant::now() + every);
+                read_since_checkpoint = false;
+                checkpoint_id += 1;
+                Some(Cut {
+                    id: checkpoint_id,
+                    position: Arc::new(source.position().unwrap_or_default()),
+                })
+            }
+            _ => None,
+        };
+        let msg = InBatch {
+            now_ms: clock.now_ms(),
+            last_arrival_ms: last_arrival,
+            raw: batch,
+            end,
+            checkpoint,
+            savepoint,
+        };
+        if to_parse[(seq % to_parse.len() as u64) as usize]
+            .send(msg)
+            .is_err()
+        {
+            // The merger stopped (a sink failed); it reports why.
+            return result;
+        }
+        seq += 1;
+        if end.is_some() {
+            return result;
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! What travels between the stages of a run.
+//!
+//! A stage sends its downstream a [`Frame`] per input batch: the
+//! [`Msg`]s that batch produced for that receiver, in order. Control
+//! travels with the data, as Flink's stream elements and Arroyo's
+//! `SignalMessage` do:
+//!
+//! - [`Msg::Data`]: a [`KeyedBatch`] of records for one owner of key groups;
+//! - [`Msg::Watermark`]: event time (or processing time) has reached a point;
+//! - [`Msg::Idle`]: the input has been quiet (see [`crate::time::valve`]);
+//! - [`Msg::Barrier`]: checkpoint `n` is cut here (the source injected it at
+//!   a source position; every record before it belongs to checkpoint `n`);
+//! - [`Msg::End`]: the input ended, or the run was stopped.
+//!
+//! A [`KeyedBatch`] is self-contained: keys, aggregate inputs and (when an
+//! output needs them) payloads are owned by it, with no index into a buffer
+//! held elsewhere, so it encodes with postcard and can cross a process
+//! boundary unchanged.
+//!
+//! [`Output`] is what operators produce for the sinks, with its place in the
+//! output order.
+
+use crate::value::{write_json_str, Value};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// Why an input ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum End {
+    /// A bounded input ended: the watermark goes to +infinity and every
+    /// open window fires.
+    Flush,
+    /// Stopped: what was read is processed, nothing more fires.
+    Stop,
+}
+
+/// One element of a stream between stages.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Msg {
+    Data(KeyedBatch),
+    /// The input's watermark (ms): no later record of it is expected to be
+    /// older. Event time, or processing time in processing-time pipelines.
+    Watermark(i64),
+    /// The input has been quiet for `quiet_ms` of processing time.
+    Idle {
+        quiet_ms: i64,
+    },
+    /// Checkpoint barrier with the checkpoint's id.
+    Barrier(u64),
+    End(End),
+}
+
+/// The messages one input batch produced for one receiver, in order.
+pub type Frame = Vec<Msg>;
+
+/// One record of a [`KeyedBatch`]. Ranges index the batch's own buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyedRec {
+    /// Index of the event in its input batch: its place in the output order.
+    pub idx: u32,
+    /// Event (or arrival) time in ms.
+    pub ts: i64,
+    /// Hash of the encoded key ([`crate::value::hash_key`]).
+    pub hash: u64,
+    /// Position in the source: ties of equal timestamps for `first`/`last`,
+    /// and dead letters.
+    pub position: u64,
+    /// The encoded key in [`KeyedBatch::keys`].
+    pub key: (u32, u32),
+    /// First of the record's aggregate inputs in [`KeyedBatch::vals`].
+    pub vals: u32,
+    /// The payload in [`KeyedBatch::payloads`] (empty when not carried).
+    pub payload: (u32, u32),
+    /// The topic in [`KeyedBatch::payloads`] (empty when none).
+    pub topic: (u32, u32),
+}
+
+/// Records of one input batch for one owner of key groups, in input order.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct KeyedBatch {
+    pub recs: Vec<KeyedRec>,
+    /// Encoded keys, back to back.
+    pub keys: Vec<u8>,
+    /// Aggregate inputs, one row of the operator's width per record.
+    pub vals: Vec<Value>,
+    /// Event-time watermarks reached inside the input batch: `(i, w)` means
+    /// the watermark is `w` once the event with index `i` is processed.
+    /// Every owner gets them all (windows of any key may fire); within one
+    /// process they are shared, not copied.
+    pub watermarks: Arc<[(u32, i64)]>,
+    /// Payloads and topics of the records, back to back; filled only when a
+    /// late or dead-letter output may need them.
+    pub payloads: Vec<u8>,
+}
+
+impl KeyedBatch {
+    #[inline]
+    pub fn key(&self, r: &KeyedRec) -> &[u8] {
+        &self.keys[r.key.0 as usize..r.key.1 as usize]
+    }
+
+    #[inline]
+    pub fn vals(&self, r: &KeyedRec, width: usize) -> &[Value] {
+        &self.vals[r.vals as usize..r.vals as usize + width]
+    }
+
+    pub fn payload(&self, r: &KeyedRec) -> &[u8] {
+        &self.payloads[r.payload.0 as usize..r.payload.1 as usize]
+    }
+
+    pub fn topic(&self, r: &KeyedRec) -> Option<&str> {
+        if r.topic.0 == r.topic.1 {
+            return None;
+        }
+        std::str::from_utf8(&self.payloads[r.topic.0 as usize..r.topic.1 as usize]).ok()
+    }
+
+    /// Appends a payload and topic, returning their ranges.
+    pub fn carry(&mut self, payload: &[u8], topic: Option<&str>) -> ((u32, u32), (u32, u32)) {
+        let p0 = self.payloads.len() as u32;
+        self.payloads.extend_from_slice(payload);
+        let p1 = self.payloads.len() as u32;
+        if let Some(t) = topic {
+            self.payloads.extend_from_slice(t.as_bytes());
+        }
+        ((p0, p1), (p1, self.payloads.len() as u32))
+    }
+}
+
+/// Which output a record goes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stream {
+    Main,
+    Late,
+    Dead,
+}
+
+/// When, within an input batch, an output was produced: outputs are
+/// written in this order, then by window end, start and key, so the output
+/// is the same for any number of workers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    /// While processing the event (or before the batch's first event).
+    During = 0,
+    /// After the event, when the watermark rose with it (or after the
+    /// batch's last event).
+    After = 1,
+    /// At the end of the input, when every window fires.
+    Flush = 2,
+}
+
+/// Where in the output order a watermark's results go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Order {
+    pub idx: u32,
+    pub phase: Phase,
+}
+
+impl Order {
+    /// Before any event of the batch.
+    pub const START: Order = Order {
+        idx: 0,
+        phase: Phase::During,
+    };
+    /// After every event of the batch.
+    pub const END: Order = Order {
+        idx: u32::MAX,
+        phase: Phase::After,
+    };
+    /// The end of the input.
+    pub const FLUSH: Order = Order {
+        idx: u32::MAX,
+        phase: Phase::Flush,
+    };
+}
+
+/// A record for a sink, with its place in the output order.
+#[derive(Debug)]
+pub struct Output {
+    pub idx: u32,
+    pub phase: Phase,
+    pub end: i64,
+    pub start: i64,
+    pub key: Box<[u8]>,
+    pub stream: Stream,
+    pub line: Vec<u8>,
+}
+
+impl Output {
+    /// An output that is not a window result, produced by event `idx`.
+    pub fn plain(idx: u32, stream: Stream, line: Vec<u8>) -> Output {
+        Output {
+            idx,
+            phase: Phase::During,
+            end: 0,
+            start: 0,
+            key: Box::new([]),
+            stream,
+            line,
+        }
+    }
+
+    /// The sort key of the output order.
+    #[inline]
+    pub fn order_key(&self) -> (u32, Phase, i64, i64, &[u8], Stream) {
+        (
+            self.idx,
+            self.phase,
+            self.end,
+            self.start,
+            &self.key,
+            self.stream,
+        )
+    }
+}
+
+/// Where a dead event came from, for its dead-letter record.
+pub struct DeadSource<'a> {
+    /// The pipeline's source name.
+    pub source: &'a str,
+    pub position: u64,
+    pub topic: Option<&'a str>,
+    pub payload: &'a [u8],
+    /// The full size of a payload cut at `max_payload`.
+    pub oversize: Option<u64>,
+}
+
+/// A dead-letter record: the reason, where the event came from and the
+/// original payload (as text, or hex when it is not UTF-8).
+pub fn dead_letter_line(reason: &str, from: &DeadSource) -> Vec<u8> {
+    let payload = from.payload;
+    let mut line = Vec::with_capacity(payload.len() + reason.len() + 64);
+    line.extend_from_slice(b"{\"reason\":");
+    write_json_str(reason, &mut line);
+    line.extend_from_slice(b",\"source\":");
+    write_json_str(from.source, &mut line);
+    line.extend_from_slice(b",\"position\":");
+    Value::Int(from.position as i64).write_json(&mut line);
+    if let Some(t) = from.topic {
+        line.extend_from_slice(b",\"topic\":");
+        write_json_str(t, &mut line);
+    }
+    match std::str::from_utf8(payload) {
+        Ok(s) => {
+            line.extend_from_slice(b",\"payload\":");
+            write_json_str(s, &mut line);
+        }
+        Err(_) => {
+            line.extend_from_slice(b",\"payload_hex\":\"");
+            for b in payload {
+                line.extend_from_slice(format!("{b:02x}").as_bytes());
+            }
+            line.push(b'"');
+        }
+    }
+    if let Some(size) = from.oversize {
+        line.extend_from_slice(b",\"payload_truncated\":true,\"payload_size\":");
+        Value::Int(size as i64).write_json(&mut line);
+    }
+    line.push(b'}');
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_survives_postcard_unchanged() {
+        let mut b = KeyedBatch {
+            keys: b"\x03k-1".to_vec(),
+            vals: vec![Value::Float(1.5), Value::Str("x".into())],
+            watermarks: Arc::from(vec![(0u32, 99i64)]),
+            ..Default::default()
+        };
+        let (payload, topic) = b.carry(br#"{"t":1}"#, Some("a/b"));
+        b.recs.push(KeyedRec {
+            idx: 0,
+            ts: 100,
+            hash: 42,
+            position: 7,
+            key: (0, 4),
+            vals: 0,
+            payload,
+            topic,
+        });
+        let frame: Frame = vec![
+            Msg::Watermark(5),
+            Msg::Data(b),
+            Msg::Idle { quiet_ms: 30 },
+            Msg::Barrier(3),
+            Msg::End(End::Flush),
+        ];
+        let bytes = postcard::to_stdvec(&frame).expect("encodes");
+        let back: Frame = postcard::from_bytes(&bytes).expect("decodes");
+        assert_eq!(format!("{frame:?}"), format!("{back:?}"));
+        let Msg::Data(b) = &back[1] else {
+            panic!("data second")
+        };
+        let r = &b.recs[0];
+        assert_eq!(b.key(r), b"\x03k-1");
+        assert_eq!(b.vals(r, 2)[1], Value::Str("x".into()));
+        assert_eq!(b.payload(r), br#"{"t":1}"#);
+        assert_eq!(b.topic(r), Some("a/b"));
+        assert_eq!(&b.watermarks[..], &[(0, 99)]);
+    }
+
+    #[test]
+    fn dead_letters_keep_the_payload_as_text_or_hex() {
+        let from = DeadSource {
+            source: "mqtt",
+            position: 3,
+            topic: Some("s/1"),
+            payload: b"\xff\x00",
+            oversize: Some(2_000_000),
+        };
+        let line = String::from_utf8(dead_letter_line("bad \"json\"", &from)).expect("utf-8");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("json");
+        assert_eq!(v["reason"], "bad \"json\"");
+        assert_eq!(v["payload_hex"], "ff00");
+        assert_eq!(v["payload_size"], 2_000_000);
+        assert_eq!(v["topic"], "s/1");
+    }
+}
