@@ -381,12 +381,12 @@ fn idle_source_stops_holding_back_the_watermark() {
         .build()
         .unwrap();
     let shutdown = opts.shutdown.clone();
-    let progress = opts.progress.clone();
+    let metrics = opts.metrics.clone();
     let run = std::thread::spawn(move || pipeline.run(opts).unwrap());
     feed.push(ev("a", 1000, 1));
     feed.push(ev("a", 2000, 2));
     eventually("both events to be read", || {
-        progress.events_read.load(Ordering::SeqCst) == 2
+        metrics.total(rivulet::metrics::names::SOURCE_RECORDS) == 2
     });
     // Quiet for 31 s of (injected) wall clock: watermark = 2000 + 31000 - 1000 - 1.
     clock.advance(31_000);
@@ -415,11 +415,11 @@ fn without_idle_timeout_a_quiet_source_keeps_windows_open() {
         .build()
         .unwrap();
     let shutdown = opts.shutdown.clone();
-    let progress = opts.progress.clone();
+    let metrics = opts.metrics.clone();
     let run = std::thread::spawn(move || pipeline.run(opts).unwrap());
     feed.push(ev("a", 1000, 1));
     eventually("the event to be read", || {
-        progress.events_read.load(Ordering::SeqCst) == 1
+        metrics.total(rivulet::metrics::names::SOURCE_RECORDS) == 1
     });
     clock.advance(3_600_000);
     shutdown.store(true, Ordering::SeqCst);
@@ -445,12 +445,12 @@ fn processing_time_windows_fire_as_the_clock_passes_their_end() {
         .build()
         .unwrap();
     let opts = RunOptions::default();
-    let progress = opts.progress.clone();
+    let metrics = opts.metrics.clone();
     let run = std::thread::spawn(move || pipeline.run(opts).unwrap());
     feed.push(r#"{"k":"a"}"#);
     feed.push(r#"{"k":"a"}"#);
     eventually("both events to be read", || {
-        progress.events_read.load(Ordering::SeqCst) == 2
+        metrics.total(rivulet::metrics::names::SOURCE_RECORDS) == 2
     });
     clock.set(15_000);
     eventually("the window [10000,15000) to fire", || {
@@ -580,5 +580,79 @@ fn max_keys_bounds_state_and_dead_letters_new_keys() {
             .map(|r| r["n"].as_i64().unwrap())
             .sum::<i64>(),
         40
+    );
+}
+
+#[test]
+fn the_run_context_counts_what_the_run_reports() {
+    let lines: Vec<String> = vec![
+        ev("a", 1000, 1),
+        ev("b", 1500, 2),
+        "not json".into(),
+        ev("a", 9000, 3),
+        ev("a", 1200, 4), // late: the watermark is at 8999 by now
+        json!({"k": "c", "ts": 9100, "v": -5}).to_string(),
+    ];
+    let main = MemorySink::new();
+    let opts = RunOptions::default();
+    let metrics = opts.metrics.clone();
+    let stats = Pipeline::builder("counted")
+        .source(MemorySource::from_lines(&lines))
+        .event_time("ts", ms(0))
+        .filter("v >= 0")
+        .key_by(["k"])
+        .window(sum_count(WindowDef::tumbling(ms(1000))))
+        .sink(main.clone())
+        .workers(2)
+        .build()
+        .expect("valid pipeline")
+        .run(opts)
+        .expect("runs");
+    use rivulet::metrics::names;
+    assert_eq!(metrics.total(names::SOURCE_RECORDS), 6);
+    assert_eq!(stats.events, 6);
+    assert_eq!(
+        metrics.total(names::DEAD_LETTERS) as u64,
+        stats.dead_letters
+    );
+    assert_eq!(stats.dead_letters, 1);
+    assert_eq!(metrics.total(names::LATE_RECORDS) as u64, stats.late);
+    assert_eq!(stats.late, 1);
+    assert_eq!(metrics.total(names::FILTERED) as u64, stats.filtered);
+    assert_eq!(stats.filtered, 1);
+    assert_eq!(
+        metrics.sum(names::SINK_RECORDS, &[("sink", "main")]) as u64,
+        stats.results
+    );
+    assert_eq!(stats.results, main.records().len() as u64);
+    // Records into the window: all but the dead, filtered one.
+    assert_eq!(metrics.total(names::OPERATOR_RECORDS_IN), 4);
+    assert_eq!(
+        metrics
+            .value(
+                names::OPERATOR_RECORDS_IN,
+                &[
+                    ("pipeline", "counted"),
+                    ("operator", "window"),
+                    ("worker", "0")
+                ]
+            )
+            .unwrap_or(0)
+            + metrics
+                .value(
+                    names::OPERATOR_RECORDS_IN,
+                    &[
+                        ("pipeline", "counted"),
+                        ("operator", "window"),
+                        ("worker", "1")
+                    ]
+                )
+                .unwrap_or(0),
+        4
+    );
+    let text = metrics.render();
+    assert!(
+        text.contains("# TYPE rivulet_source_records_total counter"),
+        "{text}"
     );
 }

@@ -11,12 +11,15 @@
 //! - [`sources`], [`sinks`]: where events come from and results go.
 //! - [`msg`]: what travels between stages (data, watermarks, barriers).
 //! - [`partition`]: key groups and their assignment to owners.
+//! - [`context`], [`metrics`]: what every stage gets at start; counters per batch.
 //! - [`exec`]: threads, bounded queues, deterministic output order, shutdown.
 
 pub mod config;
+pub mod context;
 pub mod decode;
 pub mod exec;
 pub mod expr;
+pub mod metrics;
 pub mod mqtt;
 pub mod msg;
 pub mod operators;
@@ -29,7 +32,7 @@ pub mod time;
 pub mod util;
 pub mod value;
 
-pub use exec::{Progress, RunOptions, RunStats};
+pub use exec::{RunOptions, RunStats};
 pub use plan::Pipeline;
 
 /// The README's Rust examples are compiled as doctests.

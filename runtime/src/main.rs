@@ -3,6 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use rivulet::config::{self, Overrides};
+use rivulet::metrics::names;
 use rivulet::RunOptions;
 use std::io::IsTerminal;
 use std::io::Write;
@@ -246,10 +247,14 @@ fn spawn_stats_writer(
     let stop = done.clone();
     let handle = std::thread::spawn(move || loop {
         let finished = stop.load(std::sync::atomic::Ordering::SeqCst);
-        let p = &opts.progress;
+        let m = &opts.metrics;
         let body = serde_json::json!({
-            "events_read": p.events_read.load(std::sync::atomic::Ordering::Relaxed),
-            "batches_written": p.batches_written.load(std::sync::atomic::Ordering::Relaxed),
+            "events_read": m.total(names::SOURCE_RECORDS),
+            "batches_written": m.total(names::BATCHES_WRITTEN),
+            "results": m.sum(names::SINK_RECORDS, &[("sink", "main")]),
+            "late": m.total(names::LATE_RECORDS),
+            "dead_letters": m.total(names::DEAD_LETTERS),
+            "filtered": m.total(names::FILTERED),
             "time_ms": std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)

@@ -69,10 +69,6 @@ pub struct KeyedRec {
     pub key: (u32, u32),
     /// First of the record's aggregate inputs in [`KeyedBatch::vals`].
     pub vals: u32,
-    /// The payload in [`KeyedBatch::payloads`] (empty when not carried).
-    pub payload: (u32, u32),
-    /// The topic in [`KeyedBatch::payloads`] (empty when none).
-    pub topic: (u32, u32),
 }
 
 /// Records of one input batch for one owner of key groups, in input order.
@@ -87,10 +83,14 @@ pub struct KeyedBatch {
     /// the watermark is `w` once the event with index `i` is processed.
     /// Every owner gets them all (windows of any key may fire); within one
     /// process they are shared, not copied.
-    pub watermarks: Arc<[(u32, i64)]>,
+    pub watermarks: Arc<Vec<(u32, i64)>>,
     /// Payloads and topics of the records, back to back; filled only when a
     /// late or dead-letter output may need them.
     pub payloads: Vec<u8>,
+    /// Per record (same index as `recs`), when payloads are carried: where
+    /// its payload starts, where its topic starts (= the payload's end) and
+    /// where the topic ends, in `payloads`.
+    pub carried: Vec<[u32; 3]>,
 }
 
 impl KeyedBatch {
@@ -104,26 +104,33 @@ impl KeyedBatch {
         &self.vals[r.vals as usize..r.vals as usize + width]
     }
 
-    pub fn payload(&self, r: &KeyedRec) -> &[u8] {
-        &self.payloads[r.payload.0 as usize..r.payload.1 as usize]
-    }
-
-    pub fn topic(&self, r: &KeyedRec) -> Option<&str> {
-        if r.topic.0 == r.topic.1 {
-            return None;
+    /// The payload of record `i` (empty when payloads are not carried).
+    pub fn payload(&self, i: usize) -> &[u8] {
+        match self.carried.get(i) {
+            Some(&[p, t, _]) => &self.payloads[p as usize..t as usize],
+            None => &[],
         }
-        std::str::from_utf8(&self.payloads[r.topic.0 as usize..r.topic.1 as usize]).ok()
     }
 
-    /// Appends a payload and topic, returning their ranges.
-    pub fn carry(&mut self, payload: &[u8], topic: Option<&str>) -> ((u32, u32), (u32, u32)) {
-        let p0 = self.payloads.len() as u32;
+    /// The topic of record `i`, if it came with one and payloads are carried.
+    pub fn topic(&self, i: usize) -> Option<&str> {
+        match self.carried.get(i) {
+            Some(&[_, t, e]) if t < e => {
+                std::str::from_utf8(&self.payloads[t as usize..e as usize]).ok()
+            }
+            _ => None,
+        }
+    }
+
+    /// Carries the payload and topic of the record pushed last.
+    pub fn carry(&mut self, payload: &[u8], topic: Option<&str>) {
+        let p = self.payloads.len() as u32;
         self.payloads.extend_from_slice(payload);
-        let p1 = self.payloads.len() as u32;
-        if let Some(t) = topic {
-            self.payloads.extend_from_slice(t.as_bytes());
+        let t = self.payloads.len() as u32;
+        if let Some(topic) = topic {
+            self.payloads.extend_from_slice(topic.as_bytes());
         }
-        ((p0, p1), (p1, self.payloads.len() as u32))
+        self.carried.push([p, t, self.payloads.len() as u32]);
     }
 }
 
@@ -172,6 +179,15 @@ impl Order {
         idx: u32::MAX,
         phase: Phase::Flush,
     };
+
+    /// After event `idx`, when the watermark rose with it.
+    #[inline]
+    pub fn after(idx: u32) -> Order {
+        Order {
+            idx,
+            phase: Phase::After,
+        }
+    }
 }
 
 /// A record for a sink, with its place in the output order.
@@ -270,10 +286,9 @@ mod tests {
         let mut b = KeyedBatch {
             keys: b"\x03k-1".to_vec(),
             vals: vec![Value::Float(1.5), Value::Str("x".into())],
-            watermarks: Arc::from(vec![(0u32, 99i64)]),
+            watermarks: Arc::new(vec![(0u32, 99i64)]),
             ..Default::default()
         };
-        let (payload, topic) = b.carry(br#"{"t":1}"#, Some("a/b"));
         b.recs.push(KeyedRec {
             idx: 0,
             ts: 100,
@@ -281,9 +296,8 @@ mod tests {
             position: 7,
             key: (0, 4),
             vals: 0,
-            payload,
-            topic,
         });
+        b.carry(br#"{"t":1}"#, Some("a/b"));
         let frame: Frame = vec![
             Msg::Watermark(5),
             Msg::Data(b),
@@ -300,8 +314,9 @@ mod tests {
         let r = &b.recs[0];
         assert_eq!(b.key(r), b"\x03k-1");
         assert_eq!(b.vals(r, 2)[1], Value::Str("x".into()));
-        assert_eq!(b.payload(r), br#"{"t":1}"#);
-        assert_eq!(b.topic(r), Some("a/b"));
+        assert_eq!(b.payload(0), br#"{"t":1}"#);
+        assert_eq!(b.topic(0), Some("a/b"));
+        assert_eq!(b.payload(1), b"", "not carried");
         assert_eq!(&b.watermarks[..], &[(0, 99)]);
     }
 

@@ -10,6 +10,8 @@
 //! failed checkpoint's changes go under the next one's, so nothing is lost.
 
 use super::RunError;
+use crate::context::RunContext;
+use crate::metrics::names;
 use crate::sources::CheckpointHook;
 use crate::state::control::SavepointRequest;
 use crate::state::{Pending, StateStore};
@@ -57,7 +59,24 @@ impl Checkpointer {
     pub(super) fn start(
         mut store: StateStore,
         hook: Option<CheckpointHook>,
+        ctx: &RunContext,
     ) -> Result<Checkpointer, RunError> {
+        let completed = ctx.counter(
+            names::CHECKPOINTS,
+            "checkpoints",
+            &[("result", "completed")],
+        );
+        let failed = ctx.counter(names::CHECKPOINTS, "checkpoints", &[("result", "failed")]);
+        let last_at = ctx.gauge_ms(
+            names::CHECKPOINT_LAST_COMPLETED,
+            "when the last checkpoint completed",
+            &[],
+        );
+        let last_id = ctx.gauge(
+            names::CHECKPOINT_LAST_ID,
+            "id (epoch) of the last completed checkpoint",
+            &[],
+        );
         let (tx, rx) = sync_channel::<Job>(1);
         let (done_tx, done) = sync_channel::<Done>(1);
         let thread = super::spawn("rivulet-checkpoint".into(), move || {
@@ -72,6 +91,19 @@ impl Checkpointer {
                 let started = std::time::Instant::now();
                 let keys = pending.keys.len();
                 let committed = store.commit(&position, watermark, input_watermark, &mut pending);
+                match &committed {
+                    Err(_) => failed.add(1),
+                    Ok(()) => {
+                        completed.add(1);
+                        last_id.set(store.epoch() as i64);
+                        last_at.set(
+                            std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map(|d| d.as_millis() as i64)
+                                .unwrap_or(0),
+                        );
+                    }
+                }
                 match &committed {
                     Err(e) => {
                         tracing::error!(error = %e, "checkpoint failed; processing goes on and the next checkpoint retries");
@@ -217,7 +249,12 @@ mod tests {
     fn boundaries_reached_while_writing_are_queued_and_merged_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = StateStore::open(dir.path(), &[decl()], false).unwrap();
-        let mut cp = Checkpointer::start(store, None).unwrap();
+        let mut cp = Checkpointer::start(
+            store,
+            None,
+            &RunContext::new("t", Default::default(), Default::default()),
+        )
+        .unwrap();
         let mut pending = Pending::default();
         // Several boundaries in quick succession: the writer is busy with
         // the first while the others arrive.

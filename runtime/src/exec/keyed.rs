@@ -16,7 +16,9 @@
 
 use super::exchange::Inbox;
 use super::merge::{OutBatch, WorkerSnapshot};
-use crate::msg::{End, KeyedBatch, Msg, Order, Output, Phase};
+use crate::context::RunContext;
+use crate::metrics::{names, Counter, Gauge};
+use crate::msg::{End, Msg, Order};
 use crate::operators::keyed::KeyedOperator;
 use crate::time::valve::WatermarkValve;
 use std::sync::mpsc::SyncSender;
@@ -78,6 +80,9 @@ pub(super) struct KeyedHost {
     pub aligner: BarrierAligner,
     /// Inputs that have ended.
     pub ended: Vec<bool>,
+    /// Records in and the watermark, counted per frame.
+    records_in: Counter,
+    watermark: Gauge,
 }
 
 impl KeyedHost {
@@ -87,7 +92,24 @@ impl KeyedHost {
             valve: WatermarkValve::new(inputs),
             aligner: BarrierAligner::new(inputs),
             ended: vec![false; inputs.max(1)],
+            records_in: Counter::default(),
+            watermark: Gauge::default(),
         }
+    }
+
+    /// Registers what this host counts, as worker `worker`.
+    pub fn count(&mut self, ctx: &RunContext, worker: usize) {
+        let w = worker.to_string();
+        self.records_in = ctx.counter(
+            names::OPERATOR_RECORDS_IN,
+            "records into a keyed operator",
+            &[("worker", &w)],
+        );
+        self.watermark = ctx.gauge_ms(
+            names::WATERMARK,
+            "a keyed worker's watermark",
+            &[("worker", &w)],
+        );
     }
 
     /// Runs until every input ended or the merger went away.
@@ -111,7 +133,9 @@ impl KeyedHost {
         for msg in frame {
             match msg {
                 Msg::Data(batch) => {
-                    self.data(input, &batch, &mut out.outputs);
+                    self.records_in.add(batch.recs.len() as u64);
+                    self.op
+                        .feed(&mut self.valve, input, &batch, &mut out.outputs);
                     after_data = true;
                 }
                 Msg::Watermark(w) => {
@@ -154,39 +178,6 @@ impl KeyedHost {
             }
         }
         out
-    }
-
-    /// Records, with the watermarks reached between them: a watermark
-    /// reached at event `i` applies after it, before the next record.
-    fn data(&mut self, input: usize, batch: &KeyedBatch, out: &mut Vec<Output>) {
-        let (recs, wms) = (&batch.recs, &batch.watermarks[..]);
-        let (mut r, mut w) = (0, 0);
-        while r < recs.len() {
-            while w < wms.len() && wms[w].0 < recs[r].idx {
-                self.raise(input, wms[w], out);
-                w += 1;
-            }
-            let end = match wms.get(w) {
-                Some(&(at, _)) => r + recs[r..].partition_point(|x| x.idx <= at),
-                None => recs.len(),
-            };
-            self.op.process(batch, r..end, out);
-            r = end;
-        }
-        for &wm in &wms[w..] {
-            self.raise(input, wm, out);
-        }
-    }
-
-    #[inline]
-    fn raise(&mut self, input: usize, (at, w): (u32, i64), out: &mut Vec<Output>) {
-        if let Some(w) = self.valve.watermark(input, w) {
-            let order = Order {
-                idx: at,
-                phase: Phase::After,
-            };
-            self.op.advance(w, order, out);
-        }
     }
 }
 

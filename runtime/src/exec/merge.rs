@@ -10,12 +10,13 @@
 
 use super::checkpoint::Checkpointer;
 use super::reader::Cut;
-use super::{Progress, RunError, RunStats};
+use super::{RunError, RunStats};
+use crate::context::RunContext;
+use crate::metrics::{names, Counter};
 use crate::msg::{End, Output, Stream};
 use crate::operators::keyed::KeyChange;
 use crate::sinks::Sink;
 use crate::state::control::SavepointRequest;
-use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
@@ -53,7 +54,7 @@ pub(super) struct Sinks {
 /// The merger: writes each batch's outputs in order.
 pub(super) fn merge(
     mut checkpointer: Option<Checkpointer>,
-    progress: &Progress,
+    ctx: &RunContext,
     parse_out: Vec<Receiver<OutBatch>>,
     win_out: Vec<Receiver<OutBatch>>,
     sinks: Sinks,
@@ -68,6 +69,8 @@ pub(super) fn merge(
     let lost = || RunError::Internal("a worker stopped unexpectedly".into());
     let mut logged_dead = 0u64;
     let mut pending = crate::state::Pending::default();
+    let counters = MergeCounters::new(ctx);
+    let mut counted = RunStats::default();
     loop {
         let mut batch = parse_out[seq % parse_out.len()]
             .recv()
@@ -136,7 +139,8 @@ pub(super) fn merge(
                 None => cp.poll(),
             }
         }
-        progress.batches_written.fetch_add(1, Ordering::Relaxed);
+        counters.batches.add(1);
+        counters.count(&stats, &mut counted);
         if let Some(end) = batch.end {
             stats.stopped = end == End::Stop;
             if let Some(cp) = checkpointer.as_mut() {
@@ -148,5 +152,66 @@ pub(super) fn merge(
             return Ok(stats);
         }
         seq += 1;
+    }
+}
+
+/// What the merger counts, per batch.
+struct MergeCounters {
+    batches: Counter,
+    results: Counter,
+    late: Counter,
+    dead: Counter,
+    late_records: Counter,
+    dead_letters: Counter,
+    filtered: Counter,
+}
+
+impl MergeCounters {
+    fn new(ctx: &RunContext) -> Self {
+        let sink = |name: &str| {
+            ctx.for_operator(&format!("sink_{name}")).counter(
+                names::SINK_RECORDS,
+                "records written to a sink",
+                &[("sink", name)],
+            )
+        };
+        MergeCounters {
+            batches: ctx.counter(
+                names::BATCHES_WRITTEN,
+                "input batches whose outputs are all written",
+                &[],
+            ),
+            results: sink("main"),
+            late: sink("late"),
+            dead: sink("dead_letter"),
+            late_records: ctx.counter(
+                names::LATE_RECORDS,
+                "records too late for their windows",
+                &[],
+            ),
+            dead_letters: ctx.counter(
+                names::DEAD_LETTERS,
+                "records sent to the dead-letter output",
+                &[],
+            ),
+            filtered: ctx.counter(
+                names::FILTERED,
+                "records dropped on purpose by a filter",
+                &[],
+            ),
+        }
+    }
+
+    /// Adds what `stats` gained since `counted`, then remembers it.
+    fn count(&self, stats: &RunStats, counted: &mut RunStats) {
+        let d = |now: u64, before: u64| now - before;
+        self.results.add(d(stats.results, counted.results));
+        self.late.add(d(stats.late, counted.late));
+        self.late_records.add(d(stats.late, counted.late));
+        self.dead.add(d(stats.dead_letters, counted.dead_letters));
+        self.dead_letters
+            .add(d(stats.dead_letters, counted.dead_letters));
+        self.filtered.add(d(stats.filtered, counted.filtered));
+        *counted = stats.clone();
     }
 }

@@ -33,6 +33,8 @@ pub use crate::msg::End;
 pub use crate::partition::KEY_GROUPS;
 pub use reader::BATCH_EVENTS;
 
+use crate::context::RunContext;
+use crate::metrics::Registry;
 use crate::operators::keyed::KeyedOperator;
 use crate::operators::window::{WindowStep, WindowStepOptions};
 use crate::partition::{Assignment, KeyGroup};
@@ -41,7 +43,7 @@ use crate::sinks::SinkError;
 use crate::sources::SourceError;
 use crate::state::control::SavepointRequest;
 use crate::time::valve::bounded;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::sync_channel;
 use std::sync::Arc;
 
@@ -54,22 +56,13 @@ pub struct RunOptions {
     /// Set to stop the run: the reader stops, queued events are processed,
     /// open windows are not fired.
     pub shutdown: Arc<AtomicBool>,
-    /// Live counters, readable while the run goes on.
-    pub progress: Arc<Progress>,
+    /// The run's metrics, readable while it goes on (updated per batch).
+    pub metrics: Arc<Registry>,
     /// Start from this savepoint (copied into the state directory first).
     pub restore_from: Option<std::path::PathBuf>,
     /// With `restore_from`: start even if the pipeline changed so that the
     /// saved keyed state cannot be used (it is dropped; the position is kept).
     pub allow_non_restored_state: bool,
-}
-
-/// Counters updated while a pipeline runs (per batch, not per event).
-#[derive(Debug, Default)]
-pub struct Progress {
-    /// Events read from the source so far.
-    pub events_read: AtomicU64,
-    /// Batches fully written to the sinks so far.
-    pub batches_written: AtomicU64,
 }
 
 /// Counters of one run.
@@ -141,6 +134,7 @@ fn keyed_operator(
 
 fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
     let plan = p.plan.clone();
+    let ctx = RunContext::new(&plan.name, opts.shutdown.clone(), opts.metrics.clone());
     let n = plan.workers;
     let assignment = Assignment::contiguous(n);
     let mut source = p.source;
@@ -203,6 +197,22 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
         }
         store = Some(s);
     }
+    source.start(&ctx.for_operator("source"));
+    let mut sinks = merge::Sinks {
+        main: p.sinks,
+        late: p.late,
+        dead: p.dead_letter,
+    };
+    for (name, list) in [
+        ("sink_main", &mut sinks.main),
+        ("sink_late", &mut sinks.late),
+        ("sink_dead_letter", &mut sinks.dead),
+    ] {
+        let c = ctx.for_operator(name);
+        for s in list.iter_mut() {
+            s.start(&c);
+        }
+    }
     let checkpoint_every = plan.state.as_ref().map(|(_, every)| *every);
     let on_checkpoint = source.checkpoint_hook();
 
@@ -239,10 +249,13 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
             worker.run(rx, tx, outbox)
         })?);
     }
-    for (j, (op, inbox)) in operators.into_iter().zip(inboxes).enumerate() {
+    let window_ctx = ctx.for_operator("window");
+    for (j, (mut op, inbox)) in operators.into_iter().zip(inboxes).enumerate() {
         let (tx, out_rx) = sync_channel(QUEUE);
         keyed_out_rx.push(out_rx);
+        op.start(&window_ctx, j);
         let mut host = keyed::KeyedHost::new(op, exchange::Inbox::inputs(&inbox));
+        host.count(&window_ctx, j);
         if let Some(w) = restored_input_watermark {
             host.valve.restore(w);
         }
@@ -262,7 +275,7 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
             }
         );
     let max_payload = plan.max_payload;
-    let progress = opts.progress.clone();
+    let source_ctx = ctx.for_operator("source");
     let savepoint_rx = control.as_mut().and_then(|c| c.take_requests());
     let reader = spawn("rivulet-reader".into(), move || {
         reader::read(
@@ -276,25 +289,19 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
                 checkpoint_every,
                 savepoints: savepoint_rx,
             },
-            &progress,
+            &source_ctx,
         )
     })?;
 
     let checkpointer = match store {
-        Some(s) => Some(checkpoint::Checkpointer::start(s, on_checkpoint)?),
+        Some(s) => Some(checkpoint::Checkpointer::start(
+            s,
+            on_checkpoint,
+            &ctx.for_operator("checkpoint"),
+        )?),
         None => None,
     };
-    let merged = merge::merge(
-        checkpointer,
-        &opts.progress,
-        parse_out_rx,
-        keyed_out_rx,
-        merge::Sinks {
-            main: p.sinks,
-            late: p.late,
-            dead: p.dead_letter,
-        },
-    );
+    let merged = merge::merge(checkpointer, &ctx, parse_out_rx, keyed_out_rx, sinks);
     // On a merge error the channels close and every thread winds down.
     let read_result = reader
         .join()

@@ -168,7 +168,7 @@ impl ParseWorker {
         let owners = self.assignment.size();
         let mut frames: Vec<Frame> = Vec::new();
         if plan.window.is_some() {
-            let watermarks: Arc<[(u32, i64)]> = Arc::from(watermarks);
+            let watermarks = Arc::new(watermarks);
             let mut data: Vec<KeyedBatch> = (0..owners)
                 .map(|_| KeyedBatch {
                     recs: Vec::with_capacity(n / owners + 1),
@@ -217,11 +217,6 @@ impl ParseWorker {
                 let kstart = kb.keys.len() as u32;
                 kb.keys.extend_from_slice(key);
                 let item = &raw.items[i];
-                let (payload, topic) = if self.carry_payloads {
-                    kb.carry(raw.payload(item), raw.topic(item))
-                } else {
-                    ((0, 0), (0, 0))
-                };
                 kb.recs.push(KeyedRec {
                     idx: i as u32,
                     ts: ts[i],
@@ -229,9 +224,10 @@ impl ParseWorker {
                     position: item.position,
                     key: (kstart, kb.keys.len() as u32),
                     vals: vals_start as u32,
-                    payload,
-                    topic,
                 });
+                if self.carry_payloads {
+                    kb.carry(raw.payload(item), raw.topic(item));
+                }
             }
             frames = data.into_iter().map(|kb| frame(plan, &batch, kb)).collect();
         } else {

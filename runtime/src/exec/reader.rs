@@ -8,7 +8,9 @@
 //! id and the source position after it, and the stages downstream put a
 //! barrier after its records.
 
-use super::{Progress, SavepointRequest};
+use super::SavepointRequest;
+use crate::context::RunContext;
+use crate::metrics::names;
 use crate::msg::End;
 use crate::sources::{Poll, RawBatch, Source, SourceError};
 use crate::time::Clock;
@@ -62,7 +64,7 @@ pub(super) fn read(
     clock: Arc<dyn Clock>,
     shutdown: Arc<AtomicBool>,
     cfg: ReaderConfig,
-    progress: &Progress,
+    ctx: &RunContext,
 ) -> Result<(), SourceError> {
     let ReaderConfig {
         ticks,
@@ -70,6 +72,7 @@ pub(super) fn read(
         checkpoint_every,
         savepoints,
     } = cfg;
+    let read = ctx.counter(names::SOURCE_RECORDS, "records read from the source", &[]);
     let mut next_checkpoint = checkpoint_every.map(|d| Instant::now() + d);
     // Whether events came since the last checkpoint (a quiet input gets
     // one more checkpoint, then none until something arrives).
@@ -108,9 +111,7 @@ pub(super) fn read(
                     it.arrival_ms = now;
                 }
                 last_arrival = now;
-                progress
-                    .events_read
-                    .fetch_add((batch.len() - before) as u64, Ordering::Relaxed);
+                read.add((batch.len() - before) as u64);
             }
             match polled {
                 Ok(Poll::Finished) => {

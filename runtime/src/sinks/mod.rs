@@ -24,6 +24,9 @@ pub enum SinkError {
 pub trait Sink: Send {
     /// A short description for logs, like `file out.jsonl`.
     fn describe(&self) -> String;
+    /// Called once before the first write, with the run's context (its
+    /// metrics, and this sink's operator id).
+    fn start(&mut self, _ctx: &crate::context::RunContext) {}
     /// Writes one record (a JSON object, no trailing newline).
     fn write(&mut self, record: &[u8]) -> Result<(), SinkError>;
     /// Makes what was written so far visible (called after every batch).

@@ -260,6 +260,8 @@ pub struct MqttSink {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     warned_topic: bool,
+    /// Messages waiting or unconfirmed, set after every batch.
+    outbox: Option<crate::metrics::Gauge>,
 }
 
 impl MqttSink {
@@ -360,6 +362,7 @@ impl MqttSink {
             stop,
             threads: vec![conn_thread, publisher],
             warned_topic: false,
+            outbox: None,
         })
     }
 
@@ -462,7 +465,18 @@ impl Sink for MqttSink {
         Ok(())
     }
 
+    fn start(&mut self, ctx: &crate::context::RunContext) {
+        self.outbox = Some(ctx.gauge(
+            "rivulet_outbox_records",
+            "messages in the MQTT sink's outbox or not yet confirmed",
+            &[],
+        ));
+    }
+
     fn flush(&mut self) -> Result<(), SinkError> {
+        if let Some(g) = &self.outbox {
+            g.set(self.pending() as i64);
+        }
         let st = self.shared.lock();
         self.fatal(&st)
     }

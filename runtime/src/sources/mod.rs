@@ -139,6 +139,10 @@ pub trait Source: Send {
     /// A short description for logs and dead letters, like `file events.jsonl`.
     fn describe(&self) -> String;
 
+    /// Called once before the first poll (after [`Source::seek`]), with the
+    /// run's context (its metrics, and this source's operator id).
+    fn start(&mut self, _ctx: &crate::context::RunContext) {}
+
     /// Appends up to `max_items` payloads to `batch`, waiting at most `wait`
     /// for the first one. Payloads over `max_payload` bytes are recorded
     /// with [`RawItem::oversize`] set.

@@ -412,6 +412,11 @@ impl StateStore {
         &self.path
     }
 
+    /// The id of the last committed checkpoint.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     /// The operators whose state this store keeps.
     pub fn operators(&self) -> &[OperatorMeta] {
         &self.operators

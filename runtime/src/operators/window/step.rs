@@ -79,7 +79,9 @@ impl KeyedOperator for WindowStep {
     }
 
     fn process(&mut self, batch: &KeyedBatch, recs: Range<usize>, out: &mut Vec<Output>) {
-        for rec in &batch.recs[recs] {
+        let first = recs.start;
+        for (n, rec) in batch.recs[recs].iter().enumerate() {
+            let i = first + n;
             // Ties of `first`/`last` by source position, which goes on
             // across restarts (a per-run counter would put events after a
             // recovery before those in the restored state).
@@ -99,7 +101,7 @@ impl KeyedOperator for WindowStep {
                 Outcome::Late => out.push(Output::plain(
                     rec.idx,
                     Stream::Late,
-                    batch.payload(rec).to_vec(),
+                    batch.payload(i).to_vec(),
                 )),
                 Outcome::StateFull => {
                     let reason = format!(
@@ -109,8 +111,8 @@ impl KeyedOperator for WindowStep {
                     let from = DeadSource {
                         source: &self.source_name,
                         position: rec.position,
-                        topic: batch.topic(rec),
-                        payload: batch.payload(rec),
+                        topic: batch.topic(i),
+                        payload: batch.payload(i),
                         oversize: None,
                     };
                     out.push(Output::plain(
