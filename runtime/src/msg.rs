@@ -190,6 +190,39 @@ impl Order {
     }
 }
 
+/// What an output carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Body {
+    /// A finished JSON line: pass-through events, late events, dead letters.
+    Line(Vec<u8>),
+    /// A record, in the order of its stream's [`Schema`]; written as JSON
+    /// only by the sink stage.
+    Row(Box<[Value]>),
+}
+
+/// The field names of a stream's records.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Schema {
+    pub names: Vec<String>,
+}
+
+impl Schema {
+    /// Writes a row as a JSON object, fields in schema order (a dotted name
+    /// is written as it is, not nested).
+    pub fn write_json(&self, row: &[Value], out: &mut Vec<u8>) {
+        out.push(b'{');
+        for (i, (name, v)) in self.names.iter().zip(row).enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_json_str(name, out);
+            out.push(b':');
+            v.write_json(out);
+        }
+        out.push(b'}');
+    }
+}
+
 /// A record for a sink, with its place in the output order.
 #[derive(Debug)]
 pub struct Output {
@@ -199,7 +232,7 @@ pub struct Output {
     pub start: i64,
     pub key: Box<[u8]>,
     pub stream: Stream,
-    pub line: Vec<u8>,
+    pub body: Body,
 }
 
 impl Output {
@@ -212,7 +245,20 @@ impl Output {
             start: 0,
             key: Box::new([]),
             stream,
-            line,
+            body: Body::Line(line),
+        }
+    }
+
+    /// The output as a JSON line: its own, or its row written with `schema`
+    /// into `buf`.
+    pub fn json<'a>(&'a self, schema: &Schema, buf: &'a mut Vec<u8>) -> &'a [u8] {
+        match &self.body {
+            Body::Line(l) => l,
+            Body::Row(r) => {
+                buf.clear();
+                schema.write_json(r, buf);
+                buf
+            }
         }
     }
 
@@ -318,6 +364,27 @@ mod tests {
         assert_eq!(b.topic(0), Some("a/b"));
         assert_eq!(b.payload(1), b"", "not carried");
         assert_eq!(&b.watermarks[..], &[(0, 99)]);
+    }
+
+    #[test]
+    fn rows_are_written_in_schema_order() {
+        let schema = Schema {
+            names: vec!["k".into(), "loc.site".into(), "n".into()],
+        };
+        let o = Output {
+            idx: 0,
+            phase: Phase::After,
+            end: 0,
+            start: 0,
+            key: Box::new([]),
+            stream: Stream::Main,
+            body: Body::Row(vec![Value::Str("a\"b".into()), Value::Null, Value::Int(3)].into()),
+        };
+        let mut buf = Vec::new();
+        assert_eq!(
+            o.json(&schema, &mut buf),
+            br#"{"k":"a\"b","loc.site":null,"n":3}"#
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use super::reader::Cut;
 use super::{RunError, RunStats};
 use crate::context::RunContext;
 use crate::metrics::{names, Counter};
-use crate::msg::{End, Output, Stream};
+use crate::msg::{End, Output, Schema, Stream};
 use crate::operators::keyed::KeyChange;
 use crate::sinks::Sink;
 use crate::state::control::SavepointRequest;
@@ -46,6 +46,9 @@ pub(super) struct OutBatch {
 
 /// The sinks of a run.
 pub(super) struct Sinks {
+    /// The fields of the main stream's records (rows are written as JSON
+    /// here, at the sinks).
+    pub schema: Schema,
     pub main: Vec<Box<dyn Sink>>,
     pub late: Vec<Box<dyn Sink>>,
     pub dead: Vec<Box<dyn Sink>>,
@@ -60,10 +63,12 @@ pub(super) fn merge(
     sinks: Sinks,
 ) -> Result<RunStats, RunError> {
     let Sinks {
+        schema,
         main: mut sinks,
         mut late,
         mut dead,
     } = sinks;
+    let mut buf = Vec::with_capacity(256);
     let mut stats = RunStats::default();
     let mut seq = 0usize;
     let lost = || RunError::Internal("a worker stopped unexpectedly".into());
@@ -99,14 +104,16 @@ pub(super) fn merge(
             match o.stream {
                 Stream::Main => {
                     stats.results += 1;
+                    let line = o.json(&schema, &mut buf);
                     for s in &mut sinks {
-                        s.write(&o.line)?;
+                        s.write(line)?;
                     }
                 }
                 Stream::Late => {
                     stats.late += 1;
+                    let line = o.json(&schema, &mut buf);
                     for s in &mut late {
-                        s.write(&o.line)?;
+                        s.write(line)?;
                     }
                 }
                 Stream::Dead => {
@@ -115,13 +122,14 @@ pub(super) fn merge(
                         logged_dead += 1;
                         if logged_dead <= 10 {
                             tracing::warn!(
-                                record = %String::from_utf8_lossy(&o.line),
+                                record = %String::from_utf8_lossy(o.json(&schema, &mut buf)),
                                 "dead letter (configure `dead_letter:` to keep them)"
                             );
                         }
                     }
+                    let line = o.json(&schema, &mut buf);
                     for s in &mut dead {
-                        s.write(&o.line)?;
+                        s.write(line)?;
                     }
                 }
             }

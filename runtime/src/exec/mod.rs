@@ -199,6 +199,10 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
     }
     source.start(&ctx.for_operator("source"));
     let mut sinks = merge::Sinks {
+        schema: operators
+            .first()
+            .map(|op| op.output_schema())
+            .unwrap_or_default(),
         main: p.sinks,
         late: p.late,
         dead: p.dead_letter,

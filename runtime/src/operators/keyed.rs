@@ -42,6 +42,9 @@ pub trait KeyedOperator: Send {
     /// The state this operator keeps.
     fn state(&self) -> StateDecl;
 
+    /// The fields of the records it puts out (as [`crate::msg::Body::Row`]).
+    fn output_schema(&self) -> crate::msg::Schema;
+
     /// Called once before the first record, with the run's context (its
     /// metrics, and this operator's id); `worker` labels what it counts.
     fn start(&mut self, _ctx: &crate::context::RunContext, _worker: usize) {}

@@ -30,7 +30,7 @@ pub use acc::{Acc, AggFunc};
 pub use step::{WindowStep, WindowStepOptions, STATE_VERSION};
 
 use crate::expr::Ast;
-use crate::value::{decode_key, write_json_str, Value};
+use crate::value::{decode_key, Value};
 use hashbrown::HashTable;
 use std::collections::BTreeMap;
 
@@ -201,7 +201,8 @@ pub struct Emitted {
     pub start: i64,
     pub end: i64,
     pub key: Box<[u8]>,
-    pub line: Vec<u8>,
+    /// The result as a row of [`WindowOperator::output_schema`].
+    pub row: Box<[Value]>,
 }
 
 /// Key bytes, inline up to 30 bytes so that finding a key touches no
@@ -335,6 +336,16 @@ impl WindowOperator {
             deleted: Vec::new(),
             key_limit: usize::MAX,
         }
+    }
+
+    /// The fields of a result row: the key fields, `window_start`,
+    /// `window_end`, then each aggregate by name.
+    pub fn output_schema(&self) -> crate::msg::Schema {
+        let mut names = self.key_names.clone();
+        names.push("window_start".into());
+        names.push("window_end".into());
+        names.extend(self.def.aggregates.iter().map(|a| a.name.clone()));
+        crate::msg::Schema { names }
     }
 
     /// Sets this worker's share of the key bound.
@@ -626,31 +637,21 @@ impl WindowOperator {
         let Some(i) = k.find(start, end) else {
             return;
         };
-        let mut line = Vec::with_capacity(128);
-        line.push(b'{');
-        let key_vals = decode_key(k.key.as_slice()).unwrap_or_default();
-        for (name, v) in self.key_names.iter().zip(&key_vals) {
-            write_json_str(name, &mut line);
-            line.push(b':');
-            v.write_json(&mut line);
-            line.push(b',');
-        }
-        line.extend_from_slice(b"\"window_start\":");
-        Value::Int(start).write_json(&mut line);
-        line.extend_from_slice(b",\"window_end\":");
-        Value::Int(end).write_json(&mut line);
-        for (agg, acc) in self.def.aggregates.iter().zip(&k.accs[i * n..(i + 1) * n]) {
-            line.push(b',');
-            write_json_str(&agg.name, &mut line);
-            line.push(b':');
-            acc.result().write_json(&mut line);
-        }
-        line.push(b'}');
+        // The row of the window's output schema (see `output_schema`).
+        let keys = self.key_names.len();
+        let mut row = Vec::with_capacity(keys + 2 + n);
+        row.extend(decode_key(k.key.as_slice()).unwrap_or_default());
+        // Keys are encoded by the parse stage; a row of another width
+        // cannot happen, but would still print with nulls.
+        row.resize(keys, Value::Null);
+        row.push(Value::Int(start));
+        row.push(Value::Int(end));
+        row.extend(k.accs[i * n..(i + 1) * n].iter().map(Acc::result));
         self.emitted.push(Emitted {
             start,
             end,
             key: k.key.as_slice().into(),
-            line,
+            row: row.into_boxed_slice(),
         });
     }
 

@@ -6,7 +6,9 @@
 //! of the store kept exactly these records, so its files still load.
 
 use super::{Emitted, KeySnapshot, Outcome, WindowDef, WindowOperator};
-use crate::msg::{dead_letter_line, DeadSource, KeyedBatch, Order, Output, Phase, Stream};
+use crate::msg::{
+    dead_letter_line, Body, DeadSource, KeyedBatch, Order, Output, Phase, Schema, Stream,
+};
 use crate::operators::keyed::{KeyChange, KeyedOperator, StateDecl};
 use crate::value::hash_key;
 use std::ops::Range;
@@ -68,7 +70,7 @@ impl WindowStep {
             start: e.start,
             key: e.key,
             stream: Stream::Main,
-            line: e.line,
+            body: Body::Row(e.row),
         }));
     }
 }
@@ -76,6 +78,10 @@ impl WindowStep {
 impl KeyedOperator for WindowStep {
     fn state(&self) -> StateDecl {
         self.state.clone()
+    }
+
+    fn output_schema(&self) -> Schema {
+        self.op.output_schema()
     }
 
     fn process(&mut self, batch: &KeyedBatch, recs: Range<usize>, out: &mut Vec<Output>) {
