@@ -10,7 +10,7 @@
 //!   outputs (the merger commits once they are written);
 //! - the input ends when every input has ended.
 //!
-//! For each frame it receives, the host sends the merger one [`OutBatch`]:
+//! For each frame it receives, the host sends the merger one `OutBatch`:
 //! the merger takes them in the same rotation as the inbox, which is what
 //! keeps the output order independent of the number of workers.
 

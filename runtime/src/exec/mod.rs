@@ -9,14 +9,14 @@
 //!                                                          checkpoint writer
 //! ```
 //!
-//! - [`reader`]: polls the source, cuts batches, marks checkpoint cuts.
-//! - [`parse`]: decode, time, steps, key; one frame per owner of key groups
+//! - `reader`: polls the source, cuts batches, marks checkpoint cuts.
+//! - `parse`: decode, time, steps, key; one frame per owner of key groups
 //!   ([`crate::msg`]: data, watermarks, idleness, barriers, end).
 //! - [`exchange`]: the key-by edge (in-process bounded channels today).
 //! - [`keyed`]: runs a [`crate::operators::keyed::KeyedOperator`] behind a
 //!   watermark valve and a barrier aligner.
-//! - [`merge`]: deterministic output order, sinks, checkpoint hand-over.
-//! - [`checkpoint`]: the checkpoint writer thread.
+//! - `merge`: deterministic output order, sinks, checkpoint hand-over.
+//! - `checkpoint`: the checkpoint writer thread.
 //!
 //! Every queue is bounded: a slow sink stops the reader (backpressure),
 //! never grows memory. Each stage consumes its inputs in batch order, which

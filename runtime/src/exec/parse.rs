@@ -3,7 +3,7 @@
 //!
 //! Parse workers run in parallel, each on the batches the reader deals it.
 //! For every input batch a worker sends each keyed worker exactly one frame
-//! (through the [`super::exchange`]) and the merger one [`OutBatch`] with the
+//! (through the [`super::exchange`]) and the merger one `OutBatch` with the
 //! batch's dead letters, pass-through records and counts. A frame is, in
 //! order: a processing-time watermark before the records (processing-time
 //! pipelines), the records the owner's key groups hold with the event-time

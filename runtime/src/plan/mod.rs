@@ -21,6 +21,8 @@
 //! eprintln!("{} events", stats.events);
 //! ```
 
+pub mod rules;
+
 use crate::decode::FieldTree;
 use crate::expr::{self, Ast, Expr};
 use crate::operators::window::{AggFunc, WindowDef};
@@ -28,6 +30,7 @@ use crate::operators::{Filter, Map, Step};
 use crate::sinks::Sink;
 use crate::sources::Source;
 use crate::time::{Clock, SystemClock};
+use rules::StepShape;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -331,14 +334,22 @@ impl PipelineBuilder {
         // A pass-through event carries the fields bound from its topic too.
         let mut writes: Vec<(String, usize)> =
             binder.as_ref().map(|b| b.1.clone()).unwrap_or_default();
+        let shapes: Vec<StepShape> = self
+            .entries
+            .iter()
+            .map(|e| match e {
+                Entry::Step(_) => StepShape::Step,
+                Entry::KeyBy(k) => StepShape::KeyBy { fields: k.len() },
+                Entry::Window(_) => StepShape::Window,
+            })
+            .collect();
+        for p in rules::check_steps(&shapes, Some(self.time != TimeMode::None)) {
+            problems.push(match p.subject {
+                rules::Subject::Step { index, .. } => format!("steps[{index}]: {}", p.message),
+                rules::Subject::Workers => format!("workers {}", p.message),
+            });
+        }
         for entry in self.entries {
-            if window.is_some() {
-                problems.push(
-                    "steps after a window are not supported; the window must be the last step"
-                        .into(),
-                );
-                break;
-            }
             match entry {
                 Entry::Step(mut s) => {
                     let slots: Vec<usize> = s.fields().iter().map(|f| fields.slot(f)).collect();
@@ -356,26 +367,13 @@ impl PipelineBuilder {
                     .push(s);
                 }
                 Entry::KeyBy(k) => {
-                    if key.is_some() {
-                        problems.push("only one key_by is allowed".into());
-                    } else if k.is_empty() {
-                        problems.push("key_by needs at least one field".into());
-                    }
-                    key = Some(k);
+                    key.get_or_insert(k);
                 }
                 Entry::Window(w) => {
                     problems.extend(w.problems());
-                    window = Some(w);
+                    window.get_or_insert(w);
                 }
             }
-        }
-        if key.is_some() && window.is_none() {
-            problems.push("key_by without a window has no effect; add a window after it".into());
-        }
-        if window.is_some() && self.time == TimeMode::None {
-            problems.push(
-                "a window needs time: set source.event_time, or source.time: processing".into(),
-            );
         }
         let source = match self.source {
             Some(s) => Some(s),
@@ -392,8 +390,8 @@ impl PipelineBuilder {
                 .map(|n| n.get())
                 .unwrap_or(1)
         });
-        if workers == 0 || workers > 256 {
-            problems.push(format!("workers must be between 1 and 256, got {workers}"));
+        if let Some(p) = rules::check_workers(workers) {
+            problems.push(format!("workers {}", p.message));
         }
         let key_names = key.unwrap_or_default();
         let key_slots = key_names.iter().map(|k| fields.slot(k)).collect();

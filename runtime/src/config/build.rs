@@ -1,0 +1,220 @@
+//! From a checked file to a runnable pipeline: sources, steps and sinks
+//! built with their options; the JSON Schema of the file.
+
+#[allow(unused_imports)]
+use super::*;
+
+/// Parses a byte size: `4096`, `64KiB`, `1MiB`, `1MB`.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let scale: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1000,
+        "KiB" => 1 << 10,
+        "MB" => 1_000_000,
+        "MiB" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "GiB" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "bad size `{s}`: expected bytes, or a number with B, KiB, MiB, KB or MB"
+            ))
+        }
+    };
+    num.parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("bad size `{s}`: expected a positive number of bytes, like `64KiB`"))
+}
+
+/// Run-time choices that override the file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub workers: Option<usize>,
+}
+
+impl ValidPipeline {
+    /// Opens the source and sinks and builds the dataflow.
+    pub fn build(&self, file: &str, overrides: &Overrides) -> Result<PipelineBuilder, ConfigError> {
+        let err = |message: String| ConfigError::Build {
+            file: file.to_string(),
+            message,
+        };
+        let mut b = Pipeline::builder(&self.name).max_payload(self.max_payload);
+        b = match &self.source {
+            SourceSpec::File { path } => {
+                b.source(FileSource::open(path).map_err(|e| err(e.to_string()))?)
+            }
+            SourceSpec::Generator(g) => b.source(Generator::new(GeneratorOptions {
+                sensors: g.sensors,
+                rate: g.rate,
+                disorder_ms: g.disorder_ms,
+                seed: g.seed,
+                count: g.count,
+                start_ms: g
+                    .start_ms
+                    .unwrap_or_else(|| crate::time::Clock::now_ms(&crate::time::SystemClock)),
+            })),
+            SourceSpec::Mqtt(m) => b.source(
+                MqttSource::start(MqttSourceOptions {
+                    // With state, input is journaled and the broker keeps
+                    // a session for us while we are away.
+                    endpoint: endpoint(
+                        &m.conn,
+                        &self.name,
+                        "in",
+                        self.max_payload,
+                        self.state_dir.is_none(),
+                    )
+                    .map_err(err)?,
+                    patterns: m.topics.clone(),
+                    qos: m.qos,
+                    topic_field: m.topic_field.clone(),
+                    journal_dir: self.state_dir.as_ref().map(std::path::PathBuf::from),
+                })
+                .map_err(|e| err(e.to_string()))?,
+            ),
+        };
+        b = match &self.time {
+            TimeSpec::None => b,
+            TimeSpec::Processing => b.processing_time(),
+            TimeSpec::Event {
+                field,
+                max_out_of_orderness,
+                idle_timeout,
+            } => {
+                let b = b.event_time(field, Duration::from_millis(*max_out_of_orderness as u64));
+                match idle_timeout {
+                    Some(ms) => b.idle_timeout(Duration::from_millis(*ms as u64)),
+                    None => b,
+                }
+            }
+        };
+        for s in &self.steps {
+            b = match s {
+                StepSpec::Map(a) => b.map(a.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+                StepSpec::Filter(f) => b.filter(f),
+                StepSpec::KeyBy(k) => b.key_by(k),
+                StepSpec::Window(w) => b.window(w.clone()),
+            };
+        }
+        let open = |s: &SinkSpec, role: &str, i: usize| -> Result<Box<dyn Sink>, ConfigError> {
+            match s {
+                SinkSpec::File { path } => Ok(Box::new(
+                    FileSink::open(path).map_err(|e| err(e.to_string()))?,
+                )),
+                SinkSpec::Stdout => Ok(Box::new(FileSink::stdout())),
+                SinkSpec::Mqtt(m) => {
+                    let name = format!("{role}-{i}");
+                    let dir = m.dir.clone().map(std::path::PathBuf::from).or_else(|| {
+                        self.state_dir
+                            .as_ref()
+                            .map(|d| std::path::Path::new(d).join("outbox"))
+                    });
+                    let sink = MqttSink::start(MqttSinkOptions {
+                        endpoint: endpoint(&m.conn, &self.name, &name, 1 << 28, true)
+                            .map_err(err)?,
+                        topic: m.topic.clone(),
+                        qos: m.qos,
+                        retain: m.retain,
+                        buffer: BufferOptions {
+                            memory: m.memory,
+                            disk: dir.map(|d| (d, m.disk)),
+                            when_full: m.when_full,
+                            drain_timeout: Duration::from_millis(m.drain_timeout_ms as u64),
+                        },
+                        name,
+                    })
+                    .map_err(|e| err(e.to_string()))?;
+                    Ok(Box::new(sink))
+                }
+            }
+        };
+        for (i, s) in self.sinks.iter().enumerate() {
+            b = b.boxed_sink(open(s, "sink", i)?);
+        }
+        for (i, s) in self.late.iter().enumerate() {
+            b = b.late(open(s, "late", i)?);
+        }
+        for (i, s) in self.dead_letter.iter().enumerate() {
+            b = b.dead_letter(open(s, "dead_letter", i)?);
+        }
+        b = b.format(self.format);
+        if let Some(dir) = &self.state_dir {
+            let every = self.checkpoint_interval.unwrap_or(10_000);
+            b = b.state(dir, Duration::from_millis(every as u64));
+        }
+        if let Some(w) = overrides.workers.or(self.workers) {
+            b = b.workers(w);
+        }
+        Ok(b)
+    }
+}
+
+/// The client's endpoint: the checked settings, the password read from
+/// where it is kept, and a default client id.
+pub(super) fn endpoint(
+    c: &ConnSpec,
+    pipeline: &str,
+    role: &str,
+    max_payload: usize,
+    default_clean: bool,
+) -> Result<Endpoint, String> {
+    let password = match &c.password {
+        PasswordSpec::None => None,
+        PasswordSpec::Inline(p) => Some(p.clone()),
+        PasswordSpec::Env(var) => Some(std::env::var(var).map_err(|_| {
+            format!(
+                "{}: the environment variable `{var}` (password_env) is not set",
+                c.url
+            )
+        })?),
+        PasswordSpec::File(f) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| format!("{}: cannot read password_file {f}: {e}", c.url))?
+                .trim_end_matches(['\n', '\r'])
+                .to_string(),
+        ),
+    };
+    let client_id = c.client_id.clone().unwrap_or_else(|| {
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| {
+                if !default_clean && c.clean_session != Some(true) {
+                    tracing::warn!(
+                        broker = %c.url,
+                        "no host name to build a stable MQTT client id from: the broker cannot find this client's session after a restart; set `client_id`"
+                    );
+                }
+                format!("{:08x}", fastrand::u32(..))
+            });
+        format!("rivulet-{pipeline}-{host}-{role}")
+    });
+    Ok(Endpoint {
+        url: c.url.clone(),
+        host: c.host.clone(),
+        port: c.port,
+        tls: c.tls,
+        version: c.version,
+        client_id,
+        clean_session: c.clean_session.unwrap_or(default_clean),
+        keep_alive: Duration::from_millis(c.keep_alive_ms as u64),
+        username: c.username.clone(),
+        password,
+        ca_file: c.ca_file.clone(),
+        client_cert: c.client_cert.clone(),
+        // Room for the payload and the packet's own headers.
+        max_packet: max_payload.saturating_add(64 << 10),
+    })
+}
+
+/// The JSON Schema of pipeline files.
+pub fn json_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(PipelineFile)).unwrap_or_default()
+}

@@ -1,0 +1,118 @@
+//! What a checked pipeline file says: the specs the builder turns into a
+//! running pipeline.
+
+#[allow(unused_imports)]
+use super::*;
+
+/// A checked source.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SourceSpec {
+    File { path: String },
+    Generator(GeneratorSpec),
+    Mqtt(MqttSourceSpec),
+}
+
+/// Where a password comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PasswordSpec {
+    None,
+    Inline(String),
+    Env(String),
+    File(String),
+}
+
+/// Checked connection settings of an MQTT source or sink.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConnSpec {
+    pub url: String,
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    /// 4 (MQTT 3.1.1) or 5.
+    pub version: u8,
+    pub client_id: Option<String>,
+    /// `None`: not set; a journaled source defaults to a persistent session.
+    pub clean_session: Option<bool>,
+    pub keep_alive_ms: i64,
+    pub username: Option<String>,
+    pub password: PasswordSpec,
+    pub ca_file: Option<String>,
+    pub client_cert: Option<(String, String)>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct MqttSourceSpec {
+    pub conn: ConnSpec,
+    pub topics: Vec<TopicPattern>,
+    pub qos: u8,
+    pub topic_field: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct MqttSinkSpec {
+    pub conn: ConnSpec,
+    pub topic: TopicTemplate,
+    pub qos: u8,
+    pub retain: bool,
+    pub memory: usize,
+    pub disk: usize,
+    pub dir: Option<String>,
+    pub when_full: WhenFull,
+    pub drain_timeout_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GeneratorSpec {
+    pub sensors: u32,
+    pub rate: Option<f64>,
+    pub disorder_ms: i64,
+    pub seed: u64,
+    pub count: Option<u64>,
+    pub start_ms: Option<i64>,
+}
+
+/// A checked sink.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SinkSpec {
+    File { path: String },
+    Stdout,
+    Mqtt(Box<MqttSinkSpec>),
+}
+
+/// A checked step.
+#[derive(Clone, Debug)]
+pub enum StepSpec {
+    Map(Vec<(String, String)>),
+    Filter(String),
+    KeyBy(Vec<String>),
+    Window(WindowDef),
+}
+
+/// A pipeline file that passed validation.
+#[derive(Clone, Debug)]
+pub struct ValidPipeline {
+    pub name: String,
+    pub source: SourceSpec,
+    pub format: Format,
+    pub time: TimeSpec,
+    pub max_payload: usize,
+    pub steps: Vec<StepSpec>,
+    pub sinks: Vec<SinkSpec>,
+    pub late: Vec<SinkSpec>,
+    pub dead_letter: Vec<SinkSpec>,
+    pub state_dir: Option<String>,
+    pub checkpoint_interval: Option<i64>,
+    pub workers: Option<usize>,
+}
+
+impl SourceSpec {
+    /// The fields every event has, where the source says.
+    pub fn known_fields(&self) -> Option<Vec<String>> {
+        match self {
+            SourceSpec::Generator(_) => {
+                Some(generator::FIELDS.iter().map(|s| s.to_string()).collect())
+            }
+            _ => None,
+        }
+    }
+}
