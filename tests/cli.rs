@@ -3,6 +3,9 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::Rivulet;
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -38,7 +41,7 @@ fn run_file(dir: &Path, yaml: &str, args: &[&str], stdin: Option<&str>) -> Outpu
         Stdio::null()
     });
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
+    let mut child = Rivulet::spawn(&mut cmd);
     if let Some(input) = stdin {
         child
             .stdin
@@ -310,13 +313,13 @@ fn sigterm_stops_an_unbounded_run_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("demo.yaml");
     std::fs::copy(configs().join("demo.yaml"), &file).unwrap();
-    let child = bin()
-        .arg("run")
-        .arg(&file)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = Rivulet::spawn(
+        bin()
+            .arg("run")
+            .arg(&file)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     // Wait until it is running (it logs once the pipeline is built).
     let pid = child.id();
     std::thread::sleep(std::time::Duration::from_millis(500));

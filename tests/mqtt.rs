@@ -57,7 +57,7 @@ steps:
         dir.path(),
         &format!("name: f\nsource:\n  file: {{ path: events.jsonl }}\n{time}{steps}sink: {{ file: {{ path: file-out.jsonl }} }}\n"),
     );
-    let (code, _, err) = from_file.wait();
+    let (code, _, err) = from_file.finish();
     assert_eq!(code, Some(0), "{err}");
     let mut expected = parse(
         &std::fs::read_to_string(dir.path().join("file-out.jsonl"))
@@ -276,7 +276,7 @@ sink:
     };
     // 1. Broker up: a bounded run ends only when every message is acknowledged.
     let (inbox, sub) = subscribe(b.port, "ids/#", None);
-    let (code, _, err) = Rivulet::start(dir.path(), &yaml("events.jsonl")).wait();
+    let (code, _, err) = Rivulet::start(dir.path(), &yaml("events.jsonl")).finish();
     assert_eq!(code, Some(0), "{err}");
     eventually("all delivered", 20, || inbox.lock().unwrap().len() >= 3000);
     assert_eq!(inbox.lock().unwrap().len(), 3000);
@@ -284,7 +284,7 @@ sink:
 
     // 2. Broker down for a whole run: the messages go to the disk buffer.
     b.stop();
-    let (code, _, err) = Rivulet::start(dir.path(), &yaml("events.jsonl")).wait();
+    let (code, _, err) = Rivulet::start(dir.path(), &yaml("events.jsonl")).finish();
     assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("kept for the next run"), "{err}");
 
@@ -292,7 +292,7 @@ sink:
     b.restart();
     std::fs::write(dir.path().join("empty.jsonl"), "").unwrap();
     let (inbox, _sub) = subscribe(b.port, "ids/#", None);
-    let (code, _, err) = Rivulet::start(dir.path(), &yaml("empty.jsonl")).wait();
+    let (code, _, err) = Rivulet::start(dir.path(), &yaml("empty.jsonl")).finish();
     assert_eq!(code, Some(0), "{err}");
     eventually("the buffered messages", 20, || {
         inbox.lock().unwrap().len() >= 3000
@@ -320,7 +320,7 @@ fn without_a_buffer_dir_undeliverable_messages_are_an_error_not_silence() {
         "name: x\nsource: {{ file: {{ path: e.jsonl }} }}\nsink:\n  mqtt: {{ url: \"{}\", topic: t, qos: 1, buffer: {{ drain_timeout: 500ms }} }}\n",
         b.url()
     );
-    let (code, _, err) = Rivulet::start(dir.path(), &yaml).wait();
+    let (code, _, err) = Rivulet::start(dir.path(), &yaml).finish();
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("2 messages could not be delivered"), "{err}");
 }
@@ -349,7 +349,7 @@ fn bad_credentials_fail_clearly_and_good_ones_from_env_work() {
         )
     };
     std::fs::write(dir.path().join("wrong"), "nope\n").unwrap();
-    let (code, _, err) = Rivulet::start(dir.path(), &yaml("password_file: wrong")).wait();
+    let (code, _, err) = Rivulet::start(dir.path(), &yaml("password_file: wrong")).finish();
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains(&b.url()) && err.contains("refused"), "{err}");
 
@@ -357,18 +357,13 @@ fn bad_credentials_fail_clearly_and_good_ones_from_env_work() {
     cmd_yaml.push('\n');
     let file = dir.path().join("pipeline.yaml");
     std::fs::write(&file, cmd_yaml).unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_rivulet"))
-        .arg("run")
-        .arg(&file)
-        .env("EDGE_PASSWORD", "s3cret")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let run = Rivulet {
-        child,
-        dir: dir.path().to_path_buf(),
-    };
+    let run = Rivulet::spawn(
+        common::rivulet_cmd(dir.path(), &["run"])
+            .arg(&file)
+            .env("EDGE_PASSWORD", "s3cret")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()),
+    );
     eventually("an authenticated subscription", 20, || {
         b.log().contains("auth/topic")
     });
@@ -462,7 +457,7 @@ fn tls_with_the_right_ca_and_a_client_certificate_works_and_a_wrong_ca_fails_cle
             b.port
         )
     };
-    let (code, _, err) = Rivulet::start(p, &yaml("other-ca.pem")).wait();
+    let (code, _, err) = Rivulet::start(p, &yaml("other-ca.pem")).finish();
     assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains(&format!("mqtts://localhost:{}", b.port)),
@@ -524,12 +519,12 @@ fn a_full_outbox_drops_the_oldest_and_keeps_the_newest_in_order() {
             "name: full\nsource: {{ file: {{ path: {input} }} }}\nsink:\n  mqtt:\n    url: \"{url}\"\n    topic: \"ids/{{id}}\"\n    qos: 1\n    buffer: {{ memory: 10, disk: 20, dir: outbox, when_full: drop_oldest, drain_timeout: 300ms }}\n"
         )
     };
-    let (code, _, err) = Rivulet::start(dir.path(), &yaml("events.jsonl")).wait();
+    let (code, _, err) = Rivulet::start(dir.path(), &yaml("events.jsonl")).finish();
     assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("dropped"), "{err}");
     b.restart();
     let (inbox, _sub) = subscribe(b.port, "ids/#", None);
-    let (code, _, err) = Rivulet::start(dir.path(), &yaml("empty.jsonl")).wait();
+    let (code, _, err) = Rivulet::start(dir.path(), &yaml("empty.jsonl")).finish();
     assert_eq!(code, Some(0), "{err}");
     eventually("the kept messages", 20, || {
         inbox.lock().unwrap().len() >= 30

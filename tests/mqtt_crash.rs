@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{eventually, publish_all, Broker, Running, Tmpfs};
+use common::{eventually, publish_all, rivulet_cmd, Broker, Rivulet, Tmpfs};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -37,13 +37,9 @@ fn pipeline(source: &str, out: &str, state: &str) -> String {
     )
 }
 
-fn start(dir: &Path, file: &str) -> Running {
-    Running(
-        Command::new(env!("CARGO_BIN_EXE_rivulet"))
-            .arg("run")
-            .arg(file)
-            .current_dir(dir)
-            .stdin(Stdio::null())
+fn start(dir: &Path, file: &str) -> Rivulet {
+    Rivulet::spawn(
+        rivulet_cmd(dir, &["run", file])
             .stdout(Stdio::null())
             .stderr(Stdio::from(
                 std::fs::OpenOptions::new()
@@ -51,9 +47,7 @@ fn start(dir: &Path, file: &str) -> Running {
                     .append(true)
                     .open(dir.join("rivulet.log"))
                     .unwrap(),
-            ))
-            .spawn()
-            .unwrap(),
+            )),
     )
 }
 
@@ -92,7 +86,7 @@ fn reference(d: &Path, evs: &[String]) -> BTreeSet<String> {
 
 /// Writes `file`: QoS 1 from `topic` (client id `<topic>-in`), the window
 /// pipeline, and `state`; starts it and waits for its subscription.
-fn start_mqtt(d: &Path, broker: &Broker, file: &str, topic: &str, state: &str) -> Running {
+fn start_mqtt(d: &Path, broker: &Broker, file: &str, topic: &str, state: &str) -> Rivulet {
     let source = format!(
         "  mqtt: {{ url: \"{}\", topics: [{topic}], topic_field: \"\", qos: 1, client_id: {}-in }}\n",
         broker.url(),

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::Tmpfs;
+use common::{Rivulet, Tmpfs};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -63,12 +63,8 @@ fn finals(path: &Path) -> BTreeMap<(String, i64), serde_json::Value> {
 }
 
 fn rivulet(dir: &Path, file: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_rivulet"));
-    c.arg("run")
-        .arg(file)
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    let mut c = common::rivulet_cmd(dir, &["run"]);
+    c.arg(file).stdout(Stdio::null()).stderr(Stdio::piped());
     c
 }
 
@@ -92,7 +88,7 @@ fn kill_9_twenty_times_loses_nothing_and_counts_nothing_twice() {
     let mut kills = 0;
     let mut rng = 99u64;
     for attempt in 0..2000 {
-        let mut child = rivulet(d, &crashing).spawn().unwrap();
+        let mut child = Rivulet::spawn(&mut rivulet(d, &crashing));
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
@@ -200,7 +196,7 @@ fn state_inspect_shows_the_open_windows_after_a_clean_stop() {
          sink: { stdout: {} }\nstate: { dir: st, checkpoint_interval: 100ms }\n",
     )
     .unwrap();
-    let child = rivulet(d, &p).spawn().unwrap();
+    let child = Rivulet::spawn(&mut rivulet(d, &p));
     std::thread::sleep(Duration::from_millis(1500));
     common::sigterm(&child);
     let out = child.wait_with_output().unwrap();
@@ -240,7 +236,7 @@ fn state_inspect_shows_the_open_windows_after_a_clean_stop() {
     let err = String::from_utf8_lossy(&inspect.stderr);
     assert!(err.contains("3 keys"), "{err}");
     // The stopped run resumes where it stopped: the counts only grow.
-    let child = rivulet(d, &p).spawn().unwrap();
+    let child = Rivulet::spawn(&mut rivulet(d, &p));
     std::thread::sleep(Duration::from_millis(800));
     common::sigterm(&child);
     let out = child.wait_with_output().unwrap();
@@ -291,7 +287,7 @@ fn a_full_disk_fails_checkpoints_without_stopping_and_the_next_one_catches_up() 
         ),
     )
     .unwrap();
-    let child = rivulet(d, &p).spawn().unwrap();
+    let child = Rivulet::spawn(&mut rivulet(d, &p));
     // Let it write a first checkpoint, then fill the disk.
     std::thread::sleep(Duration::from_millis(600));
     let filler = fs.fill();
@@ -372,7 +368,7 @@ fn savepoint_round_trip_and_the_incompatible_change_rules() {
     let p = d.join("sp.yaml");
     std::fs::write(&p, generator_pipeline("1h", "")).unwrap();
     // A checkpoint interval of an hour: only the savepoint writes state.
-    let child = rivulet(d, &p).spawn().unwrap();
+    let child = Rivulet::spawn(&mut rivulet(d, &p));
     std::thread::sleep(Duration::from_millis(800));
     let sp = Command::new(env!("CARGO_BIN_EXE_rivulet"))
         .arg("savepoint")
@@ -406,11 +402,11 @@ fn savepoint_round_trip_and_the_incompatible_change_rules() {
         generator_pipeline("1h", "  - filter: temperature > -1000\n"),
     )
     .unwrap();
-    let child = rivulet(d, &p)
-        .arg("--from-savepoint")
-        .arg(d.join("saved.redb"))
-        .spawn()
-        .unwrap();
+    let child = Rivulet::spawn(
+        rivulet(d, &p)
+            .arg("--from-savepoint")
+            .arg(d.join("saved.redb")),
+    );
     std::thread::sleep(Duration::from_millis(800));
     common::sigterm(&child);
     let out = child.wait_with_output().unwrap();
@@ -439,12 +435,12 @@ fn savepoint_round_trip_and_the_incompatible_change_rules() {
         "{err}"
     );
     // ...unless asked to drop the state it cannot use.
-    let child = rivulet(d, &p)
-        .arg("--from-savepoint")
-        .arg(d.join("saved.redb"))
-        .arg("--allow-non-restored-state")
-        .spawn()
-        .unwrap();
+    let child = Rivulet::spawn(
+        rivulet(d, &p)
+            .arg("--from-savepoint")
+            .arg(d.join("saved.redb"))
+            .arg("--allow-non-restored-state"),
+    );
     std::thread::sleep(Duration::from_millis(600));
     common::sigterm(&child);
     let out = child.wait_with_output().unwrap();
@@ -480,7 +476,7 @@ fn inspect_reads_the_state_a_killed_run_left_without_changing_it() {
             .replace("checkpoint_interval: 1h", "checkpoint_interval: 50ms"),
     )
     .unwrap();
-    let mut child = rivulet(d, &p).spawn().unwrap();
+    let mut child = Rivulet::spawn(&mut rivulet(d, &p));
     std::thread::sleep(Duration::from_millis(700));
     child.kill().unwrap();
     child.wait().unwrap();
@@ -510,7 +506,7 @@ fn a_key_that_goes_silent_leaves_the_state() {
          sink: { file: { path: out.jsonl } }\nstate: { dir: st, checkpoint_interval: 50ms }\n",
     )
     .unwrap();
-    let mut child = rivulet(d, &p).stdin(Stdio::piped()).spawn().unwrap();
+    let mut child = Rivulet::spawn(rivulet(d, &p).stdin(Stdio::piped()));
     let mut stdin = child.stdin.take().unwrap();
     let keys = |d: &Path| -> Vec<String> {
         let out = Command::new(env!("CARGO_BIN_EXE_rivulet"))
@@ -613,11 +609,7 @@ fn a_savepoint_of_state_format_1_still_restores() {
     assert_eq!(inspect_total(&sp), (4, 1605));
     let p = d.join("sp.yaml");
     std::fs::copy(fixture("savepoint.yaml"), &p).unwrap();
-    let child = rivulet(d, &p)
-        .arg("--from-savepoint")
-        .arg(&sp)
-        .spawn()
-        .unwrap();
+    let child = Rivulet::spawn(rivulet(d, &p).arg("--from-savepoint").arg(&sp));
     std::thread::sleep(Duration::from_millis(600));
     common::sigterm(&child);
     let out = child.wait_with_output().unwrap();

@@ -208,47 +208,73 @@ pub fn publish_all(port: u16, msgs: &[(String, String)]) {
     let _ = client.disconnect();
 }
 
-/// The `rivulet` binary running a pipeline file written into `dir`.
+/// The one way tests start the `rivulet` binary. The process is killed
+/// (SIGKILL) when this is dropped while it still runs, so a failing test
+/// leaves nothing behind. Derefs to the [`Child`].
 pub struct Rivulet {
-    pub child: Child,
+    child: Option<Child>,
+    /// The working directory it runs in.
     pub dir: PathBuf,
 }
 
+/// `rivulet` with `args`, run in `dir` with no standard input; the caller
+/// may change it before [`Rivulet::spawn`].
+pub fn rivulet_cmd(dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_rivulet"));
+    c.args(args).current_dir(dir).stdin(Stdio::null());
+    c
+}
+
 impl Rivulet {
+    /// Starts a prepared command (see [`rivulet_cmd`]).
+    pub fn spawn(cmd: &mut Command) -> Rivulet {
+        let dir = cmd
+            .get_current_dir()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        Rivulet {
+            child: Some(cmd.spawn().expect("the rivulet binary starts")),
+            dir,
+        }
+    }
+
+    /// `rivulet run pipeline.yaml` in `dir`, the file written from `yaml`;
+    /// stdout and stderr captured.
     pub fn start(dir: &Path, yaml: &str) -> Rivulet {
         let file = dir.join("pipeline.yaml");
         std::fs::write(&file, yaml).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_rivulet"))
-            .arg("run")
-            .arg(&file)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        Rivulet {
-            child,
-            dir: dir.to_path_buf(),
-        }
+        Rivulet::spawn(
+            rivulet_cmd(dir, &["run"])
+                .arg(&file)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )
+    }
+
+    fn take(&mut self) -> Child {
+        self.child.take().expect("the process is still ours")
     }
 
     /// SIGTERM, then the exit code, stdout and stderr.
     pub fn stop(self) -> (Option<i32>, String, String) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        self.wait()
+        sigterm(&self);
+        self.finish()
     }
 
-    pub fn wait(self) -> (Option<i32>, String, String) {
-        let out = self.child.wait_with_output().unwrap();
+    /// Waits for the exit; the exit code, stdout and stderr.
+    pub fn finish(self) -> (Option<i32>, String, String) {
+        let out = self.wait_with_output().unwrap();
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
+    }
+
+    /// Waits for the exit, collecting what it printed (as
+    /// [`Child::wait_with_output`]).
+    pub fn wait_with_output(mut self) -> std::io::Result<std::process::Output> {
+        self.take().wait_with_output()
     }
 
     pub fn lines(&self, file: &str) -> Vec<String> {
@@ -257,6 +283,30 @@ impl Rivulet {
             .lines()
             .map(str::to_string)
             .collect()
+    }
+}
+
+impl std::ops::Deref for Rivulet {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        self.child.as_ref().expect("the process is still ours")
+    }
+}
+
+impl std::ops::DerefMut for Rivulet {
+    fn deref_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("the process is still ours")
+    }
+}
+
+impl Drop for Rivulet {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            if let Ok(None) = c.try_wait() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
     }
 }
 
@@ -296,32 +346,6 @@ impl Tmpfs {
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
-/// A child process killed (SIGKILL) when dropped, so a failing test leaves
-/// no process behind.
-pub struct Running(pub Child);
-
-impl std::ops::Deref for Running {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Running {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
     }
 }
 
