@@ -209,6 +209,15 @@ fn run(
         ..Default::default()
     };
     let writer = stats_file.map(|path| spawn_stats_writer(path, opts.clone()));
+    // Once the pipeline has started, its start-up code need not stay
+    // mapped (see rivulet::util::memory).
+    let _ = std::thread::Builder::new()
+        .name("rivulet-trim".into())
+        .spawn(|| {
+            std::thread::sleep(std::time::Duration::from_secs(2));
+            let kib = rivulet::util::memory::release_startup_pages();
+            tracing::debug!(kib, "released start-up pages");
+        });
     let result = pipeline.run(opts.clone());
     if let Some((done, handle)) = writer {
         done.store(true, std::sync::atomic::Ordering::SeqCst);
