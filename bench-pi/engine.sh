@@ -2,8 +2,12 @@
 # Engine benchmark: JSON Lines in memory -> parse -> key_by -> 5 s tumbling
 # avg/max/count over 10,000 keys -> discard. Runs the hand-written baseline
 # and rivulet (1 and 2 workers) interleaved, ROUNDS times, one process each,
-# and writes bench-pi/reports/engine.md.
+# and writes bench-pi/reports/engine-latest.md.
 #   bash bench-pi/engine.sh [EVENTS] [ROUNDS]
+# With BEFORE=path/to/an/older/engine, that build's rivulet runs too, in the
+# same rounds, so a change is measured against what it replaces:
+#   git worktree add /tmp/old <rev> && (cd /tmp/old && cargo build --release -p rivulet-bench)
+#   BEFORE=/tmp/old/target/release/engine bash bench-pi/engine.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EVENTS=${1:-10000000}
@@ -11,11 +15,23 @@ ROUNDS=${2:-3}
 cargo build --release -p rivulet-bench >/dev/null 2>&1
 B=target/release/engine
 OUT=$(mktemp)
+label() { sed "s/^{/{\"build\":\"$1\",/"; }
 for r in $(seq "$ROUNDS"); do
-  $B source "$EVENTS" >>"$OUT"
-  $B baseline "$EVENTS" >>"$OUT"
-  $B rivulet 1 "$EVENTS" >>"$OUT"
-  $B rivulet 2 "$EVENTS" >>"$OUT"
+  $B source "$EVENTS" | label now >>"$OUT"
+  $B baseline "$EVENTS" | label now >>"$OUT"
+  # Alternate which build goes first, so drift favours neither.
+  order="now before"
+  [ $((r % 2)) = 0 ] && order="before now"
+  for build in $order; do
+    if [ "$build" = before ]; then
+      [ -n "${BEFORE:-}" ] || continue
+      E=$BEFORE
+    else
+      E=$B
+    fi
+    $E rivulet 1 "$EVENTS" | label "$build" >>"$OUT"
+    $E rivulet 2 "$EVENTS" | label "$build" >>"$OUT"
+  done
 done
 python3 bench-pi/report.py engine "$OUT" "$($B line-length)" > bench-pi/reports/engine-latest.md
 cat bench-pi/reports/engine-latest.md
