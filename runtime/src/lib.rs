@@ -12,8 +12,10 @@
 //! - [`msg`]: what travels between stages (data, watermarks, barriers).
 //! - [`partition`]: key groups and their assignment to owners.
 //! - [`context`], [`metrics`]: what every stage gets at start; counters per batch.
+//! - [`cluster`]: peer mode (key groups across processes).
 //! - [`exec`]: threads, bounded queues, deterministic output order, shutdown.
 
+pub mod cluster;
 pub mod config;
 pub mod context;
 pub mod decode;
