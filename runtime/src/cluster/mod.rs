@@ -6,3 +6,4 @@
 //! checkpoints and hand-over come next (see `docs/architecture.md`).
 
 pub mod assign;
+pub mod link;

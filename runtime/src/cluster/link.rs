@@ -1,0 +1,685 @@
+//! Links between peers: the exchange across processes.
+//!
+//! One TCP connection per pair of peers carries frames both ways
+//! ([`crate::msg::Frame`], postcard-encoded, length-prefixed) addressed to
+//! a keyed worker of the other side.
+//!
+//! **Handshake.** The dialing peer sends [`Wire::Hello`] (cluster, its id,
+//! the pipeline's fingerprint, its view); the other answers
+//! [`Wire::Welcome`] or [`Wire::Refused`] with the reason, which the dialer
+//! returns as an error. Peers of another cluster or another pipeline can
+//! never exchange a frame.
+//!
+//! **Flow control.** Credits per destination: a sender may have at most
+//! `window` frames to one keyed worker that its consumer has not taken yet;
+//! the consumer returns a credit with each frame it takes
+//! ([`LinkInput::recv`]). The reading thread therefore never blocks, so a
+//! keyed worker that holds an input back (barrier alignment) does not stall
+//! frames to the other workers on the same connection, and memory stays
+//! bounded: `window` frames per destination and link.
+//!
+//! **Fencing.** Every frame carries the sender's view number; a frame of
+//! another view than the receiver's is dropped and counted, so a peer that
+//! was removed from the cluster cannot feed it.
+
+use crate::msg::Frame;
+use serde::{Deserialize, Serialize};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+/// The largest message accepted from a link (a frame of a full batch with
+/// its payloads is far smaller).
+pub const MAX_MESSAGE: usize = 64 << 20;
+
+/// Everything that travels on a link.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Wire {
+    Hello {
+        cluster: String,
+        peer: String,
+        fingerprint: String,
+        view: u64,
+    },
+    Welcome {
+        peer: String,
+    },
+    Refused {
+        reason: String,
+    },
+    /// A frame for keyed worker `to` of the receiving peer.
+    Frame {
+        view: u64,
+        to: u16,
+        frame: Frame,
+    },
+    /// `n` more frames may be sent to keyed worker `to` of the sender of
+    /// this message.
+    Credit {
+        to: u16,
+        n: u32,
+    },
+    Bye,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("peer link {addr}: {source}")]
+    Io {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("peer link {addr}: refused by the other peer: {reason}")]
+    Refused { addr: String, reason: String },
+    #[error("peer link {addr}: {message}")]
+    Protocol { addr: String, message: String },
+    #[error("peer link {addr} is closed")]
+    Closed { addr: String },
+}
+
+/// Writes one message: its length (u32, little-endian), then postcard.
+pub fn write_wire(out: &mut impl Write, msg: &Wire, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    buf.clear();
+    buf.extend_from_slice(&[0; 4]);
+    let mut body = postcard::to_extend(msg, std::mem::take(buf))
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let len = (body.len() - 4) as u32;
+    body[..4].copy_from_slice(&len.to_le_bytes());
+    out.write_all(&body)?;
+    *buf = body;
+    Ok(())
+}
+
+/// Reads one message; a length over [`MAX_MESSAGE`] or bytes that do not
+/// decode are an `InvalidData` error, never a panic.
+pub fn read_wire(input: &mut impl Read, buf: &mut Vec<u8>) -> std::io::Result<Wire> {
+    let mut len = [0u8; 4];
+    input.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_MESSAGE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a message of {len} bytes (at most {MAX_MESSAGE})"),
+        ));
+    }
+    buf.clear();
+    buf.resize(len, 0);
+    input.read_exact(buf)?;
+    postcard::from_bytes(buf).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("undecodable message: {e}"),
+        )
+    })
+}
+
+/// Who this peer is, for handshakes.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub cluster: String,
+    pub peer: String,
+    pub fingerprint: String,
+    pub view: u64,
+}
+
+/// Per-destination credits of the sending side.
+struct Credits {
+    left: Mutex<Vec<u32>>,
+    changed: Condvar,
+}
+
+/// One connection to another peer, both directions.
+pub struct Link {
+    addr: String,
+    /// The other peer's id.
+    pub peer: String,
+    view: u64,
+    writer: Arc<Mutex<BufWriter<TcpStream>>>,
+    credits: Arc<Credits>,
+    closed: Arc<AtomicBool>,
+    /// Frames dropped because they carried another view.
+    pub fenced: Arc<AtomicU64>,
+    /// Taken once each, by the local keyed workers.
+    inputs: Mutex<Vec<Option<LinkInput>>>,
+    stream: TcpStream,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The frames a link delivers to one local keyed worker.
+pub struct LinkInput {
+    to: u16,
+    rx: Receiver<Frame>,
+    writer: Arc<Mutex<BufWriter<TcpStream>>>,
+    buf: Vec<u8>,
+}
+
+impl LinkInput {
+    /// The next frame, waiting for it; returns its credit to the sender.
+    /// `None` once the link is closed.
+    pub fn recv(&mut self) -> Option<Frame> {
+        let frame = self.rx.recv().ok()?;
+        self.give_credit();
+        Some(frame)
+    }
+
+    /// A frame if one is there now (its credit returned).
+    pub fn try_recv(&mut self) -> Option<Frame> {
+        let frame = self.rx.try_recv().ok()?;
+        self.give_credit();
+        Some(frame)
+    }
+
+    fn give_credit(&mut self) {
+        let msg = Wire::Credit { to: self.to, n: 1 };
+        if let Ok(mut w) = self.writer.lock() {
+            // A failed write means the link is gone; its reader notices.
+            let _ = write_wire(&mut *w, &msg, &mut self.buf).and_then(|_| w.flush());
+        }
+    }
+}
+
+impl Link {
+    /// Dials `addr` and shakes hands. `workers`: keyed workers here (each
+    /// gets a [`LinkInput`]); `window`: credits granted per destination.
+    pub fn dial(addr: &str, me: &Identity, workers: usize, window: u32) -> Result<Link, LinkError> {
+        let io = |source| LinkError::Io {
+            addr: addr.to_string(),
+            source,
+        };
+        let stream = TcpStream::connect(addr).map_err(io)?;
+        stream.set_nodelay(true).map_err(io)?;
+        let mut buf = Vec::new();
+        let mut w = stream.try_clone().map_err(io)?;
+        write_wire(
+            &mut w,
+            &Wire::Hello {
+                cluster: me.cluster.clone(),
+                peer: me.peer.clone(),
+                fingerprint: me.fingerprint.clone(),
+                view: me.view,
+            },
+            &mut buf,
+        )
+        .map_err(io)?;
+        let mut r = stream.try_clone().map_err(io)?;
+        let peer = match read_wire(&mut r, &mut buf).map_err(io)? {
+            Wire::Welcome { peer } => peer,
+            Wire::Refused { reason } => {
+                return Err(LinkError::Refused {
+                    addr: addr.to_string(),
+                    reason,
+                })
+            }
+            other => {
+                return Err(LinkError::Protocol {
+                    addr: addr.to_string(),
+                    message: format!("expected a welcome, got {other:?}"),
+                })
+            }
+        };
+        Link::start(addr.to_string(), peer, me.view, stream, workers, window)
+    }
+
+    /// Accepts one connection from `listener` and shakes hands: refuses a
+    /// peer of another cluster or pipeline (it gets the reason).
+    pub fn accept(
+        listener: &TcpListener,
+        me: &Identity,
+        workers: usize,
+        window: u32,
+    ) -> Result<Link, LinkError> {
+        let local = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let (stream, from) = listener.accept().map_err(|source| LinkError::Io {
+            addr: local.clone(),
+            source,
+        })?;
+        let addr = from.to_string();
+        let io = |source| LinkError::Io {
+            addr: addr.clone(),
+            source,
+        };
+        stream.set_nodelay(true).map_err(io)?;
+        // A dialer that says nothing must not hold the listener forever.
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(io)?;
+        let mut buf = Vec::new();
+        let mut r = stream.try_clone().map_err(io)?;
+        let mut w = stream.try_clone().map_err(io)?;
+        let hello = read_wire(&mut r, &mut buf).map_err(io)?;
+        let Wire::Hello {
+            cluster,
+            peer,
+            fingerprint,
+            ..
+        } = hello
+        else {
+            return Err(LinkError::Protocol {
+                addr,
+                message: "the first message was not a hello".into(),
+            });
+        };
+        let refusal = if cluster != me.cluster {
+            Some(format!(
+                "peer `{peer}` belongs to cluster `{cluster}`, this is `{}`",
+                me.cluster
+            ))
+        } else if fingerprint != me.fingerprint {
+            Some(format!(
+                "peer `{peer}` runs another pipeline ({fingerprint}; this one is {})",
+                me.fingerprint
+            ))
+        } else if peer == me.peer {
+            Some(format!("peer id `{peer}` is this peer's own id"))
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            let _ = write_wire(
+                &mut w,
+                &Wire::Refused {
+                    reason: reason.clone(),
+                },
+                &mut buf,
+            );
+            return Err(LinkError::Refused { addr, reason });
+        }
+        write_wire(
+            &mut w,
+            &Wire::Welcome {
+                peer: me.peer.clone(),
+            },
+            &mut buf,
+        )
+        .map_err(io)?;
+        stream.set_read_timeout(None).map_err(io)?;
+        Link::start(addr, peer, me.view, stream, workers, window)
+    }
+
+    fn start(
+        addr: String,
+        peer: String,
+        view: u64,
+        stream: TcpStream,
+        workers: usize,
+        window: u32,
+    ) -> Result<Link, LinkError> {
+        let io = |source| LinkError::Io {
+            addr: addr.clone(),
+            source,
+        };
+        let writer = Arc::new(Mutex::new(BufWriter::new(stream.try_clone().map_err(io)?)));
+        // The other side's workers are granted `window` credits each as
+        // soon as they send (the count is learned from the first credit).
+        let credits = Arc::new(Credits {
+            left: Mutex::new(Vec::new()),
+            changed: Condvar::new(),
+        });
+        let closed = Arc::new(AtomicBool::new(false));
+        let fenced = Arc::new(AtomicU64::new(0));
+        let mut queues: Vec<SyncSender<Frame>> = Vec::new();
+        let mut inputs = Vec::new();
+        for to in 0..workers {
+            // Never full: the sender has at most `window` frames out.
+            let (tx, rx) = sync_channel(window.max(1) as usize);
+            queues.push(tx);
+            inputs.push(Some(LinkInput {
+                to: to as u16,
+                rx,
+                writer: writer.clone(),
+                buf: Vec::new(),
+            }));
+        }
+        // Grant the first credits.
+        {
+            let mut w = writer
+                .lock()
+                .map_err(|_| LinkError::Closed { addr: addr.clone() })?;
+            let mut buf = Vec::new();
+            for to in 0..workers {
+                write_wire(
+                    &mut *w,
+                    &Wire::Credit {
+                        to: to as u16,
+                        n: window,
+                    },
+                    &mut buf,
+                )
+                .map_err(io)?;
+            }
+            w.flush().map_err(io)?;
+        }
+        let reader = {
+            let stream = stream.try_clone().map_err(io)?;
+            let credits = credits.clone();
+            let closed = closed.clone();
+            let fenced = fenced.clone();
+            let addr = addr.clone();
+            std::thread::Builder::new()
+                .name(format!("rivulet-link-{peer}"))
+                .spawn(move || read_loop(stream, view, queues, credits, closed, fenced, addr))
+                .map_err(io)?
+        };
+        Ok(Link {
+            addr,
+            peer,
+            view,
+            writer,
+            credits,
+            closed,
+            fenced,
+            inputs: Mutex::new(inputs),
+            stream,
+            reader: Some(reader),
+        })
+    }
+
+    /// The input of local keyed worker `to` (taken once).
+    pub fn take_input(&self, to: usize) -> Option<LinkInput> {
+        self.inputs.lock().ok()?.get_mut(to)?.take()
+    }
+
+    /// Sends a frame to keyed worker `to` of the other peer, waiting while
+    /// that worker has taken none of the last `window` frames.
+    pub fn send(&self, to: u16, frame: Frame) -> Result<(), LinkError> {
+        let closed = || LinkError::Closed {
+            addr: self.addr.clone(),
+        };
+        {
+            let mut left = self.credits.left.lock().map_err(|_| closed())?;
+            loop {
+                if self.closed.load(Ordering::SeqCst) {
+                    return Err(closed());
+                }
+                if left.get(to as usize).copied().unwrap_or(0) > 0 {
+                    left[to as usize] -= 1;
+                    break;
+                }
+                left = self
+                    .credits
+                    .changed
+                    .wait_timeout(left, Duration::from_millis(100))
+                    .map_err(|_| closed())?
+                    .0;
+            }
+        }
+        let msg = Wire::Frame {
+            view: self.view,
+            to,
+            frame,
+        };
+        let mut w = self.writer.lock().map_err(|_| closed())?;
+        let mut buf = Vec::new();
+        write_wire(&mut *w, &msg, &mut buf)
+            .and_then(|_| w.flush())
+            .map_err(|source| LinkError::Io {
+                addr: self.addr.clone(),
+                source,
+            })
+    }
+
+    /// Whether the other side closed or failed.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Says goodbye and closes both directions.
+    pub fn close(mut self) {
+        self.shut();
+    }
+
+    fn shut(&mut self) {
+        if let Ok(mut w) = self.writer.lock() {
+            let _ = write_wire(&mut *w, &Wire::Bye, &mut Vec::new()).and_then(|_| w.flush());
+        }
+        let _ = self.stream.shutdown(Shutdown::Both);
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.shut();
+    }
+}
+
+fn read_loop(
+    stream: TcpStream,
+    view: u64,
+    queues: Vec<SyncSender<Frame>>,
+    credits: Arc<Credits>,
+    closed: Arc<AtomicBool>,
+    fenced: Arc<AtomicU64>,
+    addr: String,
+) {
+    let mut r = BufReader::new(stream);
+    let mut buf = Vec::new();
+    loop {
+        match read_wire(&mut r, &mut buf) {
+            Ok(Wire::Frame { view: v, to, frame }) => {
+                if v != view {
+                    fenced.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let Some(q) = queues.get(to as usize) else {
+                    tracing::warn!(peer = %addr, to, "a frame for a worker this peer does not have");
+                    continue;
+                };
+                // Within the credit window the queue has room; a sender
+                // beyond it broke the protocol, so drop the link.
+                if q.try_send(frame).is_err() {
+                    tracing::warn!(peer = %addr, "a peer sent beyond its credit; closing the link");
+                    break;
+                }
+            }
+            Ok(Wire::Credit { to, n }) => {
+                if let Ok(mut left) = credits.left.lock() {
+                    let i = to as usize;
+                    if left.len() <= i {
+                        left.resize(i + 1, 0);
+                    }
+                    left[i] = left[i].saturating_add(n);
+                }
+                credits.changed.notify_all();
+            }
+            Ok(Wire::Bye) => break,
+            Ok(other) => {
+                tracing::warn!(peer = %addr, message = ?other, "unexpected message on a link; closing it");
+                break;
+            }
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::UnexpectedEof {
+                    tracing::warn!(peer = %addr, error = %e, "peer link failed");
+                }
+                break;
+            }
+        }
+    }
+    closed.store(true, Ordering::SeqCst);
+    credits.changed.notify_all();
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::msg::{KeyedBatch, Msg};
+
+    fn me(peer: &str, fingerprint: &str) -> Identity {
+        Identity {
+            cluster: "line-3".into(),
+            peer: peer.into(),
+            fingerprint: fingerprint.into(),
+            view: 1,
+        }
+    }
+
+    /// A connected pair: (dialer's link, acceptor's link).
+    fn pair(workers: usize, window: u32) -> (Link, Link) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let acc = std::thread::spawn(move || Link::accept(&l, &me("b", "fp"), workers, window));
+        let a = Link::dial(&addr, &me("a", "fp"), workers, window).unwrap();
+        let b = acc.join().unwrap().unwrap();
+        (a, b)
+    }
+
+    fn barrier(id: u64) -> Frame {
+        vec![Msg::Barrier(id)]
+    }
+
+    fn id_of(f: &Frame) -> u64 {
+        match f[..] {
+            [Msg::Barrier(id)] => id,
+            _ => u64::MAX,
+        }
+    }
+
+    #[test]
+    fn frames_arrive_in_order_at_their_worker_both_ways() {
+        let (a, b) = pair(2, 4);
+        assert_eq!((a.peer.as_str(), b.peer.as_str()), ("b", "a"));
+        let mut b0 = b.take_input(0).unwrap();
+        let mut b1 = b.take_input(1).unwrap();
+        let sender = std::thread::spawn(move || {
+            for i in 0..50 {
+                a.send((i % 2) as u16, barrier(i)).unwrap();
+            }
+            a
+        });
+        let (mut evens, mut odds) = (Vec::new(), Vec::new());
+        for _ in 0..25 {
+            evens.push(id_of(&b0.recv().unwrap()));
+            odds.push(id_of(&b1.recv().unwrap()));
+        }
+        assert_eq!(evens, (0..50).step_by(2).collect::<Vec<_>>());
+        assert_eq!(odds, (1..50).step_by(2).collect::<Vec<_>>());
+        let a = sender.join().unwrap();
+        // The other direction on the same connection, with a real batch.
+        let batch = KeyedBatch {
+            keys: b"k".to_vec(),
+            ..Default::default()
+        };
+        b.send(1, vec![Msg::Data(batch), Msg::Watermark(7)])
+            .unwrap();
+        let got = a.take_input(1).unwrap().recv().unwrap();
+        assert!(matches!(&got[..], [Msg::Data(d), Msg::Watermark(7)] if d.keys == b"k"));
+    }
+
+    #[test]
+    fn a_worker_that_takes_nothing_holds_back_only_its_own_frames() {
+        let (a, b) = pair(2, 2);
+        let _held = b.take_input(0).unwrap(); // never read: an aligning worker
+        let mut b1 = b.take_input(1).unwrap();
+        let a = Arc::new(a);
+        let sent = Arc::new(AtomicU64::new(0));
+        let stuck = {
+            let (a, sent) = (a.clone(), sent.clone());
+            std::thread::spawn(move || {
+                for i in 0..3 {
+                    if a.send(0, barrier(i)).is_err() {
+                        return;
+                    }
+                    sent.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        };
+        // Frames to worker 1 pass although worker 0's window is used up.
+        for i in 0..10 {
+            a.send(1, barrier(100 + i)).unwrap();
+            assert_eq!(id_of(&b1.recv().unwrap()), 100 + i);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            sent.load(Ordering::SeqCst),
+            2,
+            "the third frame waits for credit"
+        );
+        drop(b);
+        stuck.join().unwrap();
+        assert_eq!(
+            sent.load(Ordering::SeqCst),
+            2,
+            "and fails once the link closes"
+        );
+    }
+
+    #[test]
+    fn a_peer_of_another_pipeline_or_cluster_is_refused_with_the_reason() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let acc = std::thread::spawn(move || {
+            let first = Link::accept(&l, &me("b", "fp-1"), 1, 2).err();
+            let mut other = me("b", "fp-2");
+            other.cluster = "line-9".into();
+            let second = Link::accept(&l, &other, 1, 2).err();
+            (first, second)
+        });
+        let err = Link::dial(&addr, &me("a", "fp-2"), 1, 2).err().unwrap();
+        assert!(err.to_string().contains("runs another pipeline"), "{err}");
+        let err = Link::dial(&addr, &me("a", "fp-2"), 1, 2).err().unwrap();
+        assert!(
+            err.to_string().contains("belongs to cluster `line-3`"),
+            "{err}"
+        );
+        let (first, second) = acc.join().unwrap();
+        assert!(matches!(first, Some(LinkError::Refused { .. })));
+        assert!(matches!(second, Some(LinkError::Refused { .. })));
+    }
+
+    #[test]
+    fn frames_of_another_view_are_dropped_and_counted() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let acc = std::thread::spawn(move || Link::accept(&l, &me("b", "fp"), 1, 4).unwrap());
+        let mut old = me("a", "fp");
+        old.view = 0;
+        let a = Link::dial(&addr, &old, 1, 4).unwrap();
+        let b = acc.join().unwrap();
+        a.send(0, barrier(1)).unwrap();
+        let mut input = b.take_input(0).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while b.fenced.load(Ordering::SeqCst) == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(b.fenced.load(Ordering::SeqCst), 1);
+        assert!(input.try_recv().is_none());
+    }
+
+    #[test]
+    fn garbage_on_the_wire_is_an_error_not_a_panic() {
+        let mut huge = std::io::Cursor::new(u32::MAX.to_le_bytes().to_vec());
+        let e = read_wire(&mut huge, &mut Vec::new()).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        let mut junk = std::io::Cursor::new(vec![3, 0, 0, 0, 0xff, 0xff, 0xff]);
+        let e = read_wire(&mut junk, &mut Vec::new()).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        let mut short = std::io::Cursor::new(vec![9, 0, 0, 0, 1]);
+        assert!(read_wire(&mut short, &mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn a_closed_link_fails_senders_instead_of_hanging() {
+        let (a, b) = pair(1, 1);
+        b.close();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !a.is_closed() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(a.is_closed());
+        // The first credit may still be there; past it, sending fails.
+        let _ = a.send(0, barrier(1));
+        assert!(matches!(
+            a.send(0, barrier(2)),
+            Err(LinkError::Closed { .. })
+        ));
+    }
+}
