@@ -200,6 +200,114 @@ mod tests {
         assert_eq!(BarrierAligner::new(1).arrive(0, 1), Some(1));
     }
 
+    use crate::msg::{KeyedBatch, KeyedRec, Stream};
+    use crate::operators::window::{WindowDef, WindowStep, WindowStepOptions};
+    use crate::value::{encode_key, hash_key, Value};
+
+    /// Records `(key, ts)` with `count()` as the one aggregate.
+    fn data(recs: &[(&str, i64)]) -> Msg {
+        let mut b = KeyedBatch::default();
+        for (i, (k, ts)) in recs.iter().enumerate() {
+            let k0 = b.keys.len() as u32;
+            encode_key(&Value::Str((*k).into()), &mut b.keys);
+            let hash = hash_key(&b.keys[k0 as usize..]);
+            b.recs.push(KeyedRec {
+                idx: i as u32,
+                ts: *ts,
+                hash,
+                position: i as u64,
+                key: (k0, b.keys.len() as u32),
+                vals: b.vals.len() as u32,
+            });
+            b.vals.push(Value::Bool(true));
+        }
+        Msg::Data(b)
+    }
+
+    fn host(inputs: usize) -> KeyedHost {
+        let def = WindowDef::tumbling(std::time::Duration::from_secs(1)).aggregate("n", "count()");
+        let mut op = WindowStep::new(
+            def,
+            WindowStepOptions {
+                key_names: vec!["k".into()],
+                source_name: "test".into(),
+                key_limit: None,
+                fingerprint: String::new(),
+                layout: String::new(),
+            },
+        );
+        op.track_changes();
+        KeyedHost::new(Box::new(op), inputs)
+    }
+
+    fn results(out: &OutBatch) -> usize {
+        out.outputs
+            .iter()
+            .filter(|o| o.stream == Stream::Main)
+            .count()
+    }
+
+    #[test]
+    fn with_two_inputs_windows_fire_on_the_slower_watermark() {
+        let mut h = host(2);
+        let out = h.frame(0, vec![data(&[("a", 1000)]), Msg::Watermark(5000)]);
+        assert_eq!(results(&out), 0, "input 1 has not reported: nothing fires");
+        let out = h.frame(1, vec![Msg::Watermark(1500)]);
+        assert_eq!(
+            results(&out),
+            0,
+            "min(5000, 1500) is before the window's end"
+        );
+        let out = h.frame(1, vec![data(&[("b", 1200)]), Msg::Watermark(2500)]);
+        assert_eq!(
+            results(&out),
+            2,
+            "min(5000, 2500) fires [1000, 2000) of a and b"
+        );
+        assert_eq!(h.valve.current(), 2500);
+    }
+
+    #[test]
+    fn an_idle_input_stops_holding_the_watermark_back() {
+        let mut h = host(2);
+        h.frame(0, vec![data(&[("a", 1000)]), Msg::Watermark(3000)]);
+        assert_eq!(h.valve.current(), i64::MIN);
+        let out = h.frame(1, vec![Msg::Idle { quiet_ms: 0 }]);
+        assert_eq!(results(&out), 1, "input 0 alone decides now");
+        assert_eq!(h.valve.current(), 3000);
+    }
+
+    #[test]
+    fn a_barrier_is_aligned_over_both_inputs_before_the_snapshot() {
+        let mut h = host(2);
+        let out = h.frame(0, vec![data(&[("a", 1000)]), Msg::Barrier(1)]);
+        assert!(
+            out.snapshot.is_none(),
+            "input 1 has not delivered barrier 1"
+        );
+        assert_eq!(h.aligner.blocked(), &[true, false], "input 0 is held back");
+        let out = h.frame(1, vec![data(&[("b", 1100)]), Msg::Barrier(1)]);
+        let snap = out.snapshot.expect("aligned: snapshot");
+        assert_eq!(snap.changes.len(), 2, "both keys' windows are in it");
+        assert_eq!(h.aligner.blocked(), &[false, false]);
+        // The next checkpoint holds only what changed since.
+        h.frame(0, vec![data(&[("a", 1001)]), Msg::Barrier(2)]);
+        let snap = h.frame(1, vec![Msg::Barrier(2)]).snapshot.expect("aligned");
+        assert_eq!(snap.changes.len(), 1);
+    }
+
+    #[test]
+    fn the_end_comes_when_every_input_has_ended() {
+        let mut h = host(2);
+        h.frame(0, vec![data(&[("a", 1000)])]);
+        let out = h.frame(0, vec![Msg::Watermark(i64::MAX), Msg::End(End::Flush)]);
+        assert!(out.end.is_none());
+        assert_eq!(results(&out), 0, "input 1 still holds the watermark");
+        let out = h.frame(1, vec![Msg::Watermark(i64::MAX), Msg::End(End::Flush)]);
+        assert_eq!(out.end, Some(End::Flush));
+        assert_eq!(results(&out), 1);
+    }
+
     #[test]
     fn an_overtaking_barrier_restarts_the_alignment() {
         let mut a = BarrierAligner::new(2);
