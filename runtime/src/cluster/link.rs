@@ -22,6 +22,7 @@
 //! another view than the receiver's is dropped and counted, so a peer that
 //! was removed from the cluster cannot feed it.
 
+use crate::exec::exchange::{Closed, Doorbell, InputSource};
 use crate::msg::Frame;
 use serde::{Deserialize, Serialize};
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -182,9 +183,15 @@ impl LinkInput {
 }
 
 impl Link {
-    /// Dials `addr` and shakes hands. `workers`: keyed workers here (each
-    /// gets a [`LinkInput`]); `window`: credits granted per destination.
-    pub fn dial(addr: &str, me: &Identity, workers: usize, window: u32) -> Result<Link, LinkError> {
+    /// Dials `addr` and shakes hands. `bells`: one per keyed worker here,
+    /// rung when a frame for it arrives (each gets a [`LinkInput`]);
+    /// `window`: credits granted per destination.
+    pub fn dial(
+        addr: &str,
+        me: &Identity,
+        bells: &[Arc<Doorbell>],
+        window: u32,
+    ) -> Result<Link, LinkError> {
         let io = |source| LinkError::Io {
             addr: addr.to_string(),
             source,
@@ -220,7 +227,7 @@ impl Link {
                 })
             }
         };
-        Link::start(addr.to_string(), peer, me.view, stream, workers, window)
+        Link::start(addr.to_string(), peer, me.view, stream, bells, window)
     }
 
     /// Accepts one connection from `listener` and shakes hands: refuses a
@@ -228,7 +235,7 @@ impl Link {
     pub fn accept(
         listener: &TcpListener,
         me: &Identity,
-        workers: usize,
+        bells: &[Arc<Doorbell>],
         window: u32,
     ) -> Result<Link, LinkError> {
         let local = listener
@@ -299,7 +306,7 @@ impl Link {
         )
         .map_err(io)?;
         stream.set_read_timeout(None).map_err(io)?;
-        Link::start(addr, peer, me.view, stream, workers, window)
+        Link::start(addr, peer, me.view, stream, bells, window)
     }
 
     fn start(
@@ -307,9 +314,10 @@ impl Link {
         peer: String,
         view: u64,
         stream: TcpStream,
-        workers: usize,
+        bells: &[Arc<Doorbell>],
         window: u32,
     ) -> Result<Link, LinkError> {
+        let workers = bells.len();
         let io = |source| LinkError::Io {
             addr: addr.clone(),
             source,
@@ -361,9 +369,17 @@ impl Link {
             let closed = closed.clone();
             let fenced = fenced.clone();
             let addr = addr.clone();
+            let bells = bells.to_vec();
             std::thread::Builder::new()
                 .name(format!("rivulet-link-{peer}"))
-                .spawn(move || read_loop(stream, view, queues, credits, closed, fenced, addr))
+                .spawn(move || {
+                    read_loop(stream, view, &queues, &bells, &credits, &fenced, &addr);
+                    closed.store(true, Ordering::SeqCst);
+                    credits.changed.notify_all();
+                    // Receivers waiting on a closed link wake and see it.
+                    drop(queues);
+                    bells.iter().for_each(|b| b.ring());
+                })
                 .map_err(io)?
         };
         Ok(Link {
@@ -454,11 +470,11 @@ impl Drop for Link {
 fn read_loop(
     stream: TcpStream,
     view: u64,
-    queues: Vec<SyncSender<Frame>>,
-    credits: Arc<Credits>,
-    closed: Arc<AtomicBool>,
-    fenced: Arc<AtomicU64>,
-    addr: String,
+    queues: &[SyncSender<Frame>],
+    bells: &[Arc<Doorbell>],
+    credits: &Credits,
+    fenced: &AtomicU64,
+    addr: &str,
 ) {
     let mut r = BufReader::new(stream);
     let mut buf = Vec::new();
@@ -478,6 +494,9 @@ fn read_loop(
                 if q.try_send(frame).is_err() {
                     tracing::warn!(peer = %addr, "a peer sent beyond its credit; closing the link");
                     break;
+                }
+                if let Some(b) = bells.get(to as usize) {
+                    b.ring();
                 }
             }
             Ok(Wire::Credit { to, n }) => {
@@ -503,8 +522,19 @@ fn read_loop(
             }
         }
     }
-    closed.store(true, Ordering::SeqCst);
-    credits.changed.notify_all();
+}
+
+impl InputSource for LinkInput {
+    fn try_next(&mut self) -> Result<Option<Frame>, Closed> {
+        match self.rx.try_recv() {
+            Ok(frame) => {
+                self.give_credit();
+                Ok(Some(frame))
+            }
+            Err(std::sync::mpsc::TryRecvError::Empty) => Ok(None),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => Err(Closed),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -522,12 +552,17 @@ mod tests {
         }
     }
 
+    fn bells(n: usize) -> Vec<Arc<Doorbell>> {
+        (0..n).map(|_| Arc::new(Doorbell::default())).collect()
+    }
+
     /// A connected pair: (dialer's link, acceptor's link).
     fn pair(workers: usize, window: u32) -> (Link, Link) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
-        let acc = std::thread::spawn(move || Link::accept(&l, &me("b", "fp"), workers, window));
-        let a = Link::dial(&addr, &me("a", "fp"), workers, window).unwrap();
+        let acc =
+            std::thread::spawn(move || Link::accept(&l, &me("b", "fp"), &bells(workers), window));
+        let a = Link::dial(&addr, &me("a", "fp"), &bells(workers), window).unwrap();
         let b = acc.join().unwrap().unwrap();
         (a, b)
     }
@@ -617,15 +652,19 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
         let acc = std::thread::spawn(move || {
-            let first = Link::accept(&l, &me("b", "fp-1"), 1, 2).err();
+            let first = Link::accept(&l, &me("b", "fp-1"), &bells(1), 2).err();
             let mut other = me("b", "fp-2");
             other.cluster = "line-9".into();
-            let second = Link::accept(&l, &other, 1, 2).err();
+            let second = Link::accept(&l, &other, &bells(1), 2).err();
             (first, second)
         });
-        let err = Link::dial(&addr, &me("a", "fp-2"), 1, 2).err().unwrap();
+        let err = Link::dial(&addr, &me("a", "fp-2"), &bells(1), 2)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("runs another pipeline"), "{err}");
-        let err = Link::dial(&addr, &me("a", "fp-2"), 1, 2).err().unwrap();
+        let err = Link::dial(&addr, &me("a", "fp-2"), &bells(1), 2)
+            .err()
+            .unwrap();
         assert!(
             err.to_string().contains("belongs to cluster `line-3`"),
             "{err}"
@@ -639,10 +678,11 @@ mod tests {
     fn frames_of_another_view_are_dropped_and_counted() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
-        let acc = std::thread::spawn(move || Link::accept(&l, &me("b", "fp"), 1, 4).unwrap());
+        let acc =
+            std::thread::spawn(move || Link::accept(&l, &me("b", "fp"), &bells(1), 4).unwrap());
         let mut old = me("a", "fp");
         old.view = 0;
-        let a = Link::dial(&addr, &old, 1, 4).unwrap();
+        let a = Link::dial(&addr, &old, &bells(1), 4).unwrap();
         let b = acc.join().unwrap();
         a.send(0, barrier(1)).unwrap();
         let mut input = b.take_input(0).unwrap();
@@ -652,6 +692,57 @@ mod tests {
         }
         assert_eq!(b.fenced.load(Ordering::SeqCst), 1);
         assert!(input.try_recv().is_none());
+    }
+
+    #[test]
+    fn a_keyed_worker_takes_its_own_and_a_peers_stream_as_two_inputs() {
+        use crate::exec::exchange::{local, Inbox, MultiInbox, Outbox};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        // Peer b's one keyed worker: its own parse output plus a's link.
+        let bell = Arc::new(Doorbell::default());
+        let b_bells = vec![bell.clone()];
+        let acc = std::thread::spawn(move || Link::accept(&l, &me("b", "fp"), &b_bells, 2));
+        let a = Link::dial(&addr, &me("a", "fp"), &bells(1), 2).unwrap();
+        let b = acc.join().unwrap().unwrap();
+        let (mut outs, ins) = local(1, 1, 4);
+        outs[0].ring_on_send(0, bell.clone());
+        let own = ins.into_iter().next().unwrap();
+        let mut inbox = MultiInbox::new(
+            vec![Box::new(own), Box::new(b.take_input(0).unwrap())],
+            bell,
+        );
+        assert_eq!(inbox.inputs(), 2);
+        let remote = std::thread::spawn(move || {
+            for id in 0..5 {
+                a.send(0, barrier(100 + id)).unwrap();
+            }
+            a
+        });
+        let own_sender = std::thread::spawn(move || {
+            for id in 0..5 {
+                outs[0].send(0, barrier(id)).unwrap();
+            }
+            outs
+        });
+        let mut from = [Vec::new(), Vec::new()];
+        for _ in 0..10 {
+            let (i, f) = inbox.recv(&[false, false]).unwrap();
+            from[i].push(id_of(&f));
+        }
+        let mut outs = own_sender.join().unwrap();
+        assert_eq!(from[0], vec![0, 1, 2, 3, 4]);
+        assert_eq!(from[1], vec![100, 101, 102, 103, 104]);
+        // The peer leaves: its input ends, the own input goes on.
+        remote.join().unwrap().close();
+        outs[0].send(0, barrier(5)).unwrap();
+        assert_eq!(
+            inbox.recv(&[false, false]).map(|(i, f)| (i, id_of(&f))),
+            Some((0, 5))
+        );
+        drop(outs);
+        assert!(inbox.recv(&[false, false]).is_none());
+        drop(b);
     }
 
     #[test]

@@ -17,7 +17,9 @@
 //! depend on the number of workers.
 
 use crate::msg::Frame;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 /// The receiving side went away (the run is stopping).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +46,8 @@ pub trait Inbox: Send {
 /// The sending side of the local exchange, one per sender.
 pub struct LocalOutbox {
     to: Vec<SyncSender<Frame>>,
+    /// Rung after each frame, for receivers that wait on several inputs.
+    bells: Vec<Option<Arc<Doorbell>>>,
 }
 
 /// The receiving side of the local exchange, one per owner.
@@ -61,7 +65,10 @@ pub fn local(
     capacity: usize,
 ) -> (Vec<LocalOutbox>, Vec<LocalInbox>) {
     let mut outs: Vec<LocalOutbox> = (0..senders)
-        .map(|_| LocalOutbox { to: Vec::new() })
+        .map(|_| LocalOutbox {
+            to: Vec::new(),
+            bells: vec![None; receivers],
+        })
         .collect();
     let mut ins: Vec<LocalInbox> = (0..receivers)
         .map(|_| LocalInbox {
@@ -85,7 +92,19 @@ impl Outbox for LocalOutbox {
     }
 
     fn send(&mut self, owner: usize, frame: Frame) -> Result<(), Closed> {
-        self.to[owner].send(frame).map_err(|_| Closed)
+        self.to[owner].send(frame).map_err(|_| Closed)?;
+        if let Some(bell) = &self.bells[owner] {
+            bell.ring();
+        }
+        Ok(())
+    }
+}
+
+impl LocalOutbox {
+    /// Rings `bell` after every frame sent to `owner` (whose inbox waits on
+    /// several inputs).
+    pub fn ring_on_send(&mut self, owner: usize, bell: Arc<Doorbell>) {
+        self.bells[owner] = Some(bell);
     }
 }
 
@@ -100,6 +119,121 @@ impl Inbox for LocalInbox {
         let frame = rx.recv().ok()?;
         self.next = (self.next + 1) % self.from.len();
         Some((0, frame))
+    }
+}
+
+/// Wakes a receiver that waits on several inputs when any of them has
+/// something: producers ring after each frame, the receiver waits for a
+/// ring newer than the last it saw.
+#[derive(Debug, Default)]
+pub struct Doorbell {
+    rung: Mutex<u64>,
+    cv: Condvar,
+}
+
+impl Doorbell {
+    pub fn ring(&self) {
+        if let Ok(mut n) = self.rung.lock() {
+            *n = n.wrapping_add(1);
+        }
+        self.cv.notify_all();
+    }
+
+    /// The rings so far (to wait for a newer one).
+    pub fn seen(&self) -> u64 {
+        self.rung.lock().map(|n| *n).unwrap_or(0)
+    }
+
+    /// Waits until rung after `seen`, or `timeout` passed.
+    pub fn wait(&self, seen: u64, timeout: Duration) {
+        let Ok(n) = self.rung.lock() else {
+            return;
+        };
+        if *n != seen {
+            return;
+        }
+        let _ = self.cv.wait_timeout_while(n, timeout, |n| *n == seen);
+    }
+}
+
+/// One input of a [`MultiInbox`]: a logical stream of frames.
+pub trait InputSource: Send {
+    /// A frame if one is there now; `Err` once the input has ended.
+    fn try_next(&mut self) -> Result<Option<Frame>, Closed>;
+}
+
+impl InputSource for LocalInbox {
+    fn try_next(&mut self) -> Result<Option<Frame>, Closed> {
+        let Some(rx) = self.from.get(self.next) else {
+            return Err(Closed);
+        };
+        match rx.try_recv() {
+            Ok(frame) => {
+                self.next = (self.next + 1) % self.from.len();
+                Ok(Some(frame))
+            }
+            Err(TryRecvError::Empty) => Ok(None),
+            Err(TryRecvError::Disconnected) => Err(Closed),
+        }
+    }
+}
+
+/// A receiver of several logical inputs (this process's own stream and one
+/// per other peer). It never takes a frame of a blocked input, takes the
+/// inputs in turn so none starves, and sleeps on a [`Doorbell`] that the
+/// inputs' producers ring.
+pub struct MultiInbox {
+    inputs: Vec<Box<dyn InputSource>>,
+    ended: Vec<bool>,
+    bell: Arc<Doorbell>,
+    /// Where the next round of looking starts.
+    next: usize,
+}
+
+/// How long a receiver sleeps at most without a ring (a safety net: every
+/// producer rings).
+const DOORBELL_TIMEOUT: Duration = Duration::from_millis(50);
+
+impl MultiInbox {
+    pub fn new(inputs: Vec<Box<dyn InputSource>>, bell: Arc<Doorbell>) -> Self {
+        let n = inputs.len();
+        MultiInbox {
+            inputs,
+            ended: vec![false; n],
+            bell,
+            next: 0,
+        }
+    }
+}
+
+impl Inbox for MultiInbox {
+    fn inputs(&self) -> usize {
+        self.inputs.len()
+    }
+
+    fn recv(&mut self, blocked: &[bool]) -> Option<(usize, Frame)> {
+        let n = self.inputs.len();
+        loop {
+            let seen = self.bell.seen();
+            for k in 0..n {
+                let i = (self.next + k) % n;
+                if self.ended[i] || blocked.get(i).copied().unwrap_or(false) {
+                    continue;
+                }
+                match self.inputs[i].try_next() {
+                    Ok(Some(frame)) => {
+                        self.next = (i + 1) % n;
+                        return Some((i, frame));
+                    }
+                    Ok(None) => {}
+                    Err(Closed) => self.ended[i] = true,
+                }
+            }
+            if self.ended.iter().all(|&e| e) {
+                return None;
+            }
+            self.bell.wait(seen, DOORBELL_TIMEOUT);
+        }
     }
 }
 
@@ -135,6 +269,60 @@ mod tests {
         }
         drop(outs);
         assert!(ins[0].recv(&[false]).is_none(), "senders gone: the end");
+    }
+
+    /// An input fed by hand.
+    struct Manual(Receiver<Frame>);
+
+    impl InputSource for Manual {
+        fn try_next(&mut self) -> Result<Option<Frame>, Closed> {
+            match self.0.try_recv() {
+                Ok(f) => Ok(Some(f)),
+                Err(TryRecvError::Empty) => Ok(None),
+                Err(TryRecvError::Disconnected) => Err(Closed),
+            }
+        }
+    }
+
+    #[test]
+    fn several_inputs_are_taken_in_turn_and_a_blocked_one_is_left_alone() {
+        let bell = Arc::new(Doorbell::default());
+        let (mut outs, ins) = local(1, 1, 8);
+        outs[0].ring_on_send(0, bell.clone());
+        let (tx, rx) = sync_channel(8);
+        let local_in = ins.into_iter().next().expect("one inbox");
+        let mut inbox =
+            MultiInbox::new(vec![Box::new(local_in), Box::new(Manual(rx))], bell.clone());
+        assert_eq!(inbox.inputs(), 2);
+        for id in 0..3 {
+            outs[0].send(0, vec![Msg::Barrier(id)]).expect("open");
+            tx.send(vec![Msg::Barrier(10 + id)]).expect("open");
+        }
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            let (i, f) = inbox.recv(&[false, false]).expect("frames");
+            got.push((i, f.len()));
+        }
+        assert_eq!(got, vec![(0, 1), (1, 1), (0, 1), (1, 1)], "in turn");
+        // Input 0 blocked: only input 1's frame comes.
+        let (i, f) = inbox.recv(&[true, false]).expect("input 1");
+        assert_eq!(i, 1);
+        assert!(matches!(f[..], [Msg::Barrier(12)]));
+        // A frame sent later wakes the waiting receiver through the bell.
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            tx.send(vec![Msg::Barrier(99)]).expect("open");
+            bell.ring();
+            tx
+        });
+        let (i, f) = inbox.recv(&[true, false]).expect("the late frame");
+        assert_eq!(i, 1);
+        assert!(matches!(f[..], [Msg::Barrier(99)]));
+        drop(late.join());
+        drop(outs);
+        let (i, _) = inbox.recv(&[false, false]).expect("input 0's last frame");
+        assert_eq!(i, 0);
+        assert!(inbox.recv(&[false, false]).is_none(), "both ended");
     }
 
     #[test]
