@@ -448,6 +448,7 @@ fn source_options(port: u16, journal: Option<&Path>) -> rivulet::sources::mqtt::
             ca_file: None,
             client_cert: None,
             max_packet: 1 << 20,
+            last_will: None,
         },
         patterns: vec![rivulet::mqtt::topic::TopicPattern::parse("ov/in").unwrap()],
         qos: 1,

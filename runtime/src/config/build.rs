@@ -211,6 +211,7 @@ pub(super) fn endpoint(
         client_cert: c.client_cert.clone(),
         // Room for the payload and the packet's own headers.
         max_packet: max_payload.saturating_add(64 << 10),
+        last_will: None,
     })
 }
 

@@ -37,6 +37,18 @@ pub struct Endpoint {
     pub client_cert: Option<(String, String)>,
     /// Largest packet accepted or sent.
     pub max_packet: usize,
+    /// Published by the broker when the connection drops without a
+    /// DISCONNECT (peer-mode presence).
+    pub last_will: Option<LastWill>,
+}
+
+/// A message the broker publishes for a client that vanished.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LastWill {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub retain: bool,
 }
 
 impl Endpoint {
@@ -156,6 +168,12 @@ impl Endpoint {
         request_capacity: usize,
         manual_acks: bool,
     ) -> Result<(Client, Connection), String> {
+        // MQTT counts keep-alive in whole seconds (and rumqttc refuses
+        // less than one): round up.
+        let keep_alive = match self.keep_alive {
+            d if d.is_zero() => d,
+            d => Duration::from_secs(d.as_secs_f64().ceil().max(1.0) as u64),
+        };
         let tls = if self.tls {
             Some(rumqttc::TlsConfiguration::Rustls(Arc::new(
                 self.rustls_config()?,
@@ -165,7 +183,7 @@ impl Endpoint {
         };
         if self.version == 5 {
             let mut o = rumqttc::v5::MqttOptions::new(&self.client_id, &self.host, self.port);
-            o.set_keep_alive(self.keep_alive)
+            o.set_keep_alive(keep_alive)
                 .set_clean_start(self.clean_session)
                 .set_max_packet_size(Some(self.max_packet as u32))
                 .set_manual_acks(manual_acks);
@@ -180,12 +198,21 @@ impl Endpoint {
             if let Some(t) = tls {
                 o.set_transport(rumqttc::Transport::tls_with_config(t));
             }
+            if let Some(w) = &self.last_will {
+                o.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+                    &w.topic,
+                    w.payload.clone(),
+                    qos5(w.qos),
+                    w.retain,
+                    None,
+                ));
+            }
             o.set_network_options(nodelay());
             let (c, conn) = rumqttc::v5::Client::new(o, request_capacity);
             Ok((Client::V5(c), Connection::V5(conn)))
         } else {
             let mut o = rumqttc::MqttOptions::new(&self.client_id, &self.host, self.port);
-            o.set_keep_alive(self.keep_alive)
+            o.set_keep_alive(keep_alive)
                 .set_clean_session(self.clean_session)
                 .set_max_packet_size(self.max_packet, self.max_packet)
                 .set_manual_acks(manual_acks);
@@ -194,6 +221,14 @@ impl Endpoint {
             }
             if let Some(t) = tls {
                 o.set_transport(rumqttc::Transport::tls_with_config(t));
+            }
+            if let Some(w) = &self.last_will {
+                o.set_last_will(rumqttc::LastWill::new(
+                    &w.topic,
+                    w.payload.clone(),
+                    qos4(w.qos),
+                    w.retain,
+                ));
             }
             let (c, mut conn) = rumqttc::Client::new(o, request_capacity);
             conn.eventloop.set_network_options(nodelay());

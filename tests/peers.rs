@@ -1,0 +1,220 @@
+//! Peer mode against a real Mosquitto: membership through retained
+//! presence and Last Will.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::Broker;
+use rivulet::cluster::membership::{
+    presence_topic, JoinOptions, MemberEvent, Membership, MembershipError, Presence,
+};
+use rivulet::mqtt::Endpoint;
+use std::time::Duration;
+
+const KEEP_ALIVE: Duration = Duration::from_secs(2);
+
+fn endpoint(b: &Broker) -> Endpoint {
+    endpoint_for_port(b.port)
+}
+
+fn options(b: &Broker, id: &str, fingerprint: &str, incarnation: u64) -> JoinOptions {
+    JoinOptions {
+        cluster: "line-3".into(),
+        me: Presence {
+            id: id.into(),
+            addr: format!("127.0.0.1:74{incarnation:02}"),
+            fingerprint: fingerprint.into(),
+            incarnation,
+            version: "test".into(),
+        },
+        endpoint: endpoint(b),
+        keep_alive: KEEP_ALIVE,
+    }
+}
+
+fn ids(m: &Membership) -> Vec<String> {
+    m.members().into_iter().map(|p| p.id).collect()
+}
+
+#[test]
+fn peers_see_each_other_join_leave_and_vanish() {
+    let b = Broker::start("");
+    let p1 = Membership::join(options(&b, "p1", "fp", 1)).unwrap();
+    let p2 = Membership::join(options(&b, "p2", "fp", 2)).unwrap();
+    assert!(p2.wait_for_members(&["p1", "p2"], Duration::from_secs(5)));
+    assert!(p1.wait_for_members(&["p1", "p2"], Duration::from_secs(5)));
+    let p3 = Membership::join(options(&b, "p3", "fp", 3)).unwrap();
+    assert!(p1.wait_for_members(&["p1", "p2", "p3"], Duration::from_secs(5)));
+    // The presence carries the advertised address and the fingerprint.
+    let seen = p1.members();
+    let three = seen.iter().find(|p| p.id == "p3").unwrap();
+    assert_eq!(
+        (three.addr.as_str(), three.fingerprint.as_str()),
+        ("127.0.0.1:7403", "fp")
+    );
+
+    // A clean leave clears the presence at once.
+    p2.leave();
+    assert!(p1.wait_for_members(&["p1", "p3"], Duration::from_secs(3)));
+    // A vanished peer (no goodbye) is cleared by its will.
+    p3.vanish();
+    assert!(p1.wait_for_members(&["p1"], Duration::from_secs(3)));
+    let events: Vec<MemberEvent> = p1.events().try_iter().collect();
+    assert!(
+        events.contains(&MemberEvent::Left("p2".into())),
+        "{events:?}"
+    );
+    assert!(
+        events.contains(&MemberEvent::Left("p3".into())),
+        "{events:?}"
+    );
+    assert_eq!(ids(&p1), vec!["p1"]);
+    // A newcomer reads the retained list: only the live peer.
+    let p4 = Membership::join(options(&b, "p4", "fp", 4)).unwrap();
+    assert!(p4.wait_for_members(&["p1", "p4"], Duration::from_secs(5)));
+}
+
+#[test]
+fn a_second_process_with_a_live_peers_id_is_refused() {
+    let b = Broker::start("");
+    let _p1 = Membership::join(options(&b, "p1", "fp", 1)).unwrap();
+    let err = Membership::join(options(&b, "p1", "fp", 9)).err().unwrap();
+    assert!(
+        matches!(err, MembershipError::DuplicateId { ref id, .. } if id == "p1"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("already running"), "{err}");
+    assert!(err.to_string().contains("127.0.0.1:7401"), "{err}");
+}
+
+/// Publishes a retained message (empty: clears it) with `mosquitto_pub`.
+fn retain(b: &Broker, topic: &str, payload: Option<&str>) {
+    let mut c = std::process::Command::new("mosquitto_pub");
+    c.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &b.port.to_string(),
+        "-q",
+        "1",
+        "-r",
+        "-t",
+        topic,
+    ]);
+    match payload {
+        Some(m) => c.args(["-m", m]),
+        None => c.arg("-n"),
+    };
+    assert!(c
+        .status()
+        .expect("mosquitto_pub (mosquitto-clients)")
+        .success());
+}
+
+#[test]
+fn a_restarted_peer_replaces_the_presence_of_its_earlier_life() {
+    let b = Broker::start("");
+    let watcher = Membership::join(options(&b, "w", "fp", 7)).unwrap();
+    // An earlier life of p1 whose presence is still retained, as after a
+    // power cut the broker has not noticed yet.
+    let stale = serde_json::to_string(&Presence {
+        id: "p1".into(),
+        addr: "old:1".into(),
+        fingerprint: "fp".into(),
+        incarnation: 1,
+        version: "test".into(),
+    })
+    .unwrap();
+    let topic = presence_topic("line-3", "p1");
+    retain(&b, &topic, Some(&stale));
+    assert!(watcher.wait_for_members(&["p1", "w"], Duration::from_secs(5)));
+    // The stale presence goes (as the broker's will clears it) while the
+    // new life waits its grace period (2.5 keep-alives).
+    let clear = {
+        let port = b.port;
+        let topic = topic.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(1));
+            let ok = std::process::Command::new("mosquitto_pub")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                    "-q",
+                    "1",
+                    "-r",
+                    "-n",
+                    "-t",
+                    &topic,
+                ])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            assert!(ok);
+        })
+    };
+    let p1 = Membership::join(options(&b, "p1", "fp", 2)).unwrap();
+    clear.join().unwrap();
+    assert!(p1.wait_for_members(&["p1", "w"], Duration::from_secs(5)));
+    let me = p1.members().into_iter().find(|p| p.id == "p1").unwrap();
+    assert_eq!((me.incarnation, me.addr.as_str()), (2, "127.0.0.1:7402"));
+}
+
+fn endpoint_for_port(port: u16) -> Endpoint {
+    Endpoint {
+        url: format!("mqtt://127.0.0.1:{port}"),
+        host: "127.0.0.1".into(),
+        port,
+        tls: false,
+        version: 4,
+        client_id: String::new(),
+        clean_session: true,
+        keep_alive: KEEP_ALIVE,
+        username: None,
+        password: None,
+        ca_file: None,
+        client_cert: None,
+        max_packet: 1 << 20,
+        last_will: None,
+    }
+}
+
+#[test]
+fn a_peer_running_another_pipeline_is_refused() {
+    let b = Broker::start("");
+    let _p1 = Membership::join(options(&b, "p1", "keys=[a]", 1)).unwrap();
+    let err = Membership::join(options(&b, "p2", "keys=[b]", 2))
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, MembershipError::OtherPipeline { .. }),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("runs another pipeline") && text.contains("keys=[a]"),
+        "{text}"
+    );
+}
+
+#[test]
+fn no_broker_is_a_clear_error_within_the_wait() {
+    let port = common::free_port();
+    let mut o = JoinOptions {
+        cluster: "c".into(),
+        me: Presence {
+            id: "p".into(),
+            addr: "x:1".into(),
+            fingerprint: "fp".into(),
+            incarnation: 1,
+            version: "t".into(),
+        },
+        endpoint: endpoint_for_port(port),
+        keep_alive: Duration::from_millis(500),
+    };
+    o.endpoint.client_id = "x".into();
+    let err = Membership::join(o).err().unwrap();
+    assert!(matches!(err, MembershipError::NoBroker { .. }), "{err}");
+}
