@@ -454,6 +454,7 @@ fn source_options(port: u16, journal: Option<&Path>) -> rivulet::sources::mqtt::
         qos: 1,
         topic_field: None,
         journal_dir: journal.map(Path::to_path_buf),
+        share_group: None,
     }
 }
 

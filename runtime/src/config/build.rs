@@ -74,6 +74,7 @@ impl ValidPipeline {
                     qos: m.qos,
                     topic_field: m.topic_field.clone(),
                     journal_dir: self.state_dir.as_ref().map(std::path::PathBuf::from),
+                    share_group: None,
                 })
                 .map_err(|e| err(e.to_string()))?,
             ),

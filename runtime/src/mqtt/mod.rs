@@ -331,6 +331,9 @@ pub enum Ev {
         pkid: u16,
         /// Set by the broker on a redelivery.
         dup: bool,
+        /// A retained message (sent because of a subscription, not a
+        /// publish now).
+        retain: bool,
     },
     /// Nothing happened for the `tick` given to [`drive`].
     Tick,
@@ -483,6 +486,7 @@ macro_rules! step_on {
                     payload: p.payload,
                     pkid: p.pkid,
                     dup: p.dup,
+                    retain: p.retain,
                 }),
                 m::Event::Incoming(packet::Packet::PubAck(a)) => Step::Ev(Ev::PubAck(a.pkid)),
                 m::Event::Outgoing(rumqttc::Outgoing::Publish(id)) => Step::Ev(Ev::Sent(id)),

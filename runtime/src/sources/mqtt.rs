@@ -63,6 +63,12 @@ pub struct MqttSourceOptions {
     /// Where the input journal lives (the pipeline's state directory);
     /// `None`: no journal, messages are acknowledged on receipt.
     pub journal_dir: Option<PathBuf>,
+    /// Subscribe through the shared subscription `$share/<group>/…` (peer
+    /// mode: the broker deals the messages among the group's members).
+    /// Topics still bind against the patterns as written. Retained
+    /// messages are then dropped: Mosquitto before 2.0.13 sends them to
+    /// every member, which would count them once per member.
+    pub share_group: Option<String>,
 }
 
 /// A message on its way to the pipeline, with its journal number (0 when
@@ -78,6 +84,8 @@ struct Start {
     conn: Connection,
     tx: SyncSender<Live>,
     filters: Vec<String>,
+    /// Shared subscription: retained messages are dropped.
+    drop_retained: bool,
     qos: u8,
     journal: Option<(Journal, journal::Opened)>,
 }
@@ -142,7 +150,15 @@ impl MqttSource {
             start: Some(Start {
                 conn,
                 tx,
-                filters: opts.patterns.iter().map(|p| p.filter.clone()).collect(),
+                filters: opts
+                    .patterns
+                    .iter()
+                    .map(|p| match &opts.share_group {
+                        Some(g) => format!("$share/{g}/{}", p.filter),
+                        None => p.filter.clone(),
+                    })
+                    .collect(),
+                drop_retained: opts.share_group.is_some(),
                 qos: opts.qos,
                 journal,
             }),
@@ -423,6 +439,10 @@ struct Inbound {
     url: String,
     fatal: Arc<Mutex<Option<String>>>,
     ever_connected: bool,
+    /// Drop retained messages (shared subscriptions).
+    drop_retained: bool,
+    /// Retained messages dropped so far.
+    dropped_retained: u64,
     journal: Option<Journal>,
     /// Journal number of the next message.
     next: u64,
@@ -480,6 +500,8 @@ impl Inbound {
             url: src.url.clone(),
             fatal: src.fatal.clone(),
             ever_connected: false,
+            drop_retained: start.drop_retained,
+            dropped_retained: 0,
             journal,
             next,
             group: Vec::new(),
@@ -518,10 +540,14 @@ impl Inbound {
                 true
             }
             Ev::Message {
+                pkid, retain: true, ..
+            } if self.drop_retained => self.drop_retained_message(pkid),
+            Ev::Message {
                 topic,
                 payload,
                 pkid,
                 dup,
+                ..
             } => self.on_message(topic, payload, pkid, dup),
             Ev::Disconnected { reason, permanent } => {
                 if permanent && !self.ever_connected {
@@ -559,6 +585,22 @@ impl Inbound {
         };
         self.send_acks();
         go_on && ok
+    }
+
+    /// A retained message on a shared subscription: acknowledged (after
+    /// what came before), never handed on.
+    fn drop_retained_message(&mut self, pkid: u16) -> bool {
+        self.dropped_retained += 1;
+        if self.dropped_retained == 1 {
+            tracing::warn!(broker = %self.url, "ignoring retained messages on the shared subscription (each member would count them)");
+        }
+        if self.journal.is_none() || pkid == 0 {
+            return true; // acknowledged on receipt, or QoS 0
+        }
+        let ok = self.commit(true);
+        // Trimming waits for this PUBACK as for the last journaled message.
+        self.acks.push_back((pkid, self.next.saturating_sub(1)));
+        ok
     }
 
     fn on_message(&mut self, topic: String, payload: Bytes, pkid: u16, dup: bool) -> bool {
