@@ -485,3 +485,32 @@ fn a_poll_asked_to_wait_waits_even_when_the_batch_has_events() {
         }
     }
 }
+
+/// The journal reports what it holds through the run context's registry.
+#[test]
+fn the_journal_counts_its_entries_in_the_metrics() {
+    use rivulet::sources::{RawBatch, Source};
+    let b = Broker::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let mut src =
+        rivulet::sources::mqtt::MqttSource::start(source_options(b.port, Some(dir.path())))
+            .unwrap();
+    let ctx = rivulet::context::RunContext::new("j", Default::default(), Default::default());
+    src.start(&ctx.for_operator("source"));
+    let mut batch = RawBatch::default();
+    src.poll(&mut batch, 100, 1 << 20, Duration::from_millis(10))
+        .unwrap();
+    eventually("the subscription", 20, || b.log().contains("ov/in"));
+    let msgs: Vec<(String, String)> = (0..25)
+        .map(|i| ("ov/in".to_string(), format!("{{\"i\":{i}}}")))
+        .collect();
+    publish_all(b.port, &msgs);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while batch.len() < 25 && std::time::Instant::now() < deadline {
+        src.poll(&mut batch, 100, 1 << 20, Duration::from_millis(20))
+            .unwrap();
+    }
+    assert_eq!(batch.len(), 25);
+    // Nothing was checkpointed, so nothing was trimmed: all 25 are held.
+    assert_eq!(ctx.metrics.total("rivulet_journal_entries"), 25);
+}

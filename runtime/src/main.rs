@@ -264,6 +264,7 @@ fn spawn_stats_writer(
             "late": m.total(names::LATE_RECORDS),
             "dead_letters": m.total(names::DEAD_LETTERS),
             "filtered": m.total(names::FILTERED),
+            "journal_entries": m.total("rivulet_journal_entries"),
             "time_ms": std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)

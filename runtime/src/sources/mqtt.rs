@@ -101,6 +101,9 @@ pub struct MqttSource {
     client: Client,
     binder: TopicBinder,
     journal: Option<Journal>,
+    /// Entries held in the journal (`rivulet_journal_entries`), set by the
+    /// connection thread after each group commit.
+    journal_entries: crate::metrics::Gauge,
     /// Journal number of the last message handed out (a count without a journal).
     position: u64,
     /// Journal entries still to replay: `(next, through)`.
@@ -147,6 +150,7 @@ impl MqttSource {
             url,
             rx: Some(rx),
             journal: journal.as_ref().map(|(j, _)| j.clone()),
+            journal_entries: crate::metrics::Gauge::default(),
             start: Some(Start {
                 conn,
                 tx,
@@ -273,6 +277,16 @@ impl MqttSource {
 impl Source for MqttSource {
     fn describe(&self) -> String {
         format!("mqtt {}", self.url)
+    }
+
+    fn start(&mut self, ctx: &crate::context::RunContext) {
+        if self.journal.is_some() {
+            self.journal_entries = ctx.gauge(
+                "rivulet_journal_entries",
+                "messages held in the MQTT input journal (not yet trimmed by a checkpoint)",
+                &[],
+            );
+        }
     }
 
     fn poll(
@@ -464,6 +478,10 @@ struct Inbound {
     recent: HashMap<u16, u64>,
     trim: Arc<AtomicU64>,
     trimmed: u64,
+    /// The journal's first entry when it was opened, less one: nothing
+    /// below it is held.
+    journal_floor: u64,
+    journal_entries: crate::metrics::Gauge,
     /// The last number the pipeline took.
     handed: Arc<AtomicU64>,
     /// The last number journaled.
@@ -481,6 +499,11 @@ impl Inbound {
             .journal
             .as_ref()
             .and_then(|(_, o)| (o.first < o.next).then_some(o.first));
+        let journal_floor = start
+            .journal
+            .as_ref()
+            .map(|(_, o)| o.first.saturating_sub(1))
+            .unwrap_or(0);
         let (journal, recent, next) = match start.journal {
             // Live messages are numbered after everything journaled, and
             // after the checkpoint's position even if the journal was lost.
@@ -512,6 +535,8 @@ impl Inbound {
             earlier_run,
             trim: src.trim.clone(),
             trimmed: 0,
+            journal_floor,
+            journal_entries: src.journal_entries.clone(),
             handed: src.handed.clone(),
             committed: src.committed.clone(),
             failed_at: None,
@@ -727,6 +752,9 @@ impl Inbound {
         if let Some(t) = trim {
             self.trimmed = t;
         }
+        let last = (self.next + self.group.len() as u64).saturating_sub(1);
+        self.journal_entries
+            .set(last.saturating_sub(self.trimmed.max(self.journal_floor)) as i64);
         tracing::trace!(first = self.next, n = self.group.len(), trim = ?trim, "journaled");
         for (i, m) in self.group.iter().enumerate() {
             if m.pkid != 0 {
