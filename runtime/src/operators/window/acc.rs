@@ -70,9 +70,11 @@ pub enum Acc {
     },
     Min(Value),
     Max(Value),
-    /// (event time, arrival sequence, value)
-    First(Option<(i64, u64, Value)>),
-    Last(Option<(i64, u64, Value)>),
+    /// (event time, arrival sequence, value); boxed so that every
+    /// accumulator stays small (postcard writes a box as its content, so
+    /// saved state is the same as unboxed).
+    First(Option<Box<(i64, u64, Value)>>),
+    Last(Option<Box<(i64, u64, Value)>>),
 }
 
 impl Acc {
@@ -138,16 +140,16 @@ impl Acc {
                     *m = v.clone();
                 }
             }
-            Acc::First(cur) => {
-                if cur.as_ref().is_none_or(|(t, s, _)| (ts, seq) < (*t, *s)) {
-                    *cur = Some((ts, seq, v.clone()));
-                }
-            }
-            Acc::Last(cur) => {
-                if cur.as_ref().is_none_or(|(t, s, _)| (ts, seq) > (*t, *s)) {
-                    *cur = Some((ts, seq, v.clone()));
-                }
-            }
+            Acc::First(cur) => match cur {
+                Some(c) if (ts, seq) < (c.0, c.1) => **c = (ts, seq, v.clone()),
+                Some(_) => {}
+                None => *cur = Some(Box::new((ts, seq, v.clone()))),
+            },
+            Acc::Last(cur) => match cur {
+                Some(c) if (ts, seq) > (c.0, c.1) => **c = (ts, seq, v.clone()),
+                Some(_) => {}
+                None => *cur = Some(Box::new((ts, seq, v.clone()))),
+            },
         }
     }
 
@@ -186,10 +188,9 @@ impl Acc {
                 *n += n2;
             }
             (acc @ (Acc::Min(_) | Acc::Max(_)), Acc::Min(v) | Acc::Max(v)) => acc.add(v, 0, 0),
-            (
-                acc @ (Acc::First(_) | Acc::Last(_)),
-                Acc::First(Some((t, s, v))) | Acc::Last(Some((t, s, v))),
-            ) => acc.add(v, *t, *s),
+            (acc @ (Acc::First(_) | Acc::Last(_)), Acc::First(Some(o)) | Acc::Last(Some(o))) => {
+                acc.add(&o.2, o.0, o.1)
+            }
             _ => {}
         }
     }

@@ -32,6 +32,7 @@ pub use step::{WindowStep, WindowStepOptions, STATE_VERSION};
 use crate::expr::Ast;
 use crate::value::{decode_key, Value};
 use hashbrown::HashTable;
+use smallvec::SmallVec;
 use std::collections::BTreeMap;
 
 /// Window shape; all sizes in milliseconds.
@@ -233,16 +234,17 @@ impl KeyBytes {
 }
 
 /// One key's open windows. The accumulators of window `i` are
-/// `accs[i * n .. (i + 1) * n]` for `n` aggregates: two vectors per key
-/// rather than one allocation per window.
+/// `accs[i * n .. (i + 1) * n]` for `n` aggregates. The first two windows
+/// and six accumulators live in the entry itself: finding a key's window
+/// and its accumulators touches one entry, not three allocations.
 struct KeyState {
     key: KeyBytes,
     hash: u64,
     /// Bumped when the slot is reused for another key, so old timers miss.
     gen: u32,
     /// (start, end), sorted by start.
-    windows: Vec<(i64, i64)>,
-    accs: Vec<Acc>,
+    windows: SmallVec<[(i64, i64); 2]>,
+    accs: SmallVec<[Acc; 6]>,
 }
 
 impl KeyState {
@@ -257,7 +259,7 @@ impl KeyState {
     fn insert(&mut self, start: i64, end: i64, accs: impl IntoIterator<Item = Acc>, n: usize) {
         let pos = self.windows.partition_point(|w| w.0 < start);
         self.windows.insert(pos, (start, end));
-        self.accs.splice(pos * n..pos * n, accs);
+        self.accs.insert_many(pos * n, accs);
     }
 }
 
@@ -389,8 +391,8 @@ impl WindowOperator {
             out.upserts.push((
                 k.key.as_slice().into(),
                 KeySnapshot {
-                    windows: k.windows.clone(),
-                    accs: k.accs.clone(),
+                    windows: k.windows.to_vec(),
+                    accs: k.accs.to_vec(),
                 },
             ));
         }
@@ -415,8 +417,8 @@ impl WindowOperator {
         let lateness = self.def.allowed_lateness;
         let k = &mut self.keys[id as usize];
         let gen = k.gen;
-        k.windows = snap.windows;
-        k.accs = snap.accs;
+        k.windows = SmallVec::from_vec(snap.windows);
+        k.accs = SmallVec::from_vec(snap.accs);
         let windows = k.windows.clone();
         for (start, end) in windows {
             let t = Timer {
@@ -470,8 +472,8 @@ impl WindowOperator {
                     key: KeyBytes::new(key),
                     hash,
                     gen: 0,
-                    windows: Vec::new(),
-                    accs: Vec::new(),
+                    windows: SmallVec::new(),
+                    accs: SmallVec::new(),
                 });
                 (self.keys.len() - 1) as u32
             }
