@@ -280,6 +280,9 @@ pub struct WindowOperator {
     free: Vec<u32>,
     index: HashTable<u32>,
     timers: BTreeMap<i64, Vec<Timer>>,
+    /// The earliest timer (`i64::MAX` when none): a watermark below it
+    /// fires nothing, so most advances skip the tree.
+    next_due: i64,
     watermark: i64,
     assigned: Vec<(i64, i64)>,
     emitted: Vec<Emitted>,
@@ -329,6 +332,7 @@ impl WindowOperator {
             free: Vec::new(),
             index: HashTable::new(),
             timers: BTreeMap::new(),
+            next_due: i64::MAX,
             watermark: i64::MIN,
             assigned: Vec::new(),
             emitted: Vec::new(),
@@ -505,6 +509,7 @@ impl WindowOperator {
 
     fn add_timer(&mut self, at: i64, t: Timer) {
         self.timers.entry(at).or_default().push(t);
+        self.next_due = self.next_due.min(at);
     }
 
     /// Processes one event with the watermark as it stands before it.
@@ -664,6 +669,10 @@ impl WindowOperator {
             return;
         }
         self.watermark = watermark;
+        if watermark < self.next_due {
+            self.drain_sorted(out);
+            return;
+        }
         let lateness = self.def.allowed_lateness;
         while let Some(entry) = self.timers.first_entry() {
             if *entry.key() > watermark {
@@ -689,6 +698,10 @@ impl WindowOperator {
                 }
             }
         }
+        self.next_due = self
+            .timers
+            .first_key_value()
+            .map_or(i64::MAX, |(at, _)| *at);
         self.drain_sorted(out);
     }
 
