@@ -72,7 +72,7 @@ pub struct KeyedRec {
 }
 
 /// Records of one input batch for one owner of key groups, in input order.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct KeyedBatch {
     pub recs: Vec<KeyedRec>,
     /// Encoded keys, back to back.
