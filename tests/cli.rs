@@ -133,6 +133,10 @@ fn validate_rejects_broken_yaml_and_structure_without_panicking() {
         ("name: x\nsource: {mqtt: {url: \"http://h\", topics: [\"a/{b\"], qos: 2}}\nsink: {stdout: {}}\n", "expected `mqtt://host:port`"),
         ("name: x\nsource: {mqtt: {url: \"mqtt://h\", topics: [\"a/x{b}\"]}}\nsink: {stdout: {}}\n", "wildcards and bindings take a whole level"),
         ("name: x\nsource: {mqtt: {url: \"mqtt://h\", topics: [a], ca_file: ca.pem, password: p}}\nsink: {stdout: {}}\n", "TLS settings need an `mqtts://` URL"),
+        ("name: x\nsource: {generator: {}, event_time: {field: ts}}\nsink: {stdout: {}}\nsteps:\n  - window: {tumbling: 5s, aggregate: {window_end: count()}}\n", "5:40: steps[0].window.aggregate.window_end: `window_end` is a reserved result field"),
+        ("name: x\nsource: {generator: {}, event_time: {field: ts}}\nsink: {stdout: {}}\nsteps:\n  - window: {session: {gap: 0s}, max_keys: 0, aggregate: {n: count()}}\n", "steps[0].window.session.gap: window gap must be greater than zero"),
+        ("name: x\nsource: {generator: {}, event_time: {field: ts}}\nsink: {stdout: {}}\nsteps:\n  - window: {tumbling: 5s, max_keys: 0, aggregate: {n: count()}}\n", "steps[0].window.max_keys: max_keys must be at least 1"),
+        ("name: x\nsource: {generator: {}, event_time: {field: ts}}\nsink: {stdout: {}}\nsteps:\n  - window: {tumbling: 5s}\n", "a window needs at least one aggregate"),
     ];
     for (i, (yaml, expected)) in cases.iter().enumerate() {
         let f = dir.path().join(format!("c{i}.yaml"));

@@ -19,7 +19,7 @@ pub mod types;
 
 use crate::mqtt::topic::{TopicPattern, TopicTemplate};
 use crate::mqtt::Endpoint;
-use crate::operators::window::{parse_aggregate, WindowDef, WindowKind};
+use crate::operators::window::{parse_aggregate, WindowDef, WindowKind, WindowPart};
 use crate::plan::Format;
 use crate::plan::{Pipeline, PipelineBuilder, DEFAULT_MAX_PAYLOAD};
 use crate::sinks::mqtt::{BufferOptions, MqttSink, MqttSinkOptions, WhenFull};
@@ -313,16 +313,14 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
 
     // A window's results have known fields: check the MQTT topics that use them.
     if let Some(StepSpec::Window(w)) = specs.iter().find(|s| matches!(s, StepSpec::Window(_))) {
-        let mut fields: Vec<String> = specs
+        let keys: Vec<String> = specs
             .iter()
             .find_map(|s| match s {
                 StepSpec::KeyBy(k) => Some(k.clone()),
                 _ => None,
             })
             .unwrap_or_default();
-        fields.push("window_start".into());
-        fields.push("window_end".into());
-        fields.extend(w.aggregates.iter().map(|a| a.name.clone()));
+        let fields = w.output_schema(&keys).names;
         for (i, sink) in sinks.iter().enumerate() {
             if let SinkSpec::Mqtt(m) = sink {
                 for f in m.topic.fields() {

@@ -30,18 +30,20 @@ pub(super) fn check_window(
             ),
         );
     }
+    // Durations are read here; what they must be is the window's rule
+    // (`WindowDef::check`), mapped to their positions below.
     let kind = if let Some(t) = &w.tumbling {
-        c.positive(t, &format!("{path}.tumbling"))
+        c.duration(t, &format!("{path}.tumbling"))
             .map(|size| WindowKind::Tumbling { size })
     } else if let Some(s) = &w.sliding {
-        let size = c.positive(&s.size, &format!("{path}.sliding.size"));
-        let slide = c.positive(&s.slide, &format!("{path}.sliding.slide"));
+        let size = c.duration(&s.size, &format!("{path}.sliding.size"));
+        let slide = c.duration(&s.slide, &format!("{path}.sliding.slide"));
         match (size, slide) {
             (Some(size), Some(slide)) => Some(WindowKind::Sliding { size, slide }),
             _ => None,
         }
     } else if let Some(s) = &w.session {
-        c.positive(&s.gap, &format!("{path}.session.gap"))
+        c.duration(&s.gap, &format!("{path}.session.gap"))
             .map(|gap| WindowKind::Session { gap })
     } else {
         None
@@ -52,30 +54,12 @@ pub(super) fn check_window(
     };
     let mut aggregates = Vec::new();
     let mut ok = true;
+    // No aggregate at all is the window's own rule (reported below).
     match &w.aggregate {
-        None => {
-            c.node(node, path, "a window needs `aggregate:` with at least one result field, like `readings: count()`");
-            ok = false;
-        }
-        Some(a) if a.is_empty() => {
-            c.node(
-                node,
-                path,
-                "`aggregate:` is empty; add at least one result field, like `readings: count()`",
-            );
-            ok = false;
-        }
+        None => {}
         Some(a) => {
             for (name, call) in a {
                 let p = format!("{path}.aggregate.{}", name.value);
-                if ["window_start", "window_end"].contains(&name.as_str()) {
-                    c.sp(
-                        name,
-                        &p,
-                        format!("`{}` is a reserved result field", name.value),
-                    );
-                    ok = false;
-                }
                 match parse_aggregate(&call.0) {
                     Ok((func, arg)) => {
                         if let (Some(known), Some(arg)) = (known, &arg) {
@@ -102,15 +86,44 @@ pub(super) fn check_window(
     let (Some(kind), Some(allowed_lateness), true) = (kind, lateness, ok) else {
         return None;
     };
-    if w.max_keys == Some(0) {
-        c.node(node, &format!("{path}.max_keys"), "must be at least 1");
-        return None;
-    }
-    Some(WindowDef {
+    let def = WindowDef {
         kind,
         allowed_lateness,
         aggregates,
         errors: Vec::new(),
         max_keys: w.max_keys,
-    })
+    };
+    let problems = def.check();
+    for p in &problems {
+        match &p.part {
+            WindowPart::Size => match (&w.tumbling, &w.sliding) {
+                (Some(t), _) => c.sp(t, &format!("{path}.tumbling"), &p.message),
+                (_, Some(s)) => c.sp(&s.size, &format!("{path}.sliding.size"), &p.message),
+                _ => c.node(node, path, &p.message),
+            },
+            WindowPart::Slide => match &w.sliding {
+                Some(s) => c.sp(&s.slide, &format!("{path}.sliding.slide"), &p.message),
+                None => c.node(node, path, &p.message),
+            },
+            WindowPart::Gap => match &w.session {
+                Some(s) => c.sp(&s.gap, &format!("{path}.session.gap"), &p.message),
+                None => c.node(node, path, &p.message),
+            },
+            WindowPart::Lateness => c.node(node, &format!("{path}.allowed_lateness"), &p.message),
+            WindowPart::Aggregates => c.node(node, path, &p.message),
+            WindowPart::Aggregate(name) => {
+                let p_path = format!("{path}.aggregate.{name}");
+                match w
+                    .aggregate
+                    .as_ref()
+                    .and_then(|a| a.keys().find(|k| k.value == *name))
+                {
+                    Some(k) => c.sp(k, &p_path, &p.message),
+                    None => c.node(node, &p_path, &p.message),
+                }
+            }
+            WindowPart::MaxKeys => c.node(node, &format!("{path}.max_keys"), &p.message),
+        }
+    }
+    problems.is_empty().then_some(def)
 }

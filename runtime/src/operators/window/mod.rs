@@ -116,21 +116,71 @@ impl WindowDef {
 
     /// Problems recorded by [`WindowDef::aggregate`] or shape errors.
     pub fn problems(&self) -> Vec<String> {
-        let mut out = self.errors.clone();
-        let bad = |what: &str, v: i64| (v <= 0).then(|| format!("window {what} must be positive"));
-        match self.kind {
-            WindowKind::Tumbling { size } => out.extend(bad("size", size)),
-            WindowKind::Sliding { size, slide } => {
-                out.extend(bad("size", size));
-                out.extend(bad("slide", slide));
+        self.check().into_iter().map(|p| p.message).collect()
+    }
+
+    /// The fields of a result: the key fields, `window_start`,
+    /// `window_end`, then each aggregate by name.
+    pub fn output_schema(&self, key_names: &[String]) -> crate::msg::Schema {
+        let mut names = key_names.to_vec();
+        names.push("window_start".into());
+        names.push("window_end".into());
+        names.extend(self.aggregates.iter().map(|a| a.name.clone()));
+        crate::msg::Schema { names }
+    }
+
+    /// The window's rules, in one place: the builder reports these, the
+    /// pipeline file maps each to the position of the part it names.
+    pub fn check(&self) -> Vec<WindowProblem> {
+        let mut out: Vec<WindowProblem> = self
+            .errors
+            .iter()
+            .map(|e| WindowProblem {
+                part: WindowPart::Aggregates,
+                message: e.clone(),
+            })
+            .collect();
+        let mut bad = |part: WindowPart, what: &str, v: i64| {
+            if v <= 0 {
+                out.push(WindowProblem {
+                    part,
+                    message: format!("window {what} must be greater than zero"),
+                });
             }
-            WindowKind::Session { gap } => out.extend(bad("gap", gap)),
+        };
+        match self.kind {
+            WindowKind::Tumbling { size } => bad(WindowPart::Size, "size", size),
+            WindowKind::Sliding { size, slide } => {
+                bad(WindowPart::Size, "size", size);
+                bad(WindowPart::Slide, "slide", slide);
+            }
+            WindowKind::Session { gap } => bad(WindowPart::Gap, "gap", gap),
         }
         if self.allowed_lateness < 0 {
-            out.push("allowed_lateness must not be negative".into());
+            out.push(WindowProblem {
+                part: WindowPart::Lateness,
+                message: "allowed_lateness must not be negative".into(),
+            });
         }
         if self.aggregates.is_empty() && self.errors.is_empty() {
-            out.push("a window needs at least one aggregate".into());
+            out.push(WindowProblem {
+                part: WindowPart::Aggregates,
+                message: "a window needs at least one aggregate, like `readings: count()`".into(),
+            });
+        }
+        for a in &self.aggregates {
+            if ["window_start", "window_end"].contains(&a.name.as_str()) {
+                out.push(WindowProblem {
+                    part: WindowPart::Aggregate(a.name.clone()),
+                    message: format!("`{}` is a reserved result field", a.name),
+                });
+            }
+        }
+        if self.max_keys == Some(0) {
+            out.push(WindowProblem {
+                part: WindowPart::MaxKeys,
+                message: "max_keys must be at least 1".into(),
+            });
         }
         out
     }
@@ -153,6 +203,27 @@ impl WindowDef {
             WindowKind::Session { gap } => out.push((ts, ts + gap)),
         }
     }
+}
+
+/// The part of a window a problem is about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WindowPart {
+    Size,
+    Slide,
+    Gap,
+    Lateness,
+    /// The aggregates as a whole.
+    Aggregates,
+    /// One aggregate, by its result name.
+    Aggregate(String),
+    MaxKeys,
+}
+
+/// A broken window rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WindowProblem {
+    pub part: WindowPart,
+    pub message: String,
 }
 
 /// Parses `count()`, `avg(expr)` …
@@ -347,11 +418,7 @@ impl WindowOperator {
     /// The fields of a result row: the key fields, `window_start`,
     /// `window_end`, then each aggregate by name.
     pub fn output_schema(&self) -> crate::msg::Schema {
-        let mut names = self.key_names.clone();
-        names.push("window_start".into());
-        names.push("window_end".into());
-        names.extend(self.def.aggregates.iter().map(|a| a.name.clone()));
-        crate::msg::Schema { names }
+        self.def.output_schema(&self.key_names)
     }
 
     /// Sets this worker's share of the key bound.
@@ -712,5 +779,34 @@ impl WindowOperator {
         self.emitted
             .sort_by(|a, b| (a.end, a.start, &a.key).cmp(&(b.end, b.start, &b.key)));
         out.append(&mut self.emitted);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_builder_reports_the_same_window_rules_as_the_file() {
+        let d = WindowDef::sliding(Duration::ZERO, Duration::from_secs(1))
+            .aggregate("window_start", "count()")
+            .max_keys(0);
+        let parts: Vec<WindowPart> = d.check().into_iter().map(|p| p.part).collect();
+        assert_eq!(
+            parts,
+            vec![
+                WindowPart::Size,
+                WindowPart::Aggregate("window_start".into()),
+                WindowPart::MaxKeys
+            ]
+        );
+        let empty = WindowDef::tumbling(Duration::from_secs(5));
+        assert_eq!(
+            empty.problems(),
+            vec!["a window needs at least one aggregate, like `readings: count()`"]
+        );
+        let bad_call = WindowDef::tumbling(Duration::from_secs(5)).aggregate("n", "cnt()");
+        assert!(bad_call.problems()[0].contains("did you mean `count`"));
     }
 }
