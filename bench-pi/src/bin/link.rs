@@ -49,6 +49,7 @@ fn main() {
         peer: peer.into(),
         fingerprint: "fp".into(),
         view: 1,
+        tls: None,
     };
     let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
     let addr = listener.local_addr().expect("an address").to_string();

@@ -22,6 +22,7 @@
 //! another view than the receiver's is dropped and counted, so a peer that
 //! was removed from the cluster cannot feed it.
 
+use super::tls::{PeerTls, Shared, TlsReader, TlsWriter};
 use crate::exec::exchange::{Closed, Doorbell, InputSource};
 use crate::msg::Frame;
 use serde::{Deserialize, Serialize};
@@ -124,6 +125,33 @@ pub struct Identity {
     pub peer: String,
     pub fingerprint: String,
     pub view: u64,
+    /// Mutual TLS with the cluster's CA; `None`: plain TCP.
+    pub tls: Option<PeerTls>,
+}
+
+/// The writing half of a link (plain, or TLS records).
+type Out = Arc<Mutex<Box<dyn Write + Send>>>;
+/// The reading half of a link.
+type In = Box<dyn Read + Send>;
+
+/// Both halves over `stream`, through TLS when `tls` holds a session.
+fn halves(stream: &TcpStream, tls: Option<Shared>) -> std::io::Result<(In, Out)> {
+    Ok(match tls {
+        None => (
+            Box::new(BufReader::new(stream.try_clone()?)),
+            Arc::new(Mutex::new(Box::new(BufWriter::new(stream.try_clone()?)))),
+        ),
+        Some(conn) => (
+            Box::new(BufReader::new(TlsReader::new(
+                conn.clone(),
+                stream.try_clone()?,
+            ))),
+            Arc::new(Mutex::new(Box::new(BufWriter::new(TlsWriter {
+                conn,
+                sock: stream.try_clone()?,
+            })))),
+        ),
+    })
 }
 
 /// Per-destination credits of the sending side.
@@ -138,7 +166,7 @@ pub struct Link {
     /// The other peer's id.
     pub peer: String,
     view: u64,
-    writer: Arc<Mutex<BufWriter<TcpStream>>>,
+    writer: Out,
     credits: Arc<Credits>,
     closed: Arc<AtomicBool>,
     /// Frames dropped because they carried another view.
@@ -153,7 +181,7 @@ pub struct Link {
 pub struct LinkInput {
     to: u16,
     rx: Receiver<Frame>,
-    writer: Arc<Mutex<BufWriter<TcpStream>>>,
+    writer: Out,
     buf: Vec<u8>,
 }
 
@@ -198,20 +226,35 @@ impl Link {
         };
         let stream = TcpStream::connect(addr).map_err(io)?;
         stream.set_nodelay(true).map_err(io)?;
+        let session = match &me.tls {
+            None => None,
+            Some(tls) => {
+                let host = addr
+                    .rsplit_once(':')
+                    .map_or(addr, |(h, _)| h)
+                    .trim_matches(|c| c == '[' || c == ']');
+                Some(tls.connect(host, &stream).map_err(io)?)
+            }
+        };
+        let (mut r, w) = halves(&stream, session).map_err(io)?;
         let mut buf = Vec::new();
-        let mut w = stream.try_clone().map_err(io)?;
-        write_wire(
-            &mut w,
-            &Wire::Hello {
-                cluster: me.cluster.clone(),
-                peer: me.peer.clone(),
-                fingerprint: me.fingerprint.clone(),
-                view: me.view,
-            },
-            &mut buf,
-        )
-        .map_err(io)?;
-        let mut r = stream.try_clone().map_err(io)?;
+        {
+            let mut w = w.lock().map_err(|_| LinkError::Closed {
+                addr: addr.to_string(),
+            })?;
+            write_wire(
+                &mut *w,
+                &Wire::Hello {
+                    cluster: me.cluster.clone(),
+                    peer: me.peer.clone(),
+                    fingerprint: me.fingerprint.clone(),
+                    view: me.view,
+                },
+                &mut buf,
+            )
+            .and_then(|_| w.flush())
+            .map_err(io)?;
+        }
         let peer = match read_wire(&mut r, &mut buf).map_err(io)? {
             Wire::Welcome { peer } => peer,
             Wire::Refused { reason } => {
@@ -227,7 +270,15 @@ impl Link {
                 })
             }
         };
-        Link::start(addr.to_string(), peer, me.view, stream, bells, window)
+        Link::start(
+            addr.to_string(),
+            peer,
+            me.view,
+            stream,
+            (r, w),
+            bells,
+            window,
+        )
     }
 
     /// Accepts one connection from `listener` and shakes hands: refuses a
@@ -256,9 +307,12 @@ impl Link {
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .map_err(io)?;
+        let session = match &me.tls {
+            None => None,
+            Some(tls) => Some(tls.accept(&stream).map_err(io)?),
+        };
+        let (mut r, w) = halves(&stream, session).map_err(io)?;
         let mut buf = Vec::new();
-        let mut r = stream.try_clone().map_err(io)?;
-        let mut w = stream.try_clone().map_err(io)?;
         let hello = read_wire(&mut r, &mut buf).map_err(io)?;
         let Wire::Hello {
             cluster,
@@ -287,26 +341,33 @@ impl Link {
         } else {
             None
         };
-        if let Some(reason) = refusal {
-            let _ = write_wire(
-                &mut w,
-                &Wire::Refused {
-                    reason: reason.clone(),
+        {
+            let mut out = w
+                .lock()
+                .map_err(|_| LinkError::Closed { addr: addr.clone() })?;
+            if let Some(reason) = refusal {
+                let _ = write_wire(
+                    &mut *out,
+                    &Wire::Refused {
+                        reason: reason.clone(),
+                    },
+                    &mut buf,
+                )
+                .and_then(|_| out.flush());
+                return Err(LinkError::Refused { addr, reason });
+            }
+            write_wire(
+                &mut *out,
+                &Wire::Welcome {
+                    peer: me.peer.clone(),
                 },
                 &mut buf,
-            );
-            return Err(LinkError::Refused { addr, reason });
+            )
+            .and_then(|_| out.flush())
+            .map_err(io)?;
         }
-        write_wire(
-            &mut w,
-            &Wire::Welcome {
-                peer: me.peer.clone(),
-            },
-            &mut buf,
-        )
-        .map_err(io)?;
         stream.set_read_timeout(None).map_err(io)?;
-        Link::start(addr, peer, me.view, stream, bells, window)
+        Link::start(addr, peer, me.view, stream, (r, w), bells, window)
     }
 
     fn start(
@@ -314,6 +375,7 @@ impl Link {
         peer: String,
         view: u64,
         stream: TcpStream,
+        (reader, writer): (In, Out),
         bells: &[Arc<Doorbell>],
         window: u32,
     ) -> Result<Link, LinkError> {
@@ -322,7 +384,6 @@ impl Link {
             addr: addr.clone(),
             source,
         };
-        let writer = Arc::new(Mutex::new(BufWriter::new(stream.try_clone().map_err(io)?)));
         // The other side's workers are granted `window` credits each as
         // soon as they send (the count is learned from the first credit).
         let credits = Arc::new(Credits {
@@ -364,7 +425,6 @@ impl Link {
             w.flush().map_err(io)?;
         }
         let reader = {
-            let stream = stream.try_clone().map_err(io)?;
             let credits = credits.clone();
             let closed = closed.clone();
             let fenced = fenced.clone();
@@ -373,7 +433,7 @@ impl Link {
             std::thread::Builder::new()
                 .name(format!("rivulet-link-{peer}"))
                 .spawn(move || {
-                    read_loop(stream, view, &queues, &bells, &credits, &fenced, &addr);
+                    read_loop(reader, view, &queues, &bells, &credits, &fenced, &addr);
                     closed.store(true, Ordering::SeqCst);
                     credits.changed.notify_all();
                     // Receivers waiting on a closed link wake and see it.
@@ -468,7 +528,7 @@ impl Drop for Link {
 }
 
 fn read_loop(
-    stream: TcpStream,
+    mut r: In,
     view: u64,
     queues: &[SyncSender<Frame>],
     bells: &[Arc<Doorbell>],
@@ -476,7 +536,6 @@ fn read_loop(
     fenced: &AtomicU64,
     addr: &str,
 ) {
-    let mut r = BufReader::new(stream);
     let mut buf = Vec::new();
     loop {
         match read_wire(&mut r, &mut buf) {
@@ -541,6 +600,7 @@ impl InputSource for LinkInput {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::cluster::tls::PeerTls;
     use crate::msg::{KeyedBatch, Msg};
 
     fn me(peer: &str, fingerprint: &str) -> Identity {
@@ -549,6 +609,7 @@ mod tests {
             peer: peer.into(),
             fingerprint: fingerprint.into(),
             view: 1,
+            tls: None,
         }
     }
 
@@ -743,6 +804,102 @@ mod tests {
         drop(outs);
         assert!(inbox.recv(&[false, false]).is_none());
         drop(b);
+    }
+
+    /// A CA and, per name, a certificate (for 127.0.0.1) and key signed by
+    /// it, written as PEM files into `dir`; returns the CA's path.
+    fn pki(dir: &std::path::Path, ca_name: &str, peers: &[&str]) -> String {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, ca_name);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let ca_path = dir.join(format!("{ca_name}.pem"));
+        std::fs::write(&ca_path, ca_cert.pem()).unwrap();
+        for p in peers {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            std::fs::write(dir.join(format!("{p}.pem")), cert.pem()).unwrap();
+            std::fs::write(dir.join(format!("{p}.key")), key.serialize_pem()).unwrap();
+        }
+        ca_path.display().to_string()
+    }
+
+    fn tls_me(dir: &std::path::Path, ca: &str, peer: &str) -> Identity {
+        let mut me = me(peer, "fp");
+        let file = |ext: &str| dir.join(format!("{peer}.{ext}")).display().to_string();
+        me.tls = Some(PeerTls::from_files(ca, &file("pem"), &file("key")).unwrap());
+        me
+    }
+
+    #[test]
+    fn peers_of_one_ca_talk_over_mutual_tls_and_others_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let ca = pki(d, "cluster-ca", &["a", "b"]);
+        let other = pki(d, "other-ca", &["x"]);
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let b_id = tls_me(d, &ca, "b");
+        let acc = std::thread::spawn(move || {
+            let good = Link::accept(&l, &b_id, &bells(1), 2);
+            let bad = Link::accept(&l, &b_id, &bells(1), 2);
+            (good, bad)
+        });
+        let a = Link::dial(&addr, &tls_me(d, &ca, "a"), &bells(1), 2).unwrap();
+        // A peer that trusts the cluster's CA but whose own certificate
+        // comes from another CA cannot get in: the cluster says why, and
+        // so does the intruder.
+        let mut x_id = tls_me(d, &other, "x");
+        let file = |ext: &str| d.join(format!("x.{ext}")).display().to_string();
+        x_id.tls = Some(PeerTls::from_files(&ca, &file("pem"), &file("key")).unwrap());
+        let x = Link::dial(&addr, &x_id, &bells(1), 2);
+        let (good, bad) = acc.join().unwrap();
+        let b = good.unwrap();
+        let refused = bad.err().expect("the foreign peer is refused").to_string();
+        assert!(
+            refused.contains("not from this cluster's CA (peers.tls.ca_file)"),
+            "{refused}"
+        );
+        let x_err = x.err().expect("the foreign peer fails").to_string();
+        assert!(
+            x_err.contains("refused this peer's certificate") || x_err.contains("closed"),
+            "{x_err}"
+        );
+        // Frames both ways through TLS, in order, with credits.
+        let mut ins = b.take_input(0).unwrap();
+        let sender = std::thread::spawn(move || {
+            for i in 0..20 {
+                a.send(0, barrier(i)).unwrap();
+            }
+            a
+        });
+        let got: Vec<u64> = (0..20).map(|_| id_of(&ins.recv().unwrap())).collect();
+        assert_eq!(got, (0..20).collect::<Vec<_>>());
+        let a = sender.join().unwrap();
+        b.send(0, barrier(99)).unwrap();
+        assert_eq!(id_of(&a.take_input(0).unwrap().recv().unwrap()), 99);
+    }
+
+    #[test]
+    fn unreadable_tls_files_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let ca = pki(d, "ca", &["a"]);
+        let key = d.join("a.key").display().to_string();
+        let cert = d.join("a.pem").display().to_string();
+        let e = PeerTls::from_files("/nonexistent/ca.pem", &cert, &key).unwrap_err();
+        assert!(e.contains("peers.tls.ca_file /nonexistent/ca.pem"), "{e}");
+        let e = PeerTls::from_files(&ca, &key, &key).unwrap_err();
+        assert!(e.contains("peers.tls.cert_file"), "{e}");
+        let e = PeerTls::from_files(&ca, &cert, &cert).unwrap_err();
+        assert!(e.contains("peers.tls.key_file"), "{e}");
     }
 
     #[test]

@@ -9,3 +9,4 @@
 pub mod assign;
 pub mod link;
 pub mod membership;
+pub mod tls;
