@@ -301,3 +301,125 @@ fn a_shared_subscription_deals_messages_once_and_drops_retained_ones() {
     want.sort();
     assert_eq!(all, want);
 }
+
+fn peer_pipeline(b: &Broker, peers: &str) -> String {
+    format!(
+        "name: p\nsource:\n  mqtt: {{ url: \"{}\", topics: [\"sensors/{{id}}/t\"], qos: 1 }}\n  event_time: {{ field: ts }}\n\
+         steps:\n  - key_by: id\n  - window: {{ tumbling: 5s, aggregate: {{ n: count() }} }}\n\
+         sink: {{ stdout: {{}} }}\nstate: {{ dir: st }}\n{peers}",
+        b.url()
+    )
+}
+
+#[test]
+fn rivulet_peers_lists_the_members_and_who_owns_each_group() {
+    let b = Broker::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.yaml");
+    std::fs::write(
+        &file,
+        peer_pipeline(
+            &b,
+            "peers: { cluster: line-3, id: watcher, keep_alive: 2s }\n",
+        ),
+    )
+    .unwrap();
+    let fp = rivulet::config::load(file.to_str().unwrap())
+        .unwrap()
+        .peer_fingerprint();
+    let _p1 = Membership::join(options(&b, "p1", &fp, 1)).unwrap();
+    let _p2 = Membership::join(options(&b, "p2", &fp, 2)).unwrap();
+    // A peer of another pipeline is refused, so it is no member.
+    assert!(Membership::join(options(&b, "odd", "another", 3)).is_err());
+    assert!(_p2.wait_for_members(&["p1", "p2"], Duration::from_secs(5)));
+    let out = common::rivulet_cmd(dir.path(), &["peers", "p.yaml", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<&str> = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["p1", "p2"], "{v}");
+    let groups = v["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 256);
+    for g in groups {
+        let (o, s) = (g["owner"].as_str().unwrap(), g["standby"].as_str().unwrap());
+        assert!(ids.contains(&o) && ids.contains(&s) && o != s, "{g}");
+    }
+    let owned: u64 = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["owns"].as_u64().unwrap())
+        .sum();
+    assert_eq!(owned, 256);
+    // The watcher left nothing behind: still exactly two peers.
+    assert!(_p1.wait_for_members(&["p1", "p2"], Duration::from_secs(2)));
+    // The table form.
+    let out = common::rivulet_cmd(dir.path(), &["peers", "p.yaml"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("cluster line-3: 2 peers"), "{text}");
+    // `run` refuses the section until peer mode is finished.
+    let out = common::rivulet_cmd(dir.path(), &["run", "p.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("peer mode is not finished"));
+}
+
+#[test]
+fn the_peers_section_is_checked_with_positions() {
+    let b = Broker::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let check = |yaml: String, expected: &[&str]| {
+        let f = dir.path().join("v.yaml");
+        std::fs::write(&f, yaml).unwrap();
+        let out = common::rivulet_cmd(dir.path(), &["validate", "v.yaml"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        for e in expected {
+            assert!(err.contains(e), "missing {e:?} in:\n{err}");
+        }
+        out.status.code()
+    };
+    let code = check(
+        peer_pipeline(
+            &b,
+            "peers:\n  cluster: \"line 3\"\n  id: pi/1\n  listen: nowhere\n  advertise: host\n  keep_alive: 500ms\n  colour: red\n",
+        ),
+        &["unknown key `colour`"],
+    );
+    assert_eq!(code, Some(1));
+    check(
+        peer_pipeline(
+            &b,
+            "peers:\n  cluster: \"line 3\"\n  id: pi/1\n  listen: nowhere\n  advertise: host\n  keep_alive: 500ms\n",
+        ),
+        &[
+            "peers.cluster: use letters",
+            "peers.id: use letters",
+            "peers.listen: `nowhere` is not an address",
+            "peers.advertise: expected `host:port`",
+            "peers.keep_alive: must be at least 1s",
+        ],
+    );
+    let no_state =
+        peer_pipeline(&b, "peers: { cluster: c, id: a }\n").replace("state: { dir: st }\n", "");
+    check(no_state, &["peer mode needs a `state:` section"]);
+    let ok = peer_pipeline(
+        &b,
+        "peers: { cluster: c, id: a, advertise: \"pi-1.lan:7450\" }\n",
+    );
+    assert_eq!(check(ok, &[]), Some(0));
+}

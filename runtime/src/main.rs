@@ -71,6 +71,15 @@ enum Command {
         #[command(subcommand)]
         command: StateCommand,
     },
+    /// Show a peer-mode cluster: its members (from the broker) and which
+    /// peer owns and which stands by for each key group.
+    Peers {
+        /// The pipeline file (with a `peers:` section).
+        file: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -143,6 +152,13 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Peers { file, json } => match peers(&file, json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::ExampleConfig => {
             print!("{EXAMPLE}");
             ExitCode::SUCCESS
@@ -189,6 +205,12 @@ fn run(
         signal_hook::flag::register_conditional_shutdown(sig, 130, shutdown.clone())
             .context("installing signal handlers")?;
         signal_hook::flag::register(sig, shutdown.clone()).context("installing signal handlers")?;
+    }
+    if valid.peers.is_some() {
+        anyhow::bail!(
+            "{file}: peer mode is not finished in this release, so `run` refuses a `peers:` section \
+             rather than count keys on several devices; `rivulet peers {file}` shows the cluster"
+        );
     }
     let pipeline = valid
         .build(file, &Overrides { workers })?
@@ -383,4 +405,106 @@ fn savepoint(file: &str, out: Option<std::path::PathBuf>) -> Result<std::path::P
         dir.join("savepoints").join(format!("savepoint-{ms}.redb"))
     });
     rivulet::state::control::request_savepoint(&dir, &out)
+}
+
+/// `rivulet peers FILE`: the members the broker knows and the table every
+/// peer computes from them.
+fn peers(file: &str, json: bool) -> Result<(), String> {
+    use rivulet::cluster::assign::PeerTable;
+    use rivulet::cluster::membership::{JoinOptions, Membership, Presence};
+    let valid = config::load(file).map_err(|e| e.to_string())?;
+    let spec = valid
+        .peers
+        .clone()
+        .ok_or_else(|| format!("{file} has no `peers:` section"))?;
+    let fingerprint = valid.peer_fingerprint();
+    let members = Membership::observe(JoinOptions {
+        cluster: spec.cluster.clone(),
+        me: Presence {
+            id: spec.id.clone(),
+            addr: spec.advertise.clone(),
+            fingerprint: fingerprint.clone(),
+            incarnation: fastrand::u64(..),
+            version: env!("CARGO_PKG_VERSION").into(),
+        },
+        endpoint: valid.source_broker()?,
+        keep_alive: std::time::Duration::from_millis(spec.keep_alive_ms as u64),
+    })
+    .map_err(|e| e.to_string())?;
+    let (ours, others): (Vec<&Presence>, Vec<&Presence>) =
+        members.iter().partition(|p| p.fingerprint == fingerprint);
+    let ids: Vec<&str> = ours.iter().map(|p| p.id.as_str()).collect();
+    // The view: a short hash of the member list every peer sees.
+    let view = xxhash_rust::xxh3::xxh3_64(ids.join(",").as_bytes());
+    let table = PeerTable::compute(view, &ids);
+    let groups: Vec<(u8, String, Option<String>)> = rivulet::partition::KeyGroup::all()
+        .map(|g| {
+            (
+                g.0,
+                table.owner_id(g).to_string(),
+                table.standby_id(g).map(str::to_string),
+            )
+        })
+        .collect();
+    if json {
+        let body = serde_json::json!({
+            "cluster": spec.cluster,
+            "view": format!("{view:016x}"),
+            "fingerprint": fingerprint,
+            "members": ours.iter().map(|p| serde_json::json!({
+                "id": p.id, "addr": p.addr, "version": p.version,
+                "owns": table.index_of(&p.id).map(|i| table.owned_by(i).len()).unwrap_or(0),
+            })).collect::<Vec<_>>(),
+            "other_pipelines": others.iter().map(|p| serde_json::json!({
+                "id": p.id, "addr": p.addr, "fingerprint": p.fingerprint,
+            })).collect::<Vec<_>>(),
+            "groups": if ids.is_empty() { Vec::new() } else {
+                groups.iter().map(|(g, o, s)| serde_json::json!({
+                    "group": g, "owner": o, "standby": s,
+                })).collect::<Vec<_>>()
+            },
+        });
+        println!("{body}");
+        return Ok(());
+    }
+    println!(
+        "cluster {}: {} peer{}, view {view:016x}, pipeline {fingerprint}",
+        spec.cluster,
+        ours.len(),
+        if ours.len() == 1 { "" } else { "s" }
+    );
+    for p in &ours {
+        let owns = table
+            .index_of(&p.id)
+            .map(|i| table.owned_by(i).len())
+            .unwrap_or(0);
+        println!("  {:<20} {:<24} owns {owns} groups", p.id, p.addr);
+    }
+    for p in &others {
+        println!(
+            "  {:<20} {:<24} runs another pipeline ({})",
+            p.id, p.addr, p.fingerprint
+        );
+    }
+    if ids.is_empty() {
+        return Ok(());
+    }
+    // Runs of consecutive groups with the same owner and standby.
+    println!("  groups     owner                standby");
+    let mut start = 0usize;
+    for i in 1..=groups.len() {
+        let same =
+            i < groups.len() && groups[i].1 == groups[start].1 && groups[i].2 == groups[start].2;
+        if !same {
+            let (_, o, s) = &groups[start];
+            let range = if i - 1 == start {
+                format!("{start}")
+            } else {
+                format!("{start}-{}", i - 1)
+            };
+            println!("  {range:<10} {o:<20} {}", s.as_deref().unwrap_or("-"));
+            start = i;
+        }
+    }
+    Ok(())
 }

@@ -126,6 +126,27 @@ impl Membership {
     /// Joins the cluster (see the module docs); waits at most about three
     /// keep-alives for the broker.
     pub fn join(opts: JoinOptions) -> Result<Membership, MembershipError> {
+        let (m, announced) = Membership::open(&opts, true)?;
+        m.check_and_announce(&opts, announced)
+    }
+
+    /// Reads the members without joining (for `rivulet peers`): nothing is
+    /// announced and nothing is left behind.
+    pub fn observe(opts: JoinOptions) -> Result<Vec<Presence>, MembershipError> {
+        let (mut m, _) = Membership::open(&opts, false)?;
+        let members = m.members();
+        m.left = true;
+        m.shut();
+        Ok(members)
+    }
+
+    /// Connects and reads the presences already there. `member`: connect
+    /// as this peer (with the will that clears its presence), else as an
+    /// observer.
+    fn open(
+        opts: &JoinOptions,
+        member: bool,
+    ) -> Result<(Membership, Arc<AtomicBool>), MembershipError> {
         let cluster = opts.cluster.clone();
         let me = opts.me.clone();
         let topic = presence_topic(&cluster, &me.id);
@@ -134,10 +155,14 @@ impl Membership {
         let mut ep = opts.endpoint.clone();
         // The incarnation keeps a second process with the same id from
         // taking over this connection (which would fire its will).
-        ep.client_id = format!("rivulet-{cluster}-{}-ctl-{:x}", me.id, me.incarnation);
+        ep.client_id = if member {
+            format!("rivulet-{cluster}-{}-ctl-{:x}", me.id, me.incarnation)
+        } else {
+            format!("rivulet-{cluster}-observer-{:x}", me.incarnation)
+        };
         ep.clean_session = true;
         ep.keep_alive = opts.keep_alive;
-        ep.last_will = Some(LastWill {
+        ep.last_will = member.then(|| LastWill {
             topic: topic.clone(),
             payload: Vec::new(),
             qos: 1,
@@ -207,6 +232,18 @@ impl Membership {
             m.shut();
             return Err(err);
         }
+        Ok((m, announced))
+    }
+
+    fn check_and_announce(
+        mut self,
+        opts: &JoinOptions,
+        announced: Arc<AtomicBool>,
+    ) -> Result<Membership, MembershipError> {
+        let m = &mut self;
+        let cluster = opts.cluster.clone();
+        let me = opts.me.clone();
+        let topic = presence_topic(&cluster, &me.id);
         // Another live process with this id: wait for a stale presence of
         // an earlier life of this peer to go (its will), then refuse.
         let grace = opts.keep_alive.mul_f64(2.5);
@@ -244,7 +281,7 @@ impl Membership {
         }
         announce(&m.client, &topic, &me);
         announced.store(true, Ordering::SeqCst);
-        Ok(m)
+        Ok(self)
     }
 
     fn view<T>(&self, f: impl FnOnce(&View) -> T) -> T {

@@ -217,6 +217,17 @@ pub(super) fn endpoint(
 }
 
 /// The JSON Schema of pipeline files.
+impl ValidPipeline {
+    /// The broker of the MQTT source (peer mode's membership goes through
+    /// it), with this pipeline's credentials and TLS.
+    pub fn source_broker(&self) -> Result<Endpoint, String> {
+        match &self.source {
+            SourceSpec::Mqtt(m) => endpoint(&m.conn, &self.name, "peers", self.max_payload, true),
+            _ => Err("the source is not `mqtt`".into()),
+        }
+    }
+}
+
 pub fn json_schema() -> serde_json::Value {
     serde_json::to_value(schemars::schema_for!(PipelineFile)).unwrap_or_default()
 }

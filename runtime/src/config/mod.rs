@@ -35,6 +35,7 @@ use types::*;
 
 mod build;
 pub mod diag;
+pub mod peers;
 mod sink;
 mod source;
 pub mod spec;
@@ -43,6 +44,7 @@ mod window;
 pub use build::{json_schema, parse_size, Overrides};
 use diag::*;
 pub use diag::{ConfigError, Problem};
+use peers::check_peers;
 use sink::*;
 use source::*;
 pub use spec::*;
@@ -60,6 +62,7 @@ const TOP_KEYS: &[&str] = &[
     "dead_letter",
     "state",
     "workers",
+    "peers",
 ];
 
 /// The time settings of a valid pipeline (the plan's own type).
@@ -200,6 +203,11 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
             return None;
         }
         Some(w)
+    });
+    let source_is_mqtt = matches!(checked_source, Some((SourceSpec::Mqtt(_), _, _)));
+    let peers = get("peers").and_then(|n| {
+        let p = c.section::<PeersConfig>(n, "peers")?;
+        check_peers(&mut c, &p, n, source_is_mqtt, state_dir.is_some())
     });
 
     // Steps: meaning and order.
@@ -362,6 +370,7 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
         state_dir,
         checkpoint_interval,
         workers,
+        peers,
     })
 }
 

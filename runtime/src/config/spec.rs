@@ -103,6 +103,36 @@ pub struct ValidPipeline {
     pub state_dir: Option<String>,
     pub checkpoint_interval: Option<i64>,
     pub workers: Option<usize>,
+    pub peers: Option<PeersSpec>,
+}
+
+/// A checked `peers:` section.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeersSpec {
+    pub cluster: String,
+    pub id: String,
+    pub listen: std::net::SocketAddr,
+    pub advertise: String,
+    pub keep_alive_ms: i64,
+    /// CA, certificate and key files.
+    pub tls: Option<(String, String, String)>,
+}
+
+impl ValidPipeline {
+    /// What peers of one cluster must share: the pipeline's name, input,
+    /// time and steps (a short hash; sinks, state and peers settings may
+    /// differ per device).
+    pub fn peer_fingerprint(&self) -> String {
+        let topics = match &self.source {
+            SourceSpec::Mqtt(m) => m.topics.iter().map(|t| t.filter.clone()).collect(),
+            _ => Vec::new(),
+        };
+        let canonical = format!(
+            "{}|{:?}|{:?}|{:?}|{:?}",
+            self.name, topics, self.format, self.time, self.steps
+        );
+        format!("{:016x}", xxhash_rust::xxh3::xxh3_64(canonical.as_bytes()))
+    }
 }
 
 impl SourceSpec {

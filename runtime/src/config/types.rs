@@ -135,6 +135,7 @@ pub struct PipelineFile {
     pub state: Option<StateConfig>,
     /// Worker threads that own disjoint key groups (default: number of cores).
     pub workers: Option<usize>,
+    pub peers: Option<PeersConfig>,
 }
 
 /// One item or a list of items.
@@ -394,6 +395,37 @@ pub struct BufferConfig {
     pub when_full: Option<Sp<String>>,
     /// How long a clean shutdown waits to deliver what is buffered (default 10s).
     pub drain_timeout: Option<DurationText>,
+}
+
+/// Peer mode: several devices running this pipeline share its key groups.
+#[derive(Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PeersConfig {
+    /// Peers with the same cluster name and pipeline form one cluster
+    /// (letters, digits, `-`, `_`, `.`).
+    pub cluster: Sp<String>,
+    /// This peer's id, unique in the cluster (default: the host name).
+    pub id: Option<Sp<String>>,
+    /// Where other peers connect (default `0.0.0.0:7450`).
+    pub listen: Option<Sp<String>>,
+    /// What other peers dial, `host:port` (default: the host name and the
+    /// listen port).
+    pub advertise: Option<Sp<String>>,
+    /// Keep-alive of the membership connection to the broker: a vanished
+    /// peer is noticed within 1.5–2.5 times it (default 5s, at least 1s).
+    pub keep_alive: Option<DurationText>,
+    /// Mutual TLS between peers: the cluster's CA, this peer's certificate
+    /// and key (PEM files).
+    pub tls: Option<PeersTlsConfig>,
+}
+
+/// Mutual TLS between peers.
+#[derive(Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PeersTlsConfig {
+    pub ca_file: Sp<String>,
+    pub cert_file: Sp<String>,
+    pub key_file: Sp<String>,
 }
 
 /// Where keyed state and checkpoints are kept.
