@@ -693,6 +693,12 @@ mod tests {
             a.send(1, barrier(100 + i)).unwrap();
             assert_eq!(id_of(&b1.recv().unwrap()), 100 + i);
         }
+        // The two frames the window allows go out (however slow the
+        // machine), the third then waits for a credit that never comes.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while sent.load(Ordering::SeqCst) < 2 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(
             sent.load(Ordering::SeqCst),
