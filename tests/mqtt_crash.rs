@@ -435,20 +435,8 @@ fn a_foreign_journal_file_is_a_clear_error() {
 fn source_options(port: u16, journal: Option<&Path>) -> rivulet::sources::mqtt::MqttSourceOptions {
     rivulet::sources::mqtt::MqttSourceOptions {
         endpoint: rivulet::mqtt::Endpoint {
-            url: format!("mqtt://127.0.0.1:{port}"),
-            host: "127.0.0.1".into(),
-            port,
-            tls: false,
-            version: 4,
-            client_id: "overflow-in".into(),
             clean_session: false,
-            keep_alive: Duration::from_secs(30),
-            username: None,
-            password: None,
-            ca_file: None,
-            client_cert: None,
-            max_packet: 1 << 20,
-            last_will: None,
+            ..common::endpoint(port, "overflow-in", Duration::from_secs(30))
         },
         patterns: vec![rivulet::mqtt::topic::TopicPattern::parse("ov/in").unwrap()],
         qos: 1,

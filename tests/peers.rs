@@ -163,22 +163,7 @@ fn a_restarted_peer_replaces_the_presence_of_its_earlier_life() {
 }
 
 fn endpoint_for_port(port: u16) -> Endpoint {
-    Endpoint {
-        url: format!("mqtt://127.0.0.1:{port}"),
-        host: "127.0.0.1".into(),
-        port,
-        tls: false,
-        version: 4,
-        client_id: String::new(),
-        clean_session: true,
-        keep_alive: KEEP_ALIVE,
-        username: None,
-        password: None,
-        ca_file: None,
-        client_cert: None,
-        max_packet: 1 << 20,
-        last_will: None,
-    }
+    common::endpoint(port, "", KEEP_ALIVE)
 }
 
 #[test]

@@ -174,6 +174,27 @@ pub fn subscribe(port: u16, filter: &str, session: Option<&str>) -> (Inbox, rumq
     (inbox, client)
 }
 
+/// A plain MQTT 3.1.1 endpoint on `127.0.0.1:port` (clean session,
+/// keep-alive `keep_alive`), for library-level tests.
+pub fn endpoint(port: u16, client_id: &str, keep_alive: Duration) -> rivulet::mqtt::Endpoint {
+    rivulet::mqtt::Endpoint {
+        url: format!("mqtt://127.0.0.1:{port}"),
+        host: "127.0.0.1".into(),
+        port,
+        tls: false,
+        version: 4,
+        client_id: client_id.into(),
+        clean_session: true,
+        keep_alive,
+        username: None,
+        password: None,
+        ca_file: None,
+        client_cert: None,
+        max_packet: 1 << 20,
+        last_will: None,
+    }
+}
+
 /// Publishes messages (QoS 1) and waits until the broker acknowledged all.
 pub fn publish_all(port: u16, msgs: &[(String, String)]) {
     let mut o =
