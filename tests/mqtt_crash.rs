@@ -500,5 +500,8 @@ fn the_journal_counts_its_entries_in_the_metrics() {
     }
     assert_eq!(batch.len(), 25);
     // Nothing was checkpointed, so nothing was trimmed: all 25 are held.
-    assert_eq!(ctx.metrics.total("rivulet_journal_entries"), 25);
+    assert_eq!(
+        ctx.metrics.total(rivulet::metrics::names::JOURNAL_ENTRIES),
+        25
+    );
 }

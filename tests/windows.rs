@@ -386,7 +386,7 @@ fn idle_source_stops_holding_back_the_watermark() {
     feed.push(ev("a", 1000, 1));
     feed.push(ev("a", 2000, 2));
     eventually("both events to be read", || {
-        metrics.total(rivulet::metrics::names::SOURCE_RECORDS) == 2
+        metrics.total(rivulet::metrics::names::SOURCE_EVENTS) == 2
     });
     // Quiet for 31 s of (injected) wall clock: watermark = 2000 + 31000 - 1000 - 1.
     clock.advance(31_000);
@@ -419,7 +419,7 @@ fn without_idle_timeout_a_quiet_source_keeps_windows_open() {
     let run = std::thread::spawn(move || pipeline.run(opts).unwrap());
     feed.push(ev("a", 1000, 1));
     eventually("the event to be read", || {
-        metrics.total(rivulet::metrics::names::SOURCE_RECORDS) == 1
+        metrics.total(rivulet::metrics::names::SOURCE_EVENTS) == 1
     });
     clock.advance(3_600_000);
     shutdown.store(true, Ordering::SeqCst);
@@ -450,7 +450,7 @@ fn processing_time_windows_fire_as_the_clock_passes_their_end() {
     feed.push(r#"{"k":"a"}"#);
     feed.push(r#"{"k":"a"}"#);
     eventually("both events to be read", || {
-        metrics.total(rivulet::metrics::names::SOURCE_RECORDS) == 2
+        metrics.total(rivulet::metrics::names::SOURCE_EVENTS) == 2
     });
     clock.set(15_000);
     eventually("the window [10000,15000) to fire", || {
@@ -609,16 +609,16 @@ fn the_run_context_counts_what_the_run_reports() {
         .run(opts)
         .expect("runs");
     use rivulet::metrics::names;
-    assert_eq!(metrics.total(names::SOURCE_RECORDS), 6);
+    assert_eq!(metrics.total(names::SOURCE_EVENTS), 6);
     assert_eq!(stats.events, 6);
     assert_eq!(
         metrics.total(names::DEAD_LETTERS) as u64,
         stats.dead_letters
     );
     assert_eq!(stats.dead_letters, 1);
-    assert_eq!(metrics.total(names::LATE_RECORDS) as u64, stats.late);
+    assert_eq!(metrics.total(names::LATE_EVENTS) as u64, stats.late);
     assert_eq!(stats.late, 1);
-    assert_eq!(metrics.total(names::FILTERED) as u64, stats.filtered);
+    assert_eq!(metrics.total(names::FILTERED_EVENTS) as u64, stats.filtered);
     assert_eq!(stats.filtered, 1);
     assert_eq!(
         metrics.sum(names::SINK_RECORDS, &[("sink", "main")]) as u64,
@@ -626,33 +626,23 @@ fn the_run_context_counts_what_the_run_reports() {
     );
     assert_eq!(stats.results, main.records().len() as u64);
     // Records into the window: all but the dead, filtered one.
-    assert_eq!(metrics.total(names::OPERATOR_RECORDS_IN), 4);
-    assert_eq!(
-        metrics
-            .value(
-                names::OPERATOR_RECORDS_IN,
-                &[
-                    ("pipeline", "counted"),
-                    ("operator", "window"),
-                    ("worker", "0")
-                ]
-            )
-            .unwrap_or(0)
-            + metrics
-                .value(
-                    names::OPERATOR_RECORDS_IN,
-                    &[
-                        ("pipeline", "counted"),
-                        ("operator", "window"),
-                        ("worker", "1")
-                    ]
-                )
-                .unwrap_or(0),
-        4
-    );
+    assert_eq!(metrics.total(names::OPERATOR_RECORDS), 4);
+    let into = |worker: &str| {
+        metrics.sum(
+            names::OPERATOR_RECORDS,
+            &[
+                ("pipeline", "counted"),
+                ("operator", "window"),
+                ("stream", "main"),
+                ("direction", "in"),
+                ("worker", worker),
+            ],
+        )
+    };
+    assert_eq!(into("0") + into("1"), 4);
     let text = metrics.render();
     assert!(
-        text.contains("# TYPE rivulet_source_records_total counter"),
+        text.contains("# TYPE rivulet_source_events_total counter"),
         "{text}"
     );
 }

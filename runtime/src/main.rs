@@ -280,13 +280,13 @@ fn spawn_stats_writer(
         let finished = stop.load(std::sync::atomic::Ordering::SeqCst);
         let m = &opts.metrics;
         let body = serde_json::json!({
-            "events_read": m.total(names::SOURCE_RECORDS),
+            "events_read": m.total(names::SOURCE_EVENTS),
             "batches_written": m.total(names::BATCHES_WRITTEN),
             "results": m.sum(names::SINK_RECORDS, &[("sink", "main")]),
-            "late": m.total(names::LATE_RECORDS),
+            "late": m.total(names::LATE_EVENTS),
             "dead_letters": m.total(names::DEAD_LETTERS),
-            "filtered": m.total(names::FILTERED),
-            "journal_entries": m.total("rivulet_journal_entries"),
+            "filtered": m.total(names::FILTERED_EVENTS),
+            "journal_entries": m.total(names::JOURNAL_ENTRIES),
             "time_ms": std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)

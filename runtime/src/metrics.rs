@@ -13,35 +13,40 @@
 //! ```
 //! use rivulet::metrics::Registry;
 //! let r = Registry::default();
-//! let read = r.counter("rivulet_source_records_total", "records read", &[("source", "file")]);
+//! let read = r.counter("rivulet_source_events_total", "events read", &[("source", "file")]);
 //! read.add(1024);
-//! assert_eq!(r.value("rivulet_source_records_total", &[("source", "file")]), Some(1024));
-//! assert!(r.render().contains("rivulet_source_records_total{source=\"file\"} 1024"));
+//! assert_eq!(r.value("rivulet_source_events_total", &[("source", "file")]), Some(1024));
+//! assert!(r.render().contains("rivulet_source_events_total{source=\"file\"} 1024"));
 //! ```
 
-/// Names of the series the runtime itself keeps.
+/// Names of the series the runtime itself keeps: the names of the
+/// observability issue's contract where it names them.
 pub mod names {
-    /// Records read from the source (label `operator`=`source`).
-    pub const SOURCE_RECORDS: &str = "rivulet_source_records_total";
+    /// Events read from the source (label `source`).
+    pub const SOURCE_EVENTS: &str = "rivulet_source_events_total";
     /// Input batches whose outputs are all written.
     pub const BATCHES_WRITTEN: &str = "rivulet_batches_written_total";
     /// Records written to a sink (`sink`=`main`, `late`, `dead_letter`).
     pub const SINK_RECORDS: &str = "rivulet_sink_records_total";
     /// Records sent to the dead-letter output.
     pub const DEAD_LETTERS: &str = "rivulet_dead_letters_total";
-    /// Records too late for their windows.
-    pub const LATE_RECORDS: &str = "rivulet_late_records_total";
-    /// Records dropped on purpose by a filter.
-    pub const FILTERED: &str = "rivulet_records_filtered_total";
-    /// Records into a keyed operator (label `worker`).
-    pub const OPERATOR_RECORDS_IN: &str = "rivulet_operator_records_in_total";
+    /// Events too late for their windows.
+    pub const LATE_EVENTS: &str = "rivulet_late_events_total";
+    /// Events dropped on purpose by a filter.
+    pub const FILTERED_EVENTS: &str = "rivulet_filtered_events_total";
+    /// Records into or out of an operator (labels `stream`, `operator`,
+    /// `direction`, and `worker` for keyed workers).
+    pub const OPERATOR_RECORDS: &str = "rivulet_operator_records_total";
     /// A keyed worker's watermark (label `worker`), ms kept, s shown.
     pub const WATERMARK: &str = "rivulet_watermark_timestamp_seconds";
-    /// Checkpoints by `result` (`completed`, `failed`).
+    /// Checkpoints by `result` (`ok`, `failed`).
     pub const CHECKPOINTS: &str = "rivulet_checkpoints_total";
     /// When the last checkpoint completed (ms kept, s shown).
-    pub const CHECKPOINT_LAST_COMPLETED: &str =
-        "rivulet_checkpoint_last_completed_timestamp_seconds";
+    pub const LAST_CHECKPOINT: &str = "rivulet_last_checkpoint_timestamp_seconds";
+    /// Messages in an MQTT sink's outbox or unconfirmed (label `sink`).
+    pub const OUTBOX_MESSAGES: &str = "rivulet_outbox_messages";
+    /// Messages held in the MQTT input journal.
+    pub const JOURNAL_ENTRIES: &str = "rivulet_journal_entries";
     /// Id (epoch) of the last completed checkpoint.
     pub const CHECKPOINT_LAST_ID: &str = "rivulet_checkpoint_last_id";
 }

@@ -61,14 +61,10 @@ impl Checkpointer {
         hook: Option<CheckpointHook>,
         ctx: &RunContext,
     ) -> Result<Checkpointer, RunError> {
-        let completed = ctx.counter(
-            names::CHECKPOINTS,
-            "checkpoints",
-            &[("result", "completed")],
-        );
+        let completed = ctx.counter(names::CHECKPOINTS, "checkpoints", &[("result", "ok")]);
         let failed = ctx.counter(names::CHECKPOINTS, "checkpoints", &[("result", "failed")]);
         let last_at = ctx.gauge_ms(
-            names::CHECKPOINT_LAST_COMPLETED,
+            names::LAST_CHECKPOINT,
             "when the last checkpoint completed",
             &[],
         );

@@ -101,9 +101,9 @@ impl KeyedHost {
     pub fn count(&mut self, ctx: &RunContext, worker: usize) {
         let w = worker.to_string();
         self.records_in = ctx.counter(
-            names::OPERATOR_RECORDS_IN,
-            "records into a keyed operator",
-            &[("worker", &w)],
+            names::OPERATOR_RECORDS,
+            "records into or out of an operator",
+            &[("stream", "main"), ("direction", "in"), ("worker", &w)],
         );
         self.watermark = ctx.gauge_ms(
             names::WATERMARK,

@@ -193,7 +193,7 @@ impl MergeCounters {
             late: sink("late"),
             dead: sink("dead_letter"),
             late_records: ctx.counter(
-                names::LATE_RECORDS,
+                names::LATE_EVENTS,
                 "records too late for their windows",
                 &[],
             ),
@@ -203,7 +203,7 @@ impl MergeCounters {
                 &[],
             ),
             filtered: ctx.counter(
-                names::FILTERED,
+                names::FILTERED_EVENTS,
                 "records dropped on purpose by a filter",
                 &[],
             ),

@@ -72,7 +72,11 @@ pub(super) fn read(
         checkpoint_every,
         savepoints,
     } = cfg;
-    let read = ctx.counter(names::SOURCE_RECORDS, "records read from the source", &[]);
+    let read = ctx.counter(
+        names::SOURCE_EVENTS,
+        "events read from the source",
+        &[("source", &ctx.operator)],
+    );
     let mut next_checkpoint = checkpoint_every.map(|d| Instant::now() + d);
     // Whether events came since the last checkpoint (a quiet input gets
     // one more checkpoint, then none until something arrives).

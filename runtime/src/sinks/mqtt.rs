@@ -466,10 +466,11 @@ impl Sink for MqttSink {
     }
 
     fn start(&mut self, ctx: &crate::context::RunContext) {
+        let sink = ctx.operator.strip_prefix("sink_").unwrap_or(&ctx.operator);
         self.outbox = Some(ctx.gauge(
-            "rivulet_outbox_records",
+            crate::metrics::names::OUTBOX_MESSAGES,
             "messages in the MQTT sink's outbox or not yet confirmed",
-            &[],
+            &[("sink", sink)],
         ));
     }
 

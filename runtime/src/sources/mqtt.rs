@@ -282,7 +282,7 @@ impl Source for MqttSource {
     fn start(&mut self, ctx: &crate::context::RunContext) {
         if self.journal.is_some() {
             self.journal_entries = ctx.gauge(
-                "rivulet_journal_entries",
+                crate::metrics::names::JOURNAL_ENTRIES,
                 "messages held in the MQTT input journal (not yet trimmed by a checkpoint)",
                 &[],
             );
