@@ -620,3 +620,26 @@ fn a_savepoint_of_state_format_1_still_restores() {
     assert_eq!(keys, 4);
     assert!(after > 1605, "the restored counts went on: {after}");
 }
+
+/// Regression: a pipeline without a window keeps only its input position;
+/// its format-1 state must load too (the first format-2 build refused it as
+/// "written by a different pipeline").
+#[test]
+fn a_format_1_state_of_a_pipeline_without_a_window_still_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::copy(fixture("stateless.yaml"), d.join("p.yaml")).unwrap();
+    // The input the fixture's run read to the end, and one line more.
+    std::fs::write(d.join("in.jsonl"), "{\"a\":1}\n{\"a\":2}\n{\"a\":3}\n").unwrap();
+    std::fs::create_dir_all(d.join("st")).unwrap();
+    std::fs::copy(fixture("stateless.redb"), d.join("st/state.redb")).unwrap();
+    let out = rivulet(d, &d.join("p.yaml")).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("resuming from the last checkpoint"), "{log}");
+    // Only the line after the saved position is read.
+    assert_eq!(
+        std::fs::read_to_string(d.join("out.jsonl")).unwrap(),
+        "{\"a\":3}\n"
+    );
+}

@@ -210,6 +210,9 @@ fn read_saved(txn: &redb::ReadTransaction, path: &Path) -> Result<Option<Saved>,
             .unwrap_or_default()
     };
     let operators = match version {
+        // Format 1 kept the state of the pipeline's window, if it had one
+        // (a pipeline without a window saved only its input position).
+        1 if text("fingerprint").ends_with("window=none") => Vec::new(),
         1 => vec![OperatorMeta {
             id: 0,
             name: "window".into(),
