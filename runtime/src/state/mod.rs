@@ -178,6 +178,29 @@ fn table_key(key: &[u8]) -> Vec<u8> {
     k
 }
 
+/// What format 2 records about the store itself, written with every
+/// checkpoint and by the upgrade of a format-1 file.
+struct Header<'a> {
+    operators: &'a [OperatorMeta],
+    fingerprint: &'a str,
+    layout: &'a str,
+}
+
+impl Header<'_> {
+    fn write(&self, meta: &mut redb::Table<&str, &[u8]>) -> Result<(), String> {
+        let operators = serde_json::to_vec(self.operators).map_err(|e| e.to_string())?;
+        for (k, v) in [
+            ("version", &(FORMAT_VERSION as i64).to_le_bytes()[..]),
+            ("fingerprint", self.fingerprint.as_bytes()),
+            ("layout", self.layout.as_bytes()),
+            ("operators", &operators[..]),
+        ] {
+            meta.insert(k, v).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
 /// What a file holds, read in one read transaction.
 struct Saved {
     version: u64,
@@ -342,9 +365,20 @@ impl StateStore {
         }
         drop(txn);
         if rewrite {
-            // One transaction: the old tables go, the kept keys are written
-            // to the current layout with the meta data of format 2.
-            Self::rewrite(&db, &path, saved.as_ref(), restored.as_ref())?;
+            // One transaction: the old tables go, the kept keys and the
+            // meta data of format 2 come, so a crash leaves either file
+            // whole. The checkpoint's position, watermarks and epoch stay.
+            Self::rewrite(
+                &db,
+                &path,
+                saved.as_ref(),
+                restored.as_ref(),
+                &Header {
+                    operators: &operators,
+                    fingerprint: &fingerprint,
+                    layout: &layout,
+                },
+            )?;
         }
         let epoch = restored.as_ref().map(|r| r.epoch).unwrap_or(0);
         let mut store = StateStore {
@@ -355,16 +389,9 @@ impl StateStore {
             fingerprint,
             layout,
         };
-        match &restored {
-            None => {
-                // A fresh store records what it belongs to at once.
-                store.commit(&[], i64::MIN, i64::MIN, &mut Pending::default())?;
-            }
-            Some(r) if rewrite => {
-                let input = r.input_watermark.unwrap_or(i64::MIN);
-                store.commit(&r.position, r.watermark, input, &mut Pending::default())?;
-            }
-            Some(_) => {}
+        if restored.is_none() {
+            // A fresh store records what it belongs to at once.
+            store.commit(&[], i64::MIN, i64::MIN, &mut Pending::default())?;
         }
         Ok((store, restored))
     }
@@ -374,6 +401,7 @@ impl StateStore {
         path: &Path,
         saved: Option<&Saved>,
         restored: Option<&Restored>,
+        header: &Header,
     ) -> Result<(), StateError> {
         let e = |x: &dyn std::fmt::Display| store_err(path, x);
         let txn = db.begin_write().map_err(|x| e(&x))?;
@@ -383,9 +411,6 @@ impl StateStore {
                     Ok(_) | Err(redb::TableError::TableDoesNotExist(_)) => {}
                     Err(x) => return Err(e(&x)),
                 }
-                // Format 1 had `max_ts` where format 2 has `input_watermark`.
-                let mut meta = txn.open_table(META).map_err(|x| e(&x))?;
-                meta.remove("max_ts").map_err(|x| e(&x))?;
             } else {
                 for o in &saved.operators {
                     let name = op_table_name(o.id);
@@ -407,6 +432,13 @@ impl StateStore {
                         .map_err(|x| e(&x))?;
                 }
             }
+        }
+        {
+            // Format 1's `max_ts` stays until the first checkpoint writes
+            // `input_watermark`; a restart before then derives it as format
+            // 1 did.
+            let mut meta = txn.open_table(META).map_err(|x| e(&x))?;
+            header.write(&mut meta).map_err(|x| e(&x))?;
         }
         txn.commit().map_err(|x| e(&x))
     }
@@ -532,16 +564,19 @@ impl StateStore {
                 }
             }
             let epoch = self.epoch + 1;
-            let operators = serde_json::to_vec(&self.operators).map_err(|x| e(&x))?;
+            let header = Header {
+                operators: &self.operators,
+                fingerprint: &self.fingerprint,
+                layout: &self.layout,
+            };
+            header.write(&mut meta).map_err(|x| e(&x))?;
             let mut put = |k: &str, v: &[u8]| meta.insert(k, v).map(|_| ()).map_err(|x| e(&x));
-            put("version", &(FORMAT_VERSION as i64).to_le_bytes())?;
-            put("fingerprint", self.fingerprint.as_bytes())?;
-            put("layout", self.layout.as_bytes())?;
-            put("operators", &operators)?;
             put("position", position)?;
             put("watermark", &watermark.to_le_bytes())?;
             put("input_watermark", &input_watermark.to_le_bytes())?;
             put("epoch", &(epoch as i64).to_le_bytes())?;
+            // Superseded by `input_watermark` (format 1).
+            meta.remove("max_ts").map_err(|x| e(&x))?;
         }
         txn.commit().map_err(|x| e(&x))?;
         self.epoch += 1;
@@ -768,6 +803,52 @@ mod tests {
         assert!(err.to_string().contains("different pipeline"), "{err}");
         let (_, r) = StateStore::open(dir.path(), &[decl("a"), decl("c")], true).unwrap();
         assert_eq!(r.unwrap().key_count(), 0, "state dropped, position kept");
+    }
+
+    /// Regression: the upgrade of a format-1 file and its meta data are one
+    /// transaction, and a restart before the first new checkpoint restores
+    /// exactly what format 1 held (a second transaction used to follow, and
+    /// a crash between the two lost every key).
+    #[test]
+    fn an_upgraded_format_1_file_restores_the_same_before_any_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/state-v1/checkpoint.redb");
+        std::fs::copy(&fixture, dir.path().join("state.redb")).unwrap();
+        let fp = "keys=[k] window=Tumbling { size: 1000 } lateness=500 aggregates=[n=Count,total=Sum,hi=Max,first=First,last=Last]";
+        let decls = [decl(fp)];
+        let (s1, r1) = StateStore::open(dir.path(), &decls, false).unwrap();
+        let r1 = r1.unwrap();
+        assert_eq!(s1.epoch(), r1.epoch, "the upgrade is no checkpoint");
+        drop(s1);
+        assert_eq!(inspect(dir.path()).unwrap().version, 2);
+        let (_, r2) = StateStore::open(dir.path(), &decls, false).unwrap();
+        let r2 = r2.unwrap();
+        assert_eq!(r1.key_count(), 276);
+        let sorted = |r: &Restored| {
+            let mut k = r.keys[0].clone();
+            k.sort();
+            k
+        };
+        assert_eq!(sorted(&r1), sorted(&r2));
+        assert_eq!(
+            (
+                r1.position.clone(),
+                r1.watermark,
+                r1.max_ts,
+                r1.input_watermark,
+                r1.epoch
+            ),
+            (
+                r2.position,
+                r2.watermark,
+                r2.max_ts,
+                r2.input_watermark,
+                r2.epoch
+            )
+        );
+        assert_eq!(r2.input_watermark, None, "still derived from max_ts");
+        assert!(r2.max_ts > 0);
     }
 
     #[test]
