@@ -97,10 +97,7 @@ fn recover(keys: u64) {
         def,
         rivulet::operators::window::WindowStepOptions {
             key_names: vec!["sensor_id".into()],
-            source_name: "bench".into(),
-            key_limit: None,
-            fingerprint: "bench".into(),
-            layout: "{}".into(),
+            ..Default::default()
         },
     );
     let t = Instant::now();

@@ -74,10 +74,7 @@ fn main() {
         def,
         WindowStepOptions {
             key_names: vec!["sensor_id".into()],
-            source_name: "bench".into(),
-            key_limit: None,
-            fingerprint: String::new(),
-            layout: String::new(),
+            ..Default::default()
         },
     );
     let mut out: Vec<Output> = Vec::with_capacity(4096);

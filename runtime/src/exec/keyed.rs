@@ -230,10 +230,7 @@ mod tests {
             def,
             WindowStepOptions {
                 key_names: vec!["k".into()],
-                source_name: "test".into(),
-                key_limit: None,
-                fingerprint: String::new(),
-                layout: String::new(),
+                ..Default::default()
             },
         );
         op.track_changes();

@@ -30,6 +30,7 @@ pub struct WindowStep {
 }
 
 /// What a [`WindowStep`] needs besides its window.
+#[derive(Clone, Debug, Default)]
 pub struct WindowStepOptions {
     pub key_names: Vec<String>,
     pub source_name: String,
