@@ -229,7 +229,16 @@ impl ParseWorker {
                     kb.carry(raw.payload(item), raw.topic(item));
                 }
             }
-            frames = data.into_iter().map(|kb| frame(plan, &batch, kb)).collect();
+            // Processing time: the batch's first arrival, once for all owners.
+            let first_arrival = match plan.time {
+                TimeMode::Processing => raw.items.iter().map(|i| i.arrival_ms).min(),
+                _ => None,
+            }
+            .unwrap_or(batch.now_ms);
+            frames = data
+                .into_iter()
+                .map(|kb| frame(plan, &batch, first_arrival, kb))
+                .collect();
         } else {
             for i in 0..n {
                 if records.status[i] == Status::Live {
@@ -265,17 +274,10 @@ impl ParseWorker {
 }
 
 /// One owner's frame for a batch (see the module docs for the order).
-fn frame(plan: &Plan, batch: &InBatch, data: KeyedBatch) -> Frame {
+fn frame(plan: &Plan, batch: &InBatch, first_arrival: i64, data: KeyedBatch) -> Frame {
     let mut frame = Vec::with_capacity(4);
     match plan.time {
         TimeMode::Processing => {
-            let first_arrival = batch
-                .raw
-                .items
-                .iter()
-                .map(|i| i.arrival_ms)
-                .min()
-                .unwrap_or(batch.now_ms);
             frame.push(Msg::Watermark(first_arrival.saturating_sub(1)));
             frame.push(Msg::Data(data));
             frame.push(Msg::Watermark(batch.now_ms.saturating_sub(1)));
