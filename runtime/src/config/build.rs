@@ -181,12 +181,7 @@ pub(super) fn endpoint(
         ),
     };
     let client_id = c.client_id.clone().unwrap_or_else(|| {
-        let host = std::env::var("HOSTNAME")
-            .ok()
-            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-            .map(|h| h.trim().to_string())
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| {
+        let host = crate::util::host_name().unwrap_or_else(|| {
                 if !default_clean && c.clean_session != Some(true) {
                     tracing::warn!(
                         broker = %c.url,

@@ -7,12 +7,8 @@ use super::*;
 pub const DEFAULT_PEER_PORT: u16 = 7450;
 
 /// This machine's host name (empty when unknown).
-pub fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default()
+fn host_name() -> String {
+    crate::util::host_name().unwrap_or_default()
 }
 
 /// Cluster names and peer ids go into MQTT topics and client ids.
