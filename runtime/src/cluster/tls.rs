@@ -8,7 +8,7 @@
 //! plaintext out; writers take the lock to put plaintext in and write the
 //! records out. Neither direction ever waits for the other's socket.
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
@@ -27,36 +27,13 @@ impl std::fmt::Debug for PeerTls {
     }
 }
 
-fn read_pem(path: &str, what: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("peers.tls.{what} {path}: {e}"))
-}
-
-fn certs(path: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem = read_pem(path, what)?;
-    let certs = rustls_pemfile::certs(&mut &pem[..])
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("peers.tls.{what} {path}: not PEM certificates: {e}"))?;
-    if certs.is_empty() {
-        return Err(format!("peers.tls.{what} {path} holds no PEM certificate"));
-    }
-    Ok(certs)
-}
-
 impl PeerTls {
     /// Reads the CA, this peer's certificate and its key (PEM files).
     pub fn from_files(ca_file: &str, cert_file: &str, key_file: &str) -> Result<PeerTls, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in certs(ca_file, "ca_file")? {
-            roots
-                .add(c)
-                .map_err(|e| format!("peers.tls.ca_file {ca_file}: unusable certificate: {e}"))?;
-        }
-        let roots = Arc::new(roots);
-        let chain = certs(cert_file, "cert_file")?;
-        let key_pem = read_pem(key_file, "key_file")?;
-        let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key_pem[..])
-            .map_err(|e| format!("peers.tls.key_file {key_file}: not PEM: {e}"))?
-            .ok_or_else(|| format!("peers.tls.key_file {key_file} holds no private key"))?;
+        use crate::util::pem;
+        let roots = Arc::new(pem::roots(ca_file, "peers.tls.ca_file")?);
+        let chain = pem::certs(cert_file, "peers.tls.cert_file")?;
+        let key = pem::key(key_file, "peers.tls.key_file")?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             roots.clone(),

@@ -103,34 +103,19 @@ impl Endpoint {
     }
 
     fn rustls_config(&self) -> Result<rustls::ClientConfig, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        match &self.ca_file {
-            Some(path) => {
-                let pem =
-                    std::fs::read(path).map_err(|e| format!("cannot read ca_file {path}: {e}"))?;
-                let mut n = 0;
-                for cert in rustls_pemfile::certs(&mut &pem[..]) {
-                    let cert =
-                        cert.map_err(|e| format!("ca_file {path}: not PEM certificates: {e}"))?;
-                    roots
-                        .add(cert)
-                        .map_err(|e| format!("ca_file {path}: unusable certificate: {e}"))?;
-                    n += 1;
-                }
-                if n == 0 {
-                    return Err(format!("ca_file {path} holds no PEM certificate"));
-                }
-            }
+        let roots = match &self.ca_file {
+            Some(path) => crate::util::pem::roots(path, "ca_file")?,
             None => {
-                let found = rustls_native_certs::load_native_certs();
-                for cert in found.certs {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in rustls_native_certs::load_native_certs().certs {
                     let _ = roots.add(cert);
                 }
                 if roots.is_empty() {
                     return Err("no system CA certificates found; set `ca_file`".into());
                 }
+                roots
             }
-        }
+        };
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -139,16 +124,8 @@ impl Endpoint {
         match &self.client_cert {
             None => Ok(builder.with_no_client_auth()),
             Some((cert_path, key_path)) => {
-                let cert_pem = std::fs::read(cert_path)
-                    .map_err(|e| format!("cannot read client_cert {cert_path}: {e}"))?;
-                let certs = rustls_pemfile::certs(&mut &cert_pem[..])
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| format!("client_cert {cert_path}: not PEM: {e}"))?;
-                let key_pem = std::fs::read(key_path)
-                    .map_err(|e| format!("cannot read client_key {key_path}: {e}"))?;
-                let key = rustls_pemfile::private_key(&mut &key_pem[..])
-                    .map_err(|e| format!("client_key {key_path}: not PEM: {e}"))?
-                    .ok_or_else(|| format!("client_key {key_path} holds no private key"))?;
+                let certs = crate::util::pem::certs(cert_path, "client_cert")?;
+                let key = crate::util::pem::key(key_path, "client_key")?;
                 builder
                     .with_client_auth_cert(certs, key)
                     .map_err(|e| format!("client certificate {cert_path}: {e}"))

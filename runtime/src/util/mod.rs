@@ -2,6 +2,7 @@
 //! the module graph, so no layer imports another just for them).
 
 pub mod memory;
+pub mod pem;
 pub mod suggest;
 
 /// This machine's host name: `$HOSTNAME`, else `/etc/hostname`, else the
