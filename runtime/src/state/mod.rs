@@ -32,6 +32,7 @@
 //! installing a savepoint) leaves it as it is.
 
 pub mod control;
+pub mod global;
 
 use crate::operators::keyed::StateDecl;
 use crate::operators::window::KeySnapshot;
