@@ -50,6 +50,7 @@ fn main() {
         fingerprint: "fp".into(),
         view: 1,
         tls: None,
+        control: None,
     };
     let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
     let addr = listener.local_addr().expect("an address").to_string();

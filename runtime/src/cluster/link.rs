@@ -64,6 +64,21 @@ pub enum Wire {
         to: u16,
         n: u32,
     },
+    /// The sender's part of a global checkpoint (a postcard
+    /// [`crate::state::global::Delta`]).
+    Delta {
+        view: u64,
+        body: Vec<u8>,
+    },
+    /// Asks for the whole last global checkpoint (the asker lacks it).
+    SnapshotRequest {
+        view: u64,
+    },
+    /// The answer: a postcard [`crate::state::global::Snapshot`].
+    Snapshot {
+        view: u64,
+        body: Vec<u8>,
+    },
     Bye,
 }
 
@@ -127,6 +142,9 @@ pub struct Identity {
     pub view: u64,
     /// Mutual TLS with the cluster's CA; `None`: plain TCP.
     pub tls: Option<PeerTls>,
+    /// Where control messages of the view (deltas, snapshot requests and
+    /// snapshots) go, with the sending peer's id; `None`: they are dropped.
+    pub control: Option<std::sync::mpsc::Sender<(String, Wire)>>,
 }
 
 /// The writing half of a link (plain, or TLS records).
@@ -270,15 +288,7 @@ impl Link {
                 })
             }
         };
-        Link::start(
-            addr.to_string(),
-            peer,
-            me.view,
-            stream,
-            (r, w),
-            bells,
-            window,
-        )
+        Link::start(addr.to_string(), peer, me, stream, (r, w), bells, window)
     }
 
     /// Accepts one connection from `listener` and shakes hands: refuses a
@@ -318,7 +328,7 @@ impl Link {
             cluster,
             peer,
             fingerprint,
-            ..
+            view,
         } = hello
         else {
             return Err(LinkError::Protocol {
@@ -338,6 +348,11 @@ impl Link {
             ))
         } else if peer == me.peer {
             Some(format!("peer id `{peer}` is this peer's own id"))
+        } else if view != me.view {
+            Some(format!(
+                "peer `{peer}` is in view {view:x}, this peer in {:x} (membership is changing; try again)",
+                me.view
+            ))
         } else {
             None
         };
@@ -367,18 +382,19 @@ impl Link {
             .map_err(io)?;
         }
         stream.set_read_timeout(None).map_err(io)?;
-        Link::start(addr, peer, me.view, stream, (r, w), bells, window)
+        Link::start(addr, peer, me, stream, (r, w), bells, window)
     }
 
     fn start(
         addr: String,
         peer: String,
-        view: u64,
+        me: &Identity,
         stream: TcpStream,
         (reader, writer): (In, Out),
         bells: &[Arc<Doorbell>],
         window: u32,
     ) -> Result<Link, LinkError> {
+        let view = me.view;
         let workers = bells.len();
         let io = |source| LinkError::Io {
             addr: addr.clone(),
@@ -430,10 +446,17 @@ impl Link {
             let fenced = fenced.clone();
             let addr = addr.clone();
             let bells = bells.to_vec();
+            let control = me.control.clone().map(|tx| (peer.clone(), tx));
             std::thread::Builder::new()
                 .name(format!("rivulet-link-{peer}"))
                 .spawn(move || {
-                    read_loop(reader, view, &queues, &bells, &credits, &fenced, &addr);
+                    let to = Deliver {
+                        view,
+                        queues: &queues,
+                        bells: &bells,
+                        control,
+                    };
+                    read_loop(reader, &to, &credits, &fenced, &addr);
                     closed.store(true, Ordering::SeqCst);
                     credits.changed.notify_all();
                     // Receivers waiting on a closed link wake and see it.
@@ -500,6 +523,20 @@ impl Link {
             })
     }
 
+    /// Sends a control message (a checkpoint delta, a snapshot request or
+    /// a snapshot).
+    pub fn send_control(&self, msg: &Wire) -> Result<(), LinkError> {
+        let mut w = self.writer.lock().map_err(|_| LinkError::Closed {
+            addr: self.addr.clone(),
+        })?;
+        write_wire(&mut *w, msg, &mut Vec::new())
+            .and_then(|_| w.flush())
+            .map_err(|source| LinkError::Io {
+                addr: self.addr.clone(),
+                source,
+            })
+    }
+
     /// Whether the other side closed or failed.
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
@@ -527,18 +564,43 @@ impl Drop for Link {
     }
 }
 
-fn read_loop(
-    mut r: In,
+/// Where a link's reader delivers what arrives.
+struct Deliver<'a> {
     view: u64,
-    queues: &[SyncSender<Frame>],
-    bells: &[Arc<Doorbell>],
-    credits: &Credits,
-    fenced: &AtomicU64,
-    addr: &str,
-) {
+    queues: &'a [SyncSender<Frame>],
+    bells: &'a [Arc<Doorbell>],
+    /// The other peer's id and the control channel.
+    control: Option<(String, std::sync::mpsc::Sender<(String, Wire)>)>,
+}
+
+fn read_loop(mut r: In, to_: &Deliver, credits: &Credits, fenced: &AtomicU64, addr: &str) {
+    let Deliver {
+        view,
+        queues,
+        bells,
+        control,
+    } = to_;
+    let view = *view;
     let mut buf = Vec::new();
     loop {
         match read_wire(&mut r, &mut buf) {
+            Ok(
+                msg @ (Wire::Delta { .. } | Wire::SnapshotRequest { .. } | Wire::Snapshot { .. }),
+            ) => {
+                let v = match &msg {
+                    Wire::Delta { view, .. }
+                    | Wire::SnapshotRequest { view }
+                    | Wire::Snapshot { view, .. } => *view,
+                    _ => view,
+                };
+                if v != view {
+                    fenced.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                if let Some((peer, tx)) = control {
+                    let _ = tx.send((peer.clone(), msg));
+                }
+            }
             Ok(Wire::Frame { view: v, to, frame }) => {
                 if v != view {
                     fenced.fetch_add(1, Ordering::Relaxed);
@@ -610,6 +672,7 @@ mod tests {
             fingerprint: fingerprint.into(),
             view: 1,
             tls: None,
+            control: None,
         }
     }
 
@@ -742,23 +805,43 @@ mod tests {
     }
 
     #[test]
-    fn frames_of_another_view_are_dropped_and_counted() {
+    fn a_peer_of_another_view_is_refused_with_the_reason() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
-        let acc =
-            std::thread::spawn(move || Link::accept(&l, &me("b", "fp"), &bells(1), 4).unwrap());
+        let acc = std::thread::spawn(move || Link::accept(&l, &me("b", "fp"), &bells(1), 4));
         let mut old = me("a", "fp");
         old.view = 0;
-        let a = Link::dial(&addr, &old, &bells(1), 4).unwrap();
-        let b = acc.join().unwrap();
-        a.send(0, barrier(1)).unwrap();
-        let mut input = b.take_input(0).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while b.fenced.load(Ordering::SeqCst) == 0 && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        assert_eq!(b.fenced.load(Ordering::SeqCst), 1);
-        assert!(input.try_recv().is_none());
+        let err = Link::dial(&addr, &old, &bells(1), 4).err().unwrap();
+        assert!(err.to_string().contains("membership is changing"), "{err}");
+        assert!(acc.join().unwrap().is_err());
+    }
+
+    #[test]
+    fn control_messages_reach_the_control_channel_with_the_senders_id() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut b_id = me("b", "fp");
+        b_id.control = Some(tx);
+        let acc = std::thread::spawn(move || Link::accept(&l, &b_id, &bells(1), 4).unwrap());
+        let a = Link::dial(&addr, &me("a", "fp"), &bells(1), 4).unwrap();
+        let _b = acc.join().unwrap();
+        a.send_control(&Wire::Delta {
+            view: 0,
+            body: vec![9],
+        })
+        .unwrap();
+        a.send_control(&Wire::Delta {
+            view: 1,
+            body: vec![1, 2],
+        })
+        .unwrap();
+        let (from, msg) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(from, "a");
+        assert!(
+            matches!(msg, Wire::Delta { body, .. } if body == vec![1, 2]),
+            "the delta of another view was dropped"
+        );
     }
 
     #[test]

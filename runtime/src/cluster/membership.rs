@@ -90,6 +90,15 @@ pub struct JoinOptions {
     pub keep_alive: Duration,
 }
 
+/// The topic of the cluster's retained checkpoint decision, and the one on
+/// which peers report a checkpoint ready.
+pub fn control_topics(cluster: &str) -> (String, String) {
+    (
+        format!("rivulet/{cluster}/checkpoint"),
+        format!("rivulet/{cluster}/ready"),
+    )
+}
+
 /// The presence topic of a peer.
 pub fn presence_topic(cluster: &str, id: &str) -> String {
     format!("rivulet/{cluster}/peers/{id}")
@@ -102,6 +111,8 @@ struct View {
     synced: bool,
     /// The last connection error, for the join timeout message.
     error: Option<String>,
+    /// The last global checkpoint decision retained on the broker.
+    decision: Option<Vec<u8>>,
 }
 
 struct Shared {
@@ -116,6 +127,8 @@ pub struct Membership {
     client: Client,
     shared: Arc<Shared>,
     events: Receiver<MemberEvent>,
+    /// Messages of the cluster's control topics ([`control_topics`]).
+    control: Receiver<(String, Vec<u8>)>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     /// Set by [`Membership::leave`]: nothing more to do on drop.
@@ -178,6 +191,7 @@ impl Membership {
             changed: Condvar::new(),
         });
         let (events_tx, events) = channel();
+        let (control_tx, control) = channel();
         let stop = Arc::new(AtomicBool::new(false));
         // Whether our presence is out: re-announced after every reconnect.
         let announced = Arc::new(AtomicBool::new(false));
@@ -185,6 +199,7 @@ impl Membership {
             let (shared, stop, client) = (shared.clone(), stop.clone(), client.clone());
             let (me, url, topic) = (me.clone(), ep.url.clone(), topic.clone());
             let announced = announced.clone();
+            let me_cluster = cluster.clone();
             std::thread::Builder::new()
                 .name("rivulet-members".into())
                 .spawn(move || {
@@ -200,6 +215,8 @@ impl Membership {
                                     shared: &shared,
                                     client: &client,
                                     events: &events_tx,
+                                    control: &control_tx,
+                                    controls: &control_topics(&me_cluster),
                                     me: &me,
                                     topic: &topic,
                                     filter: &filter,
@@ -218,6 +235,7 @@ impl Membership {
             client,
             shared,
             events,
+            control,
             stop,
             thread: Some(thread),
             left: false,
@@ -338,6 +356,22 @@ impl Membership {
         &self.events
     }
 
+    /// Messages on the cluster's control topics, as (topic, payload).
+    pub fn control(&self) -> &Receiver<(String, Vec<u8>)> {
+        &self.control
+    }
+
+    /// The checkpoint decision retained on the broker when this peer
+    /// joined or last reconnected (later ones come through [`Self::control`]).
+    pub fn retained_decision(&self) -> Option<Vec<u8>> {
+        self.view(|v| v.decision.clone())
+    }
+
+    /// Publishes on a control topic (QoS 1); whether it was queued.
+    pub fn publish(&self, topic: &str, retain: bool, payload: Vec<u8>) -> bool {
+        self.client.try_publish(topic, 1, retain, payload)
+    }
+
     /// Leaves cleanly: clears the presence, then disconnects.
     pub fn leave(mut self) {
         let topic = presence_topic(&self.cluster, &self.me.id);
@@ -395,6 +429,8 @@ struct Ctx<'a> {
     shared: &'a Shared,
     client: &'a Client,
     events: &'a Sender<MemberEvent>,
+    control: &'a Sender<(String, Vec<u8>)>,
+    controls: &'a (String, String),
     me: &'a Presence,
     topic: &'a str,
     filter: &'a str,
@@ -408,6 +444,8 @@ fn on_event(ev: Ev, c: &Ctx) -> bool {
             let subscribed = c
                 .client
                 .subscribe(c.filter, 1)
+                .and_then(|_| c.client.subscribe(&c.controls.0, 1))
+                .and_then(|_| c.client.subscribe(&c.controls.1, 1))
                 .and_then(|_| c.client.subscribe(c.probe, 1));
             if let Err(e) = subscribed {
                 tracing::warn!(error = %e, "cannot subscribe to the cluster's presence topics");
@@ -422,6 +460,11 @@ fn on_event(ev: Ev, c: &Ctx) -> bool {
             let mut v = c.shared.view.lock().unwrap_or_else(|e| e.into_inner());
             if topic == c.probe {
                 v.synced = true;
+            } else if topic == c.controls.0 || topic == c.controls.1 {
+                if topic == c.controls.0 {
+                    v.decision = Some(payload.to_vec());
+                }
+                let _ = c.control.send((topic, payload.to_vec()));
             } else if let Some(id) = topic.rsplit('/').next() {
                 if payload.is_empty() {
                     if v.members.remove(id).is_some() {
