@@ -64,7 +64,7 @@ impl ValidPipeline {
                     // a session for us while we are away.
                     endpoint: endpoint(
                         &m.conn,
-                        &self.name,
+                        &self.client_prefix(),
                         "in",
                         self.max_payload,
                         self.state_dir.is_none(),
@@ -74,7 +74,11 @@ impl ValidPipeline {
                     qos: m.qos,
                     topic_field: m.topic_field.clone(),
                     journal_dir: self.state_dir.as_ref().map(std::path::PathBuf::from),
-                    share_group: None,
+                    // Peers share the input: each gets a part of it.
+                    share_group: self
+                        .peers
+                        .as_ref()
+                        .map(|p| format!("rivulet-{}", p.cluster)),
                 })
                 .map_err(|e| err(e.to_string()))?,
             ),
@@ -116,7 +120,7 @@ impl ValidPipeline {
                             .map(|d| std::path::Path::new(d).join("outbox"))
                     });
                     let sink = MqttSink::start(MqttSinkOptions {
-                        endpoint: endpoint(&m.conn, &self.name, &name, 1 << 28, true)
+                        endpoint: endpoint(&m.conn, &self.client_prefix(), &name, 1 << 28, true)
                             .map_err(err)?,
                         topic: m.topic.clone(),
                         qos: m.qos,
@@ -151,7 +155,21 @@ impl ValidPipeline {
         if let Some(w) = overrides.workers.or(self.workers) {
             b = b.workers(w);
         }
+        if self.peers.is_some() {
+            // A peer runs one worker of each stage: the links carry one
+            // stream per peer (more devices, not more threads, scale it).
+            b = b.workers(1);
+        }
         Ok(b)
+    }
+
+    /// What default MQTT client ids start with: the pipeline's name, and in
+    /// peer mode the peer's id (several peers may share a host).
+    fn client_prefix(&self) -> String {
+        match &self.peers {
+            Some(p) => format!("{}-{}", self.name, p.id),
+            None => self.name.clone(),
+        }
     }
 }
 
@@ -217,7 +235,13 @@ impl ValidPipeline {
     /// it), with this pipeline's credentials and TLS.
     pub fn source_broker(&self) -> Result<Endpoint, String> {
         match &self.source {
-            SourceSpec::Mqtt(m) => endpoint(&m.conn, &self.name, "peers", self.max_payload, true),
+            SourceSpec::Mqtt(m) => endpoint(
+                &m.conn,
+                &self.client_prefix(),
+                "peers",
+                self.max_payload,
+                true,
+            ),
             _ => Err("the source is not `mqtt`".into()),
         }
     }

@@ -229,7 +229,10 @@ impl Inbox for MultiInbox {
                     Err(Closed) => self.ended[i] = true,
                 }
             }
-            if self.ended.iter().all(|&e| e) {
+            // Every input ended, or only held-back ones are left, whose
+            // barrier can never be matched now: nothing more will come.
+            let stuck = |i: usize| self.ended[i] || blocked.get(i).copied().unwrap_or(false);
+            if (0..n).all(stuck) {
                 return None;
             }
             self.bell.wait(seen, DOORBELL_TIMEOUT);

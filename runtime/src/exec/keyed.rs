@@ -80,6 +80,9 @@ pub(super) struct KeyedHost {
     pub aligner: BarrierAligner,
     /// Inputs that have ended.
     pub ended: Vec<bool>,
+    /// Peer mode: the end of input 0 (this peer's own stream) ends the
+    /// run; the other peers' streams are not waited for.
+    pub local_end: bool,
     /// Records in and the watermark, counted per frame.
     records_in: Counter,
     watermark: Gauge,
@@ -92,6 +95,7 @@ impl KeyedHost {
             valve: WatermarkValve::new(inputs),
             aligner: BarrierAligner::new(inputs),
             ended: vec![false; inputs.max(1)],
+            local_end: false,
             records_in: Counter::default(),
             watermark: Gauge::default(),
         }
@@ -119,6 +123,33 @@ impl KeyedHost {
                 return;
             };
             let out = self.frame(input, frame);
+            let end = out.end;
+            if to_merge.send(out).is_err() || end.is_some() {
+                return;
+            }
+        }
+    }
+
+    /// Peer mode: the outputs of other peers' frames are handed to the
+    /// merger with the next frame of this peer's own stream (input 0), so
+    /// the merger still gets one batch per batch of its own reader.
+    pub fn run_peer(mut self, mut inbox: impl Inbox, to_merge: SyncSender<OutBatch>) {
+        let mut carry = OutBatch::default();
+        loop {
+            let Some((input, frame)) = inbox.recv(self.aligner.blocked()) else {
+                return;
+            };
+            let mut out = self.frame(input, frame);
+            carry.outputs.append(&mut out.outputs);
+            carry.open_windows += out.open_windows;
+            if out.snapshot.is_some() {
+                carry.snapshot = out.snapshot;
+            }
+            carry.end = carry.end.or(out.end);
+            if input != 0 {
+                continue;
+            }
+            let out = std::mem::take(&mut carry);
             let end = out.end;
             if to_merge.send(out).is_err() || end.is_some() {
                 return;
@@ -159,6 +190,7 @@ impl KeyedHost {
                         let mut changes = Vec::new();
                         self.op.snapshot(&mut changes);
                         out.snapshot = Some(WorkerSnapshot {
+                            id,
                             changes,
                             watermark: self.op.watermark(),
                             input_watermark: self.valve.current(),
@@ -167,7 +199,7 @@ impl KeyedHost {
                 }
                 Msg::End(end) => {
                     self.ended[input] = true;
-                    if self.ended.iter().all(|&e| e) {
+                    if self.ended.iter().all(|&e| e) || (self.local_end && input == 0) {
                         match end {
                             End::Flush => self.op.advance(i64::MAX, Order::FLUSH, &mut out.outputs),
                             End::Stop => out.open_windows = self.op.open_windows(),

@@ -22,6 +22,8 @@ use std::sync::Arc;
 
 /// A keyed worker's part of a checkpoint.
 pub(super) struct WorkerSnapshot {
+    /// The checkpoint (barrier) id.
+    pub id: u64,
     pub changes: Vec<KeyChange>,
     pub watermark: i64,
     /// The watermark of the worker's input (its valve).
@@ -54,9 +56,27 @@ pub(super) struct Sinks {
     pub dead: Vec<Box<dyn Sink>>,
 }
 
+/// Where the merger hands checkpoints: the local writer, or in peer mode
+/// the cluster layer (which makes them global).
+pub(super) enum Checkpoints {
+    Local(Checkpointer),
+    Peer(std::sync::mpsc::Sender<super::peer::PeerCheckpoint>),
+}
+
+/// A checkpoint whose barrier the parse stage passed, waiting for every
+/// keyed worker's snapshot (in peer mode one may come batches later, when
+/// the barrier is aligned with the other peers').
+struct Awaiting {
+    cut: Cut,
+    savepoint: Option<Arc<SavepointRequest>>,
+    snapshots: usize,
+    /// Largest (operator watermark, input watermark) of the snapshots.
+    time: (i64, i64),
+}
+
 /// The merger: writes each batch's outputs in order.
 pub(super) fn merge(
-    mut checkpointer: Option<Checkpointer>,
+    mut checkpointer: Option<Checkpoints>,
     ctx: &RunContext,
     parse_out: Vec<Receiver<OutBatch>>,
     win_out: Vec<Receiver<OutBatch>>,
@@ -74,6 +94,7 @@ pub(super) fn merge(
     let lost = || RunError::Internal("a worker stopped unexpectedly".into());
     let mut logged_dead = 0u64;
     let mut pending = crate::state::Pending::default();
+    let mut awaiting: Option<Awaiting> = None;
     let counters = MergeCounters::new(ctx);
     let mut counted = RunStats::default();
     loop {
@@ -82,7 +103,16 @@ pub(super) fn merge(
             .map_err(|_| lost())?;
         stats.events += batch.events;
         stats.filtered += batch.filtered;
-        let mut time = (i64::MIN, i64::MIN);
+        if let Some(cut) = batch.checkpoint.take() {
+            // A newer barrier overtakes a checkpoint still waiting (a
+            // peer skipped it): its changes stay pending for this one.
+            awaiting = Some(Awaiting {
+                cut,
+                savepoint: batch.savepoint.take(),
+                snapshots: 0,
+                time: (i64::MIN, i64::MIN),
+            });
+        }
         for rx in &win_out {
             let mut w = rx.recv().map_err(|_| lost())?;
             batch.outputs.append(&mut w.outputs);
@@ -95,7 +125,13 @@ pub(super) fn merge(
                         None => pending.delete(0, k),
                     }
                 }
-                time = (time.0.max(snap.watermark), time.1.max(snap.input_watermark));
+                if let Some(a) = awaiting.as_mut().filter(|a| a.cut.id == snap.id) {
+                    a.snapshots += 1;
+                    a.time = (
+                        a.time.0.max(snap.watermark),
+                        a.time.1.max(snap.input_watermark),
+                    );
+                }
             }
         }
         let outputs = &mut batch.outputs;
@@ -139,19 +175,33 @@ pub(super) fn merge(
         }
         // The outputs up to here are written: now the checkpoint that
         // covers them (written by its own thread while processing goes on).
-        if let Some(cp) = checkpointer.as_mut() {
-            match batch.checkpoint.take() {
-                Some(cut) => {
-                    cp.checkpoint(cut.position, time, &mut pending, batch.savepoint.take())
-                }
+        let complete = awaiting
+            .as_ref()
+            .is_some_and(|a| a.snapshots == win_out.len());
+        let ready = if complete { awaiting.take() } else { None };
+        match checkpointer.as_mut() {
+            Some(Checkpoints::Local(cp)) => match ready {
+                Some(a) => cp.checkpoint(a.cut.position, a.time, &mut pending, a.savepoint),
                 None => cp.poll(),
+            },
+            Some(Checkpoints::Peer(tx)) => {
+                if let Some(a) = ready {
+                    let _ = tx.send(super::peer::PeerCheckpoint {
+                        id: a.cut.id,
+                        position: a.cut.position,
+                        watermark: a.time.0,
+                        input_watermark: a.time.1,
+                        pending: std::mem::take(&mut pending),
+                    });
+                }
             }
+            None => {}
         }
         counters.batches.add(1);
         counters.count(&stats, &mut counted);
         if let Some(end) = batch.end {
             stats.stopped = end == End::Stop;
-            if let Some(cp) = checkpointer.as_mut() {
+            if let Some(Checkpoints::Local(cp)) = checkpointer.as_mut() {
                 cp.finish();
             }
             for s in sinks.iter_mut().chain(&mut late).chain(&mut dead) {

@@ -27,6 +27,7 @@ pub mod exchange;
 pub mod keyed;
 mod merge;
 mod parse;
+pub mod peer;
 mod reader;
 
 pub use crate::msg::End;
@@ -99,7 +100,21 @@ pub enum RunError {
 impl Pipeline {
     /// Runs until the source ends or `opts.shutdown` is set.
     pub fn run(self, opts: RunOptions) -> Result<RunStats, RunError> {
-        run(self, opts)
+        run(self, opts, None)
+    }
+
+    /// Runs as one peer of a cluster, in one view ([`peer::PeerRun`]),
+    /// until `opts.shutdown` is set or the run is aborted.
+    pub fn run_peer(self, opts: RunOptions, peer: peer::PeerRun) -> Result<RunStats, RunError> {
+        run(self, opts, Some(peer))
+    }
+
+    /// The declarations of the keyed state this pipeline keeps.
+    pub fn state_decls(&self) -> Vec<crate::operators::keyed::StateDecl> {
+        keyed_operator(&self.plan, &Assignment::contiguous(1), 0)
+            .map(|op| op.state())
+            .into_iter()
+            .collect()
     }
 }
 
@@ -132,11 +147,20 @@ fn keyed_operator(
     )))
 }
 
-fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
+fn run(
+    p: Pipeline,
+    opts: RunOptions,
+    mut peer: Option<peer::PeerRun>,
+) -> Result<RunStats, RunError> {
     let plan = p.plan.clone();
     let ctx = RunContext::new(&plan.name, opts.shutdown.clone(), opts.metrics.clone());
-    let n = plan.workers;
-    let assignment = Assignment::contiguous(n);
+    // In peer mode one worker per stage, and the assignment maps key
+    // groups to peers (this one is `peer.me`).
+    let n = if peer.is_some() { 1 } else { plan.workers };
+    let assignment = match &peer {
+        Some(pr) => pr.assignment.clone(),
+        None => Assignment::contiguous(n),
+    };
     let mut source = p.source;
     let mut operators: Vec<Box<dyn KeyedOperator>> = (0..n)
         .filter_map(|j| keyed_operator(&plan, &assignment, j))
@@ -146,7 +170,20 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
     let mut store = None;
     let mut restored_input_watermark = None;
     let mut control = None;
-    if let Some((dir, _)) = &plan.state {
+    if let Some(restored) = peer.as_mut().and_then(|pr| pr.restored.take()) {
+        // Peer mode: the cluster layer restored the global checkpoint.
+        for op in &mut operators {
+            op.track_changes();
+            op.restore(restored.watermark, restored.keys.clone())
+                .map_err(|e| RunError::Internal(format!("restoring keyed state: {e}")))?;
+        }
+        if let Some(pos) = &restored.position {
+            if let Err(e) = source.seek(pos) {
+                tracing::warn!(error = %e, "the source cannot resume; reading from where it stands now");
+            }
+        }
+        restored_input_watermark = restored.input_watermark;
+    } else if let Some((dir, _)) = &plan.state {
         if let Some(sp) = &opts.restore_from {
             crate::state::install_savepoint(sp, dir)?;
             tracing::info!(savepoint = %sp.display(), "starting from a savepoint");
@@ -218,7 +255,13 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
         }
     }
     let checkpoint_every = plan.state.as_ref().map(|(_, every)| *every);
-    let on_checkpoint = source.checkpoint_hook();
+    let mut on_checkpoint = source.checkpoint_hook();
+    if let Some(pr) = &peer {
+        // Called by the cluster layer once a checkpoint is global.
+        if let Ok(mut h) = pr.source_hook.lock() {
+            *h = on_checkpoint.take();
+        }
+    }
 
     // reader -> parse workers
     let mut to_parse = Vec::new();
@@ -230,7 +273,20 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
     }
     // parse workers -> keyed workers
     let keyed = !operators.is_empty();
-    let (outboxes, inboxes) = exchange::local(n, if keyed { n } else { 0 }, QUEUE);
+    let (mut outboxes, inboxes) = exchange::local(n, if keyed { n } else { 0 }, QUEUE);
+    let peer_parts = peer.as_mut().map(|pr| {
+        if keyed {
+            for o in &mut outboxes {
+                o.ring_on_send(0, pr.bell.clone());
+            }
+        }
+        (
+            pr.me,
+            std::mem::take(&mut pr.links),
+            std::mem::take(&mut pr.inputs),
+            pr.bell.clone(),
+        )
+    });
     // parse workers and keyed workers -> merger
     let mut parse_out_rx = Vec::new();
     let mut keyed_out_rx = Vec::new();
@@ -249,15 +305,41 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
             slots: Vec::new(),
             status: Vec::new(),
         };
-        handles.push(spawn(format!("rivulet-parse-{i}"), move || {
-            worker.run(rx, tx, outbox)
-        })?);
+        match &peer_parts {
+            Some((me, links, _, _)) => {
+                let outbox = peer::PeerOutbox::new(*me, outbox, links.clone(), keyed);
+                handles.push(spawn(format!("rivulet-parse-{i}"), move || {
+                    worker.run(rx, tx, outbox)
+                })?);
+            }
+            None => handles.push(spawn(format!("rivulet-parse-{i}"), move || {
+                worker.run(rx, tx, outbox)
+            })?),
+        }
     }
+    let mut peer_inputs = peer_parts.map(|(_, _, inputs, bell)| (inputs, bell));
     let window_ctx = ctx.for_operator("window");
     for (j, (mut op, inbox)) in operators.into_iter().zip(inboxes).enumerate() {
         let (tx, out_rx) = sync_channel(QUEUE);
         keyed_out_rx.push(out_rx);
         op.start(&window_ctx, j);
+        if let Some((remote, bell)) = peer_inputs.take() {
+            // Peer mode: this peer's stream is input 0, each other peer's
+            // link one more.
+            let mut all: Vec<Box<dyn exchange::InputSource>> = vec![Box::new(inbox)];
+            all.extend(remote);
+            let inbox = exchange::MultiInbox::new(all, bell);
+            let mut host = keyed::KeyedHost::new(op, exchange::Inbox::inputs(&inbox));
+            host.local_end = true;
+            host.count(&window_ctx, j);
+            if let Some(w) = restored_input_watermark {
+                host.valve.restore(w);
+            }
+            handles.push(spawn(format!("rivulet-window-{j}"), move || {
+                host.run_peer(inbox, tx)
+            })?);
+            continue;
+        }
         let mut host = keyed::KeyedHost::new(op, exchange::Inbox::inputs(&inbox));
         host.count(&window_ctx, j);
         if let Some(w) = restored_input_watermark {
@@ -270,7 +352,9 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
 
     let clock = p.clock.clone();
     let shutdown = opts.shutdown.clone();
-    let ticks = matches!(plan.time, TimeMode::Processing)
+    let peer_mode = peer.is_some();
+    let ticks = peer_mode
+        || matches!(plan.time, TimeMode::Processing)
         || matches!(
             plan.time,
             TimeMode::Event {
@@ -292,18 +376,20 @@ fn run(p: Pipeline, opts: RunOptions) -> Result<RunStats, RunError> {
                 max_payload,
                 checkpoint_every,
                 savepoints: savepoint_rx,
+                clock_ids: peer_mode,
             },
             &source_ctx,
         )
     })?;
 
-    let checkpointer = match store {
-        Some(s) => Some(checkpoint::Checkpointer::start(
+    let checkpointer = match (store, &peer) {
+        (_, Some(pr)) => Some(merge::Checkpoints::Peer(pr.checkpoints.clone())),
+        (Some(s), None) => Some(merge::Checkpoints::Local(checkpoint::Checkpointer::start(
             s,
             on_checkpoint,
             &ctx.for_operator("checkpoint"),
-        )?),
-        None => None,
+        )?)),
+        (None, None) => None,
     };
     let merged = merge::merge(checkpointer, &ctx, parse_out_rx, keyed_out_rx, sinks);
     // On a merge error the channels close and every thread winds down.

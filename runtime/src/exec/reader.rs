@@ -56,6 +56,10 @@ pub(super) struct ReaderConfig {
     pub checkpoint_every: Option<Duration>,
     /// Savepoint requests from the control socket.
     pub savepoints: Option<Receiver<SavepointRequest>>,
+    /// Peer mode: checkpoint ids come from the wall clock (the number of
+    /// `checkpoint_every` periods since 1970), so every peer's barrier of
+    /// one period has the same id without a message between them.
+    pub clock_ids: bool,
 }
 
 pub(super) fn read(
@@ -71,7 +75,15 @@ pub(super) fn read(
         max_payload,
         checkpoint_every,
         savepoints,
+        clock_ids,
     } = cfg;
+    let period_of = |every: Duration| {
+        let ms = every.as_millis().max(1) as u64;
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64 / ms)
+            .unwrap_or(0)
+    };
     let read = ctx.counter(
         names::SOURCE_EVENTS,
         "events read from the source",
@@ -143,7 +155,10 @@ pub(super) fn read(
             .as_ref()
             .and_then(|rx| rx.try_recv().ok())
             .map(Arc::new);
-        let due = next_checkpoint.is_some_and(|at| Instant::now() >= at);
+        let due = match (clock_ids, checkpoint_every) {
+            (true, Some(every)) => period_of(every) > checkpoint_id,
+            _ => next_checkpoint.is_some_and(|at| Instant::now() >= at),
+        };
         read_since_checkpoint |= !batch.is_empty();
         let quiet_checkpoint = due && read_since_checkpoint;
         if batch.is_empty() && end.is_none() && !ticks && savepoint.is_none() && !quiet_checkpoint {
@@ -152,6 +167,15 @@ pub(super) fn read(
         cap_items = batch.items.len().clamp(16, BATCH_EVENTS);
         cap_bytes = batch.data.len().clamp(1024, 1 << 20);
         let checkpoint = match checkpoint_every {
+            // A peer's checkpoints are the cluster's: only on the clock.
+            Some(every) if clock_ids && due => {
+                checkpoint_id = period_of(every);
+                Some(Cut {
+                    id: checkpoint_id,
+                    position: Arc::new(source.position().unwrap_or_default()),
+                })
+            }
+            Some(_) if clock_ids => None,
             Some(every) if end.is_some() || savepoint.is_some() || due => {
                 next_checkpoint = Some(Instant::now() + every);
                 read_since_checkpoint = false;
