@@ -207,10 +207,7 @@ fn run(
         signal_hook::flag::register(sig, shutdown.clone()).context("installing signal handlers")?;
     }
     if valid.peers.is_some() {
-        anyhow::bail!(
-            "{file}: peer mode is not finished in this release, so `run` refuses a `peers:` section \
-             rather than count keys on several devices; `rivulet peers {file}` shows the cluster"
-        );
+        return run_peer(&valid, file, shutdown, stats_file, from_savepoint.is_some());
     }
     let pipeline = valid
         .build(file, &Overrides { workers })?
@@ -266,6 +263,47 @@ fn run(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `rivulet run` of a pipeline with a `peers:` section: one peer of its
+/// cluster until SIGTERM or SIGINT, which leave the cluster cleanly.
+fn run_peer(
+    valid: &config::ValidPipeline,
+    file: &str,
+    shutdown: Arc<AtomicBool>,
+    stats_file: Option<std::path::PathBuf>,
+    from_savepoint: bool,
+) -> anyhow::Result<ExitCode> {
+    use rivulet::cluster::run::PeerError;
+    if from_savepoint {
+        eprintln!("{file}: --from-savepoint is not supported in peer mode (the cluster restores from its global checkpoints)");
+        return Ok(ExitCode::from(2));
+    }
+    let opts = RunOptions {
+        shutdown,
+        ..Default::default()
+    };
+    let writer = stats_file.map(|path| spawn_stats_writer(path, opts.clone()));
+    let result = rivulet::cluster::run::run(valid, file, opts);
+    if let Some((done, handle)) = writer {
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = handle.join();
+    }
+    match result {
+        Ok(stats) => {
+            tracing::info!(
+                events = stats.events,
+                results = stats.results,
+                "left the cluster"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e @ (PeerError::Membership(_) | PeerError::Setup(_))) => {
+            eprintln!("{file}: {e}");
+            Ok(ExitCode::from(2))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Writes the live counters to `path` every 200 ms (and once at the end),

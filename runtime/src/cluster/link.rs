@@ -307,11 +307,24 @@ impl Link {
             addr: local.clone(),
             source,
         })?;
+        Link::serve(stream, from, me, bells, window)
+    }
+
+    /// Shakes hands on a connection accepted from `from` (see
+    /// [`Link::accept`]).
+    pub fn serve(
+        stream: TcpStream,
+        from: std::net::SocketAddr,
+        me: &Identity,
+        bells: &[Arc<Doorbell>],
+        window: u32,
+    ) -> Result<Link, LinkError> {
         let addr = from.to_string();
         let io = |source| LinkError::Io {
             addr: addr.clone(),
             source,
         };
+        stream.set_nonblocking(false).map_err(io)?;
         stream.set_nodelay(true).map_err(io)?;
         // A dialer that says nothing must not hold the listener forever.
         stream
@@ -535,6 +548,19 @@ impl Link {
                 addr: self.addr.clone(),
                 source,
             })
+    }
+
+    /// The view this link belongs to.
+    pub fn view(&self) -> u64 {
+        self.view
+    }
+
+    /// Closes the connection without consuming the link (other holders of
+    /// it see it closed): its reader ends, sends fail.
+    pub fn abort(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.credits.changed.notify_all();
+        let _ = self.stream.shutdown(Shutdown::Both);
     }
 
     /// Whether the other side closed or failed.

@@ -11,4 +11,5 @@ pub mod assign;
 pub mod checkpoints;
 pub mod link;
 pub mod membership;
+pub mod run;
 pub mod tls;

@@ -1,0 +1,835 @@
+//! Running a pipeline as one peer of a cluster.
+//!
+//! The peer joins the membership ([`super::membership`]) and then runs one
+//! **view** after another: a view is the member list (ids and incarnations)
+//! once it has been stable for a moment. For each view the peer
+//! 1. settles its state file on the cluster's last global checkpoint (the
+//!    decision retained on the broker): applies that checkpoint's pending
+//!    deltas, drops deltas of checkpoints that never completed, and takes
+//!    a whole snapshot from another peer when it lacks the checkpoint;
+//! 2. connects a link to every other member (the lower id dials);
+//! 3. restores the key groups it owns in this view from the checkpoint,
+//!    rewinds its source's journal to its own position there, and runs the
+//!    dataflow ([`crate::exec::peer`]);
+//! 4. coordinates checkpoints while the view lasts: its part of checkpoint
+//!    `n` (a delta) goes to every peer, which keeps it pending; a peer that
+//!    holds every member's delta of `n` reports `ready`; a peer that sees
+//!    every member ready publishes the decision (retained); every peer
+//!    applies `n` when the broker delivers the decision, and only then
+//!    trims its journal.
+//!
+//! Any change of the member list (a join, a leave, a crash, a restart)
+//! ends the view: the run stops without firing anything, and the next view
+//! starts again from the last global checkpoint. Results published since
+//! that checkpoint are published again (outputs are at-least-once, state
+//! exactly-once, as in a single process after a crash).
+
+use super::assign::PeerTable;
+use super::link::{Identity, Link, Wire};
+use super::membership::{control_topics, JoinOptions, MemberEvent, Membership, Presence};
+use super::tls::PeerTls;
+use crate::config::{ConfigError, Overrides, PeersSpec, ValidPipeline};
+use crate::exec::exchange::{Doorbell, InputSource};
+use crate::exec::peer::{PeerCheckpoint, PeerRestored, PeerRun};
+use crate::exec::{RunError, RunOptions, RunStats};
+use crate::partition::KeyGroup;
+use crate::sources::CheckpointHook;
+use crate::state::global::{Delta, Mark, Snapshot};
+use crate::state::{StateError, StateStore};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Frames in flight per link and destination.
+const WINDOW: u32 = 8;
+/// How long the member list must stay unchanged to make a view.
+const SETTLE: Duration = Duration::from_millis(400);
+/// How long connecting the links of a view may take before the peer looks
+/// at the member list again.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a peer that lacks the last checkpoint waits for a snapshot.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error(transparent)]
+    Membership(#[from] super::membership::MembershipError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Run(#[from] RunError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A setting that cannot work (exit 2): an address in use, bad TLS files.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// The retained decision: checkpoint `id` of `view` is global.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct Decision {
+    id: u64,
+    view: u64,
+    members: Vec<String>,
+}
+
+/// A peer holds every member's delta of checkpoint `id`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Ready {
+    peer: String,
+    id: u64,
+    view: u64,
+}
+
+/// The view of a member list: a hash of ids and incarnations, so a peer
+/// that restarted makes a new view even with the same ids.
+pub fn view_of(members: &[Presence]) -> u64 {
+    let mut parts: Vec<String> = members
+        .iter()
+        .map(|p| format!("{}#{:x}", p.id, p.incarnation))
+        .collect();
+    parts.sort();
+    xxhash_rust::xxh3::xxh3_64(parts.join(",").as_bytes())
+}
+
+/// What the acceptor thread needs to shake hands in the current view.
+type Current = Arc<Mutex<Option<(Identity, Arc<Doorbell>)>>>;
+
+/// Runs `valid` (which has a `peers:` section) as one peer until
+/// `opts.shutdown` is set; then leaves the cluster cleanly.
+pub fn run(valid: &ValidPipeline, file: &str, opts: RunOptions) -> Result<RunStats, PeerError> {
+    let spec = valid
+        .peers
+        .clone()
+        .ok_or_else(|| PeerError::Setup(format!("{file} has no `peers:` section")))?;
+    let state_dir = valid
+        .state_dir
+        .clone()
+        .ok_or_else(|| PeerError::Setup(format!("{file}: peer mode needs `state:`")))?;
+    let tls = match &spec.tls {
+        Some((ca, cert, key)) => Some(
+            PeerTls::from_files(ca, cert, key)
+                .map_err(|e| PeerError::Setup(format!("peers.tls: {e}")))?,
+        ),
+        None => None,
+    };
+    let listener = TcpListener::bind(spec.listen).map_err(|e| {
+        PeerError::Setup(format!(
+            "peers.listen {}: cannot listen there: {e}",
+            spec.listen
+        ))
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| PeerError::Setup(format!("peers.listen {}: {e}", spec.listen)))?;
+    let fingerprint = valid.peer_fingerprint();
+    let incarnation = fastrand::u64(..);
+    let membership = Membership::join(JoinOptions {
+        cluster: spec.cluster.clone(),
+        me: Presence {
+            id: spec.id.clone(),
+            addr: spec.advertise.clone(),
+            fingerprint: fingerprint.clone(),
+            incarnation,
+            version: env!("CARGO_PKG_VERSION").into(),
+        },
+        endpoint: valid.source_broker().map_err(PeerError::Setup)?,
+        keep_alive: Duration::from_millis(spec.keep_alive_ms as u64),
+    })?;
+    tracing::info!(cluster = %spec.cluster, peer = %spec.id, listen = %spec.listen, "joined the cluster");
+
+    let current: Current = Arc::new(Mutex::new(None));
+    let (accepted_tx, accepted) = channel::<Link>();
+    let acceptor = {
+        let current = current.clone();
+        let stop = opts.shutdown.clone();
+        std::thread::Builder::new()
+            .name("rivulet-peer-accept".into())
+            .spawn(move || accept_loop(listener, current, accepted_tx, stop))
+            .map_err(|e| PeerError::Setup(format!("cannot start a thread: {e}")))?
+    };
+    let mut peer = Peer {
+        valid,
+        file,
+        spec,
+        fingerprint,
+        tls,
+        state_dir: std::path::PathBuf::from(state_dir),
+        membership,
+        current,
+        accepted,
+        opts,
+        decision: None,
+        totals: RunStats::default(),
+    };
+    let result = peer.views();
+    let Peer {
+        membership,
+        current,
+        ..
+    } = peer;
+    if let Ok(mut c) = current.lock() {
+        *c = None;
+    }
+    membership.leave();
+    let _ = acceptor.join();
+    result
+}
+
+fn accept_loop(listener: TcpListener, current: Current, to: Sender<Link>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, from)) => {
+                let me = current.lock().ok().and_then(|c| c.clone());
+                let Some((me, bell)) = me else {
+                    // Between views: the dialer tries again.
+                    continue;
+                };
+                match Link::serve(stream, from, &me, &[bell], WINDOW) {
+                    Ok(link) => {
+                        if to.send(link).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "refused a peer link"),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting peer links");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// Everything a peer keeps across views.
+struct Peer<'a> {
+    valid: &'a ValidPipeline,
+    file: &'a str,
+    spec: PeersSpec,
+    fingerprint: String,
+    tls: Option<PeerTls>,
+    state_dir: std::path::PathBuf,
+    membership: Membership,
+    current: Current,
+    accepted: Receiver<Link>,
+    opts: RunOptions,
+    /// The last decision seen (retained or live).
+    decision: Option<Decision>,
+    totals: RunStats,
+}
+
+/// How a view ended.
+enum Ended {
+    /// The member list changed: start the next view.
+    Changed,
+    /// Shutdown was asked for.
+    Stopped,
+    /// The source ended (a bounded input; not in normal peer use).
+    Finished,
+}
+
+impl Peer<'_> {
+    fn stopping(&self) -> bool {
+        self.opts.shutdown.load(Ordering::SeqCst)
+    }
+
+    /// Runs views until shutdown.
+    fn views(&mut self) -> Result<RunStats, PeerError> {
+        if let Some(d) = self.membership.retained_decision() {
+            self.note_decision(&d);
+        }
+        loop {
+            if self.stopping() {
+                let mut s = self.totals.clone();
+                s.stopped = true;
+                return Ok(s);
+            }
+            let Some(members) = self.wait_for_view() else {
+                continue;
+            };
+            match self.view(&members)? {
+                Ended::Changed => continue,
+                Ended::Stopped => {
+                    let mut s = self.totals.clone();
+                    s.stopped = true;
+                    return Ok(s);
+                }
+                Ended::Finished => return Ok(self.totals.clone()),
+            }
+        }
+    }
+
+    fn note_decision(&mut self, payload: &[u8]) {
+        if payload.is_empty() {
+            return;
+        }
+        match serde_json::from_slice::<Decision>(payload) {
+            Ok(d) => self.decision = Some(d),
+            Err(e) => tracing::warn!(error = %e, "ignoring an unreadable checkpoint decision"),
+        }
+    }
+
+    /// Waits until the member list (with this peer in it) has not changed
+    /// for [`SETTLE`]; `None` on shutdown.
+    fn wait_for_view(&mut self) -> Option<Vec<Presence>> {
+        let me = self.spec.id.clone();
+        let mut last = Vec::new();
+        let mut since = Instant::now();
+        loop {
+            if self.stopping() {
+                return None;
+            }
+            while self.membership.events().try_recv().is_ok() {}
+            self.drain_control();
+            let members = self.membership.members();
+            let ours: Vec<Presence> = members
+                .into_iter()
+                .filter(|p| p.fingerprint == self.fingerprint)
+                .collect();
+            let key: Vec<(String, u64)> = ours.iter().map(|p| (p.id.clone(), p.incarnation)).collect();
+            if key != last {
+                last = key;
+                since = Instant::now();
+            } else if since.elapsed() >= SETTLE && ours.iter().any(|p| p.id == me) {
+                return Some(ours);
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Reads the control topics between views: only decisions matter then.
+    fn drain_control(&mut self) {
+        let (decision_topic, _) = control_topics(&self.spec.cluster);
+        let msgs: Vec<(String, Vec<u8>)> = self.membership.control().try_iter().collect();
+        for (topic, payload) in msgs {
+            if topic == decision_topic {
+                self.note_decision(&payload);
+            }
+        }
+    }
+
+    /// Runs one view to its end.
+    fn view(&mut self, members: &[Presence]) -> Result<Ended, PeerError> {
+        let view = view_of(members);
+        let ids: Vec<String> = members.iter().map(|p| p.id.clone()).collect();
+        let table = PeerTable::compute(view, &ids);
+        let Some(me) = table.index_of(&self.spec.id) else {
+            return Ok(Ended::Changed);
+        };
+        let Some(assignment) = table.assignment() else {
+            return Err(PeerError::Setup("no assignment for the view".into()));
+        };
+        tracing::info!(
+            view = format!("{view:016x}"),
+            members = ?table.members(),
+            owns = table.owned_by(me).len(),
+            "starting a view"
+        );
+        let pipeline = self
+            .valid
+            .build(self.file, &Overrides::default())?
+            .build()
+            .map_err(|e| PeerError::Setup(format!("{}: cannot build the pipeline: {e}", self.file)))?;
+        let decls = pipeline.state_decls();
+        let (mut store, _) = StateStore::open(&self.state_dir, &decls, false)?;
+        self.settle(&mut store)?;
+
+        // Links: the lower id dials, the other accepts.
+        let bell = Arc::new(Doorbell::default());
+        let (ctl_tx, ctl_rx) = channel::<(String, Wire)>();
+        let identity = Identity {
+            cluster: self.spec.cluster.clone(),
+            peer: self.spec.id.clone(),
+            fingerprint: self.fingerprint.clone(),
+            view,
+            tls: self.tls.clone(),
+            control: Some(ctl_tx),
+        };
+        if let Ok(mut c) = self.current.lock() {
+            *c = Some((identity.clone(), bell.clone()));
+        }
+        let Some(links) = self.connect(members, &table, &identity, &bell) else {
+            return Ok(if self.stopping() {
+                Ended::Stopped
+            } else {
+                Ended::Changed
+            });
+        };
+        let others: Vec<Arc<Link>> = links.iter().flatten().cloned().collect();
+
+        // A peer without the last global checkpoint takes it from another.
+        let want = self.decision.as_ref().map(|d| Mark {
+            id: d.id,
+            view: d.view,
+        });
+        if want.is_some() && store.global_mark()? != want {
+            if !self.fetch_snapshot(&mut store, want, &others, &ctl_rx)? {
+                abort(&others);
+                return Ok(Ended::Changed);
+            }
+        }
+
+        // What this peer starts from: its groups of the checkpoint.
+        let positions = store.positions()?;
+        drop(store);
+        let (store, restored) = StateStore::open(&self.state_dir, &decls, false)?;
+        let restored = restored.map(|r| {
+            let mine = |k: &[u8]| assignment.owner(KeyGroup::of_key(k)) == me;
+            PeerRestored {
+                keys: r
+                    .keys
+                    .into_iter()
+                    .flatten()
+                    .filter(|(k, _)| mine(k))
+                    .collect(),
+                watermark: r.watermark,
+                input_watermark: r.input_watermark.filter(|&w| w != i64::MIN),
+                position: positions.get(&self.spec.id).cloned(),
+            }
+        });
+        let inputs: Vec<Box<dyn InputSource>> = others
+            .iter()
+            .filter_map(|l| l.take_input(0))
+            .map(|i| Box::new(i) as Box<dyn InputSource>)
+            .collect();
+        let (cp_tx, cp_rx) = channel::<PeerCheckpoint>();
+        let source_hook: Arc<Mutex<Option<CheckpointHook>>> = Arc::new(Mutex::new(None));
+        let stop = Arc::new(AtomicBool::new(false));
+        let run_opts = RunOptions {
+            shutdown: stop.clone(),
+            metrics: self.opts.metrics.clone(),
+            ..Default::default()
+        };
+        let peer_run = PeerRun {
+            me,
+            assignment,
+            links: links.clone(),
+            inputs,
+            bell,
+            restored,
+            checkpoints: cp_tx,
+            source_hook: source_hook.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("rivulet-peer-run".into())
+            .spawn(move || pipeline.run_peer(run_opts, peer_run))
+            .map_err(|e| PeerError::Setup(format!("cannot start a thread: {e}")))?;
+
+        let mut coord = Coordinator {
+            me: self.spec.id.clone(),
+            view,
+            ids: ids.clone(),
+            store,
+            links: others.clone(),
+            deltas: BTreeMap::new(),
+            readies: BTreeMap::new(),
+            positions: BTreeMap::new(),
+            decided: BTreeSet::new(),
+            source_hook,
+        };
+        let members_key: Vec<(String, u64)> =
+            members.iter().map(|p| (p.id.clone(), p.incarnation)).collect();
+        let ended = loop {
+            if self.stopping() {
+                break Ended::Stopped;
+            }
+            if handle.is_finished() {
+                break Ended::Finished;
+            }
+            // A change of the member list ends the view.
+            let mut changed = false;
+            while let Ok(ev) = self.membership.events().try_recv() {
+                match ev {
+                    MemberEvent::Joined(p) => {
+                        changed |= !members_key.contains(&(p.id.clone(), p.incarnation))
+                    }
+                    MemberEvent::Left(_) => changed = true,
+                }
+            }
+            if changed {
+                tracing::info!("the member list changed: rolling back to the last global checkpoint");
+                break Ended::Changed;
+            }
+            let mut idle = true;
+            while let Ok(cp) = cp_rx.try_recv() {
+                idle = false;
+                coord.local(cp, &self.membership, &self.spec.cluster);
+            }
+            while let Ok((from, msg)) = ctl_rx.try_recv() {
+                idle = false;
+                coord.remote(&from, msg, &self.membership, &self.spec.cluster);
+            }
+            let msgs: Vec<(String, Vec<u8>)> = self.membership.control().try_iter().collect();
+            for (topic, payload) in msgs {
+                idle = false;
+                if let Some(d) = coord.control(&topic, &payload, &self.membership, &self.spec.cluster)
+                {
+                    self.decision = Some(d);
+                }
+            }
+            if idle {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        if let Ok(mut c) = self.current.lock() {
+            *c = None;
+        }
+        stop.store(true, Ordering::SeqCst);
+        abort(&others);
+        drop(links);
+        drop(others);
+        let result = handle
+            .join()
+            .map_err(|_| RunError::Internal("the peer's run panicked".into()))?;
+        drop(coord);
+        match (&ended, result) {
+            (Ended::Finished, Err(e)) => return Err(e.into()),
+            (_, Ok(s)) => {
+                self.totals.events += s.events;
+                self.totals.results += s.results;
+                self.totals.late += s.late;
+                self.totals.dead_letters += s.dead_letters;
+                self.totals.filtered += s.filtered;
+            }
+            // An aborted run ends with its channels cut: not an error.
+            (_, Err(e)) => tracing::debug!(error = %e, "the view's run ended"),
+        }
+        Ok(ended)
+    }
+
+    /// Settles the state file on the last decision: applies its pending
+    /// deltas when they are here, drops every other pending delta.
+    fn settle(&mut self, store: &mut StateStore) -> Result<(), PeerError> {
+        self.drain_control();
+        if let Some(d) = &self.decision {
+            let mark = Mark {
+                id: d.id,
+                view: d.view,
+            };
+            if store.global_mark()? != Some(mark) && store.apply_pending(mark, &d.members)? {
+                tracing::info!(checkpoint = d.id, "applied the last global checkpoint, kept pending here");
+            }
+        }
+        store.discard_pending()?;
+        Ok(())
+    }
+
+    /// Connects a link to every other member; `None` if the view changed
+    /// or the time ran out first.
+    fn connect(
+        &mut self,
+        members: &[Presence],
+        table: &PeerTable,
+        me: &Identity,
+        bell: &Arc<Doorbell>,
+    ) -> Option<Vec<Option<Arc<Link>>>> {
+        let mut links: Vec<Option<Arc<Link>>> = vec![None; table.members().len()];
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
+        let mut next_dial = Instant::now();
+        let count = table.members().len() - 1;
+        let mut got = 0usize;
+        while got < count {
+            if self.stopping() || Instant::now() > deadline {
+                return None;
+            }
+            if self.membership.events().try_recv().is_ok() {
+                // Something changed: look at the member list again.
+                return None;
+            }
+            while let Ok(link) = self.accepted.try_recv() {
+                if link.view() != me.view {
+                    continue;
+                }
+                if let Some(i) = table.index_of(&link.peer) {
+                    if links[i].is_none() && link.peer < me.peer {
+                        links[i] = Some(Arc::new(link));
+                        got += 1;
+                    }
+                }
+            }
+            if Instant::now() >= next_dial {
+                next_dial = Instant::now() + Duration::from_millis(200);
+                for p in members {
+                    let Some(i) = table.index_of(&p.id) else {
+                        continue;
+                    };
+                    if p.id <= me.peer || links[i].is_some() {
+                        continue;
+                    }
+                    match Link::dial(&p.addr, me, &[bell.clone()], WINDOW) {
+                        Ok(link) => {
+                            links[i] = Some(Arc::new(link));
+                            got += 1;
+                        }
+                        Err(e) => tracing::debug!(peer = %p.id, error = %e, "dialing a peer"),
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Some(links)
+    }
+
+    /// Asks the other peers for the whole checkpoint `want` and imports it
+    /// from the first that has it; serves their requests meanwhile. When
+    /// no peer has it (the cluster's files were lost or replaced), every
+    /// peer settles on the newest checkpoint any of them holds, the same
+    /// choice everywhere. `false`: not every peer answered in time (the
+    /// view is tried again).
+    fn fetch_snapshot(
+        &mut self,
+        store: &mut StateStore,
+        want: Option<Mark>,
+        others: &[Arc<Link>],
+        ctl: &Receiver<(String, Wire)>,
+    ) -> Result<bool, PeerError> {
+        let Some(want) = want else {
+            return Ok(true);
+        };
+        let view = others.first().map(|l| l.view()).unwrap_or_default();
+        let mine = store.global_mark()?.unwrap_or_default();
+        if others.is_empty() {
+            tracing::warn!(
+                checkpoint = want.id,
+                "this peer lacks the cluster's last checkpoint and no other peer is here to give it: starting from what it has"
+            );
+            return Ok(true);
+        }
+        tracing::info!(checkpoint = want.id, "asking the other peers for the last global checkpoint");
+        for l in others {
+            let _ = l.send_control(&Wire::SnapshotRequest { view });
+        }
+        let mut answers: BTreeMap<String, Snapshot> = BTreeMap::new();
+        let deadline = Instant::now() + SNAPSHOT_TIMEOUT;
+        while Instant::now() < deadline && !self.stopping() {
+            if answers.len() == others.len() {
+                // Nobody has it: the newest any peer holds.
+                let best = answers.values().max_by_key(|s| s.mark);
+                match best {
+                    Some(s) if s.mark > mine => {
+                        tracing::warn!(wanted = want.id, took = s.mark.id, "no peer holds the cluster's last checkpoint; taking the newest one there is");
+                        store.import_snapshot(s)?;
+                    }
+                    _ => tracing::warn!(
+                        wanted = want.id,
+                        "no peer holds the cluster's last checkpoint; going on from this peer's own"
+                    ),
+                }
+                return Ok(true);
+            }
+            let Ok((from, msg)) = ctl.recv_timeout(Duration::from_millis(50)) else {
+                continue;
+            };
+            match msg {
+                Wire::Snapshot { body, .. } => match postcard::from_bytes::<Snapshot>(&body) {
+                    Ok(s) if s.mark == want => {
+                        store.import_snapshot(&s)?;
+                        tracing::info!(from = %from, keys = s.keys.iter().map(Vec::len).sum::<usize>(), "took the checkpoint");
+                        return Ok(true);
+                    }
+                    Ok(s) => {
+                        answers.insert(from, s);
+                    }
+                    Err(e) => tracing::warn!(from = %from, error = %e, "an unreadable snapshot"),
+                },
+                Wire::SnapshotRequest { .. } => serve_snapshot(store, &from, others, view),
+                _ => {}
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// Answers a snapshot request with this peer's last global checkpoint
+/// (an empty one, mark 0, when it has none).
+fn serve_snapshot(store: &StateStore, to: &str, links: &[Arc<Link>], view: u64) {
+    let body = match store.export_snapshot().map(|s| postcard::to_stdvec(&s)) {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => return tracing::warn!(error = %e, "cannot encode a snapshot"),
+        Err(e) => return tracing::warn!(error = %e, "cannot read the checkpoint for a peer"),
+    };
+    if let Some(l) = links.iter().find(|l| l.peer == to) {
+        if let Err(e) = l.send_control(&Wire::Snapshot { view, body }) {
+            tracing::warn!(peer = %to, error = %e, "cannot send a snapshot");
+        }
+    }
+}
+
+fn abort(links: &[Arc<Link>]) {
+    for l in links {
+        l.abort();
+    }
+}
+
+/// The checkpoints of one view.
+struct Coordinator {
+    me: String,
+    view: u64,
+    ids: Vec<String>,
+    store: StateStore,
+    links: Vec<Arc<Link>>,
+    /// Checkpoint id → peers whose deltas are pending here.
+    deltas: BTreeMap<u64, BTreeSet<String>>,
+    /// Checkpoint id → peers that reported ready.
+    readies: BTreeMap<u64, BTreeSet<String>>,
+    /// This peer's source position in each checkpoint not yet applied.
+    positions: BTreeMap<u64, Vec<u8>>,
+    /// Checkpoints whose decision this peer published.
+    decided: BTreeSet<u64>,
+    source_hook: Arc<Mutex<Option<CheckpointHook>>>,
+}
+
+impl Coordinator {
+    /// This peer's part of checkpoint `cp.id`.
+    fn local(&mut self, cp: PeerCheckpoint, m: &Membership, cluster: &str) {
+        let delta = Delta {
+            mark: Mark {
+                id: cp.id,
+                view: self.view,
+            },
+            peer: self.me.clone(),
+            position: cp.position.to_vec(),
+            watermark: cp.watermark,
+            input_watermark: cp.input_watermark,
+            changes: cp
+                .pending
+                .keys
+                .into_iter()
+                .map(|((op, k), v)| (op, k.into_vec(), v))
+                .collect(),
+        };
+        let body = match postcard::to_stdvec(&delta) {
+            Ok(b) => b,
+            Err(e) => return tracing::error!(error = %e, "cannot encode a checkpoint delta"),
+        };
+        if let Err(e) = self.store.write_pending(&delta) {
+            // This checkpoint cannot complete; its changes are lost to it,
+            // so the next view restarts from the one before.
+            return tracing::error!(error = %e, "checkpoint failed: cannot keep this peer's part");
+        }
+        for l in &self.links {
+            if let Err(e) = l.send_control(&Wire::Delta {
+                view: self.view,
+                body: body.clone(),
+            }) {
+                tracing::warn!(peer = %l.peer, error = %e, "cannot send a checkpoint delta");
+            }
+        }
+        self.positions.insert(cp.id, delta.position);
+        self.got_delta(cp.id, self.me.clone(), m, cluster);
+    }
+
+    /// A message from another peer's link.
+    fn remote(&mut self, from: &str, msg: Wire, m: &Membership, cluster: &str) {
+        match msg {
+            Wire::Delta { body, .. } => {
+                let d: Delta = match postcard::from_bytes(&body) {
+                    Ok(d) => d,
+                    Err(e) => return tracing::warn!(peer = %from, error = %e, "an unreadable checkpoint delta"),
+                };
+                if d.peer != from || d.mark.view != self.view {
+                    return tracing::warn!(peer = %from, "a checkpoint delta of another peer or view; dropped");
+                }
+                if let Err(e) = self.store.write_pending(&d) {
+                    return tracing::error!(error = %e, "checkpoint failed: cannot keep a peer's part");
+                }
+                self.got_delta(d.mark.id, d.peer, m, cluster);
+            }
+            Wire::SnapshotRequest { .. } => serve_snapshot(&self.store, from, &self.links, self.view),
+            _ => {}
+        }
+    }
+
+    fn got_delta(&mut self, id: u64, peer: String, m: &Membership, cluster: &str) {
+        let got = self.deltas.entry(id).or_default();
+        got.insert(peer);
+        if got.len() == self.ids.len() {
+            let (_, ready_topic) = control_topics(cluster);
+            let body = serde_json::to_vec(&Ready {
+                peer: self.me.clone(),
+                id,
+                view: self.view,
+            })
+            .unwrap_or_default();
+            if !m.publish(&ready_topic, false, body) {
+                tracing::warn!("cannot report a checkpoint ready: the broker connection is full");
+            }
+        }
+    }
+
+    /// A message on the cluster's control topics; returns a decision seen.
+    fn control(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        m: &Membership,
+        cluster: &str,
+    ) -> Option<Decision> {
+        let (decision_topic, ready_topic) = control_topics(cluster);
+        if topic == ready_topic {
+            let r: Ready = serde_json::from_slice(payload).ok()?;
+            if r.view != self.view || !self.ids.contains(&r.peer) {
+                return None;
+            }
+            let got = self.readies.entry(r.id).or_default();
+            got.insert(r.peer);
+            if got.len() == self.ids.len() && self.decided.insert(r.id) {
+                // Every peer holds every delta: the checkpoint is global.
+                // Any peer may say so; the broker keeps the last word.
+                let body = serde_json::to_vec(&Decision {
+                    id: r.id,
+                    view: self.view,
+                    members: self.ids.clone(),
+                })
+                .unwrap_or_default();
+                if !m.publish(&decision_topic, true, body) {
+                    tracing::warn!("cannot publish a checkpoint decision: the broker connection is full");
+                }
+            }
+            return None;
+        }
+        if topic != decision_topic || payload.is_empty() {
+            return None;
+        }
+        let d: Decision = serde_json::from_slice(payload).ok()?;
+        if d.view == self.view {
+            self.apply(d.id);
+        }
+        Some(d)
+    }
+
+    /// Checkpoint `id` is global: fold it into the state, trim the journal.
+    fn apply(&mut self, id: u64) {
+        let mark = Mark {
+            id,
+            view: self.view,
+        };
+        if self.store.global_mark().ok().flatten() == Some(mark) {
+            return;
+        }
+        match self.store.apply_pending(mark, &self.ids) {
+            Ok(true) => {
+                tracing::debug!(checkpoint = id, "global checkpoint applied");
+                let position = self.positions.remove(&id);
+                self.positions.retain(|&k, _| k > id);
+                self.deltas.retain(|&k, _| k > id);
+                self.readies.retain(|&k, _| k > id);
+                if let (Some(pos), Ok(hook)) = (position, self.source_hook.lock()) {
+                    if let Some(hook) = hook.as_ref() {
+                        hook(&pos);
+                    }
+                }
+            }
+            Ok(false) => tracing::warn!(checkpoint = id, "a decided checkpoint lacks deltas here"),
+            Err(e) => tracing::error!(checkpoint = id, error = %e, "cannot apply a global checkpoint"),
+        }
+    }
+}
