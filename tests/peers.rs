@@ -354,12 +354,21 @@ fn rivulet_peers_lists_the_members_and_who_owns_each_group() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("cluster line-3: 2 peers"), "{text}");
-    // `run` refuses the section until peer mode is finished.
-    let out = common::rivulet_cmd(dir.path(), &["run", "p.yaml"])
+    // `run` as a second p1 (p1 is live) is refused: exit 2, with why.
+    std::fs::write(
+        dir.path().join("p1.yaml"),
+        peer_pipeline(
+            &b,
+            "peers: { cluster: line-3, id: p1, listen: \"127.0.0.1:0\", keep_alive: 1s }\n",
+        ),
+    )
+    .unwrap();
+    let out = common::rivulet_cmd(dir.path(), &["run", "p1.yaml"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("peer mode is not finished"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("peer `p1` is already running"), "{err}");
 }
 
 #[test]

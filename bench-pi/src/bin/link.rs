@@ -50,6 +50,8 @@ fn main() {
         fingerprint: "fp".into(),
         view: 1,
         tls: None,
+        missing: Vec::new(),
+        decision: Vec::new(),
         control: None,
     };
     let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");

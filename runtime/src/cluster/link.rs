@@ -45,9 +45,15 @@ pub enum Wire {
         peer: String,
         fingerprint: String,
         view: u64,
+        /// Peers the sender waits for (see [`Identity::missing`]).
+        missing: Vec<String>,
+        /// The last global checkpoint decision the sender knows.
+        decision: Vec<u8>,
     },
     Welcome {
         peer: String,
+        missing: Vec<String>,
+        decision: Vec<u8>,
     },
     Refused {
         reason: String,
@@ -142,6 +148,13 @@ pub struct Identity {
     pub view: u64,
     /// Mutual TLS with the cluster's CA; `None`: plain TCP.
     pub tls: Option<PeerTls>,
+    /// Peers this one waits for before event time passes the last
+    /// checkpoint (they may come back with input from after it); each side
+    /// of a link learns the other's.
+    pub missing: Vec<String>,
+    /// The last global checkpoint decision this peer knows (opaque here);
+    /// each side of a link learns the other's.
+    pub decision: Vec<u8>,
     /// Where control messages of the view (deltas, snapshot requests and
     /// snapshots) go, with the sending peer's id; `None`: they are dropped.
     pub control: Option<std::sync::mpsc::Sender<(String, Wire)>>,
@@ -183,6 +196,10 @@ pub struct Link {
     addr: String,
     /// The other peer's id.
     pub peer: String,
+    /// The peers the other one waits for ([`Identity::missing`]).
+    pub missing: Vec<String>,
+    /// The other one's last decision ([`Identity::decision`]).
+    pub decision: Vec<u8>,
     view: u64,
     writer: Out,
     credits: Arc<Credits>,
@@ -267,14 +284,20 @@ impl Link {
                     peer: me.peer.clone(),
                     fingerprint: me.fingerprint.clone(),
                     view: me.view,
+                    missing: me.missing.clone(),
+                    decision: me.decision.clone(),
                 },
                 &mut buf,
             )
             .and_then(|_| w.flush())
             .map_err(io)?;
         }
-        let peer = match read_wire(&mut r, &mut buf).map_err(io)? {
-            Wire::Welcome { peer } => peer,
+        let (peer, missing, decision) = match read_wire(&mut r, &mut buf).map_err(io)? {
+            Wire::Welcome {
+                peer,
+                missing,
+                decision,
+            } => (peer, missing, decision),
             Wire::Refused { reason } => {
                 return Err(LinkError::Refused {
                     addr: addr.to_string(),
@@ -288,7 +311,15 @@ impl Link {
                 })
             }
         };
-        Link::start(addr.to_string(), peer, me, stream, (r, w), bells, window)
+        Link::start(
+            addr.to_string(),
+            (peer, missing, decision),
+            me,
+            stream,
+            (r, w),
+            bells,
+            window,
+        )
     }
 
     /// Accepts one connection from `listener` and shakes hands: refuses a
@@ -342,6 +373,8 @@ impl Link {
             peer,
             fingerprint,
             view,
+            missing,
+            decision,
         } = hello
         else {
             return Err(LinkError::Protocol {
@@ -388,6 +421,8 @@ impl Link {
                 &mut *out,
                 &Wire::Welcome {
                     peer: me.peer.clone(),
+                    missing: me.missing.clone(),
+                    decision: me.decision.clone(),
                 },
                 &mut buf,
             )
@@ -395,12 +430,20 @@ impl Link {
             .map_err(io)?;
         }
         stream.set_read_timeout(None).map_err(io)?;
-        Link::start(addr, peer, me, stream, (r, w), bells, window)
+        Link::start(
+            addr,
+            (peer, missing, decision),
+            me,
+            stream,
+            (r, w),
+            bells,
+            window,
+        )
     }
 
     fn start(
         addr: String,
-        peer: String,
+        (peer, missing, decision): (String, Vec<String>, Vec<u8>),
         me: &Identity,
         stream: TcpStream,
         (reader, writer): (In, Out),
@@ -481,6 +524,8 @@ impl Link {
         Ok(Link {
             addr,
             peer,
+            missing,
+            decision,
             view,
             writer,
             credits,
@@ -698,6 +743,8 @@ mod tests {
             fingerprint: fingerprint.into(),
             view: 1,
             tls: None,
+            missing: Vec::new(),
+            decision: Vec::new(),
             control: None,
         }
     }

@@ -124,6 +124,9 @@ struct Shared {
 pub struct Membership {
     cluster: String,
     me: Presence,
+    /// The presence as announced now (its incarnation changes on each
+    /// re-announcement, see [`Membership::rejoin`]).
+    announced_as: Arc<Mutex<Presence>>,
     client: Client,
     shared: Arc<Shared>,
     events: Receiver<MemberEvent>,
@@ -190,6 +193,7 @@ impl Membership {
             view: Mutex::new(View::default()),
             changed: Condvar::new(),
         });
+        let announced_as = Arc::new(Mutex::new(me.clone()));
         let (events_tx, events) = channel();
         let (control_tx, control) = channel();
         let stop = Arc::new(AtomicBool::new(false));
@@ -197,7 +201,8 @@ impl Membership {
         let announced = Arc::new(AtomicBool::new(false));
         let thread = {
             let (shared, stop, client) = (shared.clone(), stop.clone(), client.clone());
-            let (me, url, topic) = (me.clone(), ep.url.clone(), topic.clone());
+            let (url, topic) = (ep.url.clone(), topic.clone());
+            let me = announced_as.clone();
             let announced = announced.clone();
             let me_cluster = cluster.clone();
             std::thread::Builder::new()
@@ -232,6 +237,7 @@ impl Membership {
         let mut m = Membership {
             cluster: cluster.clone(),
             me: me.clone(),
+            announced_as,
             client,
             shared,
             events,
@@ -372,6 +378,23 @@ impl Membership {
         self.client.try_publish(topic, 1, retain, payload)
     }
 
+    /// Announces this peer again under a new incarnation, so every peer
+    /// (this one too) sees a new member list and starts a new view: for a
+    /// view that cannot go on (a link to a member failed while the broker
+    /// still sees it).
+    pub fn rejoin(&self) {
+        let me = {
+            let mut me = self.announced_as.lock().unwrap_or_else(|e| e.into_inner());
+            me.incarnation = fastrand::u64(..);
+            me.clone()
+        };
+        announce(
+            &self.client,
+            &presence_topic(&self.cluster, &self.me.id),
+            &me,
+        );
+    }
+
     /// Leaves cleanly: clears the presence, then disconnects.
     pub fn leave(mut self) {
         let topic = presence_topic(&self.cluster, &self.me.id);
@@ -431,7 +454,7 @@ struct Ctx<'a> {
     events: &'a Sender<MemberEvent>,
     control: &'a Sender<(String, Vec<u8>)>,
     controls: &'a (String, String),
-    me: &'a Presence,
+    me: &'a Mutex<Presence>,
     topic: &'a str,
     filter: &'a str,
     probe: &'a str,
@@ -441,20 +464,42 @@ struct Ctx<'a> {
 fn on_event(ev: Ev, c: &Ctx) -> bool {
     match ev {
         Ev::Connected { .. } => {
-            let subscribed = c
-                .client
-                .subscribe(c.filter, 1)
-                .and_then(|_| c.client.subscribe(&c.controls.0, 1))
-                .and_then(|_| c.client.subscribe(&c.controls.1, 1))
-                .and_then(|_| c.client.subscribe(c.probe, 1));
-            if let Err(e) = subscribed {
-                tracing::warn!(error = %e, "cannot subscribe to the cluster's presence topics");
-            }
-            // Arrives after the retained presences: then the list is whole.
-            let _ = c.client.try_publish(c.probe, 1, false, b"probe".to_vec());
-            if c.announced.load(Ordering::SeqCst) {
-                announce(c.client, c.topic, c.me);
-            }
+            // A new incarnation after a reconnect: the others (and this
+            // peer) see a new member list even if they never saw the will.
+            let me = {
+                let mut me = c.me.lock().unwrap_or_else(|e| e.into_inner());
+                if c.announced.load(Ordering::SeqCst) {
+                    me.incarnation = fastrand::u64(..);
+                }
+                me.clone()
+            };
+            // Subscribing waits for room in the client's queue, which only
+            // this (the connection's) thread empties: do it from another.
+            let client = c.client.clone();
+            let filters = [
+                c.filter.to_string(),
+                c.controls.0.clone(),
+                c.controls.1.clone(),
+                c.probe.to_string(),
+            ];
+            let (probe, topic) = (c.probe.to_string(), c.topic.to_string());
+            let announce_too = c.announced.load(Ordering::SeqCst);
+            let _ = std::thread::Builder::new()
+                .name("rivulet-members-sub".into())
+                .spawn(move || {
+                    for f in &filters {
+                        if let Err(e) = client.subscribe(f, 1) {
+                            tracing::warn!(error = %e, "cannot subscribe to the cluster's presence topics");
+                            return;
+                        }
+                    }
+                    // Arrives after the retained presences: then the list
+                    // is whole.
+                    let _ = client.publish(&probe, 1, false, b"probe".to_vec());
+                    if announce_too {
+                        announce(&client, &topic, &me);
+                    }
+                });
         }
         Ev::Message { topic, payload, .. } => {
             let mut v = c.shared.view.lock().unwrap_or_else(|e| e.into_inner());

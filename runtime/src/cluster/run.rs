@@ -51,6 +51,9 @@ const SETTLE: Duration = Duration::from_millis(400);
 /// How long connecting the links of a view may take before the peer looks
 /// at the member list again.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a link may be down while its peer is still a member before
+/// this peer forces a new view.
+const LINK_GRACE: Duration = Duration::from_secs(3);
 /// How long a peer that lacks the last checkpoint waits for a snapshot.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -75,6 +78,10 @@ struct Decision {
     id: u64,
     view: u64,
     members: Vec<String>,
+    /// Peers the view waited for ([`Peer::hold`]): a peer that restarts
+    /// learns from here whom to wait for.
+    #[serde(default)]
+    missing: Vec<String>,
 }
 
 /// A peer holds every member's delta of checkpoint `id`.
@@ -144,9 +151,10 @@ pub fn run(valid: &ValidPipeline, file: &str, opts: RunOptions) -> Result<RunSta
 
     let current: Current = Arc::new(Mutex::new(None));
     let (accepted_tx, accepted) = channel::<Link>();
+    let accepting = Arc::new(AtomicBool::new(false));
     let acceptor = {
         let current = current.clone();
-        let stop = opts.shutdown.clone();
+        let stop = accepting.clone();
         std::thread::Builder::new()
             .name("rivulet-peer-accept".into())
             .spawn(move || accept_loop(listener, current, accepted_tx, stop))
@@ -164,6 +172,9 @@ pub fn run(valid: &ValidPipeline, file: &str, opts: RunOptions) -> Result<RunSta
         accepted,
         opts,
         decision: None,
+        departed: BTreeMap::new(),
+        last_members: Vec::new(),
+        gone: BTreeSet::new(),
         totals: RunStats::default(),
     };
     let result = peer.views();
@@ -176,6 +187,7 @@ pub fn run(valid: &ValidPipeline, file: &str, opts: RunOptions) -> Result<RunSta
         *c = None;
     }
     membership.leave();
+    accepting.store(true, Ordering::SeqCst);
     let _ = acceptor.join();
     result
 }
@@ -223,6 +235,15 @@ struct Peer<'a> {
     opts: RunOptions,
     /// The last decision seen (retained or live).
     decision: Option<Decision>,
+    /// Peers of the last checkpoint that are not in the view, with the
+    /// time until which the view waits for them ([`Peer::hold`]).
+    departed: BTreeMap<String, Instant>,
+    /// The members of the previous view (they may have read input that no
+    /// global checkpoint holds yet).
+    last_members: Vec<String>,
+    /// Peers waited for until `failure_timeout` passed: not waited for
+    /// again until they are back.
+    gone: BTreeSet<String>,
     totals: RunStats,
 }
 
@@ -272,7 +293,12 @@ impl Peer<'_> {
             return;
         }
         match serde_json::from_slice::<Decision>(payload) {
-            Ok(d) => self.decision = Some(d),
+            // The newest wins (ids grow across views).
+            Ok(d) => {
+                if self.decision.as_ref().is_none_or(|k| d.id >= k.id) {
+                    self.decision = Some(d);
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "ignoring an unreadable checkpoint decision"),
         }
     }
@@ -294,7 +320,8 @@ impl Peer<'_> {
                 .into_iter()
                 .filter(|p| p.fingerprint == self.fingerprint)
                 .collect();
-            let key: Vec<(String, u64)> = ours.iter().map(|p| (p.id.clone(), p.incarnation)).collect();
+            let key: Vec<(String, u64)> =
+                ours.iter().map(|p| (p.id.clone(), p.incarnation)).collect();
             if key != last {
                 last = key;
                 since = Instant::now();
@@ -337,20 +364,29 @@ impl Peer<'_> {
             .valid
             .build(self.file, &Overrides::default())?
             .build()
-            .map_err(|e| PeerError::Setup(format!("{}: cannot build the pipeline: {e}", self.file)))?;
+            .map_err(|e| {
+                PeerError::Setup(format!("{}: cannot build the pipeline: {e}", self.file))
+            })?;
         let decls = pipeline.state_decls();
         let (mut store, _) = StateStore::open(&self.state_dir, &decls, false)?;
-        self.settle(&mut store)?;
+        self.drain_control();
 
         // Links: the lower id dials, the other accepts.
         let bell = Arc::new(Doorbell::default());
         let (ctl_tx, ctl_rx) = channel::<(String, Wire)>();
+        let missing = self.expect(&ids, &[]);
         let identity = Identity {
             cluster: self.spec.cluster.clone(),
             peer: self.spec.id.clone(),
             fingerprint: self.fingerprint.clone(),
             view,
             tls: self.tls.clone(),
+            missing,
+            decision: self
+                .decision
+                .as_ref()
+                .and_then(|d| serde_json::to_vec(d).ok())
+                .unwrap_or_default(),
             control: Some(ctl_tx),
         };
         if let Ok(mut c) = self.current.lock() {
@@ -364,8 +400,17 @@ impl Peer<'_> {
             });
         };
         let others: Vec<Arc<Link>> = links.iter().flatten().cloned().collect();
+        let told: Vec<String> = others.iter().flat_map(|l| l.missing.clone()).collect();
+        let missing = self.expect(&ids, &told);
+        self.last_members = ids.clone();
 
-        // A peer without the last global checkpoint takes it from another.
+        // Every member now knows every member's last decision: all settle
+        // on the newest, applying its deltas if they are pending here, or
+        // taking it from a peer that has it.
+        for l in &others {
+            self.note_decision(&l.decision);
+        }
+        self.settle(&mut store)?;
         let want = self.decision.as_ref().map(|d| Mark {
             id: d.id,
             view: d.view,
@@ -400,6 +445,7 @@ impl Peer<'_> {
             .filter_map(|l| l.take_input(0))
             .map(|i| Box::new(i) as Box<dyn InputSource>)
             .collect();
+        let hold_until = self.hold_until();
         let (cp_tx, cp_rx) = channel::<PeerCheckpoint>();
         let source_hook: Arc<Mutex<Option<CheckpointHook>>> = Arc::new(Mutex::new(None));
         let stop = Arc::new(AtomicBool::new(false));
@@ -415,6 +461,7 @@ impl Peer<'_> {
             inputs,
             bell,
             restored,
+            hold_until,
             checkpoints: cp_tx,
             source_hook: source_hook.clone(),
         };
@@ -433,10 +480,16 @@ impl Peer<'_> {
             readies: BTreeMap::new(),
             positions: BTreeMap::new(),
             decided: BTreeSet::new(),
+            missing,
             source_hook,
         };
-        let members_key: Vec<(String, u64)> =
-            members.iter().map(|p| (p.id.clone(), p.incarnation)).collect();
+        let members_key: Vec<(String, u64)> = members
+            .iter()
+            .map(|p| (p.id.clone(), p.incarnation))
+            .collect();
+        // Since when a link is down while the broker still sees its peer.
+        let mut link_down: Option<Instant> = None;
+        let mut rejoined = false;
         let ended = loop {
             if self.stopping() {
                 break Ended::Stopped;
@@ -455,8 +508,20 @@ impl Peer<'_> {
                 }
             }
             if changed {
-                tracing::info!("the member list changed: rolling back to the last global checkpoint");
+                tracing::info!(
+                    "the member list changed: rolling back to the last global checkpoint"
+                );
                 break Ended::Changed;
+            }
+            // A link that failed without a change of the member list (a
+            // network fault between two peers): a new view starts over.
+            if others.iter().any(|l| l.is_closed()) {
+                let since = *link_down.get_or_insert_with(Instant::now);
+                if !rejoined && since.elapsed() > LINK_GRACE {
+                    tracing::warn!("a peer link failed while the broker still sees its peer: starting a new view");
+                    self.membership.rejoin();
+                    rejoined = true;
+                }
             }
             let mut idle = true;
             while let Ok(cp) = cp_rx.try_recv() {
@@ -470,9 +535,14 @@ impl Peer<'_> {
             let msgs: Vec<(String, Vec<u8>)> = self.membership.control().try_iter().collect();
             for (topic, payload) in msgs {
                 idle = false;
-                if let Some(d) = coord.control(&topic, &payload, &self.membership, &self.spec.cluster)
+                // Only this view's: a late one of an earlier view must not
+                // move the checkpoint this view restored from.
+                if let Some(d) =
+                    coord.control(&topic, &payload, &self.membership, &self.spec.cluster)
                 {
-                    self.decision = Some(d);
+                    if d.view == view {
+                        self.decision = Some(d);
+                    }
                 }
             }
             if idle {
@@ -490,32 +560,96 @@ impl Peer<'_> {
             .join()
             .map_err(|_| RunError::Internal("the peer's run panicked".into()))?;
         drop(coord);
-        match (&ended, result) {
-            (Ended::Finished, Err(e)) => return Err(e.into()),
-            (_, Ok(s)) => {
+        let ended = match (ended, result) {
+            (Ended::Finished, Err(e)) => {
+                // The run stopped by itself: a link failed under it, or
+                // its source or a sink did. Every peer starts a new view
+                // (this one's new incarnation tells them), from the last
+                // global checkpoint.
+                tracing::warn!(error = %e, "this peer's run stopped; starting a new view");
+                std::thread::sleep(Duration::from_millis(500));
+                self.membership.rejoin();
+                Ended::Changed
+            }
+            (ended, Ok(s)) => {
                 self.totals.events += s.events;
                 self.totals.results += s.results;
                 self.totals.late += s.late;
                 self.totals.dead_letters += s.dead_letters;
                 self.totals.filtered += s.filtered;
+                ended
             }
             // An aborted run ends with its channels cut: not an error.
-            (_, Err(e)) => tracing::debug!(error = %e, "the view's run ended"),
-        }
+            (ended, Err(e)) => {
+                tracing::debug!(error = %e, "the view's run ended");
+                ended
+            }
+        };
         Ok(ended)
+    }
+
+    /// Notes the peers this view waits for, before event time passes the
+    /// last global checkpoint: a peer of that checkpoint, of the previous
+    /// view, or one that another peer (`told`) or the decision waits for,
+    /// while it is missing (crashed, rebooting, stopped, or not started yet
+    /// after a cold start) and `failure_timeout` has not passed since it
+    /// was first missed. Its journal may hold input from after the
+    /// checkpoint; firing windows without it would make that input late
+    /// when it comes back. Returns the peers waited for.
+    fn expect(&mut self, ids: &[String], told: &[String]) -> Vec<String> {
+        let timeout = Duration::from_millis(self.spec.failure_timeout_ms.max(0) as u64);
+        let now = Instant::now();
+        let mut expected: Vec<String> = told.to_vec();
+        if let Some(d) = &self.decision {
+            expected.extend(d.members.iter().cloned());
+            expected.extend(d.missing.iter().cloned());
+        }
+        expected.extend(self.last_members.iter().cloned());
+        self.departed.retain(|id, _| !ids.contains(id));
+        self.gone.retain(|id| !ids.contains(id));
+        for id in expected {
+            if !ids.contains(&id) && !self.gone.contains(&id) {
+                self.departed.entry(id).or_insert(now + timeout);
+            }
+        }
+        let expired: Vec<String> = self
+            .departed
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            tracing::warn!(peer = %id, "gave up waiting for a peer: its input since the last checkpoint will be late if it comes back");
+            self.departed.remove(&id);
+            self.gone.insert(id);
+        }
+        self.departed.keys().cloned().collect()
+    }
+
+    /// Until when this view waits (see [`Peer::expect`]).
+    fn hold_until(&self) -> Option<Instant> {
+        if !self.departed.is_empty() {
+            tracing::info!(
+                missing = ?self.departed.keys().collect::<Vec<_>>(),
+                "waiting for peers of the last checkpoint before event time passes it"
+            );
+        }
+        self.departed.values().max().copied()
     }
 
     /// Settles the state file on the last decision: applies its pending
     /// deltas when they are here, drops every other pending delta.
     fn settle(&mut self, store: &mut StateStore) -> Result<(), PeerError> {
-        self.drain_control();
         if let Some(d) = &self.decision {
             let mark = Mark {
                 id: d.id,
                 view: d.view,
             };
             if store.global_mark()? != Some(mark) && store.apply_pending(mark, &d.members)? {
-                tracing::info!(checkpoint = d.id, "applied the last global checkpoint, kept pending here");
+                tracing::info!(
+                    checkpoint = d.id,
+                    "applied the last global checkpoint, kept pending here"
+                );
             }
         }
         store.discard_pending()?;
@@ -603,7 +737,10 @@ impl Peer<'_> {
             );
             return Ok(true);
         }
-        tracing::info!(checkpoint = want.id, "asking the other peers for the last global checkpoint");
+        tracing::info!(
+            checkpoint = want.id,
+            "asking the other peers for the last global checkpoint"
+        );
         for l in others {
             let _ = l.send_control(&Wire::SnapshotRequest { view });
         }
@@ -684,6 +821,8 @@ struct Coordinator {
     positions: BTreeMap<u64, Vec<u8>>,
     /// Checkpoints whose decision this peer published.
     decided: BTreeSet<u64>,
+    /// The peers this view waits for (told in each decision).
+    missing: Vec<String>,
     source_hook: Arc<Mutex<Option<CheckpointHook>>>,
 }
 
@@ -733,7 +872,9 @@ impl Coordinator {
             Wire::Delta { body, .. } => {
                 let d: Delta = match postcard::from_bytes(&body) {
                     Ok(d) => d,
-                    Err(e) => return tracing::warn!(peer = %from, error = %e, "an unreadable checkpoint delta"),
+                    Err(e) => {
+                        return tracing::warn!(peer = %from, error = %e, "an unreadable checkpoint delta")
+                    }
                 };
                 if d.peer != from || d.mark.view != self.view {
                     return tracing::warn!(peer = %from, "a checkpoint delta of another peer or view; dropped");
@@ -743,7 +884,9 @@ impl Coordinator {
                 }
                 self.got_delta(d.mark.id, d.peer, m, cluster);
             }
-            Wire::SnapshotRequest { .. } => serve_snapshot(&self.store, from, &self.links, self.view),
+            Wire::SnapshotRequest { .. } => {
+                serve_snapshot(&self.store, from, &self.links, self.view)
+            }
             _ => {}
         }
     }
@@ -788,10 +931,13 @@ impl Coordinator {
                     id: r.id,
                     view: self.view,
                     members: self.ids.clone(),
+                    missing: self.missing.clone(),
                 })
                 .unwrap_or_default();
                 if !m.publish(&decision_topic, true, body) {
-                    tracing::warn!("cannot publish a checkpoint decision: the broker connection is full");
+                    tracing::warn!(
+                        "cannot publish a checkpoint decision: the broker connection is full"
+                    );
                 }
             }
             return None;
@@ -829,7 +975,9 @@ impl Coordinator {
                 }
             }
             Ok(false) => tracing::warn!(checkpoint = id, "a decided checkpoint lacks deltas here"),
-            Err(e) => tracing::error!(checkpoint = id, error = %e, "cannot apply a global checkpoint"),
+            Err(e) => {
+                tracing::error!(checkpoint = id, error = %e, "cannot apply a global checkpoint")
+            }
         }
     }
 }

@@ -107,6 +107,13 @@ pub(super) fn check_peers(
         },
         None => 5000,
     };
+    let failure_timeout_ms = match &p.failure_timeout {
+        Some(d) => c.duration(d, "peers.failure_timeout").unwrap_or_else(|| {
+            ok = false;
+            0
+        }),
+        None => 30_000,
+    };
     if !source_is_mqtt {
         c.node(
             node,
@@ -137,6 +144,7 @@ pub(super) fn check_peers(
         listen,
         advertise,
         keep_alive_ms,
+        failure_timeout_ms,
         tls,
     })
 }

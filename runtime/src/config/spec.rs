@@ -114,6 +114,7 @@ pub struct PeersSpec {
     pub listen: std::net::SocketAddr,
     pub advertise: String,
     pub keep_alive_ms: i64,
+    pub failure_timeout_ms: i64,
     /// CA, certificate and key files.
     pub tls: Option<(String, String, String)>,
 }

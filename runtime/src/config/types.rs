@@ -414,6 +414,11 @@ pub struct PeersConfig {
     /// Keep-alive of the membership connection to the broker: a vanished
     /// peer is noticed within 1.5–2.5 times it (default 5s, at least 1s).
     pub keep_alive: Option<DurationText>,
+    /// How long the others wait for a peer that went away (a crash, a
+    /// reboot, a stop) before going on without it: until then event time
+    /// does not pass the last global checkpoint, so its input since then is
+    /// not late when it comes back (default 30s).
+    pub failure_timeout: Option<DurationText>,
     /// Mutual TLS between peers: the cluster's CA, this peer's certificate
     /// and key (PEM files).
     pub tls: Option<PeersTlsConfig>,

@@ -83,6 +83,10 @@ pub(super) struct KeyedHost {
     /// Peer mode: the end of input 0 (this peer's own stream) ends the
     /// run; the other peers' streams are not waited for.
     pub local_end: bool,
+    /// Peer mode: event time stays at most this watermark until the
+    /// instant passes (peers that went away may still bring input from
+    /// before it).
+    pub hold: Option<(i64, std::time::Instant)>,
     /// Records in and the watermark, counted per frame.
     records_in: Counter,
     watermark: Gauge,
@@ -96,6 +100,7 @@ impl KeyedHost {
             aligner: BarrierAligner::new(inputs),
             ended: vec![false; inputs.max(1)],
             local_end: false,
+            hold: None,
             records_in: Counter::default(),
             watermark: Gauge::default(),
         }
@@ -157,10 +162,33 @@ impl KeyedHost {
         }
     }
 
+    /// The watermark to advance to when the valve moved to `w`: `w`,
+    /// capped while a hold lasts.
+    fn held(&mut self, w: i64) -> i64 {
+        match self.hold {
+            Some((cap, until)) if std::time::Instant::now() < until => w.min(cap),
+            Some(_) => {
+                self.hold = None;
+                w
+            }
+            None => w,
+        }
+    }
+
     /// Handles one frame of input `input`.
     pub fn frame(&mut self, input: usize, frame: Vec<Msg>) -> OutBatch {
         let mut out = OutBatch::default();
         let mut after_data = false;
+        if let Some((_, until)) = self.hold {
+            if std::time::Instant::now() >= until {
+                // The wait for departed peers is over: catch up.
+                self.hold = None;
+                let w = self.valve.current();
+                if w > i64::MIN {
+                    self.op.advance(w, Order::START, &mut out.outputs);
+                }
+            }
+        }
         for msg in frame {
             match msg {
                 Msg::Data(batch) => {
@@ -170,7 +198,7 @@ impl KeyedHost {
                     after_data = true;
                 }
                 Msg::Watermark(w) => {
-                    if let Some(w) = self.valve.watermark(input, w) {
+                    if let Some(w) = self.valve.watermark(input, w).map(|w| self.held(w)) {
                         // The final watermark's results come last of all.
                         let order = match (w, after_data) {
                             (i64::MAX, _) => Order::FLUSH,
@@ -181,7 +209,7 @@ impl KeyedHost {
                     }
                 }
                 Msg::Idle { quiet_ms } => {
-                    if let Some(w) = self.valve.idle(input, quiet_ms) {
+                    if let Some(w) = self.valve.idle(input, quiet_ms).map(|w| self.held(w)) {
                         self.op.advance(w, Order::END, &mut out.outputs);
                     }
                 }

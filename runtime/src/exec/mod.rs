@@ -170,19 +170,24 @@ fn run(
     let mut store = None;
     let mut restored_input_watermark = None;
     let mut control = None;
-    if let Some(restored) = peer.as_mut().and_then(|pr| pr.restored.take()) {
-        // Peer mode: the cluster layer restored the global checkpoint.
+    if let Some(pr) = peer.as_mut() {
+        // Peer mode: the cluster layer owns the state file and restored
+        // the global checkpoint (if there is one).
         for op in &mut operators {
             op.track_changes();
-            op.restore(restored.watermark, restored.keys.clone())
-                .map_err(|e| RunError::Internal(format!("restoring keyed state: {e}")))?;
         }
-        if let Some(pos) = &restored.position {
-            if let Err(e) = source.seek(pos) {
-                tracing::warn!(error = %e, "the source cannot resume; reading from where it stands now");
+        if let Some(restored) = pr.restored.take() {
+            for op in &mut operators {
+                op.restore(restored.watermark, restored.keys.clone())
+                    .map_err(|e| RunError::Internal(format!("restoring keyed state: {e}")))?;
             }
+            if let Some(pos) = &restored.position {
+                if let Err(e) = source.seek(pos) {
+                    tracing::warn!(error = %e, "the source cannot resume; reading from where it stands now");
+                }
+            }
+            restored_input_watermark = restored.input_watermark;
         }
-        restored_input_watermark = restored.input_watermark;
     } else if let Some((dir, _)) = &plan.state {
         if let Some(sp) = &opts.restore_from {
             crate::state::install_savepoint(sp, dir)?;
@@ -285,6 +290,7 @@ fn run(
             std::mem::take(&mut pr.links),
             std::mem::take(&mut pr.inputs),
             pr.bell.clone(),
+            pr.hold_until,
         )
     });
     // parse workers and keyed workers -> merger
@@ -306,7 +312,7 @@ fn run(
             status: Vec::new(),
         };
         match &peer_parts {
-            Some((me, links, _, _)) => {
+            Some((me, links, ..)) => {
                 let outbox = peer::PeerOutbox::new(*me, outbox, links.clone(), keyed);
                 handles.push(spawn(format!("rivulet-parse-{i}"), move || {
                     worker.run(rx, tx, outbox)
@@ -317,13 +323,13 @@ fn run(
             })?),
         }
     }
-    let mut peer_inputs = peer_parts.map(|(_, _, inputs, bell)| (inputs, bell));
+    let mut peer_inputs = peer_parts.map(|(_, _, inputs, bell, hold)| (inputs, bell, hold));
     let window_ctx = ctx.for_operator("window");
     for (j, (mut op, inbox)) in operators.into_iter().zip(inboxes).enumerate() {
         let (tx, out_rx) = sync_channel(QUEUE);
         keyed_out_rx.push(out_rx);
         op.start(&window_ctx, j);
-        if let Some((remote, bell)) = peer_inputs.take() {
+        if let Some((remote, bell, hold)) = peer_inputs.take() {
             // Peer mode: this peer's stream is input 0, each other peer's
             // link one more.
             let mut all: Vec<Box<dyn exchange::InputSource>> = vec![Box::new(inbox)];
@@ -331,6 +337,7 @@ fn run(
             let inbox = exchange::MultiInbox::new(all, bell);
             let mut host = keyed::KeyedHost::new(op, exchange::Inbox::inputs(&inbox));
             host.local_end = true;
+            host.hold = hold.map(|until| (restored_input_watermark.unwrap_or(i64::MIN), until));
             host.count(&window_ctx, j);
             if let Some(w) = restored_input_watermark {
                 host.valve.restore(w);

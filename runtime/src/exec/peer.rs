@@ -55,6 +55,10 @@ pub struct PeerRun {
     /// the keyed worker.
     pub bell: Arc<Doorbell>,
     pub restored: Option<PeerRestored>,
+    /// Until when event time stays at the restored watermark: peers of
+    /// the last checkpoint that are not in this view may come back with
+    /// input from after it.
+    pub hold_until: Option<std::time::Instant>,
     /// Where checkpoint parts go.
     pub checkpoints: Sender<PeerCheckpoint>,
     /// Filled by the run: trims the source's journal, called by the

@@ -94,7 +94,12 @@ pub(super) fn read(
     // one more checkpoint, then none until something arrives).
     let mut read_since_checkpoint = false;
     let mut seq = 0u64;
-    let mut checkpoint_id = 0u64;
+    // Peer mode: the first barrier comes in the next period, after every
+    // checkpoint an earlier view took (ids grow across views).
+    let mut checkpoint_id = match (clock_ids, checkpoint_every) {
+        (true, Some(every)) => period_of(every),
+        _ => 0u64,
+    };
     let mut last_arrival = i64::MIN;
     let mut result = Ok(());
     // Size each batch like the last full one, so buffers rarely regrow.

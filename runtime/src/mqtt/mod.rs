@@ -253,6 +253,24 @@ impl Client {
             Client::V5(c) => c.subscribe(filter, qos5(qos)).map_err(|e| e.to_string()),
         }
     }
+    /// Queues a publish, waiting for room in the client's request queue
+    /// (never call it from the connection's own thread).
+    pub fn publish(
+        &self,
+        topic: &str,
+        qos: u8,
+        retain: bool,
+        payload: Vec<u8>,
+    ) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c
+                .publish(topic, qos4(qos), retain, payload)
+                .map_err(|e| e.to_string()),
+            Client::V5(c) => c
+                .publish(topic, qos5(qos), retain, payload)
+                .map_err(|e| e.to_string()),
+        }
+    }
     /// Queues a publish without waiting; `false` when the client's request
     /// queue is full.
     pub fn try_publish(&self, topic: &str, qos: u8, retain: bool, payload: Vec<u8>) -> bool {

@@ -552,10 +552,21 @@ impl Inbound {
         let go_on = match ev {
             Ev::Connected { session_present } => {
                 if !self.ever_connected || !session_present {
-                    for f in &self.filters {
-                        if let Err(e) = self.client.subscribe(f, self.qos) {
-                            tracing::error!(broker = %self.url, filter = %f, error = %e, "cannot subscribe");
-                        }
+                    // Subscribing waits for room in the client's queue,
+                    // which only this thread empties: do it from another.
+                    let (client, filters) = (self.client.clone(), self.filters.clone());
+                    let (url, qos) = (self.url.clone(), self.qos);
+                    let spawned = std::thread::Builder::new()
+                        .name("rivulet-mqtt-sub".into())
+                        .spawn(move || {
+                            for f in &filters {
+                                if let Err(e) = client.subscribe(f, qos) {
+                                    tracing::error!(broker = %url, filter = %f, error = %e, "cannot subscribe");
+                                }
+                            }
+                        });
+                    if let Err(e) = spawned {
+                        tracing::error!(broker = %self.url, error = %e, "cannot subscribe: no thread");
                     }
                 }
                 self.ever_connected = true;

@@ -1,0 +1,360 @@
+//! Peer mode end to end: several `rivulet run` processes of one cluster on
+//! loopback, fed through a real Mosquitto, checked against the window
+//! results the input must give.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{free_port, Broker, Rivulet};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+/// Event time of the first reading.
+const BASE: i64 = 1_800_000_000_000;
+/// Window results with a start before this are compared (the closing
+/// readings come after it).
+const CUTOFF: i64 = BASE + 60_000;
+const WINDOW_MS: i64 = 2_000;
+
+/// One peer's process, directory and settings.
+struct Peer {
+    id: String,
+    dir: PathBuf,
+    yaml: String,
+    proc: Option<Rivulet>,
+}
+
+impl Peer {
+    fn new(root: &Path, b: &Broker, id: &str, extra: &str) -> Peer {
+        let dir = root.join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let yaml = format!(
+            "name: p\n\
+             source:\n  mqtt: {{ url: \"{url}\", topics: [\"sensors/{{id}}/t\"], qos: 1 }}\n  \
+             event_time: {{ field: ts, max_out_of_orderness: 1s }}\n\
+             steps:\n  - key_by: id\n  - window: {{ tumbling: 2s, aggregate: {{ n: count(), s: sum(v) }} }}\n\
+             sink: {{ file: {{ path: out.jsonl }} }}\n\
+             state: {{ dir: st, checkpoint_interval: 500ms }}\n\
+             peers: {{ cluster: t, id: {id}, listen: \"127.0.0.1:{port}\", keep_alive: 1s{extra} }}\n",
+            url = b.url(),
+            port = free_port(),
+        );
+        Peer {
+            id: id.into(),
+            dir,
+            yaml,
+            proc: None,
+        }
+    }
+
+    fn start(&mut self) {
+        std::fs::write(self.dir.join("pipeline.yaml"), &self.yaml).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("log.txt"))
+            .unwrap();
+        let mut cmd = common::rivulet_cmd(
+            &self.dir,
+            &["run", "pipeline.yaml", "--stats-file", "stats.json"],
+        );
+        cmd.env("RUST_LOG", "info,rivulet::cluster=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log));
+        self.proc = Some(Rivulet::spawn(&mut cmd));
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill().unwrap();
+            p.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM; the exit code.
+    fn stop(&mut self) -> Option<i32> {
+        let p = self.proc.take()?;
+        p.stop().0
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log.txt")).unwrap_or_default()
+    }
+
+    /// The members of the last view this peer started.
+    fn view(&self) -> String {
+        self.log()
+            .lines()
+            .rev()
+            .find(|l| l.contains("starting a view"))
+            .map(|l| l[l.find("members=").map_or(0, |i| i + 8)..].to_string())
+            .unwrap_or_default()
+    }
+
+    fn events_read(&self) -> u64 {
+        std::fs::read(self.dir.join("stats.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["events_read"].as_u64())
+            .unwrap_or(0)
+    }
+
+    fn rows(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.join("out.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+/// Waits until every running peer's last view has exactly `ids`.
+fn wait_for_view(peers: &[Peer], ids: &[&str]) {
+    let want = format!("{ids:?}");
+    common::eventually(&format!("every peer in the view {want}"), 60, || {
+        peers
+            .iter()
+            .filter(|p| p.proc.is_some())
+            .all(|p| p.view().starts_with(&want))
+    });
+}
+
+/// Readings of `sensors` sensors, `per` each, in event-time order with
+/// disorder below the 1 s bound; then one closing reading per sensor far
+/// ahead, which moves every peer's watermark past every window.
+fn readings(sensors: usize, per: usize) -> (Vec<(String, String)>, Vec<(String, String)>) {
+    let mut rng = fastrand::Rng::with_seed(7);
+    let mut data = Vec::new();
+    for k in 0..sensors * per {
+        let s = k % sensors;
+        let ts = BASE + k as i64 * 5 + rng.i64(0..500);
+        data.push((
+            format!("sensors/s{s}/t"),
+            format!("{{\"ts\":{ts},\"v\":{}}}", k % 97),
+        ));
+    }
+    let closing = (0..sensors)
+        .map(|s| {
+            (
+                format!("sensors/s{s}/t"),
+                format!("{{\"ts\":{},\"v\":0}}", BASE + 100_000),
+            )
+        })
+        .collect();
+    (data, closing)
+}
+
+/// What a single process computes from `msgs`: (sensor, window start) →
+/// (count, sum).
+fn expected(msgs: &[(String, String)]) -> BTreeMap<(String, i64), (u64, i64)> {
+    let mut out = BTreeMap::new();
+    for (topic, payload) in msgs {
+        let id = topic.split('/').nth(1).unwrap().to_string();
+        let v: serde_json::Value = serde_json::from_str(payload).unwrap();
+        let ts = v["ts"].as_i64().unwrap();
+        let start = ts - ts.rem_euclid(WINDOW_MS);
+        let e = out.entry((id, start)).or_insert((0, 0));
+        e.0 += 1;
+        e.1 += v["v"].as_i64().unwrap();
+    }
+    out
+}
+
+/// Every result row below the cutoff, from every peer: (key, n, s).
+fn results(peers: &[Peer]) -> Vec<((String, i64), (u64, i64))> {
+    peers
+        .iter()
+        .flat_map(|p| p.rows())
+        .filter(|r| r["window_start"].as_i64().unwrap() < CUTOFF)
+        .map(|r| {
+            (
+                (
+                    r["id"].as_str().unwrap().to_string(),
+                    r["window_start"].as_i64().unwrap(),
+                ),
+                (r["n"].as_u64().unwrap(), r["s"].as_f64().unwrap() as i64),
+            )
+        })
+        .collect()
+}
+
+/// Waits until every expected window has a result.
+fn wait_for_results(peers: &[Peer], want: &BTreeMap<(String, i64), (u64, i64)>) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let got: BTreeMap<_, _> = results(peers).into_iter().collect();
+        if want.keys().all(|k| got.contains_key(k)) {
+            return;
+        }
+        if Instant::now() > deadline {
+            let missing: Vec<_> = want
+                .keys()
+                .filter(|k| !got.contains_key(*k))
+                .take(5)
+                .collect();
+            let logs: Vec<String> = peers
+                .iter()
+                .map(|p| format!("--- peer {} ({})\n{}", p.id, p.dir.display(), p.log()))
+                .collect();
+            if std::env::var_os("RIVULET_KEEP_TEST_DIRS").is_some() {
+                for p in peers {
+                    let keep =
+                        std::env::temp_dir().join(format!("kept-{}-{}", p.id, fastrand::u32(..)));
+                    let _ = std::process::Command::new("cp")
+                        .arg("-r")
+                        .arg(&p.dir)
+                        .arg(&keep)
+                        .status();
+                    eprintln!("kept {}", keep.display());
+                }
+            }
+            panic!(
+                "timed out: {} of {} windows have results; missing {missing:?}\n{}",
+                want.keys().filter(|k| got.contains_key(*k)).count(),
+                want.len(),
+                logs.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn broker() -> Broker {
+    // Peer mode's broker settings (docs/peers.md): no cap on the queue of
+    // a peer that is away.
+    Broker::start("max_queued_messages 0\npersistence false")
+}
+
+fn shares_subscribed(b: &Broker, n: usize) {
+    common::eventually(&format!("{n} peers subscribed to the share"), 60, || {
+        b.log().matches("$share/rivulet-t/sensors/+/t").count() >= n
+    });
+}
+
+#[test]
+fn three_peers_give_the_results_of_one_process_each_window_once() {
+    let b = broker();
+    let root = tempfile::tempdir().unwrap();
+    let mut peers: Vec<Peer> = ["a", "b", "c"]
+        .iter()
+        .map(|id| Peer::new(root.path(), &b, id, ""))
+        .collect();
+    for p in &mut peers {
+        p.start();
+    }
+    wait_for_view(&peers, &["a", "b", "c"]);
+    shares_subscribed(&b, 3);
+    let (data, closing) = readings(300, 12);
+    common::publish_all(b.port, &data);
+    common::publish_all(b.port, &closing);
+    let want = expected(&data);
+    wait_for_results(&peers, &want);
+    let rows = results(&peers);
+    let got: BTreeMap<_, _> = rows.iter().cloned().collect();
+    assert_eq!(rows.len(), got.len(), "a (key, window) was published twice");
+    assert_eq!(got, want);
+    // Every peer ingested a share of the input (its own, not what others
+    // forwarded) and published results.
+    let total = (data.len() + closing.len()) as u64;
+    common::eventually("the stats files to count every reading once", 10, || {
+        peers.iter().map(Peer::events_read).sum::<u64>() == total
+    });
+    for p in &peers {
+        assert!(p.events_read() > 0, "peer {} read nothing", p.id);
+        assert!(!p.rows().is_empty(), "peer {} published nothing", p.id);
+    }
+    // SIGTERM: every peer leaves cleanly at once, exit 0.
+    for p in &mut peers {
+        if let Some(proc) = &p.proc {
+            common::sigterm(proc);
+        }
+    }
+    for p in &mut peers {
+        let code = p.proc.take().unwrap().finish().0;
+        assert_eq!(code, Some(0), "peer {}: {}", p.id, p.log());
+    }
+}
+
+#[test]
+fn peers_killed_and_restarted_again_and_again_lose_nothing_and_count_nothing_twice() {
+    let b = broker();
+    let root = tempfile::tempdir().unwrap();
+    let mut peers: Vec<Peer> = ["a", "b", "c"]
+        .iter()
+        .map(|id| Peer::new(root.path(), &b, id, ", failure_timeout: 60s"))
+        .collect();
+    for p in &mut peers {
+        p.start();
+    }
+    wait_for_view(&peers, &["a", "b", "c"]);
+    shares_subscribed(&b, 3);
+    let (data, closing) = readings(200, 12);
+    let mut rng = fastrand::Rng::with_seed(11);
+    for chunk in data.chunks(400) {
+        common::publish_all(b.port, chunk);
+        // kill -9 one peer at a random moment, restart it (as systemd or
+        // Swarm would).
+        std::thread::sleep(Duration::from_millis(rng.u64(0..800)));
+        let victim = rng.usize(0..peers.len());
+        peers[victim].kill9();
+        std::thread::sleep(Duration::from_millis(rng.u64(0..500)));
+        peers[victim].start();
+    }
+    common::publish_all(b.port, &closing);
+    let want = expected(&data);
+    wait_for_results(&peers, &want);
+    // After a rollback a window may be published again, but always with
+    // the same result: nothing lost, nothing counted twice.
+    for (key, value) in results(&peers) {
+        assert_eq!(Some(&value), want.get(&key), "window {key:?}");
+    }
+    for p in &mut peers {
+        assert_eq!(p.stop(), Some(0), "peer {}", p.id);
+    }
+}
+
+#[test]
+fn a_fourth_peer_joins_under_load_and_results_stay_equal() {
+    let b = broker();
+    let root = tempfile::tempdir().unwrap();
+    let mut peers: Vec<Peer> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|id| Peer::new(root.path(), &b, id, ""))
+        .collect();
+    for p in peers.iter_mut().take(3) {
+        p.start();
+    }
+    wait_for_view(&peers, &["a", "b", "c"]);
+    shares_subscribed(&b, 3);
+    let (data, closing) = readings(200, 12);
+    let (first, second) = data.split_at(data.len() / 2);
+    common::publish_all(b.port, first);
+    // A global checkpoint is there for the new peer to take.
+    common::eventually("a global checkpoint", 30, || {
+        peers[0].log().contains("global checkpoint applied")
+    });
+    peers[3].start();
+    wait_for_view(&peers, &["a", "b", "c", "d"]);
+    shares_subscribed(&b, 4);
+    common::publish_all(b.port, second);
+    common::publish_all(b.port, &closing);
+    let want = expected(&data);
+    wait_for_results(&peers, &want);
+    for (key, value) in results(&peers) {
+        assert_eq!(Some(&value), want.get(&key), "window {key:?}");
+    }
+    common::eventually("the new peer to take a share of the input", 10, || {
+        peers[3].events_read() > 0
+    });
+    assert!(
+        peers[3].log().contains("took the checkpoint"),
+        "the joiner took the cluster's checkpoint: {}",
+        peers[3].log()
+    );
+    for p in &mut peers {
+        assert_eq!(p.stop(), Some(0), "peer {}", p.id);
+    }
+}
