@@ -181,6 +181,34 @@ fn results(peers: &[Peer]) -> Vec<((String, i64), (u64, i64))> {
         .collect()
 }
 
+/// With `RIVULET_KEEP_TEST_DIRS` set, copies the peers' directories (logs,
+/// state, outputs) to the temp dir, to look into a failure.
+fn keep(peers: &[Peer]) {
+    if std::env::var_os("RIVULET_KEEP_TEST_DIRS").is_none() {
+        return;
+    }
+    for p in peers {
+        let to = std::env::temp_dir().join(format!("kept-{}-{}", p.id, fastrand::u32(..)));
+        let _ = std::process::Command::new("cp")
+            .arg("-r")
+            .arg(&p.dir)
+            .arg(&to)
+            .status();
+        eprintln!("kept {}", to.display());
+    }
+}
+
+/// Every result equals the expected one (a window may be published more
+/// than once after a rollback, always with the same result).
+fn check_results(peers: &[Peer], want: &BTreeMap<(String, i64), (u64, i64)>) {
+    for (key, value) in results(peers) {
+        if Some(&value) != want.get(&key) {
+            keep(peers);
+        }
+        assert_eq!(Some(&value), want.get(&key), "window {key:?}");
+    }
+}
+
 /// Waits until every expected window has a result.
 fn wait_for_results(peers: &[Peer], want: &BTreeMap<(String, i64), (u64, i64)>) {
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -308,9 +336,7 @@ fn peers_killed_and_restarted_again_and_again_lose_nothing_and_count_nothing_twi
     wait_for_results(&peers, &want);
     // After a rollback a window may be published again, but always with
     // the same result: nothing lost, nothing counted twice.
-    for (key, value) in results(&peers) {
-        assert_eq!(Some(&value), want.get(&key), "window {key:?}");
-    }
+    check_results(&peers, &want);
     for p in &mut peers {
         assert_eq!(p.stop(), Some(0), "peer {}", p.id);
     }
@@ -343,9 +369,7 @@ fn a_fourth_peer_joins_under_load_and_results_stay_equal() {
     common::publish_all(b.port, &closing);
     let want = expected(&data);
     wait_for_results(&peers, &want);
-    for (key, value) in results(&peers) {
-        assert_eq!(Some(&value), want.get(&key), "window {key:?}");
-    }
+    check_results(&peers, &want);
     common::eventually("the new peer to take a share of the input", 10, || {
         peers[3].events_read() > 0
     });
