@@ -27,6 +27,7 @@ fn options(b: &Broker, id: &str, fingerprint: &str, incarnation: u64) -> JoinOpt
             fingerprint: fingerprint.into(),
             incarnation,
             version: "test".into(),
+            leaving: false,
         },
         endpoint: endpoint(b),
         keep_alive: KEEP_ALIVE,
@@ -124,6 +125,7 @@ fn a_restarted_peer_replaces_the_presence_of_its_earlier_life() {
         fingerprint: "fp".into(),
         incarnation: 1,
         version: "test".into(),
+        leaving: false,
     })
     .unwrap();
     let topic = presence_topic("line-3", "p1");
@@ -195,6 +197,7 @@ fn no_broker_is_a_clear_error_within_the_wait() {
             fingerprint: "fp".into(),
             incarnation: 1,
             version: "t".into(),
+            leaving: false,
         },
         endpoint: endpoint_for_port(port),
         keep_alive: Duration::from_millis(500),

@@ -464,6 +464,7 @@ fn peers(file: &str, json: bool) -> Result<(), String> {
             fingerprint: fingerprint.clone(),
             incarnation: fastrand::u64(..),
             version: env!("CARGO_PKG_VERSION").into(),
+            leaving: false,
         },
         endpoint: valid.source_broker()?,
         keep_alive: std::time::Duration::from_millis(spec.keep_alive_ms as u64),

@@ -43,6 +43,10 @@ pub struct Presence {
     pub incarnation: u64,
     /// The rivulet version that announced it.
     pub version: String,
+    /// Leaving cleanly: its input is all in the last global checkpoint, so
+    /// the others need not wait for it once it is gone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub leaving: bool,
 }
 
 /// A change of the member list.
@@ -386,6 +390,21 @@ impl Membership {
         let me = {
             let mut me = self.announced_as.lock().unwrap_or_else(|e| e.into_inner());
             me.incarnation = fastrand::u64(..);
+            me.clone()
+        };
+        announce(
+            &self.client,
+            &presence_topic(&self.cluster, &self.me.id),
+            &me,
+        );
+    }
+
+    /// Announces that this peer is leaving cleanly (see
+    /// [`Presence::leaving`]); the same incarnation, so no new view.
+    pub fn announce_leaving(&self) {
+        let me = {
+            let mut me = self.announced_as.lock().unwrap_or_else(|e| e.into_inner());
+            me.leaving = true;
             me.clone()
         };
         announce(

@@ -54,6 +54,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a link may be down while its peer is still a member before
 /// this peer forces a new view.
 const LINK_GRACE: Duration = Duration::from_secs(3);
+/// A leaving peer's last checkpoint comes at least this long after it
+/// unsubscribed (messages already on their way arrive meanwhile).
+const DRAIN_LINGER: Duration = Duration::from_secs(1);
+/// How long a leaving peer waits for its last checkpoint.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a peer that lacks the last checkpoint waits for a snapshot.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -90,6 +95,13 @@ struct Ready {
     peer: String,
     id: u64,
     view: u64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// The view of a member list: a hash of ids and incarnations, so a peer
@@ -143,6 +155,7 @@ pub fn run(valid: &ValidPipeline, file: &str, opts: RunOptions) -> Result<RunSta
             fingerprint: fingerprint.clone(),
             incarnation,
             version: env!("CARGO_PKG_VERSION").into(),
+            leaving: false,
         },
         endpoint: valid.source_broker().map_err(PeerError::Setup)?,
         keep_alive: Duration::from_millis(spec.keep_alive_ms as u64),
@@ -175,6 +188,7 @@ pub fn run(valid: &ValidPipeline, file: &str, opts: RunOptions) -> Result<RunSta
         departed: BTreeMap::new(),
         last_members: Vec::new(),
         gone: BTreeSet::new(),
+        left: BTreeSet::new(),
         totals: RunStats::default(),
     };
     let result = peer.views();
@@ -244,6 +258,8 @@ struct Peer<'a> {
     /// Peers waited for until `failure_timeout` passed: not waited for
     /// again until they are back.
     gone: BTreeSet<String>,
+    /// Peers that announced a clean leave: not waited for.
+    left: BTreeSet<String>,
     totals: RunStats,
 }
 
@@ -313,7 +329,7 @@ impl Peer<'_> {
             if self.stopping() {
                 return None;
             }
-            while self.membership.events().try_recv().is_ok() {}
+            self.member_events(None);
             self.drain_control();
             let members = self.membership.members();
             let ours: Vec<Presence> = members
@@ -330,6 +346,30 @@ impl Peer<'_> {
             }
             std::thread::sleep(Duration::from_millis(25));
         }
+    }
+
+    /// Takes the membership's events: notes peers leaving cleanly, and
+    /// whether the member list differs from `key` (any event, without one).
+    fn member_events(&mut self, key: Option<&[(String, u64)]>) -> bool {
+        let mut changed = false;
+        while let Ok(ev) = self.membership.events().try_recv() {
+            match ev {
+                MemberEvent::Joined(p) => {
+                    if p.leaving {
+                        self.left.insert(p.id.clone());
+                    } else {
+                        self.left.remove(&p.id);
+                    }
+                    changed |= key.is_none_or(|k| !k.contains(&(p.id.clone(), p.incarnation)));
+                }
+                MemberEvent::Left(_) => changed = true,
+            }
+        }
+        changed
+    }
+
+    fn checkpoint_every_ms(&self) -> u64 {
+        self.valid.checkpoint_interval.unwrap_or(10_000).max(1) as u64
     }
 
     /// Reads the control topics between views: only decisions matter then.
@@ -358,6 +398,7 @@ impl Peer<'_> {
             view = format!("{view:016x}"),
             members = ?table.members(),
             owns = table.owned_by(me).len(),
+            results_so_far = self.opts.metrics.sum(crate::metrics::names::SINK_RECORDS, &[("sink", "main")]),
             "starting a view"
         );
         let pipeline = self
@@ -440,6 +481,15 @@ impl Peer<'_> {
                 position: positions.get(&self.spec.id).cloned(),
             }
         });
+        if let Some(r) = &restored {
+            tracing::debug!(
+                keys = r.keys.len(),
+                position = ?r.position,
+                input_watermark = ?r.input_watermark,
+                mark = ?self.decision.as_ref().map(|d| d.id),
+                "restoring"
+            );
+        }
         let inputs: Vec<Box<dyn InputSource>> = others
             .iter()
             .filter_map(|l| l.take_input(0))
@@ -447,6 +497,7 @@ impl Peer<'_> {
             .collect();
         let hold_until = self.hold_until();
         let (cp_tx, cp_rx) = channel::<PeerCheckpoint>();
+        let drain = Arc::new(AtomicBool::new(false));
         let source_hook: Arc<Mutex<Option<CheckpointHook>>> = Arc::new(Mutex::new(None));
         let stop = Arc::new(AtomicBool::new(false));
         let run_opts = RunOptions {
@@ -462,6 +513,7 @@ impl Peer<'_> {
             bell,
             restored,
             hold_until,
+            drain: drain.clone(),
             checkpoints: cp_tx,
             source_hook: source_hook.clone(),
         };
@@ -481,8 +533,12 @@ impl Peer<'_> {
             positions: BTreeMap::new(),
             decided: BTreeSet::new(),
             missing,
+            applied: None,
             source_hook,
         };
+        // Leaving (SIGTERM): since when this peer takes no new input, and
+        // the checkpoint that holds all it read.
+        let mut draining: Option<(Instant, u64)> = None;
         let members_key: Vec<(String, u64)> = members
             .iter()
             .map(|p| (p.id.clone(), p.incarnation))
@@ -492,20 +548,46 @@ impl Peer<'_> {
         let mut rejoined = false;
         let ended = loop {
             if self.stopping() {
-                break Ended::Stopped;
+                match draining {
+                    None if ids.len() > 1 => {
+                        // Leave cleanly: no new input, then one more
+                        // global checkpoint with everything read so far,
+                        // so the others need not wait for this peer.
+                        drain.store(true, Ordering::SeqCst);
+                        let after_ms = now_ms() + DRAIN_LINGER.as_millis() as u64;
+                        let every = self.checkpoint_every_ms().max(1);
+                        draining = Some((Instant::now(), after_ms.div_ceil(every)));
+                        tracing::info!(
+                            "leaving: taking no new input, waiting for a last global checkpoint"
+                        );
+                    }
+                    None => break Ended::Stopped,
+                    Some((since, last)) => {
+                        if coord.applied.is_some_and(|id| id >= last) {
+                            self.membership.announce_leaving();
+                            tracing::info!(
+                                checkpoint = coord.applied,
+                                "left with every event read in a global checkpoint"
+                            );
+                            break Ended::Stopped;
+                        }
+                        if since.elapsed() > DRAIN_TIMEOUT {
+                            tracing::warn!("leaving without a last global checkpoint (the others will wait for this peer up to their failure_timeout)");
+                            break Ended::Stopped;
+                        }
+                    }
+                }
             }
             if handle.is_finished() {
                 break Ended::Finished;
             }
             // A change of the member list ends the view.
-            let mut changed = false;
-            while let Ok(ev) = self.membership.events().try_recv() {
-                match ev {
-                    MemberEvent::Joined(p) => {
-                        changed |= !members_key.contains(&(p.id.clone(), p.incarnation))
-                    }
-                    MemberEvent::Left(_) => changed = true,
-                }
+            let changed = self.member_events(Some(&members_key));
+            if changed && draining.is_some() {
+                tracing::warn!(
+                    "leaving while the member list changes: without a last global checkpoint"
+                );
+                break Ended::Stopped;
             }
             if changed {
                 tracing::info!(
@@ -608,7 +690,7 @@ impl Peer<'_> {
         self.departed.retain(|id, _| !ids.contains(id));
         self.gone.retain(|id| !ids.contains(id));
         for id in expected {
-            if !ids.contains(&id) && !self.gone.contains(&id) {
+            if !ids.contains(&id) && !self.gone.contains(&id) && !self.left.contains(&id) {
                 self.departed.entry(id).or_insert(now + timeout);
             }
         }
@@ -623,6 +705,16 @@ impl Peer<'_> {
             self.departed.remove(&id);
             self.gone.insert(id);
         }
+        tracing::debug!(
+            ?ids,
+            ?told,
+            last = ?self.last_members,
+            decision = ?self.decision.as_ref().map(|d| (&d.members, &d.missing)),
+            gone = ?self.gone,
+            left = ?self.left,
+            departed = ?self.departed.keys().collect::<Vec<_>>(),
+            "peers to wait for"
+        );
         self.departed.keys().cloned().collect()
     }
 
@@ -674,7 +766,7 @@ impl Peer<'_> {
             if self.stopping() || Instant::now() > deadline {
                 return None;
             }
-            if self.membership.events().try_recv().is_ok() {
+            if self.member_events(None) {
                 // Something changed: look at the member list again.
                 return None;
             }
@@ -821,6 +913,8 @@ struct Coordinator {
     positions: BTreeMap<u64, Vec<u8>>,
     /// Checkpoints whose decision this peer published.
     decided: BTreeSet<u64>,
+    /// The last checkpoint applied in this view.
+    applied: Option<u64>,
     /// The peers this view waits for (told in each decision).
     missing: Vec<String>,
     source_hook: Arc<Mutex<Option<CheckpointHook>>>,
@@ -862,6 +956,7 @@ impl Coordinator {
                 tracing::warn!(peer = %l.peer, error = %e, "cannot send a checkpoint delta");
             }
         }
+        tracing::debug!(checkpoint = cp.id, changes = delta.changes.len(), position = ?delta.position, "this peer's part of a checkpoint");
         self.positions.insert(cp.id, delta.position);
         self.got_delta(cp.id, self.me.clone(), m, cluster);
     }
@@ -964,6 +1059,7 @@ impl Coordinator {
         match self.store.apply_pending(mark, &self.ids) {
             Ok(true) => {
                 tracing::debug!(checkpoint = id, "global checkpoint applied");
+                self.applied = Some(id);
                 let position = self.positions.remove(&id);
                 self.positions.retain(|&k, _| k > id);
                 self.deltas.retain(|&k, _| k > id);

@@ -193,8 +193,9 @@ impl KeyedHost {
             match msg {
                 Msg::Data(batch) => {
                     self.records_in.add(batch.recs.len() as u64);
+                    let cap = self.held(i64::MAX);
                     self.op
-                        .feed(&mut self.valve, input, &batch, &mut out.outputs);
+                        .feed(&mut self.valve, input, &batch, cap, &mut out.outputs);
                     after_data = true;
                 }
                 Msg::Watermark(w) => {
@@ -351,6 +352,23 @@ mod tests {
         h.frame(0, vec![data(&[("a", 1001)]), Msg::Barrier(2)]);
         let snap = h.frame(1, vec![Msg::Barrier(2)]).snapshot.expect("aligned");
         assert_eq!(snap.changes.len(), 1);
+    }
+
+    #[test]
+    fn a_hold_keeps_windows_from_firing_past_it_until_it_lapses() {
+        let mut h = host(1);
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(200);
+        h.hold = Some((1500, until));
+        // Watermarks inside the batch and after it: capped at 1500.
+        let mut b = data(&[("a", 1000), ("b", 2500)]);
+        if let Msg::Data(batch) = &mut b {
+            batch.watermarks = std::sync::Arc::new(vec![(1, 4000)]);
+        }
+        let out = h.frame(0, vec![b, Msg::Watermark(5000)]);
+        assert_eq!(results(&out), 0, "[1000, 2000) waits for the hold");
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        let out = h.frame(0, vec![]);
+        assert_eq!(results(&out), 2, "the hold lapsed: both windows fire");
     }
 
     #[test]

@@ -360,6 +360,7 @@ fn run(
     let clock = p.clock.clone();
     let shutdown = opts.shutdown.clone();
     let peer_mode = peer.is_some();
+    let drain = peer.as_ref().map(|pr| pr.drain.clone());
     let ticks = peer_mode
         || matches!(plan.time, TimeMode::Processing)
         || matches!(
@@ -384,6 +385,7 @@ fn run(
                 checkpoint_every,
                 savepoints: savepoint_rx,
                 clock_ids: peer_mode,
+                drain,
             },
             &source_ctx,
         )

@@ -59,6 +59,8 @@ pub struct PeerRun {
     /// the last checkpoint that are not in this view may come back with
     /// input from after it.
     pub hold_until: Option<std::time::Instant>,
+    /// Set when this peer leaves the cluster: its source takes no new input.
+    pub drain: Arc<std::sync::atomic::AtomicBool>,
     /// Where checkpoint parts go.
     pub checkpoints: Sender<PeerCheckpoint>,
     /// Filled by the run: trims the source's journal, called by the

@@ -60,6 +60,9 @@ pub(super) struct ReaderConfig {
     /// `checkpoint_every` periods since 1970), so every peer's barrier of
     /// one period has the same id without a message between them.
     pub clock_ids: bool,
+    /// Peer mode: set when this peer leaves; the source stops taking new
+    /// input (what is on its way is still read).
+    pub drain: Option<Arc<AtomicBool>>,
 }
 
 pub(super) fn read(
@@ -76,7 +79,9 @@ pub(super) fn read(
         checkpoint_every,
         savepoints,
         clock_ids,
+        drain,
     } = cfg;
+    let mut drained = false;
     let period_of = |every: Duration| {
         let ms = every.as_millis().max(1) as u64;
         std::time::SystemTime::now()
@@ -112,6 +117,10 @@ pub(super) fn read(
         };
         let started = Instant::now();
         let mut end = None;
+        if !drained && drain.as_ref().is_some_and(|d| d.load(Ordering::Relaxed)) {
+            drained = true;
+            source.stop_input();
+        }
         loop {
             if shutdown.load(Ordering::Relaxed) {
                 end = Some(End::Stop);

@@ -247,6 +247,14 @@ pub enum Client {
 }
 
 impl Client {
+    /// Queues an UNSUBSCRIBE, waiting for room (never from the
+    /// connection's own thread).
+    pub fn unsubscribe(&self, filter: &str) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c.unsubscribe(filter).map_err(|e| e.to_string()),
+            Client::V5(c) => c.unsubscribe(filter).map_err(|e| e.to_string()),
+        }
+    }
     pub fn subscribe(&self, filter: &str, qos: u8) -> Result<(), String> {
         match self {
             Client::V4(c) => c.subscribe(filter, qos4(qos)).map_err(|e| e.to_string()),

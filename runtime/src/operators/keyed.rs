@@ -76,7 +76,8 @@ pub trait KeyedOperator: Send {
 
     /// Feeds one batch: runs of records, and between them the watermarks
     /// reached inside the batch, through the valve (a watermark reached at
-    /// event `i` applies after it, before the next record).
+    /// event `i` applies after it, before the next record), advancing to
+    /// at most `cap` (peer mode holds event time while a peer is missing).
     ///
     /// Provided, so that each operator gets its own copy in which
     /// `process` and `advance` are direct calls: one dynamic call per
@@ -86,6 +87,7 @@ pub trait KeyedOperator: Send {
         valve: &mut WatermarkValve,
         input: usize,
         batch: &KeyedBatch,
+        cap: i64,
         out: &mut Vec<Output>,
     ) {
         let (recs, wms) = (&batch.recs, &batch.watermarks[..]);
@@ -93,7 +95,7 @@ pub trait KeyedOperator: Send {
         while r < recs.len() {
             while w < wms.len() && wms[w].0 < recs[r].idx {
                 if let Some(wm) = valve.watermark(input, wms[w].1) {
-                    self.advance(wm, Order::after(wms[w].0), out);
+                    self.advance(wm.min(cap), Order::after(wms[w].0), out);
                 }
                 w += 1;
             }
@@ -114,7 +116,7 @@ pub trait KeyedOperator: Send {
         }
         for &(at, wm) in &wms[w..] {
             if let Some(wm) = valve.watermark(input, wm) {
-                self.advance(wm, Order::after(at), out);
+                self.advance(wm.min(cap), Order::after(at), out);
             }
         }
     }

@@ -178,6 +178,11 @@ pub trait Source: Send {
         None
     }
 
+    /// Asks for no more new input (peer mode, leaving the cluster): the
+    /// MQTT source unsubscribes, so the broker deals its messages to the
+    /// other peers; what is already on its way still arrives.
+    fn stop_input(&mut self) {}
+
     /// Resumes after a position from [`Source::position`], before the first poll.
     fn seek(&mut self, _position: &[u8]) -> Result<(), SourceError> {
         Err(SourceError::Other(format!(

@@ -92,6 +92,8 @@ struct Start {
 
 pub struct MqttSource {
     url: String,
+    /// The subscription filters (with the share prefix in peer mode).
+    filters: Vec<String>,
     rx: Option<Receiver<Live>>,
     start: Option<Start>,
     /// A reason the connection can never succeed, set by its thread.
@@ -139,6 +141,14 @@ impl MqttSource {
             );
         }
         let (tx, rx) = sync_channel(QUEUE);
+        let filters: Vec<String> = opts
+            .patterns
+            .iter()
+            .map(|p| match &opts.share_group {
+                Some(g) => format!("$share/{g}/{}", p.filter),
+                None => p.filter.clone(),
+            })
+            .collect();
         let (position, replay) = match &journal {
             // Everything still in the journal is replayed unless a
             // checkpoint says it was processed (see `seek`).
@@ -148,20 +158,14 @@ impl MqttSource {
         };
         Ok(MqttSource {
             url,
+            filters: filters.clone(),
             rx: Some(rx),
             journal: journal.as_ref().map(|(j, _)| j.clone()),
             journal_entries: crate::metrics::Gauge::default(),
             start: Some(Start {
                 conn,
                 tx,
-                filters: opts
-                    .patterns
-                    .iter()
-                    .map(|p| match &opts.share_group {
-                        Some(g) => format!("$share/{g}/{}", p.filter),
-                        None => p.filter.clone(),
-                    })
-                    .collect(),
+                filters,
                 drop_retained: opts.share_group.is_some(),
                 qos: opts.qos,
                 journal,
@@ -311,6 +315,15 @@ impl Source for MqttSource {
 
     fn position(&self) -> Option<Vec<u8>> {
         self.journal.as_ref().map(|_| count_position(self.position))
+    }
+
+    fn stop_input(&mut self) {
+        for f in &self.filters {
+            if let Err(e) = self.client.unsubscribe(f) {
+                tracing::warn!(broker = %self.url, filter = %f, error = %e, "cannot unsubscribe");
+            }
+        }
+        tracing::info!(broker = %self.url, "unsubscribed: the broker deals new input to the other peers");
     }
 
     fn seek(&mut self, position: &[u8]) -> Result<(), SourceError> {

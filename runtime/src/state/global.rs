@@ -135,9 +135,12 @@ impl StateStore {
     }
 
     /// Folds the pending deltas of `mark` (one per peer in `members`) into
-    /// the state, in one transaction, and forgets every pending delta of
-    /// that checkpoint and older ones. Returns `false`, changing nothing,
-    /// when a member's delta is missing.
+    /// the state, in one transaction, with every older pending delta of
+    /// the same view first: a peer's delta holds its changes since its
+    /// previous one, which may belong to a checkpoint that never completed
+    /// (another peer skipped it). Forgets the deltas applied and those of
+    /// other views. Returns `false`, changing nothing, when a member's
+    /// delta of `mark` is missing.
     pub fn apply_pending(&mut self, mark: Mark, members: &[String]) -> Result<bool, StateError> {
         let path = self.path.clone();
         let e = |x: &dyn std::fmt::Display| store_err(&path, x);
@@ -150,14 +153,33 @@ impl StateStore {
         let txn = self.db()?.begin_write().map_err(|x| e(&x))?;
         {
             let mut pending = txn.open_table(PENDING).map_err(|x| e(&x))?;
-            let mut deltas = Vec::new();
             for m in members {
-                let Some(v) = pending
+                if pending
                     .get(pending_key(mark, m).as_slice())
                     .map_err(|x| e(&x))?
-                else {
+                    .is_none()
+                {
                     return Ok(false);
-                };
+                }
+            }
+            // This view's deltas up to `mark`, oldest first (the keys sort
+            // by view, then id).
+            let mut deltas = Vec::new();
+            let from = pending_key(
+                Mark {
+                    id: 0,
+                    view: mark.view,
+                },
+                "",
+            );
+            for entry in pending.range(from.as_slice()..).map_err(|x| e(&x))? {
+                let (k, v) = entry.map_err(|x| e(&x))?;
+                let k = k.value();
+                let view = u64::from_be_bytes(k[..8].try_into().unwrap_or_default());
+                let id = u64::from_be_bytes(k[8..16].try_into().unwrap_or_default());
+                if view != mark.view || id > mark.id {
+                    break;
+                }
                 let d: Delta = postcard::from_bytes(v.value())
                     .map_err(|x| e(&format!("unreadable pending checkpoint: {x}")))?;
                 deltas.push(d);
@@ -190,6 +212,11 @@ impl StateStore {
                             t.remove(tk.as_slice()).map_err(|x| e(&x))?;
                         }
                     }
+                }
+                // Older deltas bring their changes only; the checkpoint's
+                // own bring the positions and watermarks too.
+                if d.mark != mark {
+                    continue;
                 }
                 positions.insert(d.peer.clone(), d.position.clone());
                 wm = wm.min(d.watermark);
@@ -375,6 +402,32 @@ mod tests {
         let r = r.unwrap();
         assert_eq!(r.keys[0].len(), 2, "both peers' keys are in the state");
         assert_eq!(r.input_watermark, Some(91), "the lowest of the peers'");
+    }
+
+    #[test]
+    fn a_delta_of_a_checkpoint_that_never_completed_is_applied_under_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = StateStore::open(dir.path(), &[decl()], false).unwrap();
+        let members = vec!["a".to_string(), "b".to_string()];
+        // Peer a took checkpoint 7, b skipped it: 7 never completes. a's
+        // delta of 8 holds only what changed since 7.
+        let (seven, eight) = (Mark { id: 7, view: 3 }, Mark { id: 8, view: 3 });
+        s.write_pending(&delta(seven, "a", b"early", 1)).unwrap();
+        s.write_pending(&delta(eight, "a", b"late", 2)).unwrap();
+        s.write_pending(&delta(eight, "b", b"other", 3)).unwrap();
+        // Another view's delta is never applied.
+        s.write_pending(&delta(Mark { id: 6, view: 2 }, "a", b"stale", 4))
+            .unwrap();
+        assert!(s.apply_pending(eight, &members).unwrap());
+        assert_eq!(s.positions().unwrap()["a"], vec![2], "8's position");
+        drop(s);
+        let (_, r) = StateStore::open(dir.path(), &[decl()], false).unwrap();
+        let mut keys: Vec<Vec<u8>> = r.unwrap().keys[0].iter().map(|(k, _)| k.clone()).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            vec![b"early".to_vec(), b"late".to_vec(), b"other".to_vec()]
+        );
     }
 
     #[test]
