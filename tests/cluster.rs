@@ -125,10 +125,13 @@ fn wait_for_view(peers: &[Peer], ids: &[&str]) {
     });
 }
 
+/// (topic, payload) pairs to publish.
+type Messages = Vec<(String, String)>;
+
 /// Readings of `sensors` sensors, `per` each, in event-time order with
 /// disorder below the 1 s bound; then one closing reading per sensor far
 /// ahead, which moves every peer's watermark past every window.
-fn readings(sensors: usize, per: usize) -> (Vec<(String, String)>, Vec<(String, String)>) {
+fn readings(sensors: usize, per: usize) -> (Messages, Messages) {
     let mut rng = fastrand::Rng::with_seed(7);
     let mut data = Vec::new();
     for k in 0..sensors * per {

@@ -414,6 +414,8 @@ fn the_peers_section_is_checked_with_positions() {
     let no_state =
         peer_pipeline(&b, "peers: { cluster: c, id: a }\n").replace("state: { dir: st }\n", "");
     check(no_state, &["peer mode needs a `state:` section"]);
+    let qos0 = peer_pipeline(&b, "peers: { cluster: c, id: a }\n").replace("qos: 1", "qos: 0");
+    check(qos0, &["peer mode needs `qos: 1`"]);
     let ok = peer_pipeline(
         &b,
         "peers: { cluster: c, id: a, advertise: \"pi-1.lan:7450\" }\n",

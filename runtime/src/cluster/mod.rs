@@ -1,14 +1,17 @@
 //! Peer mode: several rivulet processes share one pipeline's key groups.
 //!
-//! Built so far: the assignment of key groups to peers with standbys
-//! ([`assign`]), the links that carry frames between peers ([`link`]),
-//! which implement the exchange across processes, membership through the
-//! broker ([`membership`]), mutual TLS on links ([`tls`]) and the
-//! coordinator's bookkeeping of global checkpoints ([`checkpoints`]). The
-//! run that uses them, and recovery on a membership change, come next.
+//! - [`membership`]: who is in the cluster, through the source's broker
+//!   (retained presence, Last Will).
+//! - [`assign`]: key groups to peers (bounded rendezvous hashing) with
+//!   standbys.
+//! - [`link`]: TCP links between peers (the exchange across processes,
+//!   credit flow control, view fencing), with mutual TLS from [`tls`].
+//! - [`run`]: one peer's life: views, restore from the last global
+//!   checkpoint, global checkpoints, holds for missing peers, clean leave.
+//!
+//! `docs/peers.md` tells the user's side, `docs/architecture.md` the design.
 
 pub mod assign;
-pub mod checkpoints;
 pub mod link;
 pub mod membership;
 pub mod run;

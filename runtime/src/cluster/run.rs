@@ -456,11 +456,12 @@ impl Peer<'_> {
             id: d.id,
             view: d.view,
         });
-        if want.is_some() && store.global_mark()? != want {
-            if !self.fetch_snapshot(&mut store, want, &others, &ctl_rx)? {
-                abort(&others);
-                return Ok(Ended::Changed);
-            }
+        if want.is_some()
+            && store.global_mark()? != want
+            && !self.fetch_snapshot(&mut store, want, &others, &ctl_rx)?
+        {
+            abort(&others);
+            return Ok(Ended::Changed);
         }
 
         // What this peer starts from: its groups of the checkpoint.
@@ -790,7 +791,7 @@ impl Peer<'_> {
                     if p.id <= me.peer || links[i].is_some() {
                         continue;
                     }
-                    match Link::dial(&p.addr, me, &[bell.clone()], WINDOW) {
+                    match Link::dial(&p.addr, me, std::slice::from_ref(bell), WINDOW) {
                         Ok(link) => {
                             links[i] = Some(Arc::new(link));
                             got += 1;

@@ -205,8 +205,16 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
         Some(w)
     });
     let source_is_mqtt = matches!(checked_source, Some((SourceSpec::Mqtt(_), _, _)));
+    let source_qos0 = matches!(&checked_source, Some((SourceSpec::Mqtt(m), _, _)) if m.qos == 0);
     let peers = get("peers").and_then(|n| {
         let p = c.section::<PeersConfig>(n, "peers")?;
+        if source_qos0 {
+            c.node(
+                n,
+                "peers",
+                "peer mode needs `qos: 1` on the mqtt source: a peer's input is journaled and acknowledged, so a restarted peer loses nothing",
+            );
+        }
         check_peers(&mut c, &p, n, source_is_mqtt, state_dir.is_some())
     });
 
