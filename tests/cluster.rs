@@ -406,3 +406,136 @@ fn a_fourth_peer_joins_and_one_leaves_under_load_and_results_stay_equal() {
         }
     }
 }
+
+#[test]
+fn a_peer_paused_past_the_failure_timeout_rejoins_without_corrupting_anything() {
+    let b = broker();
+    let root = tempfile::tempdir().unwrap();
+    let mut peers: Vec<Peer> = ["a", "b", "c"]
+        .iter()
+        .map(|id| Peer::new(root.path(), &b, id, ""))
+        .collect();
+    for p in &mut peers {
+        p.start();
+    }
+    wait_for_view(&peers, &["a", "b", "c"]);
+    shares_subscribed(&b, 3);
+    let (data, closing) = readings(200, 12);
+    let half = data.len() / 2;
+    common::publish_all(b.port, &data[..half]);
+    // SIGSTOP c: the broker misses its keep-alive (1 s) and fires its will;
+    // a and b go on as a view of two.
+    let pid = peers[2].proc.as_ref().unwrap().id().to_string();
+    let signal = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+    };
+    signal("-STOP");
+    common::eventually("a and b to start a view without c", 30, || {
+        peers[..2]
+            .iter()
+            .all(|p| p.view().starts_with(r#"["a", "b"]"#))
+    });
+    common::publish_all(b.port, &data[half..]);
+    std::thread::sleep(Duration::from_millis(500));
+    signal("-CONT");
+    // c comes back under a new incarnation; the three go on together.
+    common::eventually("c to rejoin", 60, || {
+        peers[2].log().matches("starting a view").count() >= 2
+    });
+    wait_for_view(&peers, &["a", "b", "c"]);
+    common::publish_all(b.port, &closing);
+    let want = expected(&data);
+    wait_for_results(&peers, &want);
+    check_results(&peers, &want);
+    for p in &mut peers {
+        assert_eq!(p.stop(), Some(0), "peer {}", p.id);
+    }
+}
+
+#[test]
+fn survivors_take_over_a_peer_that_never_comes_back() {
+    let b = broker();
+    let root = tempfile::tempdir().unwrap();
+    let mut peers: Vec<Peer> = ["a", "b", "c"]
+        .iter()
+        .map(|id| Peer::new(root.path(), &b, id, ", failure_timeout: 3s"))
+        .collect();
+    for p in &mut peers {
+        p.start();
+    }
+    wait_for_view(&peers, &["a", "b", "c"]);
+    shares_subscribed(&b, 3);
+    let (data, closing) = readings(200, 12);
+    let half = data.len() / 2;
+    common::publish_all(b.port, &data[..half]);
+    // Everything c read is in a global checkpoint (checkpoints every 0.5 s).
+    let applied = |p: &Peer| p.log().matches("global checkpoint applied").count();
+    let before = applied(&peers[0]);
+    common::eventually("two more global checkpoints", 30, || {
+        applied(&peers[0]) >= before + 2
+    });
+    peers[2].kill9();
+    let killed = Instant::now();
+    wait_for_view(&peers, &["a", "b"]);
+    common::publish_all(b.port, &data[half..]);
+    common::publish_all(b.port, &closing);
+    // The windows of the first half are complete: c's share of them was in
+    // the checkpoint, and the survivors own c's groups now.
+    let last_first_half = data[..half]
+        .iter()
+        .map(|(_, p)| {
+            serde_json::from_str::<serde_json::Value>(p).unwrap()["ts"]
+                .as_i64()
+                .unwrap()
+        })
+        .max()
+        .unwrap();
+    let first: BTreeMap<_, _> = expected(&data)
+        .into_iter()
+        .filter(|((_, start), _)| start + WINDOW_MS + 1_000 < last_first_half - 1_000)
+        .collect();
+    assert!(
+        first.len() > 100,
+        "{} windows in the first half",
+        first.len()
+    );
+    wait_for_results(&peers, &first);
+    check_results(&peers, &first);
+    // Once failure_timeout has passed, the survivors let event time go on
+    // without c: the windows of the second half fire, without c's share
+    // (queued at the broker for its session) and with nothing counted
+    // twice.
+    let want = expected(&data);
+    let second: Vec<(String, i64)> = want
+        .keys()
+        .filter(|(_, start)| *start > last_first_half + 2_000 && *start < CUTOFF)
+        .cloned()
+        .collect();
+    common::eventually("the second half's windows", 60, || {
+        let got: BTreeMap<_, _> = results(&peers).into_iter().collect();
+        second.iter().filter(|k| got.contains_key(*k)).count() * 2 > second.len()
+    });
+    let took_over = killed.elapsed();
+    for (key, (n, _)) in results(&peers) {
+        assert!(n <= want[&key].0, "window {key:?}: {n} > {:?}", want[&key]);
+    }
+    for p in &peers[..2] {
+        assert!(
+            p.log().contains("gave up waiting for a peer"),
+            "peer {}: {}",
+            p.id,
+            p.log()
+        );
+    }
+    eprintln!("the survivors went on without c {took_over:?} after it was killed");
+    assert!(
+        took_over >= Duration::from_secs(3),
+        "not before failure_timeout"
+    );
+    for p in &mut peers[..2] {
+        assert_eq!(p.stop(), Some(0), "peer {}", p.id);
+    }
+}

@@ -547,7 +547,18 @@ impl Peer<'_> {
         // Since when a link is down while the broker still sees its peer.
         let mut link_down: Option<Instant> = None;
         let mut rejoined = false;
+        let mut hold_until = hold_until;
         let ended = loop {
+            if hold_until.is_some_and(|t| Instant::now() >= t) {
+                hold_until = None;
+                let gave_up: Vec<String> = self.departed.keys().cloned().collect();
+                tracing::warn!(
+                    peers = ?gave_up,
+                    "gave up waiting for a peer: event time goes on without it; its input since the last checkpoint will be late if it comes back"
+                );
+                self.departed.clear();
+                self.gone.extend(gave_up);
+            }
             if self.stopping() {
                 match draining {
                     None if ids.len() > 1 => {
