@@ -159,6 +159,14 @@ impl Endpoint {
             None
         };
         if self.version == 5 {
+            // rumqttc's MQTT 5 client takes no keep-alive below 5 s (it
+            // would panic): a shorter one is raised to 5 s.
+            let keep_alive = if !keep_alive.is_zero() && keep_alive < Duration::from_secs(5) {
+                tracing::debug!(broker = %self.url, ?keep_alive, "MQTT 5: keep-alive raised to 5s");
+                Duration::from_secs(5)
+            } else {
+                keep_alive
+            };
             let mut o = rumqttc::v5::MqttOptions::new(&self.client_id, &self.host, self.port);
             o.set_keep_alive(keep_alive)
                 .set_clean_start(self.clean_session)

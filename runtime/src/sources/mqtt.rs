@@ -564,7 +564,11 @@ impl Inbound {
         let quiet = matches!(ev, Ev::Tick);
         let go_on = match ev {
             Ev::Connected { session_present } => {
-                if !self.ever_connected || !session_present {
+                // Mosquitto (2.0.11) keeps a persistent session's
+                // subscriptions across its own restart, but not shared ones:
+                // peers subscribe again on every connect (a shared
+                // subscription drops retained messages anyway).
+                if !self.ever_connected || !session_present || self.drop_retained {
                     // Subscribing waits for room in the client's queue,
                     // which only this thread empties: do it from another.
                     let (client, filters) = (self.client.clone(), self.filters.clone());
