@@ -593,3 +593,76 @@ fn peers_on_mqtt_3_and_5_mix_and_a_broker_restart_loses_nothing() {
         assert_eq!(p.stop(), Some(0), "peer {}", p.id);
     }
 }
+
+/// A CA and, for each peer, a certificate for 127.0.0.1 signed by it:
+/// (CA file, per peer (certificate file, key file)).
+fn pki(dir: &Path, ca_name: &str, peers: &[&str]) -> (String, Vec<(String, String)>) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, ca_name);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let ca_path = dir.join(format!("{ca_name}.pem"));
+    std::fs::write(&ca_path, ca_cert.pem()).unwrap();
+    let files = peers
+        .iter()
+        .map(|p| {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            let (c, k) = (dir.join(format!("{p}.pem")), dir.join(format!("{p}.key")));
+            std::fs::write(&c, cert.pem()).unwrap();
+            std::fs::write(&k, key.serialize_pem()).unwrap();
+            (c.display().to_string(), k.display().to_string())
+        })
+        .collect();
+    (ca_path.display().to_string(), files)
+}
+
+#[test]
+fn a_peer_with_a_certificate_of_another_ca_cannot_join_and_says_why() {
+    let b = broker();
+    let root = tempfile::tempdir().unwrap();
+    let (ca, good) = pki(root.path(), "cluster-ca", &["a", "b"]);
+    let (other_ca, bad) = pki(root.path(), "other-ca", &["c"]);
+    let tls = |ca: &str, (cert, key): &(String, String)| {
+        format!(", tls: {{ ca_file: \"{ca}\", cert_file: \"{cert}\", key_file: \"{key}\" }}")
+    };
+    let mut peers = vec![
+        Peer::new(root.path(), &b, "a", &tls(&ca, &good[0])),
+        Peer::new(root.path(), &b, "b", &tls(&ca, &good[1])),
+        // c trusts its own CA and holds a certificate of it.
+        Peer::new(root.path(), &b, "c", &tls(&other_ca, &bad[0])),
+    ];
+    for p in peers.iter_mut().take(2) {
+        p.start();
+    }
+    wait_for_view(&peers, &["a", "b"]);
+    shares_subscribed(&b, 2);
+    peers[2].start();
+    let (code, _, _) = peers[2].proc.take().unwrap().finish();
+    assert_eq!(code, Some(2), "c: {}", peers[2].log());
+    let log = peers[2].log();
+    assert!(
+        log.contains("failed its TLS handshake, so this peer cannot join cluster `t`"),
+        "{log}"
+    );
+    // a and b said why they refused it, and go on as a cluster of two that
+    // computes what one process would.
+    assert!(peers[0].log().contains("TLS handshake") || peers[1].log().contains("TLS handshake"));
+    wait_for_view(&peers, &["a", "b"]);
+    let (data, closing) = readings(100, 12);
+    common::publish_all(b.port, &data);
+    common::publish_all(b.port, &closing);
+    let want = expected(&data);
+    wait_for_results(&peers, &want);
+    check_results(&peers, &want);
+    for p in peers.iter_mut().take(2) {
+        assert_eq!(p.stop(), Some(0), "peer {}", p.id);
+    }
+}

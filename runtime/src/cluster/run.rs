@@ -118,6 +118,18 @@ pub fn view_of(members: &[Presence]) -> u64 {
 /// What the acceptor thread needs to shake hands in the current view.
 type Current = Arc<Mutex<Option<(Identity, Arc<Doorbell>)>>>;
 
+/// TLS handshakes that failed on this peer's links: how many, and the
+/// last reason.
+type TlsFailures = Arc<Mutex<(usize, String)>>;
+
+fn tls_failure(e: &super::link::LinkError) -> bool {
+    e.to_string().contains("TLS handshake")
+}
+
+/// How long a peer whose every link fails its TLS handshake keeps trying
+/// before it stops (exit 2).
+const TLS_GIVE_UP: Duration = Duration::from_secs(4);
+
 /// Runs `valid` (which has a `peers:` section) as one peer until
 /// `opts.shutdown` is set; then leaves the cluster cleanly.
 pub fn run(valid: &ValidPipeline, file: &str, opts: RunOptions) -> Result<RunStats, PeerError> {
@@ -163,14 +175,16 @@ pub fn run(valid: &ValidPipeline, file: &str, opts: RunOptions) -> Result<RunSta
     tracing::info!(cluster = %spec.cluster, peer = %spec.id, listen = %spec.listen, "joined the cluster");
 
     let current: Current = Arc::new(Mutex::new(None));
+    let tls_failures: TlsFailures = Arc::new(Mutex::new((0, String::new())));
     let (accepted_tx, accepted) = channel::<Link>();
     let accepting = Arc::new(AtomicBool::new(false));
     let acceptor = {
         let current = current.clone();
+        let tls_failures = tls_failures.clone();
         let stop = accepting.clone();
         std::thread::Builder::new()
             .name("rivulet-peer-accept".into())
-            .spawn(move || accept_loop(listener, current, accepted_tx, stop))
+            .spawn(move || accept_loop(listener, current, accepted_tx, stop, tls_failures))
             .map_err(|e| PeerError::Setup(format!("cannot start a thread: {e}")))?
     };
     let mut peer = Peer {
@@ -183,6 +197,9 @@ pub fn run(valid: &ValidPipeline, file: &str, opts: RunOptions) -> Result<RunSta
         membership,
         current,
         accepted,
+        tls_failures,
+        tls_trouble: None,
+        leaving: None,
         opts,
         decision: None,
         departed: BTreeMap::new(),
@@ -206,7 +223,13 @@ pub fn run(valid: &ValidPipeline, file: &str, opts: RunOptions) -> Result<RunSta
     result
 }
 
-fn accept_loop(listener: TcpListener, current: Current, to: Sender<Link>, stop: Arc<AtomicBool>) {
+fn accept_loop(
+    listener: TcpListener,
+    current: Current,
+    to: Sender<Link>,
+    stop: Arc<AtomicBool>,
+    tls_failures: TlsFailures,
+) {
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((stream, from)) => {
@@ -221,7 +244,17 @@ fn accept_loop(listener: TcpListener, current: Current, to: Sender<Link>, stop: 
                             return;
                         }
                     }
-                    Err(e) => tracing::debug!(error = %e, "refused a peer link"),
+                    Err(e) => {
+                        if tls_failure(&e) {
+                            tracing::warn!(error = %e, "a peer link failed its TLS handshake");
+                            if let Ok(mut f) = tls_failures.lock() {
+                                f.0 += 1;
+                                f.1 = e.to_string();
+                            }
+                        } else {
+                            tracing::debug!(error = %e, "refused a peer link");
+                        }
+                    }
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -246,6 +279,12 @@ struct Peer<'a> {
     membership: Membership,
     current: Current,
     accepted: Receiver<Link>,
+    tls_failures: TlsFailures,
+    /// Since when every link of this peer fails its TLS handshake.
+    tls_trouble: Option<Instant>,
+    /// Leaving (SIGTERM): since when, and the first checkpoint id that
+    /// holds everything this peer read (see [`Peer::quitting`]).
+    leaving: Option<(Instant, u64)>,
     opts: RunOptions,
     /// The last decision seen (retained or live).
     decision: Option<Decision>,
@@ -278,13 +317,23 @@ impl Peer<'_> {
         self.opts.shutdown.load(Ordering::SeqCst)
     }
 
+    /// Shutdown was asked for and this peer is not (or no longer) leaving
+    /// cleanly: a clean leave goes on through view changes until its last
+    /// checkpoint is global or [`DRAIN_TIMEOUT`] passes.
+    fn quitting(&self) -> bool {
+        self.stopping()
+            && self
+                .leaving
+                .is_none_or(|(since, _)| since.elapsed() > DRAIN_TIMEOUT)
+    }
+
     /// Runs views until shutdown.
     fn views(&mut self) -> Result<RunStats, PeerError> {
         if let Some(d) = self.membership.retained_decision() {
             self.note_decision(&d);
         }
         loop {
-            if self.stopping() {
+            if self.quitting() {
                 let mut s = self.totals.clone();
                 s.stopped = true;
                 return Ok(s);
@@ -326,7 +375,7 @@ impl Peer<'_> {
         let mut last = Vec::new();
         let mut since = Instant::now();
         loop {
-            if self.stopping() {
+            if self.quitting() {
                 return None;
             }
             self.member_events(None);
@@ -433,8 +482,8 @@ impl Peer<'_> {
         if let Ok(mut c) = self.current.lock() {
             *c = Some((identity.clone(), bell.clone()));
         }
-        let Some(links) = self.connect(members, &table, &identity, &bell) else {
-            return Ok(if self.stopping() {
+        let Some(links) = self.connect(members, &table, &identity, &bell)? else {
+            return Ok(if self.quitting() {
                 Ended::Stopped
             } else {
                 Ended::Changed
@@ -537,9 +586,10 @@ impl Peer<'_> {
             applied: None,
             source_hook,
         };
-        // Leaving (SIGTERM): since when this peer takes no new input, and
-        // the checkpoint that holds all it read.
-        let mut draining: Option<(Instant, u64)> = None;
+        if self.leaving.is_some() {
+            // Still leaving, in a new view: still no new input.
+            drain.store(true, Ordering::SeqCst);
+        }
         let members_key: Vec<(String, u64)> = members
             .iter()
             .map(|p| (p.id.clone(), p.incarnation))
@@ -560,7 +610,7 @@ impl Peer<'_> {
                 self.gone.extend(gave_up);
             }
             if self.stopping() {
-                match draining {
+                match self.leaving {
                     None if ids.len() > 1 => {
                         // Leave cleanly: no new input, then one more
                         // global checkpoint with everything read so far,
@@ -568,7 +618,7 @@ impl Peer<'_> {
                         drain.store(true, Ordering::SeqCst);
                         let after_ms = now_ms() + DRAIN_LINGER.as_millis() as u64;
                         let every = self.checkpoint_every_ms().max(1);
-                        draining = Some((Instant::now(), after_ms.div_ceil(every)));
+                        self.leaving = Some((Instant::now(), after_ms.div_ceil(every)));
                         tracing::info!(
                             "leaving: taking no new input, waiting for a last global checkpoint"
                         );
@@ -581,10 +631,12 @@ impl Peer<'_> {
                                 checkpoint = coord.applied,
                                 "left with every event read in a global checkpoint"
                             );
+                            self.leaving = None;
                             break Ended::Stopped;
                         }
-                        if since.elapsed() > DRAIN_TIMEOUT {
+                        if since.elapsed() > DRAIN_TIMEOUT || ids.len() < 2 {
                             tracing::warn!("leaving without a last global checkpoint (the others will wait for this peer up to their failure_timeout)");
+                            self.leaving = None;
                             break Ended::Stopped;
                         }
                     }
@@ -595,12 +647,6 @@ impl Peer<'_> {
             }
             // A change of the member list ends the view.
             let changed = self.member_events(Some(&members_key));
-            if changed && draining.is_some() {
-                tracing::warn!(
-                    "leaving while the member list changes: without a last global checkpoint"
-                );
-                break Ended::Stopped;
-            }
             if changed {
                 tracing::info!(
                     "the member list changed: rolling back to the last global checkpoint"
@@ -768,19 +814,39 @@ impl Peer<'_> {
         table: &PeerTable,
         me: &Identity,
         bell: &Arc<Doorbell>,
-    ) -> Option<Vec<Option<Arc<Link>>>> {
+    ) -> Result<Option<Vec<Option<Arc<Link>>>>, PeerError> {
         let mut links: Vec<Option<Arc<Link>>> = vec![None; table.members().len()];
         let deadline = Instant::now() + CONNECT_TIMEOUT;
         let mut next_dial = Instant::now();
         let count = table.members().len() - 1;
         let mut got = 0usize;
+        let mut tls_seen = self.tls_failures.lock().map(|f| f.0).unwrap_or(0);
+        let mut last_tls = String::new();
         while got < count {
-            if self.stopping() || Instant::now() > deadline {
-                return None;
+            if self.quitting() || Instant::now() > deadline {
+                return Ok(None);
             }
             if self.member_events(None) {
                 // Something changed: look at the member list again.
-                return None;
+                return Ok(None);
+            }
+            // Every link failing its TLS handshake and none made: this
+            // peer's certificate (or CA) is not the cluster's. It stops
+            // rather than hold the cluster up.
+            if let Ok(f) = self.tls_failures.lock() {
+                if f.0 > tls_seen {
+                    tls_seen = f.0;
+                    last_tls = f.1.clone();
+                }
+            }
+            if !last_tls.is_empty() && got == 0 {
+                let since = *self.tls_trouble.get_or_insert_with(Instant::now);
+                if since.elapsed() > TLS_GIVE_UP {
+                    return Err(PeerError::Setup(format!(
+                        "peers.tls: every other peer's link failed its TLS handshake, so this peer cannot join cluster `{}`: {last_tls}",
+                        self.spec.cluster
+                    )));
+                }
             }
             while let Ok(link) = self.accepted.try_recv() {
                 if link.view() != me.view {
@@ -807,13 +873,21 @@ impl Peer<'_> {
                             links[i] = Some(Arc::new(link));
                             got += 1;
                         }
+                        Err(e) if tls_failure(&e) => {
+                            tracing::warn!(peer = %p.id, error = %e, "a peer link failed its TLS handshake");
+                            last_tls = e.to_string();
+                        }
                         Err(e) => tracing::debug!(peer = %p.id, error = %e, "dialing a peer"),
                     }
                 }
             }
+            if got > 0 {
+                self.tls_trouble = None;
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
-        Some(links)
+        self.tls_trouble = None;
+        Ok(Some(links))
     }
 
     /// Asks the other peers for the whole checkpoint `want` and imports it
@@ -850,7 +924,7 @@ impl Peer<'_> {
         }
         let mut answers: BTreeMap<String, Snapshot> = BTreeMap::new();
         let deadline = Instant::now() + SNAPSHOT_TIMEOUT;
-        while Instant::now() < deadline && !self.stopping() {
+        while Instant::now() < deadline && !self.quitting() {
             if answers.len() == others.len() {
                 // Nobody has it: the newest any peer holds.
                 let best = answers.values().max_by_key(|s| s.mark);
