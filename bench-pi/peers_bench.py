@@ -3,7 +3,7 @@
 fed the same QoS 1 stream, rounds interleaved; then the recovery time after
 a kill -9 and the time a joining peer takes to be part of the cluster.
 
-    cargo build --release -p rivulet -p bench-pi
+    cargo build --release -p rivulet -p rivulet-bench
     python3 bench-pi/peers_bench.py [--quick]
 
 Writes bench-pi/reports/peers-latest.md (compare with peers.md). Per case:
@@ -155,7 +155,7 @@ def case_recovery(root):
 
 def main():
     if not os.path.exists(mb.RIVULET) or not os.path.exists(mb.TOOLS):
-        sys.exit("build first: cargo build --release -p rivulet -p bench-pi")
+        sys.exit("build first: cargo build --release -p rivulet -p rivulet-bench")
     res = {}
     for rnd in range(ROUNDS):
         for n in (1, 2, 3):
