@@ -159,20 +159,22 @@ pub fn run(valid: &ValidPipeline, file: &str, opts: RunOptions) -> Result<RunSta
         .map_err(|e| PeerError::Setup(format!("peers.listen {}: {e}", spec.listen)))?;
     let fingerprint = valid.peer_fingerprint();
     let incarnation = fastrand::u64(..);
+    let broker = valid.source_broker().map_err(PeerError::Setup)?;
+    let advertise = advertised(&spec, &broker);
     let membership = Membership::join(JoinOptions {
         cluster: spec.cluster.clone(),
         me: Presence {
             id: spec.id.clone(),
-            addr: spec.advertise.clone(),
+            addr: advertise.clone(),
             fingerprint: fingerprint.clone(),
             incarnation,
             version: env!("CARGO_PKG_VERSION").into(),
             leaving: false,
         },
-        endpoint: valid.source_broker().map_err(PeerError::Setup)?,
+        endpoint: broker,
         keep_alive: Duration::from_millis(spec.keep_alive_ms as u64),
     })?;
-    tracing::info!(cluster = %spec.cluster, peer = %spec.id, listen = %spec.listen, "joined the cluster");
+    tracing::info!(cluster = %spec.cluster, peer = %spec.id, listen = %spec.listen, %advertise, "joined the cluster");
 
     let current: Current = Arc::new(Mutex::new(None));
     let tls_failures: TlsFailures = Arc::new(Mutex::new((0, String::new())));
@@ -221,6 +223,39 @@ pub fn run(valid: &ValidPipeline, file: &str, opts: RunOptions) -> Result<RunSta
     accepting.store(true, Ordering::SeqCst);
     let _ = acceptor.join();
     result
+}
+
+/// The address other peers dial. A derived one (`<host name>:<port>`) whose
+/// host name does not resolve (a container's, say) becomes the address this
+/// machine reaches the broker from, which the other peers reach too.
+fn advertised(spec: &PeersSpec, broker: &crate::mqtt::Endpoint) -> String {
+    use std::net::ToSocketAddrs;
+    if !spec.advertise_derived
+        || spec
+            .advertise
+            .to_socket_addrs()
+            .is_ok_and(|mut a| a.next().is_some())
+    {
+        return spec.advertise.clone();
+    }
+    let local = (broker.host.as_str(), broker.port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .and_then(|to| {
+            let s = std::net::UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })
+                .ok()?;
+            s.connect(to).ok()?;
+            s.local_addr().ok()
+        });
+    match local {
+        Some(a) => {
+            let addr = std::net::SocketAddr::new(a.ip(), spec.listen.port()).to_string();
+            tracing::info!(unresolvable = %spec.advertise, %addr, "advertising the address this peer reaches the broker from");
+            addr
+        }
+        None => spec.advertise.clone(),
+    }
 }
 
 fn accept_loop(

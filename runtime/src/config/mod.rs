@@ -190,7 +190,21 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
             if s.dir.trim().is_empty() {
                 c.sp(&s.dir, "state.dir", "must not be empty");
             }
-            state_dir = Some(s.dir.value.clone());
+            // `{host}` stands for the host name: several peers (Swarm
+            // replicas) may share one volume, each in its own directory.
+            state_dir = Some(if s.dir.contains("{host}") {
+                let host = crate::util::host_name().unwrap_or_default();
+                if host.is_empty() {
+                    c.sp(
+                        &s.dir,
+                        "state.dir",
+                        "`{host}`: this machine has no host name",
+                    );
+                }
+                s.dir.replace("{host}", &host)
+            } else {
+                s.dir.value.clone()
+            });
             if let Some(d) = &s.checkpoint_interval {
                 checkpoint_interval = c.positive(d, "state.checkpoint_interval");
             }

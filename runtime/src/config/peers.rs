@@ -138,11 +138,13 @@ pub(super) fn check_peers(
         )
     });
     let listen = listen?;
+    let advertise_derived = p.advertise.is_none();
     ok.then(|| PeersSpec {
         cluster: p.cluster.value.clone(),
         id,
         listen,
         advertise,
+        advertise_derived,
         keep_alive_ms,
         failure_timeout_ms,
         tls,

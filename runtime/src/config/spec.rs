@@ -113,6 +113,9 @@ pub struct PeersSpec {
     pub id: String,
     pub listen: std::net::SocketAddr,
     pub advertise: String,
+    /// `advertise` was derived, not set: peer mode may replace an
+    /// unresolvable host name with the address it reaches the broker from.
+    pub advertise_derived: bool,
     pub keep_alive_ms: i64,
     pub failure_timeout_ms: i64,
     /// CA, certificate and key files.
