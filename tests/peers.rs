@@ -422,3 +422,15 @@ fn the_peers_section_is_checked_with_positions() {
     );
     assert_eq!(check(ok, &[]), Some(0));
 }
+
+#[test]
+fn a_state_dir_may_name_the_host_so_replicas_share_a_volume() {
+    let b = Broker::start("");
+    let text = peer_pipeline(&b, "peers: { cluster: c, id: a }\n")
+        .replace("state: { dir: st }", "state: { dir: \"/data/{host}/st\" }");
+    let valid = rivulet::config::validate(&text)
+        .map_err(|p| format!("{p:?}"))
+        .unwrap();
+    let host = rivulet::util::host_name().unwrap();
+    assert_eq!(valid.state_dir, Some(format!("/data/{host}/st")));
+}
