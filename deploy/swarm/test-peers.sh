@@ -52,7 +52,7 @@ for _ in $(seq 90); do [ "$(docker ps -q --filter "name=${stack}_rivulet" | wc -
 # A later reading per sensor moves every watermark past the windows.
 for s in $sensors; do mosquitto_pub -h 127.0.0.1 -p "$port" -q 1 -t "sensors/$s/temperature" -m '{"ts": 120000, "temperature": 61}'; done
 # 80 readings per sensor, 4 windows of 5 s, 20 readings each.
-python3 - "$out" <<'PY'
+python3 - "$out" <<'PY' || { logs | grep -v 'peers to wait\|part of a checkpoint\|checkpoint applied\|redelivered' | tail -40 >&2; exit 1; }
 import json, sys, time
 want = {(s, w * 5000): 20 for s in "abcdef" for w in range(4)}
 deadline = time.time() + 120

@@ -225,36 +225,49 @@ pub fn run(valid: &ValidPipeline, file: &str, opts: RunOptions) -> Result<RunSta
     result
 }
 
-/// The address other peers dial. A derived one (`<host name>:<port>`) whose
-/// host name does not resolve (a container's, say) becomes the address this
-/// machine reaches the broker from, which the other peers reach too.
+/// The address other peers dial: `peers.advertise` when set, else the
+/// listen address when it is a specific one, else the address this machine
+/// reaches the broker from (with the listen port), which the other peers,
+/// clients of the same broker, can reach too. A host name is not used: a
+/// container's resolves only inside it, and many LANs resolve none.
 fn advertised(spec: &PeersSpec, broker: &crate::mqtt::Endpoint) -> String {
     use std::net::ToSocketAddrs;
-    if !spec.advertise_derived
-        || spec
-            .advertise
-            .to_socket_addrs()
-            .is_ok_and(|mut a| a.next().is_some())
-    {
+    if !spec.advertise_derived {
         return spec.advertise.clone();
     }
-    let local = (broker.host.as_str(), broker.port)
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .and_then(|to| {
-            let s = std::net::UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })
-                .ok()?;
-            s.connect(to).ok()?;
-            s.local_addr().ok()
-        });
+    if !spec.listen.ip().is_unspecified() {
+        return spec.listen.to_string();
+    }
+    // The broker may not resolve yet (a container starting next to it):
+    // try for a while, as joining would.
+    let reach = || {
+        let to = (broker.host.as_str(), broker.port)
+            .to_socket_addrs()
+            .ok()?
+            .next()?;
+        let s =
+            std::net::UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).ok()?;
+        s.connect(to).ok()?;
+        s.local_addr().ok()
+    };
+    let mut local = reach();
+    for _ in 0..60 {
+        if local.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        local = reach();
+    }
     match local {
         Some(a) => {
             let addr = std::net::SocketAddr::new(a.ip(), spec.listen.port()).to_string();
-            tracing::info!(unresolvable = %spec.advertise, %addr, "advertising the address this peer reaches the broker from");
+            tracing::debug!(%addr, "advertising the address this peer reaches the broker from");
             addr
         }
-        None => spec.advertise.clone(),
+        None => {
+            tracing::warn!(advertise = %spec.advertise, broker = %broker.url, "cannot tell the address this peer reaches the broker from: advertising the host name (set peers.advertise)");
+            spec.advertise.clone()
+        }
     }
 }
 
