@@ -473,8 +473,10 @@ fn peers(file: &str, json: bool) -> Result<(), String> {
     let (ours, others): (Vec<&Presence>, Vec<&Presence>) =
         members.iter().partition(|p| p.fingerprint == fingerprint);
     let ids: Vec<&str> = ours.iter().map(|p| p.id.as_str()).collect();
-    // The view: a short hash of the member list every peer sees.
-    let view = xxhash_rust::xxh3::xxh3_64(ids.join(",").as_bytes());
+    // The view: the hash of the member list (ids and incarnations) the
+    // peers log when they start it.
+    let view =
+        rivulet::cluster::run::view_of(&ours.iter().map(|p| (*p).clone()).collect::<Vec<_>>());
     let table = PeerTable::compute(view, &ids);
     let groups: Vec<(u8, String, Option<String>)> = rivulet::partition::KeyGroup::all()
         .map(|g| {
