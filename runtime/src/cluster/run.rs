@@ -202,6 +202,7 @@ pub fn run(valid: &ValidPipeline, file: &str, opts: RunOptions) -> Result<RunSta
         tls_failures,
         tls_trouble: None,
         leaving: None,
+        left_cleanly: false,
         opts,
         decision: None,
         departed: BTreeMap::new(),
@@ -333,6 +334,8 @@ struct Peer<'a> {
     /// Leaving (SIGTERM): since when, and the first checkpoint id that
     /// holds everything this peer read (see [`Peer::quitting`]).
     leaving: Option<(Instant, u64)>,
+    /// The clean leave is done (or there was nobody to leave).
+    left_cleanly: bool,
     opts: RunOptions,
     /// The last decision seen (retained or live).
     decision: Option<Decision>,
@@ -366,13 +369,23 @@ impl Peer<'_> {
     }
 
     /// Shutdown was asked for and this peer is not (or no longer) leaving
-    /// cleanly: a clean leave goes on through view changes until its last
-    /// checkpoint is global or [`DRAIN_TIMEOUT`] passes.
-    fn quitting(&self) -> bool {
-        self.stopping()
-            && self
-                .leaving
-                .is_none_or(|(since, _)| since.elapsed() > DRAIN_TIMEOUT)
+    /// cleanly: a clean leave (begun at the first look after the signal)
+    /// goes on through view changes until its last checkpoint is global or
+    /// [`DRAIN_TIMEOUT`] passes.
+    fn quitting(&mut self) -> bool {
+        if !self.stopping() {
+            return false;
+        }
+        if self.leaving.is_none() && !self.left_cleanly {
+            // No new input from here; the first checkpoint after the
+            // messages on their way have arrived holds all this peer read.
+            let after_ms = now_ms() + DRAIN_LINGER.as_millis() as u64;
+            let every = self.checkpoint_every_ms().max(1);
+            self.leaving = Some((Instant::now(), after_ms.div_ceil(every)));
+            tracing::info!("leaving: taking no new input, waiting for a last global checkpoint");
+        }
+        self.leaving
+            .is_none_or(|(since, _)| since.elapsed() > DRAIN_TIMEOUT)
     }
 
     /// Runs views until shutdown.
@@ -382,6 +395,9 @@ impl Peer<'_> {
         }
         loop {
             if self.quitting() {
+                if self.leaving.is_some() {
+                    tracing::warn!("leaving without a last global checkpoint (the others wait for this peer up to their failure_timeout)");
+                }
                 let mut s = self.totals.clone();
                 s.stopped = true;
                 return Ok(s);
@@ -657,37 +673,26 @@ impl Peer<'_> {
                 self.departed.clear();
                 self.gone.extend(gave_up);
             }
-            if self.stopping() {
-                match self.leaving {
-                    None if ids.len() > 1 => {
-                        // Leave cleanly: no new input, then one more
-                        // global checkpoint with everything read so far,
-                        // so the others need not wait for this peer.
-                        drain.store(true, Ordering::SeqCst);
-                        let after_ms = now_ms() + DRAIN_LINGER.as_millis() as u64;
-                        let every = self.checkpoint_every_ms().max(1);
-                        self.leaving = Some((Instant::now(), after_ms.div_ceil(every)));
-                        tracing::info!(
-                            "leaving: taking no new input, waiting for a last global checkpoint"
-                        );
-                    }
-                    None => break Ended::Stopped,
-                    Some((since, last)) => {
-                        if coord.applied.is_some_and(|id| id >= last) {
-                            self.membership.announce_leaving();
-                            tracing::info!(
-                                checkpoint = coord.applied,
-                                "left with every event read in a global checkpoint"
-                            );
-                            self.leaving = None;
-                            break Ended::Stopped;
-                        }
-                        if since.elapsed() > DRAIN_TIMEOUT || ids.len() < 2 {
-                            tracing::warn!("leaving without a last global checkpoint (the others will wait for this peer up to their failure_timeout)");
-                            self.leaving = None;
-                            break Ended::Stopped;
-                        }
-                    }
+            if self.quitting() {
+                break Ended::Stopped;
+            }
+            if let Some((_, last)) = self.leaving {
+                drain.store(true, Ordering::SeqCst);
+                if coord.applied.is_some_and(|id| id >= last) {
+                    self.membership.announce_leaving();
+                    tracing::info!(
+                        checkpoint = coord.applied,
+                        "left with every event read in a global checkpoint"
+                    );
+                    self.leaving = None;
+                    self.left_cleanly = true;
+                    break Ended::Stopped;
+                }
+                if ids.len() < 2 {
+                    // Alone: nobody to hand anything to.
+                    self.leaving = None;
+                    self.left_cleanly = true;
+                    break Ended::Stopped;
                 }
             }
             if handle.is_finished() {
