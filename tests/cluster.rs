@@ -269,6 +269,26 @@ fn wait_for_results(peers: &[Peer], want: &BTreeMap<(String, i64), (u64, i64)>) 
     }
 }
 
+/// Peers `ids` of one cluster on `b`, each with `extra` in its `peers:`
+/// section; `running` of them started, in one view and subscribed.
+fn cluster(root: &Path, b: &Broker, ids: &[&str], extra: &str, running: usize) -> Vec<Peer> {
+    let mut peers: Vec<Peer> = ids.iter().map(|id| Peer::new(root, b, id, extra)).collect();
+    for p in peers.iter_mut().take(running) {
+        p.start();
+    }
+    wait_for_view(&peers, &ids[..running]);
+    shares_subscribed(b, running);
+    peers
+}
+
+/// SIGTERM to every running peer; each must leave with exit code 0.
+fn stop_all(peers: &mut [Peer]) {
+    for p in peers.iter_mut().filter(|p| p.proc.is_some()) {
+        let code = p.stop();
+        assert_eq!(code, Some(0), "peer {}: {}", p.id, p.log());
+    }
+}
+
 fn broker() -> Broker {
     // Peer mode's broker settings (docs/peers.md): no cap on the queue of
     // a peer that is away.
@@ -285,15 +305,7 @@ fn shares_subscribed(b: &Broker, n: usize) {
 fn three_peers_give_the_results_of_one_process_each_window_once() {
     let b = broker();
     let root = tempfile::tempdir().unwrap();
-    let mut peers: Vec<Peer> = ["a", "b", "c"]
-        .iter()
-        .map(|id| Peer::new(root.path(), &b, id, ""))
-        .collect();
-    for p in &mut peers {
-        p.start();
-    }
-    wait_for_view(&peers, &["a", "b", "c"]);
-    shares_subscribed(&b, 3);
+    let mut peers = cluster(root.path(), &b, &["a", "b", "c"], "", 3);
     let (data, closing) = readings(300, 12);
     common::publish_all(b.port, &data);
     common::publish_all(b.port, &closing);
@@ -329,15 +341,13 @@ fn three_peers_give_the_results_of_one_process_each_window_once() {
 fn peers_killed_and_restarted_again_and_again_lose_nothing_and_count_nothing_twice() {
     let b = broker();
     let root = tempfile::tempdir().unwrap();
-    let mut peers: Vec<Peer> = ["a", "b", "c"]
-        .iter()
-        .map(|id| Peer::new(root.path(), &b, id, ", failure_timeout: 60s"))
-        .collect();
-    for p in &mut peers {
-        p.start();
-    }
-    wait_for_view(&peers, &["a", "b", "c"]);
-    shares_subscribed(&b, 3);
+    let mut peers = cluster(
+        root.path(),
+        &b,
+        &["a", "b", "c"],
+        ", failure_timeout: 60s",
+        3,
+    );
     let (data, closing) = readings(200, 12);
     let mut rng = fastrand::Rng::with_seed(11);
     for chunk in data.chunks(400) {
@@ -356,24 +366,14 @@ fn peers_killed_and_restarted_again_and_again_lose_nothing_and_count_nothing_twi
     // After a rollback a window may be published again, but always with
     // the same result: nothing lost, nothing counted twice.
     check_results(&peers, &want);
-    for p in &mut peers {
-        assert_eq!(p.stop(), Some(0), "peer {}", p.id);
-    }
+    stop_all(&mut peers);
 }
 
 #[test]
 fn a_fourth_peer_joins_and_one_leaves_under_load_and_results_stay_equal() {
     let b = broker();
     let root = tempfile::tempdir().unwrap();
-    let mut peers: Vec<Peer> = ["a", "b", "c", "d"]
-        .iter()
-        .map(|id| Peer::new(root.path(), &b, id, ""))
-        .collect();
-    for p in peers.iter_mut().take(3) {
-        p.start();
-    }
-    wait_for_view(&peers, &["a", "b", "c"]);
-    shares_subscribed(&b, 3);
+    let mut peers = cluster(root.path(), &b, &["a", "b", "c", "d"], "", 3);
     let (data, closing) = readings(200, 12);
     let third = data.len() / 3;
     common::publish_all(b.port, &data[..third]);
@@ -413,26 +413,14 @@ fn a_fourth_peer_joins_and_one_leaves_under_load_and_results_stay_equal() {
         "the joiner took the cluster's checkpoint: {}",
         peers[3].log()
     );
-    for p in &mut peers {
-        if p.proc.is_some() {
-            assert_eq!(p.stop(), Some(0), "peer {}", p.id);
-        }
-    }
+    stop_all(&mut peers);
 }
 
 #[test]
 fn a_peer_paused_past_the_failure_timeout_rejoins_without_corrupting_anything() {
     let b = broker();
     let root = tempfile::tempdir().unwrap();
-    let mut peers: Vec<Peer> = ["a", "b", "c"]
-        .iter()
-        .map(|id| Peer::new(root.path(), &b, id, ""))
-        .collect();
-    for p in &mut peers {
-        p.start();
-    }
-    wait_for_view(&peers, &["a", "b", "c"]);
-    shares_subscribed(&b, 3);
+    let mut peers = cluster(root.path(), &b, &["a", "b", "c"], "", 3);
     let (data, closing) = readings(200, 12);
     let half = data.len() / 2;
     common::publish_all(b.port, &data[..half]);
@@ -463,24 +451,20 @@ fn a_peer_paused_past_the_failure_timeout_rejoins_without_corrupting_anything() 
     let want = expected(&data);
     wait_for_results(&peers, &want);
     check_results(&peers, &want);
-    for p in &mut peers {
-        assert_eq!(p.stop(), Some(0), "peer {}", p.id);
-    }
+    stop_all(&mut peers);
 }
 
 #[test]
 fn survivors_take_over_a_peer_that_never_comes_back() {
     let b = broker();
     let root = tempfile::tempdir().unwrap();
-    let mut peers: Vec<Peer> = ["a", "b", "c"]
-        .iter()
-        .map(|id| Peer::new(root.path(), &b, id, ", failure_timeout: 3s"))
-        .collect();
-    for p in &mut peers {
-        p.start();
-    }
-    wait_for_view(&peers, &["a", "b", "c"]);
-    shares_subscribed(&b, 3);
+    let mut peers = cluster(
+        root.path(),
+        &b,
+        &["a", "b", "c"],
+        ", failure_timeout: 3s",
+        3,
+    );
     let (data, closing) = readings(200, 12);
     let half = data.len() / 2;
     common::publish_all(b.port, &data[..half]);
@@ -548,9 +532,7 @@ fn survivors_take_over_a_peer_that_never_comes_back() {
         took_over >= Duration::from_secs(3),
         "not before failure_timeout"
     );
-    for p in &mut peers[..2] {
-        assert_eq!(p.stop(), Some(0), "peer {}", p.id);
-    }
+    stop_all(&mut peers);
 }
 
 #[test]
@@ -589,9 +571,7 @@ fn peers_on_mqtt_3_and_5_mix_and_a_broker_restart_loses_nothing() {
     for p in &peers {
         assert!(p.events_read() > 0, "peer {} read nothing", p.id);
     }
-    for p in &mut peers {
-        assert_eq!(p.stop(), Some(0), "peer {}", p.id);
-    }
+    stop_all(&mut peers);
 }
 
 /// A CA and, for each peer, a certificate for 127.0.0.1 signed by it:
