@@ -648,6 +648,7 @@ impl Peer<'_> {
             decided: BTreeSet::new(),
             missing,
             applied: None,
+            broken: false,
             source_hook,
         };
         if self.leaving.is_some() {
@@ -1054,6 +1055,9 @@ struct Coordinator {
     decided: BTreeSet<u64>,
     /// The last checkpoint applied in this view.
     applied: Option<u64>,
+    /// A part could not be kept: this view's checkpoints can no longer
+    /// complete here (a new view is on its way).
+    broken: bool,
     /// The peers this view waits for (told in each decision).
     missing: Vec<String>,
     source_hook: Arc<Mutex<Option<CheckpointHook>>>,
@@ -1080,12 +1084,24 @@ impl Coordinator {
         };
         let body = match postcard::to_stdvec(&delta) {
             Ok(b) => b,
-            Err(e) => return tracing::error!(error = %e, "cannot encode a checkpoint delta"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode a checkpoint delta; starting a new view");
+                self.broken = true;
+                m.rejoin();
+                return;
+            }
         };
+        if self.broken {
+            return;
+        }
         if let Err(e) = self.store.write_pending(&delta) {
-            // This checkpoint cannot complete; its changes are lost to it,
-            // so the next view restarts from the one before.
-            return tracing::error!(error = %e, "checkpoint failed: cannot keep this peer's part");
+            // Later deltas of this peer build on this one: without it no
+            // later checkpoint of the view may complete. A new view rolls
+            // every peer back to the last global checkpoint instead.
+            tracing::error!(error = %e, "checkpoint failed: cannot keep this peer's part; starting a new view");
+            self.broken = true;
+            m.rejoin();
+            return;
         }
         for l in &self.links {
             if let Err(e) = l.send_control(&Wire::Delta {
@@ -1114,7 +1130,11 @@ impl Coordinator {
                     return tracing::warn!(peer = %from, "a checkpoint delta of another peer or view; dropped");
                 }
                 if let Err(e) = self.store.write_pending(&d) {
-                    return tracing::error!(error = %e, "checkpoint failed: cannot keep a peer's part");
+                    // As for this peer's own part: roll back, lose nothing.
+                    tracing::error!(error = %e, "checkpoint failed: cannot keep a peer's part; starting a new view");
+                    self.broken = true;
+                    m.rejoin();
+                    return;
                 }
                 self.got_delta(d.mark.id, d.peer, m, cluster);
             }
@@ -1128,7 +1148,7 @@ impl Coordinator {
     fn got_delta(&mut self, id: u64, peer: String, m: &Membership, cluster: &str) {
         let got = self.deltas.entry(id).or_default();
         got.insert(peer);
-        if got.len() == self.ids.len() {
+        if got.len() == self.ids.len() && !self.broken {
             let (_, ready_topic) = control_topics(cluster);
             let body = serde_json::to_vec(&Ready {
                 peer: self.me.clone(),
