@@ -6,20 +6,13 @@
 # back with every reading counted once.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-command -v mosquitto_pub >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto-clients >/dev/null; }
-if [ "$(docker info --format '{{.Swarm.LocalNodeState}}')" != active ]; then
-  docker swarm init --advertise-addr 127.0.0.1 >/dev/null
-  left_swarm=1
-fi
-docker image inspect rivulet:amd64 >/dev/null 2>&1 || bash deploy/docker/build.sh amd64 >/dev/null
-bash deploy/swarm/mosquitto-image.sh >/dev/null
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+source deploy/swarm/test-setup.sh
 stack=rivulet-peers-$$
 out=$(mktemp)
 cleanup() {
   kill "${sub:-0}" 2>/dev/null || true
   docker stack rm "$stack" >/dev/null 2>&1 || true
-  if [ "${left_swarm:-0}" = 1 ]; then docker swarm leave --force >/dev/null 2>&1 || true; fi
+  leave_swarm_if_ours
   rm -f "$out"
 }
 trap cleanup EXIT
