@@ -112,6 +112,16 @@ impl Broker {
         self.launch();
     }
 
+    /// Kills the broker (SIGKILL: what it had saved last is all it keeps)
+    /// and starts it again on the same port.
+    pub fn crash_and_restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.launch();
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
     }
