@@ -17,7 +17,7 @@ file "$bin" 2>/dev/null | grep -q "statically linked" || {
 run validate configs/*.yaml >/dev/null
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-sed 's/    rate: 100 .*/    count: 20000\n    start: 0\n    rate: unlimited/' configs/demo.yaml > "$work/bounded.yaml"
+sed 's/    rate: 100 .*/    count: 20000\n    start: 1800000000000\n    rate: unlimited/' configs/demo.yaml > "$work/bounded.yaml"
 run run "$work/bounded.yaml" > "$work/out.jsonl" 2>"$work/err.log" || { cat "$work/err.log" >&2; exit 1; }
 # The same results as the native build.
 n=$(grep -c '"window_start"' "$work/out.jsonl")

@@ -206,7 +206,8 @@ fn run_file_source_writes_results_late_and_dead_letters() {
 name: t
 source:
   file: { path: events.jsonl }
-  event_time: { field: ts, max_out_of_orderness: 0ms }
+  # The events are stamped with small numbers, in 1970.
+  event_time: { field: ts, max_out_of_orderness: 0ms, plausible_years: any }
 steps:
   - key_by: sensor
   - window:
@@ -254,7 +255,7 @@ fn run_reads_stdin_and_writes_stdout() {
 name: t
 source:
   file: { path: "-" }
-  event_time: { field: ts }
+  event_time: { field: ts, plausible_years: any }
 steps:
   - key_by: sensor
   - window: { tumbling: 10s, aggregate: { n: count() } }
@@ -275,7 +276,7 @@ fn bounded_demo() -> String {
     let demo = std::fs::read_to_string(configs().join("demo.yaml")).unwrap();
     let bounded = demo.replace(
         "    rate: 100 ",
-        "    count: 20000\n    start: 0\n    rate: unlimited ",
+        "    count: 20000\n    start: 1800000000000\n    rate: unlimited ",
     );
     assert_ne!(
         bounded, demo,
@@ -293,8 +294,9 @@ fn the_demo_on_a_bounded_generator_gives_the_same_results_on_1_and_2_workers() {
     assert!(one.status.success(), "{}", text(&one.stderr));
     assert_eq!(one.stdout, two.stdout);
     let rows = json_lines(&one.stdout);
-    // 20000 events 1 ms apart from 0 (4 windows of 5 s), and the first ones
-    // lag up to 500 ms into [-5000, 0): 5 windows for each of 5 sensors.
+    // 20000 events 1 ms apart from the start (4 windows of 5 s), and the
+    // first ones lag up to 500 ms into the window before: 5 windows for
+    // each of 5 sensors.
     assert_eq!(rows.len(), 25);
     let total: i64 = rows.iter().map(|r| r["readings"].as_i64().unwrap()).sum();
     assert!(
@@ -432,4 +434,114 @@ fn a_torn_last_line_from_an_interrupted_run_is_cut_not_appended_to() {
         std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap(),
         "{\"earlier\":true}\n{\"a\":1}\n"
     );
+}
+
+#[test]
+fn device_timestamps_in_seconds_local_time_and_other_layouts() {
+    let dir = tempfile::tempdir().unwrap();
+    // OwnTracks-style epoch seconds; one reading in milliseconds by mistake.
+    let yaml = r#"
+name: owntracks
+source:
+  file: { path: "-" }
+  event_time: { field: tst, unit: s }
+steps:
+  - key_by: tid
+  - window: { tumbling: 1m, aggregate: { n: count() } }
+sink: { stdout: {} }
+dead_letter: { file: { path: dead.jsonl } }
+"#;
+    let input = "{\"tid\":\"ph\",\"tst\":1800000000}\n{\"tid\":\"ph\",\"tst\":1800000030.5}\n{\"tid\":\"ph\",\"tst\":1800000030000}\n";
+    let out = run_file(dir.path(), yaml, &[], Some(input));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        json_lines(&out.stdout),
+        vec![
+            json!({"tid":"ph","window_start":1800000000000i64,"window_end":1800000060000i64,"n":2})
+        ]
+    );
+    let dead = std::fs::read_to_string(dir.path().join("dead.jsonl")).unwrap();
+    assert_eq!(dead.lines().count(), 1, "{dead}");
+    assert!(
+        dead.contains("looks like milliseconds: set `event_time.unit: ms`"),
+        "{dead}"
+    );
+
+    // The default unit is milliseconds: seconds are refused, never 1970.
+    let ms_yaml = yaml.replace(", unit: s }", " }");
+    let out = run_file(dir.path(), &ms_yaml, &[], Some(input));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let dead = std::fs::read_to_string(dir.path().join("dead.jsonl")).unwrap();
+    assert!(
+        dead.contains("looks like seconds: set `event_time.unit: s`"),
+        "{dead}"
+    );
+
+    // Tasmota: local time without an offset; a layout with a day first.
+    for (time, sample) in [
+        (
+            "{ field: Time, timezone: Europe/Berlin }",
+            "2027-01-15T09:00:30",
+        ),
+        (
+            "{ field: Time, timezone: Europe/Berlin, format: \"%d.%m.%Y %H:%M:%S\" }",
+            "15.01.2027 09:00:30",
+        ),
+    ] {
+        let yaml = format!(
+            "name: tasmota\nsource:\n  file: {{ path: \"-\" }}\n  event_time: {time}\n\
+             steps:\n  - key_by: d\n  - window: {{ tumbling: 1m, aggregate: {{ n: count() }} }}\nsink: {{ stdout: {{}} }}\n"
+        );
+        let input = format!("{{\"d\":\"plug\",\"Time\":\"{sample}\"}}\n");
+        let out = run_file(dir.path(), &yaml, &[], Some(&input));
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        // 09:00:30 in Berlin in January is 08:00:30 UTC (1800000030000).
+        assert_eq!(
+            json_lines(&out.stdout),
+            vec![
+                json!({"d":"plug","window_start":1800000000000i64,"window_end":1800000060000i64,"n":1})
+            ],
+            "{time}"
+        );
+    }
+
+    // Without a zone a local time is a dead letter that says what to set.
+    let yaml = "name: tasmota\nsource:\n  file: { path: \"-\" }\n  event_time: { field: Time }\n\
+         steps:\n  - key_by: d\n  - window: { tumbling: 1m, aggregate: { n: count() } }\nsink: { stdout: {} }\ndead_letter: { file: { path: dead.jsonl } }\n";
+    let out = run_file(
+        dir.path(),
+        yaml,
+        &[],
+        Some("{\"d\":\"plug\",\"Time\":\"2027-01-15T09:00:30\"}\n"),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(json_lines(&out.stdout).is_empty());
+    let dead = std::fs::read_to_string(dir.path().join("dead.jsonl")).unwrap();
+    assert!(
+        dead.contains("has no UTC offset: set `event_time.timezone`"),
+        "{dead}"
+    );
+}
+
+#[test]
+fn validate_checks_timestamp_units_formats_and_zones_with_positions() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("bad.yaml");
+    std::fs::write(
+        &f,
+        "name: x\nsource:\n  file: { path: a }\n  event_time:\n    field: ts\n    unit: sec\n    format: \"%H:%M\"\n    timezone: Mars/Olympus\n    plausible_years: 2100..2000\n\
+         steps:\n  - key_by: k\n  - window: { tumbling: 5s, aggregate: { n: count() } }\nsink: { stdout: {} }\n",
+    )
+    .unwrap();
+    let out = bin().arg("validate").arg(&f).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    for want in [
+        "bad.yaml:6:11: source.event_time.unit: unknown unit `sec`; expected `s`, `ms`, `us` or `ns`",
+        "bad.yaml:7:13: source.event_time.format: bad format `%H:%M`: it must hold at least a year, month and day",
+        "bad.yaml:8:15: source.event_time.timezone: unknown time zone `Mars/Olympus`",
+        "bad.yaml:9:22: source.event_time.plausible_years: bad range `2100..2000`",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in:\n{err}");
+    }
 }

@@ -52,7 +52,7 @@ steps:
       allowed_lateness: 1s
       aggregate: { n: count(), total: sum(v), hi: max(v) }
 "#;
-    let time = "  event_time: { field: ts, max_out_of_orderness: 200ms }\n";
+    let time = "  event_time: { field: ts, max_out_of_orderness: 200ms, plausible_years: any }\n";
     let from_file = Rivulet::start(
         dir.path(),
         &format!("name: f\nsource:\n  file: {{ path: events.jsonl }}\n{time}{steps}sink: {{ file: {{ path: file-out.jsonl }} }}\n"),

@@ -30,7 +30,7 @@ fn events(n: usize) -> Vec<String> {
 
 fn pipeline(source: &str, out: &str, state: &str) -> String {
     format!(
-        "name: mqtt-crash\nsource:\n{source}  event_time: {{ field: ts, max_out_of_orderness: 250ms }}\n\
+        "name: mqtt-crash\nsource:\n{source}  event_time: {{ field: ts, max_out_of_orderness: 250ms, plausible_years: any }}\n\
          steps:\n  - key_by: k\n  - window:\n      tumbling: 1s\n      allowed_lateness: 200ms\n      \
          aggregate: {{ n: count(), total: sum(v), hi: max(v), first: first(v), last: last(v) }}\n\
          sink: {{ file: {{ path: {out} }} }}\nlate: {{ file: {{ path: {out}.late }} }}\n{state}"

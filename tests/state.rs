@@ -35,7 +35,7 @@ fn pipeline(dir: &Path, out: &str, state: bool) -> std::path::PathBuf {
         ""
     };
     let yaml = format!(
-        "name: crash\nsource:\n  file: {{ path: events.jsonl }}\n  event_time: {{ field: ts, max_out_of_orderness: 300ms }}\n\
+        "name: crash\nsource:\n  file: {{ path: events.jsonl }}\n  event_time: {{ field: ts, max_out_of_orderness: 300ms, plausible_years: any }}\n\
          steps:\n  - key_by: k\n  - window:\n      tumbling: 1s\n      allowed_lateness: 500ms\n      aggregate: {{ n: count(), total: sum(v), hi: max(v), first: first(v), last: last(v) }}\n\
          sink: {{ file: {{ path: {out} }} }}\nlate: {{ file: {{ path: {out}.late }} }}\n{state}"
     );
@@ -191,7 +191,7 @@ fn state_inspect_shows_the_open_windows_after_a_clean_stop() {
     let p = d.join("g.yaml");
     std::fs::write(
         &p,
-        "name: g\nsource:\n  generator: { sensors: 3, rate: 2000, start: 0, seed: 5 }\n  event_time: { field: ts }\n\
+        "name: g\nsource:\n  generator: { sensors: 3, rate: 2000, start: 0, seed: 5 }\n  event_time: { field: ts, plausible_years: any }\n\
          steps:\n  - key_by: sensor_id\n  - window: { tumbling: 1h, aggregate: { n: count(), hot: max(temperature) } }\n\
          sink: { stdout: {} }\nstate: { dir: st, checkpoint_interval: 100ms }\n",
     )
@@ -280,7 +280,7 @@ fn a_full_disk_fails_checkpoints_without_stopping_and_the_next_one_catches_up() 
     std::fs::write(
         &p,
         format!(
-            "name: full\nsource:\n  generator: {{ sensors: 1000000, rate: 5000, start: 0, seed: 3 }}\n  event_time: {{ field: ts }}\n\
+            "name: full\nsource:\n  generator: {{ sensors: 1000000, rate: 5000, start: 0, seed: 3 }}\n  event_time: {{ field: ts, plausible_years: any }}\n\
              steps:\n  - key_by: sensor_id\n  - window: {{ tumbling: 1h, aggregate: {{ n: count() }} }}\n\
              sink: {{ stdout: {{}} }}\nstate: {{ dir: {}, checkpoint_interval: 100ms }}\n",
             disk.join("st").display()
@@ -332,7 +332,7 @@ fn a_full_disk_fails_checkpoints_without_stopping_and_the_next_one_catches_up() 
 
 fn generator_pipeline(window: &str, extra_step: &str) -> String {
     format!(
-        "name: sp\nsource:\n  generator: {{ sensors: 4, rate: 2000, start: 0, seed: 11 }}\n  event_time: {{ field: ts }}\n\
+        "name: sp\nsource:\n  generator: {{ sensors: 4, rate: 2000, start: 0, seed: 11 }}\n  event_time: {{ field: ts, plausible_years: any }}\n\
          steps:\n{extra_step}  - key_by: sensor_id\n  - window: {{ tumbling: {window}, aggregate: {{ n: count() }} }}\n\
          sink: {{ stdout: {{}} }}\nstate: {{ dir: st, checkpoint_interval: 1h }}\n"
     )
@@ -501,7 +501,7 @@ fn a_key_that_goes_silent_leaves_the_state() {
     let p = d.join("s.yaml");
     std::fs::write(
         &p,
-        "name: s\nsource:\n  file: { path: \"-\" }\n  event_time: { field: ts, max_out_of_orderness: 0s }\n\
+        "name: s\nsource:\n  file: { path: \"-\" }\n  event_time: { field: ts, max_out_of_orderness: 0s, plausible_years: any }\n\
          steps:\n  - key_by: k\n  - window: { tumbling: 1s, allowed_lateness: 1s, aggregate: { n: count() } }\n\
          sink: { file: { path: out.jsonl } }\nstate: { dir: st, checkpoint_interval: 50ms }\n",
     )

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/../.."
 bash deploy/docker/build.sh amd64 >/dev/null
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-sed 's/    rate: 100 .*/    count: 20000\n    start: 0\n    rate: unlimited/' configs/demo.yaml > "$work/bounded.yaml"
+sed 's/    rate: 100 .*/    count: 20000\n    start: 1800000000000\n    rate: unlimited/' configs/demo.yaml > "$work/bounded.yaml"
 chmod -R a+rX "$work"
 out=$(docker run --rm -v "$work:/cfg:ro" rivulet:amd64 run /cfg/bounded.yaml)
 lines=$(printf '%s\n' "$out" | grep -c '"window_start"' || true)

@@ -90,8 +90,11 @@ impl ValidPipeline {
                 field,
                 max_out_of_orderness,
                 idle_timeout,
+                stamps,
             } => {
-                let b = b.event_time(field, Duration::from_millis(*max_out_of_orderness as u64));
+                let b = b
+                    .event_time(field, Duration::from_millis(*max_out_of_orderness as u64))
+                    .timestamps(stamps.clone());
                 match idle_timeout {
                     Some(ms) => b.idle_timeout(Duration::from_millis(*ms as u64)),
                     None => b,

@@ -27,6 +27,7 @@ use crate::sinks::{FileSink, Sink};
 use crate::sources::file::FileSource;
 use crate::sources::generator::{self, Generator, GeneratorOptions};
 use crate::sources::mqtt::{MqttSource, MqttSourceOptions};
+use crate::time::stamp::StampFormat;
 use crate::time::{parse_duration, parse_rfc3339};
 use marked_yaml::Node;
 use std::fmt;

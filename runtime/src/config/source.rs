@@ -100,10 +100,13 @@ pub(super) fn check_source(
             {
                 ok = false;
             }
+            let stamps = check_stamps(c, et);
+            ok &= stamps.is_some();
             TimeSpec::Event {
                 field: et.field.value.clone(),
                 max_out_of_orderness: bound.unwrap_or(0),
                 idle_timeout: idle,
+                stamps: stamps.unwrap_or_default(),
             }
         }
         (None, None) => TimeSpec::None,
@@ -331,5 +334,67 @@ pub(super) fn check_conn(
         password,
         ca_file: cc.ca_file.as_ref().map(|f| f.value.clone()),
         client_cert,
+    })
+}
+
+/// `event_time.unit`, `format`, `timezone` and `plausible_years`; `None`
+/// when one of them is wrong (each problem reported at its position).
+fn check_stamps(c: &mut Checker, et: &EventTimeConfig) -> Option<StampFormat> {
+    use crate::time::stamp::{EpochUnit, Plausible, Zone};
+    let mut ok = true;
+    let unit = match &et.unit {
+        Some(u) => EpochUnit::parse(&u.value).unwrap_or_else(|| {
+            c.sp(
+                u,
+                "source.event_time.unit",
+                format!(
+                    "unknown unit `{}`; expected `s`, `ms`, `us` or `ns`",
+                    u.value
+                ),
+            );
+            ok = false;
+            EpochUnit::Ms
+        }),
+        None => EpochUnit::Ms,
+    };
+    let layout = et
+        .format
+        .as_ref()
+        .and_then(|f| match StampFormat::check_layout(&f.value) {
+            Ok(()) => Some(f.value.clone()),
+            Err(e) => {
+                c.sp(f, "source.event_time.format", e);
+                ok = false;
+                None
+            }
+        });
+    let zone = et
+        .timezone
+        .as_ref()
+        .and_then(|z| match Zone::named(&z.value) {
+            Ok(zone) => Some(zone),
+            Err(e) => {
+                c.sp(z, "source.event_time.timezone", e);
+                ok = false;
+                None
+            }
+        });
+    let plausible = match &et.plausible_years {
+        Some(p) if p.value.trim() == "any" => None,
+        Some(p) => match Plausible::parse(&p.value) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                c.sp(p, "source.event_time.plausible_years", e);
+                ok = false;
+                None
+            }
+        },
+        None => Plausible::parse(Plausible::DEFAULT).ok(),
+    };
+    ok.then_some(StampFormat {
+        unit,
+        layout,
+        zone,
+        plausible,
     })
 }

@@ -284,8 +284,22 @@ pub struct GeneratorConfig {
 #[derive(Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EventTimeConfig {
-    /// Field holding the timestamp: epoch milliseconds, or an RFC 3339 string.
+    /// Field holding the timestamp: an epoch number (in `unit`), an RFC 3339
+    /// string, or a string laid out as `format` says.
     pub field: Sp<String>,
+    /// Unit of numeric timestamps: `s`, `ms`, `us` or `ns`. Default `ms`.
+    pub unit: Option<Sp<String>>,
+    /// Layout of string timestamps, strftime-style (`%d.%m.%Y %H:%M:%S`).
+    /// Default: RFC 3339, or ISO 8601 without an offset.
+    pub format: Option<Sp<String>>,
+    /// Zone of timestamps written without a UTC offset: an IANA name
+    /// (`Europe/Berlin`, `UTC`) or `local`. Without it such timestamps are
+    /// dead letters.
+    pub timezone: Option<Sp<String>>,
+    /// Years a numeric timestamp must fall in, `FROM..UNTIL` (UTC), or
+    /// `any`. Default `2000..2100`: a number outside is a dead letter whose
+    /// reason names the unit it would fit.
+    pub plausible_years: Option<Sp<String>>,
     /// How far behind the largest timestamp seen an event may be and still be on time.
     pub max_out_of_orderness: Option<DurationText>,
     /// After this long without events, the watermark advances with the wall

@@ -21,7 +21,6 @@ use crate::operators::window::AggFunc;
 use crate::operators::{Records, Status, Step};
 use crate::partition::Assignment;
 use crate::plan::{Format, Plan, TimeMode};
-use crate::time::timestamp_from;
 use crate::time::valve::bounded;
 use crate::value::{encode_key, hash_key, Value};
 use std::sync::Arc;
@@ -107,13 +106,15 @@ impl ParseWorker {
                 bind_topic(binder, slots, topic, row);
             }
             ts[i] = match (&plan.time, plan.ts_slot) {
-                (TimeMode::Event { field, .. }, Some(slot)) => match timestamp_from(&row[slot]) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        self.status[i] = Status::Dead(format!("event_time `{field}`: {e}"));
-                        continue;
+                (TimeMode::Event { field, stamps, .. }, Some(slot)) => {
+                    match stamps.read(&row[slot]) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            self.status[i] = Status::Dead(format!("event_time `{field}`: {e}"));
+                            continue;
+                        }
                     }
-                },
+                }
                 (TimeMode::Processing, _) => item.arrival_ms,
                 _ => 0,
             };

@@ -55,6 +55,8 @@ pub enum TimeMode {
         field: String,
         max_out_of_orderness: i64,
         idle_timeout: Option<i64>,
+        /// How the field's timestamps are read (unit, layout, zone).
+        stamps: crate::time::stamp::StampFormat,
     },
     /// Arrival time; windows fire as the wall clock passes their end.
     Processing,
@@ -204,7 +206,21 @@ impl PipelineBuilder {
             field: field.to_string(),
             max_out_of_orderness: max_out_of_orderness.as_millis() as i64,
             idle_timeout: None,
+            stamps: Default::default(),
         };
+        self
+    }
+    /// How event timestamps are read (after [`Self::event_time`]): the unit
+    /// of numeric epochs, a layout for strings, the zone of local times,
+    /// the plausible years. Default: epoch milliseconds or RFC 3339, any
+    /// year.
+    pub fn timestamps(mut self, format: crate::time::stamp::StampFormat) -> Self {
+        if let TimeMode::Event { stamps, .. } = &mut self.time {
+            *stamps = format;
+        } else {
+            self.problems
+                .push("timestamps needs event_time to be set first".into());
+        }
         self
     }
     /// After `d` without events the watermark follows the wall clock.

@@ -2,6 +2,7 @@
 //! events, and the watermark rule ([`valve`]: how a source's watermark is
 //! generated and how an operator combines the watermarks of its inputs).
 
+pub mod stamp;
 pub mod valve;
 
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -79,25 +80,11 @@ pub fn parse_duration(s: &str) -> Result<i64, String> {
         })
 }
 
-/// Reads an event timestamp: epoch milliseconds (integer or float, floored)
-/// or an RFC 3339 string.
+/// Reads an event timestamp as the builder's default does: epoch
+/// milliseconds (integer or float, floored) or an RFC 3339 string, any
+/// year. Pipeline files choose their own [`stamp::StampFormat`].
 pub fn timestamp_from(v: &crate::value::Value) -> Result<i64, String> {
-    use crate::value::Value;
-    let ts = match v {
-        Value::Int(i) => *i,
-        Value::Float(f) if f.is_finite() && f.abs() < MAX_ABS_TIMESTAMP as f64 => f.floor() as i64,
-        Value::Str(s) => parse_rfc3339(s)?,
-        Value::Null => return Err("the timestamp field is missing or null".into()),
-        other => {
-            return Err(format!(
-                "the timestamp {other} is not epoch milliseconds or an RFC 3339 string"
-            ))
-        }
-    };
-    if ts.abs() >= MAX_ABS_TIMESTAMP {
-        return Err(format!("the timestamp {ts} is out of range"));
-    }
-    Ok(ts)
+    stamp::StampFormat::default().read(v)
 }
 
 /// Parses an RFC 3339 date-time into epoch milliseconds.
