@@ -545,3 +545,29 @@ fn validate_checks_timestamp_units_formats_and_zones_with_positions() {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }
 }
+
+#[test]
+fn validate_checks_the_status_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    for (yaml, want) in [
+        (
+            "name: x\nsource: { mqtt: { url: \"mqtt://h\", topics: [a] } }\nstatus: { topic: \"a/+\" }\nsink: { stdout: {} }\n",
+            "3:18: status.topic: `a/+` cannot be published to",
+        ),
+        (
+            "name: x\nsource: { file: { path: a } }\nstatus: { topic: a/b }\nsink: { stdout: {} }\n",
+            "3:18: status.topic: a status topic needs an mqtt source or sink",
+        ),
+        (
+            "name: x\nsource: { file: { path: a } }\nstatus: { enable: false }\nsink: { stdout: {} }\n",
+            "3:11: status: unknown key `enable`; did you mean `enabled`?",
+        ),
+    ] {
+        let f = dir.path().join("s.yaml");
+        std::fs::write(&f, yaml).unwrap();
+        let out = bin().arg("validate").arg(&f).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{yaml}");
+        let err = text(&out.stderr);
+        assert!(err.contains(want), "missing {want:?} in:\n{err}");
+    }
+}

@@ -550,3 +550,68 @@ fn a_full_outbox_drops_the_oldest_and_keeps_the_newest_in_order() {
         "the newest 30, in order"
     );
 }
+
+#[test]
+fn the_status_topic_says_online_while_running_and_offline_after_a_stop_or_a_crash() {
+    let broker = Broker::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "name: st\nsource:\n  mqtt: {{ url: \"{}\", topics: [\"in/#\"], qos: 1 }}\nsink: {{ file: {{ path: out.jsonl }} }}\n",
+        broker.url()
+    );
+    let (inbox, _sub) = subscribe(broker.port, "rivulet/st/status", None);
+    let last = || {
+        inbox
+            .lock()
+            .unwrap()
+            .last()
+            .map(|(t, p)| (t.clone(), p.clone()))
+    };
+    let is = |want: &str| {
+        let want = ("rivulet/st/status".to_string(), want.to_string());
+        move || last().as_ref() == Some(&want)
+    };
+    // A crash: the broker publishes the will.
+    let mut run = Rivulet::start(dir.path(), &yaml);
+    eventually("online", 20, is("online"));
+    run.kill().unwrap();
+    run.wait().unwrap();
+    eventually("offline after kill -9", 20, is("offline"));
+    // A clean stop says offline itself, before exiting 0.
+    let run = Rivulet::start(dir.path(), &yaml);
+    eventually("online again", 20, is("online"));
+    let (code, _, err) = run.stop();
+    assert_eq!(code, Some(0), "{err}");
+    eventually("offline after SIGTERM", 20, is("offline"));
+    // Retained: a subscriber that comes later learns the state at once.
+    let (later, _sub2) = subscribe(broker.port, "rivulet/st/status", None);
+    eventually("the retained status", 20, || {
+        later.lock().unwrap().first().map(|(_, p)| p.as_str()) == Some("offline")
+    });
+    // `status: { enabled: false }` publishes nothing; a topic may be set.
+    let custom = yaml.replace(
+        "sink:",
+        "status: { topic: plant/rivulet/availability }\nsink:",
+    );
+    let (avail, _sub3) = subscribe(broker.port, "plant/rivulet/availability", None);
+    let run = Rivulet::start(dir.path(), &custom);
+    eventually("online on the custom topic", 20, || {
+        avail.lock().unwrap().last().map(|(_, p)| p.as_str()) == Some("online")
+    });
+    let (code, _, err) = run.stop();
+    assert_eq!(code, Some(0), "{err}");
+    let off = yaml.replace("sink:", "status: { enabled: false }\nsink:");
+    inbox.lock().unwrap().clear();
+    let run = Rivulet::start(dir.path(), &off);
+    // Three runs subscribed before this one.
+    eventually("the source to subscribe", 20, || {
+        broker.log().matches(" in/#").count() >= 4
+    });
+    let (code, _, err) = run.stop();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        inbox.lock().unwrap().is_empty(),
+        "{:?}",
+        inbox.lock().unwrap()
+    );
+}

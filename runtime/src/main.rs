@@ -206,9 +206,44 @@ fn run(
             .context("installing signal handlers")?;
         signal_hook::flag::register(sig, shutdown.clone()).context("installing signal handlers")?;
     }
-    if valid.peers.is_some() {
-        return run_peer(&valid, file, shutdown, stats_file, from_savepoint.is_some());
+    let status = match valid.start_status() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{file}: status topic: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let code = if valid.peers.is_some() {
+        run_peer(&valid, file, shutdown, stats_file, from_savepoint.is_some())
+    } else {
+        run_single(
+            &valid,
+            file,
+            workers,
+            shutdown,
+            stats_file,
+            from_savepoint,
+            allow_non_restored_state,
+        )
+    };
+    // `offline` once the pipeline has stopped (the will says it if this
+    // process dies before).
+    if let Some(s) = status {
+        s.stop();
     }
+    code
+}
+
+/// `rivulet run` of a pipeline that is not a peer of a cluster.
+fn run_single(
+    valid: &config::ValidPipeline,
+    file: &str,
+    workers: Option<usize>,
+    shutdown: Arc<AtomicBool>,
+    stats_file: Option<std::path::PathBuf>,
+    from_savepoint: Option<std::path::PathBuf>,
+    allow_non_restored_state: bool,
+) -> anyhow::Result<ExitCode> {
     let pipeline = valid
         .build(file, &Overrides { workers })?
         .build()

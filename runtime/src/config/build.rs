@@ -234,6 +234,22 @@ pub(super) fn endpoint(
 
 /// The JSON Schema of pipeline files.
 impl ValidPipeline {
+    /// Starts the status topic (when there is one): `online` now, `offline`
+    /// when stopped with [`crate::mqtt::status::Status::stop`] or when the
+    /// process vanishes.
+    pub fn start_status(&self) -> Result<Option<crate::mqtt::status::Status>, String> {
+        let Some(s) = &self.status else {
+            return Ok(None);
+        };
+        let mut ep = endpoint(&s.conn, &self.client_prefix(), "status", 4096, true)?;
+        // A client id set for the source or sink is theirs: the broker
+        // would drop one of two connections with the same id.
+        if let Some(id) = &s.conn.client_id {
+            ep.client_id = format!("{id}-status");
+        }
+        crate::mqtt::status::Status::start(ep, &s.topic).map(Some)
+    }
+
     /// The broker of the MQTT source (peer mode's membership goes through
     /// it), with this pipeline's credentials and TLS.
     pub fn source_broker(&self) -> Result<Endpoint, String> {

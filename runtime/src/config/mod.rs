@@ -40,6 +40,7 @@ pub mod peers;
 mod sink;
 mod source;
 pub mod spec;
+mod status;
 mod window;
 
 pub use build::{json_schema, parse_size, Overrides};
@@ -49,6 +50,7 @@ use peers::check_peers;
 use sink::*;
 use source::*;
 pub use spec::*;
+use status::status_spec;
 use window::*;
 
 use crate::plan::rules::{self, StepShape};
@@ -64,6 +66,7 @@ const TOP_KEYS: &[&str] = &[
     "state",
     "workers",
     "peers",
+    "status",
 ];
 
 /// The time settings of a valid pipeline (the plan's own type).
@@ -380,6 +383,7 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
         Some("text") => Format::Text,
         _ => Format::Json,
     };
+    let status = status_spec(&mut c, get("status"), &name, &source, &sinks, &peers)?;
     Ok(ValidPipeline {
         name,
         source,
@@ -394,6 +398,7 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
         checkpoint_interval,
         workers,
         peers,
+        status,
     })
 }
 

@@ -104,6 +104,15 @@ pub struct ValidPipeline {
     pub checkpoint_interval: Option<i64>,
     pub workers: Option<usize>,
     pub peers: Option<PeersSpec>,
+    /// The status topic and the broker connection that carries it.
+    pub status: Option<StatusSpec>,
+}
+
+/// A checked `status` section (or the default one).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatusSpec {
+    pub conn: ConnSpec,
+    pub topic: String,
 }
 
 /// A checked `peers:` section.

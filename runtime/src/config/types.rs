@@ -136,6 +136,21 @@ pub struct PipelineFile {
     /// Worker threads that own disjoint key groups (default: number of cores).
     pub workers: Option<usize>,
     pub peers: Option<PeersConfig>,
+    /// Availability on MQTT: a retained `online` on a status topic while
+    /// the pipeline runs, `offline` (a Last Will) when it stops or vanishes.
+    /// On by default when the source or a sink is MQTT.
+    pub status: Option<StatusConfig>,
+}
+
+/// The `status` section.
+#[derive(Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// Default `rivulet/<name>/status` (`rivulet/<name>/<peer id>/status` in
+    /// peer mode).
+    pub topic: Option<Sp<String>>,
+    /// `false` turns the status topic off. Default `true`.
+    pub enabled: Option<bool>,
 }
 
 /// One item or a list of items.

@@ -9,6 +9,7 @@
 //! credentials) before the first successful connection are *fatal*: the
 //! pipeline stops with a message naming the broker and the reason.
 
+pub mod status;
 pub mod topic;
 
 use bytes::Bytes;
