@@ -307,7 +307,7 @@ impl Membership {
                 ours: me.fingerprint,
             });
         }
-        announce(&m.client, &topic, &me);
+        announce_waiting(&m.client, &topic, &me);
         announced.store(true, Ordering::SeqCst);
         Ok(self)
     }
@@ -466,6 +466,17 @@ fn announce(client: &Client, topic: &str, me: &Presence) {
     }
 }
 
+/// [`announce`], waiting for room in the client's queue: for the threads
+/// that may wait (never the connection's own). After a reconnect the queue
+/// can be full of what waited for the broker, and a presence that is not
+/// sent leaves the other peers on a view this peer no longer has.
+fn announce_waiting(client: &Client, topic: &str, me: &Presence) {
+    let body = serde_json::to_vec(me).unwrap_or_default();
+    if let Err(e) = client.publish(topic, 1, true, body) {
+        tracing::warn!(%topic, error = %e, "could not send the presence message");
+    }
+}
+
 /// What the connection thread's handler works with.
 struct Ctx<'a> {
     shared: &'a Shared,
@@ -516,7 +527,7 @@ fn on_event(ev: Ev, c: &Ctx) -> bool {
                     // is whole.
                     let _ = client.publish(&probe, 1, false, b"probe".to_vec());
                     if announce_too {
-                        announce(&client, &topic, &me);
+                        announce_waiting(&client, &topic, &me);
                     }
                 });
         }
