@@ -442,6 +442,7 @@ fn source_options(port: u16, journal: Option<&Path>) -> rivulet::sources::mqtt::
         qos: 1,
         topic_field: None,
         journal_dir: journal.map(Path::to_path_buf),
+        stamp_arrivals: false,
         share_group: None,
     }
 }
@@ -504,4 +505,91 @@ fn the_journal_counts_its_entries_in_the_metrics() {
         ctx.metrics.total(rivulet::metrics::names::JOURNAL_ENTRIES),
         25
     );
+}
+
+/// Wall-clock milliseconds.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[test]
+fn ingestion_time_survives_kill_9_the_replay_windows_each_message_as_the_first_time() {
+    let broker = Broker::start("max_queued_messages 0");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Payloads without a timestamp. No checkpoint before the kill (the
+    // interval is long): everything comes back from the journal.
+    let yaml = format!(
+        "name: ingest\nsource:\n  mqtt: {{ url: \"{}\", topics: [\"dev/{{k}}\"], qos: 1 }}\n  time: ingestion\n\
+         steps:\n  - key_by: k\n  - window: {{ tumbling: 1s, aggregate: {{ n: count() }} }}\n\
+         sink: {{ file: {{ path: out.jsonl }} }}\nstate: {{ dir: st, checkpoint_interval: 1h }}\n",
+        broker.url()
+    );
+    std::fs::write(d.join("p.yaml"), yaml).unwrap();
+    let mut run = start(d, "p.yaml");
+    eventually("rivulet's subscription", 20, || {
+        broker.log().contains("dev/+")
+    });
+    // Four bursts, each in the middle of its own second: the window of
+    // every message is the second it was published in.
+    let mut want: BTreeMap<i64, u64> = BTreeMap::new();
+    for burst in 0..4 {
+        while now_ms() % 1000 < 400 || now_ms() % 1000 > 450 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let second = now_ms() - now_ms() % 1000;
+        let msgs: Vec<(String, String)> = (0..30)
+            .map(|i| {
+                (
+                    "dev/a".to_string(),
+                    format!("{{\"i\":{}}}", burst * 100 + i),
+                )
+            })
+            .collect();
+        publish_all(broker.port, &msgs);
+        assert!(now_ms() - second < 950, "a burst took too long to publish");
+        want.insert(second, 30);
+        std::thread::sleep(Duration::from_millis(600));
+    }
+    // Journaled (acknowledged), then killed before a checkpoint; restarted
+    // seconds later.
+    run.kill().unwrap();
+    run.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let restarted = now_ms();
+    let run = start(d, "p.yaml");
+    let got = || {
+        let mut by_window: BTreeMap<i64, u64> = BTreeMap::new();
+        for l in lines(&d.join("out.jsonl")) {
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+            let (start, n) = (
+                v["window_start"].as_i64().unwrap(),
+                v["n"].as_u64().unwrap(),
+            );
+            // A window fired before the kill fires again after it: with
+            // the same count.
+            let before = by_window.insert(start, n);
+            assert!(
+                before.is_none_or(|b| b == n),
+                "window {start}: {b:?} then {n}",
+                b = before
+            );
+        }
+        by_window
+    };
+    eventually("every window after the restart", 30, || {
+        got().len() >= want.len()
+    });
+    let (code, _, err) = run.stop();
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        got(),
+        want,
+        "{}",
+        std::fs::read_to_string(d.join("rivulet.log")).unwrap_or_default()
+    );
+    assert!(want.keys().all(|w| *w < restarted));
 }

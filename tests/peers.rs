@@ -240,6 +240,7 @@ fn shared_source(
         qos: 1,
         topic_field: Some("topic".into()),
         journal_dir: Some(journal.to_path_buf()),
+        stamp_arrivals: false,
         share_group: Some("rivulet-line-3".into()),
     })
     .unwrap()

@@ -74,6 +74,7 @@ impl ValidPipeline {
                     qos: m.qos,
                     topic_field: m.topic_field.clone(),
                     journal_dir: self.state_dir.as_ref().map(std::path::PathBuf::from),
+                    stamp_arrivals: self.time == TimeSpec::Ingestion,
                     // Peers share the input: each gets a part of it.
                     share_group: self
                         .peers
@@ -86,6 +87,7 @@ impl ValidPipeline {
         b = match &self.time {
             TimeSpec::None => b,
             TimeSpec::Processing => b.processing_time(),
+            TimeSpec::Ingestion => b.ingestion_time(),
             TimeSpec::Event {
                 field,
                 max_out_of_orderness,

@@ -47,21 +47,24 @@ pub(super) fn check_source(
         None => DEFAULT_MAX_PAYLOAD,
     };
     let time = match (&s.event_time, &s.time) {
-        (Some(_), Some(t)) if t.value == "processing" => {
-            c.sp(
-                t,
-                "source.time",
-                "`time: processing` and `event_time` exclude each other; keep one",
-            );
-            ok = false;
-            TimeSpec::None
-        }
-        (_, Some(t)) if t.value != "processing" && t.value != "event" => {
+        (Some(_), Some(t)) if t.value == "processing" || t.value == "ingestion" => {
             c.sp(
                 t,
                 "source.time",
                 format!(
-                    "unknown time `{}`; expected `processing` (or set `event_time`)",
+                    "`time: {}` and `event_time` exclude each other; keep one",
+                    t.value
+                ),
+            );
+            ok = false;
+            TimeSpec::None
+        }
+        (_, Some(t)) if !["processing", "ingestion", "event"].contains(&t.value.as_str()) => {
+            c.sp(
+                t,
+                "source.time",
+                format!(
+                    "unknown time `{}`; expected `processing` or `ingestion` (or set `event_time`)",
                     t.value
                 ),
             );
@@ -69,6 +72,7 @@ pub(super) fn check_source(
             TimeSpec::None
         }
         (None, Some(t)) if t.value == "processing" => TimeSpec::Processing,
+        (None, Some(t)) if t.value == "ingestion" => TimeSpec::Ingestion,
         (None, Some(t)) => {
             c.sp(
                 t,

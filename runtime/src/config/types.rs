@@ -183,7 +183,9 @@ pub struct SourceConfig {
     pub format: Option<Sp<String>>,
     /// Use the time carried by each event (event time).
     pub event_time: Option<EventTimeConfig>,
-    /// `processing` to window by arrival time instead of `event_time`.
+    /// `processing` to window by arrival time instead of `event_time`;
+    /// `ingestion` to use the arrival time as event time (kept in the MQTT
+    /// input journal, so a replay windows each message as the first time).
     pub time: Option<Sp<String>>,
     /// Largest accepted event, in bytes or with a unit (`64KiB`, `1MiB`).
     /// Larger events go to the dead-letter output. Default 1MiB.

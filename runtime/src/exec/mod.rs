@@ -362,7 +362,7 @@ fn run(
     let peer_mode = peer.is_some();
     let drain = peer.as_ref().map(|pr| pr.drain.clone());
     let ticks = peer_mode
-        || matches!(plan.time, TimeMode::Processing)
+        || matches!(plan.time, TimeMode::Processing | TimeMode::Ingestion)
         || matches!(
             plan.time,
             TimeMode::Event {

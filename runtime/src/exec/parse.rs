@@ -81,6 +81,7 @@ impl ParseWorker {
                 max_out_of_orderness,
                 ..
             } => Some(max_out_of_orderness),
+            TimeMode::Ingestion => Some(0),
             _ => None,
         };
         for (i, item) in raw.items.iter().enumerate() {
@@ -115,7 +116,7 @@ impl ParseWorker {
                         }
                     }
                 }
-                (TimeMode::Processing, _) => item.arrival_ms,
+                (TimeMode::Processing | TimeMode::Ingestion, _) => item.arrival_ms,
                 _ => 0,
             };
             if let Some(bound) = bound {
@@ -277,23 +278,27 @@ impl ParseWorker {
 /// One owner's frame for a batch (see the module docs for the order).
 fn frame(plan: &Plan, batch: &InBatch, first_arrival: i64, data: KeyedBatch) -> Frame {
     let mut frame = Vec::with_capacity(4);
-    match plan.time {
-        TimeMode::Processing => {
-            frame.push(Msg::Watermark(first_arrival.saturating_sub(1)));
-            frame.push(Msg::Data(data));
-            frame.push(Msg::Watermark(batch.now_ms.saturating_sub(1)));
-        }
+    // After how long without input event time follows the wall clock.
+    let idle = match plan.time {
         TimeMode::Event {
             idle_timeout: Some(idle),
             ..
-        } => {
-            frame.push(Msg::Data(data));
-            let quiet = batch.now_ms.saturating_sub(batch.last_arrival_ms);
+        } => Some(idle),
+        TimeMode::Ingestion => Some(crate::plan::INGESTION_IDLE_MS),
+        _ => None,
+    };
+    if let TimeMode::Processing = plan.time {
+        frame.push(Msg::Watermark(first_arrival.saturating_sub(1)));
+        frame.push(Msg::Data(data));
+        frame.push(Msg::Watermark(batch.now_ms.saturating_sub(1)));
+    } else {
+        frame.push(Msg::Data(data));
+        let quiet = batch.now_ms.saturating_sub(batch.last_arrival_ms);
+        if let Some(idle) = idle {
             if batch.raw.is_empty() && batch.last_arrival_ms != i64::MIN && quiet >= idle {
                 frame.push(Msg::Idle { quiet_ms: quiet });
             }
         }
-        _ => frame.push(Msg::Data(data)),
     }
     // The end of a bounded input is the final watermark, +infinity: every
     // window fires before the last checkpoint is cut (as in Flink).

@@ -137,7 +137,12 @@ pub(super) fn read(
             let polled = source.poll(&mut batch, room, max_payload, wait);
             if batch.len() > before {
                 let now = clock.now_ms();
-                for it in &mut batch.items[before..] {
+                // Sources that stamp arrivals themselves (ingestion time)
+                // keep their stamps.
+                for it in batch.items[before..]
+                    .iter_mut()
+                    .filter(|it| it.arrival_ms == 0)
+                {
                     it.arrival_ms = now;
                 }
                 last_arrival = now;

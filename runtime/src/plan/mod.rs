@@ -60,7 +60,16 @@ pub enum TimeMode {
     },
     /// Arrival time; windows fire as the wall clock passes their end.
     Processing,
+    /// Event time taken from the arrival time the source stamps (and, for
+    /// a journaled MQTT source, keeps with the message, so a replay windows
+    /// it as the first time); quiet input moves event time on with the
+    /// wall clock after [`INGESTION_IDLE_MS`].
+    Ingestion,
 }
+
+/// How long an ingestion-time input may be quiet before its event time
+/// follows the wall clock (so the last windows fire).
+pub const INGESTION_IDLE_MS: i64 = 200;
 
 enum Entry {
     Step(Box<dyn Step>),
@@ -231,6 +240,12 @@ impl PipelineBuilder {
             self.problems
                 .push("idle_timeout needs event_time to be set first".into());
         }
+        self
+    }
+    /// Ingestion time: each event's time is when the source received it
+    /// (see [`TimeMode::Ingestion`]).
+    pub fn ingestion_time(mut self) -> Self {
+        self.time = TimeMode::Ingestion;
         self
     }
     pub fn processing_time(mut self) -> Self {

@@ -15,7 +15,10 @@
 //! Record format version 1: table `entries` from the message number to
 //! `[packet id: u16 LE][topic length: u32 LE][topic][payload]`; table
 //! `meta` with `next` (the number the next message gets, u64 LE), so
-//! numbering never goes back even when every entry is trimmed.
+//! numbering never goes back even when every entry is trimmed; table
+//! `arrivals` from the message number to its arrival time (epoch ms), for
+//! the entries stamped on arrival (`time: ingestion`), trimmed with them.
+//! A journal written before `arrivals` existed has none.
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
@@ -24,6 +27,7 @@ use std::time::Duration;
 
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const ARRIVALS: TableDefinition<u64, i64> = TableDefinition::new("arrivals");
 
 /// Most messages in one group commit.
 pub const GROUP: usize = 512;
@@ -40,6 +44,8 @@ pub struct Entry<'a> {
     pub pkid: u16,
     pub topic: &'a str,
     pub payload: &'a [u8],
+    /// When it arrived (epoch ms), kept for ingestion time; 0: not kept.
+    pub arrival: i64,
 }
 
 impl<'a> Entry<'a> {
@@ -59,6 +65,7 @@ impl<'a> Entry<'a> {
             pkid,
             topic,
             payload: b.get(6 + len..)?,
+            arrival: 0,
         })
     }
 }
@@ -200,8 +207,17 @@ impl Journal {
                     t.insert(first + i as u64, buf.as_slice())
                         .map_err(|e| err(path, e))?;
                 }
+                let mut arrivals = txn.open_table(ARRIVALS).map_err(|e| err(path, e))?;
+                for (i, e) in entries.iter().enumerate().filter(|(_, e)| e.arrival != 0) {
+                    arrivals
+                        .insert(first + i as u64, e.arrival)
+                        .map_err(|e| err(path, e))?;
+                }
                 if let Some(through) = trim_through {
                     t.retain_in(..=through, |_, _| false)
+                        .map_err(|e| err(path, e))?;
+                    arrivals
+                        .retain_in(..=through, |_, _| false)
                         .map_err(|e| err(path, e))?;
                 }
                 let mut meta = txn.open_table(META).map_err(|e| err(path, e))?;
@@ -244,11 +260,20 @@ impl Journal {
                 Err(redb::TableError::TableDoesNotExist(_)) => return Ok(through + 1),
                 other => other.map_err(|e| err(path, e))?,
             };
+            let arrivals = match txn.open_table(ARRIVALS) {
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                other => Some(other.map_err(|e| err(path, e))?),
+            };
             let mut next = from;
             for e in t.range(from..=through).map_err(|e| err(path, e))?.take(max) {
                 let (k, v) = e.map_err(|e| err(path, e))?;
-                let entry = Entry::decode(v.value())
+                let mut entry = Entry::decode(v.value())
                     .ok_or_else(|| err(path, format!("entry {} is unreadable", k.value())))?;
+                if let Some(a) = &arrivals {
+                    if let Some(at) = a.get(k.value()).map_err(|e| err(path, e))? {
+                        entry.arrival = at.value();
+                    }
+                }
                 f(k.value(), entry);
                 next = k.value() + 1;
             }
@@ -271,7 +296,34 @@ mod tests {
             pkid,
             topic,
             payload,
+            arrival: 0,
         }
+    }
+
+    #[test]
+    fn arrival_stamps_are_kept_with_their_entries_and_trimmed_with_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(dir.path()).unwrap();
+        let stamped = |pkid, arrival| Entry {
+            arrival,
+            ..e(pkid, "t", b"x")
+        };
+        j.append(1, &[stamped(1, 1_800_000_000_001), e(2, "t", b"y")], None)
+            .unwrap();
+        j.append(3, &[stamped(3, 1_800_000_000_003)], None).unwrap();
+        drop(j);
+        let (j, _) = Journal::open(dir.path()).unwrap();
+        let read = |j: &Journal| {
+            let mut got = Vec::new();
+            j.read(1, 3, 10, |n, e| got.push((n, e.arrival))).unwrap();
+            got
+        };
+        assert_eq!(
+            read(&j),
+            vec![(1, 1_800_000_000_001), (2, 0), (3, 1_800_000_000_003)]
+        );
+        j.append(4, &[], Some(2)).unwrap();
+        assert_eq!(read(&j), vec![(3, 1_800_000_000_003)]);
     }
 
     #[test]

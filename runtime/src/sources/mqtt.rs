@@ -69,6 +69,9 @@ pub struct MqttSourceOptions {
     /// messages are then dropped: Mosquitto before 2.0.13 sends them to
     /// every member, which would count them once per member.
     pub share_group: Option<String>,
+    /// Ingestion time: stamp each message when it arrives and keep the
+    /// stamp in the journal, so a replay gives it the same time.
+    pub stamp_arrivals: bool,
 }
 
 /// A message on its way to the pipeline, with its journal number (0 when
@@ -77,6 +80,8 @@ struct Live {
     seq: u64,
     topic: String,
     payload: Bytes,
+    /// Arrival stamp (epoch ms) with `stamp_arrivals`, else 0.
+    arrival: i64,
 }
 
 /// What the connection thread needs; taken when it starts (first poll).
@@ -86,6 +91,7 @@ struct Start {
     filters: Vec<String>,
     /// Shared subscription: retained messages are dropped.
     drop_retained: bool,
+    stamp_arrivals: bool,
     qos: u8,
     journal: Option<(Journal, journal::Opened)>,
 }
@@ -167,6 +173,7 @@ impl MqttSource {
                 tx,
                 filters,
                 drop_retained: opts.share_group.is_some(),
+                stamp_arrivals: opts.stamp_arrivals,
                 qos: opts.qos,
                 journal,
             }),
@@ -241,6 +248,9 @@ impl MqttSource {
             self.position + 1
         };
         batch.push_message(&msg.topic, &msg.payload, self.position, max_payload);
+        if let Some(it) = batch.items.last_mut() {
+            it.arrival_ms = msg.arrival;
+        }
         true
     }
 
@@ -266,6 +276,10 @@ impl MqttSource {
         let after = j
             .read(next, through, max_items, |seq, e| {
                 batch.push_message(e.topic, e.payload, seq, max_payload);
+                if let Some(it) = batch.items.last_mut() {
+                    // 0 (not stamped): the reader stamps it now.
+                    it.arrival_ms = e.arrival;
+                }
                 last = seq;
             })
             .map_err(SourceError::Other)?;
@@ -453,6 +467,8 @@ struct Held {
     topic: String,
     payload: Bytes,
     pkid: u16,
+    /// Arrival stamp (epoch ms) with `stamp_arrivals`, else 0.
+    arrival: i64,
 }
 
 /// The connection thread's side: subscribes, journals, acknowledges, and
@@ -468,6 +484,8 @@ struct Inbound {
     ever_connected: bool,
     /// Drop retained messages (shared subscriptions).
     drop_retained: bool,
+    /// Stamp arrivals (ingestion time).
+    stamp_arrivals: bool,
     /// Retained messages dropped so far.
     dropped_retained: u64,
     journal: Option<Journal>,
@@ -537,6 +555,7 @@ impl Inbound {
             fatal: src.fatal.clone(),
             ever_connected: false,
             drop_retained: start.drop_retained,
+            stamp_arrivals: start.stamp_arrivals,
             dropped_retained: 0,
             journal,
             next,
@@ -684,10 +703,16 @@ impl Inbound {
         if self.group.is_empty() {
             self.group_since = Instant::now();
         }
+        let arrival = if self.stamp_arrivals {
+            crate::time::Clock::now_ms(&crate::time::SystemClock)
+        } else {
+            0
+        };
         self.group.push(Held {
             topic,
             payload,
             pkid,
+            arrival,
         });
         self.holding.store(true, Ordering::Relaxed);
         if self.group.len() >= journal::GROUP {
@@ -744,6 +769,7 @@ impl Inbound {
                     seq: 0,
                     topic: m.topic,
                     payload: m.payload,
+                    arrival: m.arrival,
                 };
                 if self.tx.send(live).is_err() {
                     return false;
@@ -765,6 +791,7 @@ impl Inbound {
                 pkid: m.pkid,
                 topic: &m.topic,
                 payload: &m.payload,
+                arrival: m.arrival,
             })
             .collect();
         if let Err(e) = j.append(self.next, &entries, trim) {
@@ -804,6 +831,7 @@ impl Inbound {
                 seq: self.next,
                 topic: m.topic,
                 payload: m.payload,
+                arrival: m.arrival,
             };
             self.next += 1;
             if let Err(TrySendError::Disconnected(_)) = self.tx.try_send(live) {
