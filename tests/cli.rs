@@ -571,3 +571,26 @@ fn validate_checks_the_status_topic() {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }
 }
+
+#[test]
+fn ingestion_time_excludes_event_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("i.yaml");
+    std::fs::write(
+        &f,
+        "name: x\nsource:\n  file: {path: a}\n  time: ingestion\n  event_time: {field: ts}\nsteps:\n  - key_by: k\n  - window: {tumbling: 1s, aggregate: {n: count()}}\nsink: {stdout: {}}\n",
+    )
+    .unwrap();
+    let out = bin().arg("validate").arg(&f).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains(
+        "4:9: source.time: `time: ingestion` and `event_time` exclude each other; keep one"
+    ));
+    std::fs::write(
+        &f,
+        "name: x\nsource:\n  file: {path: a}\n  time: ingestion\nsteps:\n  - key_by: k\n  - window: {tumbling: 1s, aggregate: {n: count()}}\nsink: {stdout: {}}\n",
+    )
+    .unwrap();
+    let out = bin().arg("validate").arg(&f).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
