@@ -29,10 +29,12 @@ sleep 3
 mosquitto_sub -h 127.0.0.1 -p "$port" -t 'averages/#' -v > "$out" &
 sub=$!
 sensors="a b c d e f"
+# Event time from 2027-01-15T08:00:00Z (1800000000000 ms), on a 5 s boundary.
+base=1800000000000
 publish() {  # readings i = $1 .. $2, 4 per second of event time
   for i in $(seq "$1" "$2"); do
     for s in $sensors; do
-      mosquitto_pub -h 127.0.0.1 -p "$port" -q 1 -t "sensors/$s/temperature" -m "{\"ts\": $((i * 250)), \"temperature\": $((60 + i % 5))}"
+      mosquitto_pub -h 127.0.0.1 -p "$port" -q 1 -t "sensors/$s/temperature" -m "{\"ts\": $((base + i * 250)), \"temperature\": $((60 + i % 5))}"
     done
   done
 }
@@ -43,11 +45,11 @@ docker kill "$victim" >/dev/null
 publish 40 79
 for _ in $(seq 90); do [ "$(docker ps -q --filter "name=${stack}_rivulet" | wc -l)" -ge 3 ] && break; sleep 1; done
 # A later reading per sensor moves every watermark past the windows.
-for s in $sensors; do mosquitto_pub -h 127.0.0.1 -p "$port" -q 1 -t "sensors/$s/temperature" -m '{"ts": 120000, "temperature": 61}'; done
+for s in $sensors; do mosquitto_pub -h 127.0.0.1 -p "$port" -q 1 -t "sensors/$s/temperature" -m "{\"ts\": $((base + 120000)), \"temperature\": 61}"; done
 # 80 readings per sensor, 4 windows of 5 s, 20 readings each.
 python3 - "$out" <<'PY' || { logs | grep -v 'peers to wait\|part of a checkpoint\|checkpoint applied\|redelivered' | tail -40 >&2; exit 1; }
 import json, sys, time
-want = {(s, w * 5000): 20 for s in "abcdef" for w in range(4)}
+want = {(s, 1800000000000 + w * 5000): 20 for s in "abcdef" for w in range(4)}
 deadline = time.time() + 120
 while True:
     got = {}

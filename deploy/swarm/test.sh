@@ -21,17 +21,19 @@ MQTT_PORT=$port MQTT_PUBLISH_MODE=host MQTT_ENDPOINT_MODE=dnsrr RIVULET_IMAGE=ri
 for _ in $(seq 60); do mosquitto_pub -h 127.0.0.1 -p "$port" -t probe -m x 2>/dev/null && break; sleep 1; done
 mosquitto_sub -h 127.0.0.1 -p "$port" -t 'averages/#' -C 3 -W 90 > /tmp/$stack.out &
 sub=$!
+# Event time from 2027-01-15T08:00:00Z (1800000000000 ms), on a 5 s boundary.
+base=1800000000000
 for i in $(seq 0 40); do
   for s in a b c; do
     mosquitto_pub -h 127.0.0.1 -p "$port" -q 1 -t "sensors/$s/temperature" \
-      -m "{\"ts\": $((i * 250)), \"temperature\": $((60 + i % 5))}"
+      -m "{\"ts\": $((base + i * 250)), \"temperature\": $((60 + i % 5))}"
   done
   sleep 0.25
 done
 # A later reading moves the watermark past the first windows.
-for s in a b c; do mosquitto_pub -h 127.0.0.1 -p "$port" -q 1 -t "sensors/$s/temperature" -m '{"ts": 60000, "temperature": 61}'; done
+for s in a b c; do mosquitto_pub -h 127.0.0.1 -p "$port" -q 1 -t "sensors/$s/temperature" -m "{\"ts\": $((base + 60000)), \"temperature\": 61}"; done
 wait $sub || { echo "no averages came back from the swarm" >&2; docker service logs "${stack}_rivulet" 2>&1 | tail -20 >&2; exit 1; }
-grep -q '"window_start":0' /tmp/$stack.out
+grep -q "\"window_start\":$base" /tmp/$stack.out
 # The task's host name (and so its default MQTT client id) is stable.
 name=$(docker inspect --format '{{.Config.Hostname}}' "$(docker ps -q --filter "name=${stack}_rivulet" | head -1)")
 [[ "$name" =~ ^rivulet-.+-1$ ]] || { echo "unexpected task host name: $name" >&2; exit 1; }
