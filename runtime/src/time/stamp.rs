@@ -63,6 +63,7 @@ impl EpochUnit {
 
     /// Milliseconds of an integer epoch in this unit (floored); `None` when
     /// it overflows.
+    #[inline]
     fn int_ms(self, v: i64) -> Option<i64> {
         match self {
             EpochUnit::S => v.checked_mul(1000),
@@ -157,6 +158,7 @@ impl Plausible {
         })
     }
 
+    #[inline]
     fn holds(&self, ms: i64) -> bool {
         (self.from_ms..self.until_ms).contains(&ms)
     }
@@ -199,6 +201,21 @@ impl StampFormat {
     /// The timestamp of `v` in epoch milliseconds, or why it has none.
     #[inline]
     pub fn read(&self, v: &Value) -> Result<i64, String> {
+        // The common case, per event: a plausible integer epoch.
+        if let Value::Int(i) = v {
+            if let Some(ms) = self.unit.int_ms(*i) {
+                if ms.abs() < MAX_ABS_TIMESTAMP && self.plausible.is_none_or(|p| p.holds(ms)) {
+                    return Ok(ms);
+                }
+            }
+        }
+        self.read_other(v)
+    }
+
+    /// Everything but a plausible integer: floats, strings, and the reasons
+    /// for refusing a value.
+    #[inline(never)]
+    fn read_other(&self, v: &Value) -> Result<i64, String> {
         let ms = match v {
             Value::Int(i) => {
                 let ms = self
