@@ -586,13 +586,43 @@ fn survivors_take_over_a_peer_that_never_comes_back() {
     stop_all(&mut peers);
 }
 
+/// A broker that keeps sessions, queues and retained messages across a
+/// restart, as docs/peers.md asks (saving every second).
+fn persistent_broker() -> Broker {
+    Broker::start(
+        "max_queued_messages 0\npersistence true\npersistence_location ./\nautosave_interval 1",
+    )
+}
+
+/// Half the readings, `outage` of the broker, the other half: the results
+/// equal one process's, and every peer read a share.
+fn readings_across_a_broker_outage(
+    b: &mut Broker,
+    peers: &mut [Peer],
+    outage: impl FnOnce(&mut Broker),
+) {
+    let (data, closing) = readings(200, 12);
+    let half = data.len() / 2;
+    common::publish_all(b.port, &data[..half]);
+    outage(b);
+    // Mosquitto 2.0.11 restores persistent sessions but not their shared
+    // subscriptions: what is published before the peers subscribe again
+    // goes to no one (docs/peers.md).
+    shares_subscribed(b, 3);
+    common::publish_all(b.port, &data[half..]);
+    common::publish_all(b.port, &closing);
+    let want = expected(&data);
+    wait_for_results_on(Some(b), peers, &want);
+    check_results(peers, &want);
+    for p in peers.iter() {
+        assert!(p.events_read() > 0, "peer {} read nothing", p.id);
+    }
+    stop_all(peers);
+}
+
 #[test]
 fn peers_on_mqtt_3_and_5_mix_and_a_broker_restart_loses_nothing() {
-    // A broker that keeps sessions, queues and retained messages across a
-    // restart, as docs/peers.md asks.
-    let mut b = Broker::start(
-        "max_queued_messages 0\npersistence true\npersistence_location ./\nautosave_interval 1",
-    );
+    let mut b = persistent_broker();
     let root = tempfile::tempdir().unwrap();
     let mut peers: Vec<Peer> = ["a", "b", "c"]
         .iter()
@@ -606,23 +636,7 @@ fn peers_on_mqtt_3_and_5_mix_and_a_broker_restart_loses_nothing() {
     }
     wait_for_view(&peers, &["a", "b", "c"]);
     shares_subscribed(&b, 3);
-    let (data, closing) = readings(200, 12);
-    let half = data.len() / 2;
-    common::publish_all(b.port, &data[..half]);
-    b.restart();
-    // Mosquitto 2.0.11 restores persistent sessions but not their shared
-    // subscriptions: what is published before the peers subscribe again
-    // goes to no one (docs/peers.md).
-    shares_subscribed(&b, 3);
-    common::publish_all(b.port, &data[half..]);
-    common::publish_all(b.port, &closing);
-    let want = expected(&data);
-    wait_for_results_on(Some(&b), &peers, &want);
-    check_results(&peers, &want);
-    for p in &peers {
-        assert!(p.events_read() > 0, "peer {} read nothing", p.id);
-    }
-    stop_all(&mut peers);
+    readings_across_a_broker_outage(&mut b, &mut peers, Broker::restart);
 }
 
 #[test]
@@ -630,24 +644,14 @@ fn a_broker_killed_mid_stream_loses_nothing() {
     // SIGKILL: the broker keeps only what it saved last (every second), as
     // after a power cut. What it had delivered after that save comes again
     // on reconnect and the journals recognise it.
-    let mut b = Broker::start(
-        "max_queued_messages 0\npersistence true\npersistence_location ./\nautosave_interval 1",
-    );
+    let mut b = persistent_broker();
     let root = tempfile::tempdir().unwrap();
     let mut peers = cluster(root.path(), &b, &["a", "b", "c"], "", 3);
-    let (data, closing) = readings(200, 12);
-    let half = data.len() / 2;
-    common::publish_all(b.port, &data[..half]);
-    // After the broker's next save: what it acknowledged before is safe.
-    std::thread::sleep(Duration::from_millis(1500));
-    b.crash_and_restart();
-    shares_subscribed(&b, 3);
-    common::publish_all(b.port, &data[half..]);
-    common::publish_all(b.port, &closing);
-    let want = expected(&data);
-    wait_for_results_on(Some(&b), &peers, &want);
-    check_results(&peers, &want);
-    stop_all(&mut peers);
+    readings_across_a_broker_outage(&mut b, &mut peers, |b| {
+        // After the broker's next save: what it acknowledged before is safe.
+        std::thread::sleep(Duration::from_millis(1500));
+        b.crash_and_restart();
+    });
 }
 
 /// A CA and, for each peer, a certificate for 127.0.0.1 signed by it:
