@@ -90,6 +90,10 @@ pub struct Journal {
     /// next one.
     db: Arc<Mutex<Option<redb::Database>>>,
     path: PathBuf,
+    /// Whether the `arrivals` table exists (it held stamps when opened, or a
+    /// stamped entry was written since): journals without stamps never
+    /// touch it.
+    stamped: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// redb's page cache for the journal: entries are written once and read
@@ -115,8 +119,14 @@ impl Journal {
             next: 1,
             recent: Vec::new(),
         };
+        let stamped;
         {
             let txn = db.begin_read().map_err(|e| err(&path, e))?;
+            stamped = match txn.open_table(ARRIVALS) {
+                Err(redb::TableError::TableDoesNotExist(_)) => false,
+                Err(e) => return Err(err(&path, e)),
+                Ok(_) => true,
+            };
             match txn.open_table(META) {
                 Err(redb::TableError::TableDoesNotExist(_)) => {}
                 Err(e) => return Err(err(&path, e)),
@@ -150,6 +160,7 @@ impl Journal {
             Journal {
                 db: Arc::new(Mutex::new(Some(db))),
                 path,
+                stamped: Arc::new(stamped.into()),
             },
             opened,
         ))
@@ -193,6 +204,9 @@ impl Journal {
         trim_through: Option<u64>,
     ) -> Result<(), String> {
         let path = &self.path;
+        use std::sync::atomic::Ordering;
+        let stamped =
+            entries.iter().any(|e| e.arrival != 0) || self.stamped.load(Ordering::Relaxed);
         self.with_db(|db| {
             let mut buf = Vec::new();
             let mut txn = db.begin_write().map_err(|e| err(path, e))?;
@@ -207,18 +221,24 @@ impl Journal {
                     t.insert(first + i as u64, buf.as_slice())
                         .map_err(|e| err(path, e))?;
                 }
-                let mut arrivals = txn.open_table(ARRIVALS).map_err(|e| err(path, e))?;
-                for (i, e) in entries.iter().enumerate().filter(|(_, e)| e.arrival != 0) {
-                    arrivals
-                        .insert(first + i as u64, e.arrival)
-                        .map_err(|e| err(path, e))?;
+                let mut arrivals = if stamped {
+                    Some(txn.open_table(ARRIVALS).map_err(|e| err(path, e))?)
+                } else {
+                    None
+                };
+                if let Some(a) = arrivals.as_mut() {
+                    for (i, e) in entries.iter().enumerate().filter(|(_, e)| e.arrival != 0) {
+                        a.insert(first + i as u64, e.arrival)
+                            .map_err(|e| err(path, e))?;
+                    }
                 }
                 if let Some(through) = trim_through {
                     t.retain_in(..=through, |_, _| false)
                         .map_err(|e| err(path, e))?;
-                    arrivals
-                        .retain_in(..=through, |_, _| false)
-                        .map_err(|e| err(path, e))?;
+                    if let Some(a) = arrivals.as_mut() {
+                        a.retain_in(..=through, |_, _| false)
+                            .map_err(|e| err(path, e))?;
+                    }
                 }
                 let mut meta = txn.open_table(META).map_err(|e| err(path, e))?;
                 let next = first + entries.len() as u64;
@@ -230,7 +250,11 @@ impl Journal {
                 meta.insert("next", next.max(stored))
                     .map_err(|e| err(path, e))?;
             }
-            txn.commit().map_err(|e| err(path, e))
+            txn.commit().map_err(|e| err(path, e))?;
+            if stamped {
+                self.stamped.store(true, Ordering::Relaxed);
+            }
+            Ok(())
         })
     }
 
@@ -324,6 +348,21 @@ mod tests {
         );
         j.append(4, &[], Some(2)).unwrap();
         assert_eq!(read(&j), vec![(3, 1_800_000_000_003)]);
+    }
+
+    #[test]
+    fn a_journal_without_stamps_has_no_arrivals_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(dir.path()).unwrap();
+        j.append(1, &[e(1, "t", b"x")], Some(1)).unwrap();
+        assert!(!j.stamped.load(std::sync::atomic::Ordering::Relaxed));
+        drop(j);
+        let db = create(&dir.path().join("journal.redb")).unwrap();
+        let txn = db.begin_read().unwrap();
+        assert!(matches!(
+            txn.open_table(ARRIVALS),
+            Err(redb::TableError::TableDoesNotExist(_))
+        ));
     }
 
     #[test]
