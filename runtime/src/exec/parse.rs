@@ -293,8 +293,8 @@ fn frame(plan: &Plan, batch: &InBatch, first_arrival: i64, data: KeyedBatch) -> 
         frame.push(Msg::Watermark(batch.now_ms.saturating_sub(1)));
     } else {
         frame.push(Msg::Data(data));
-        let quiet = batch.now_ms.saturating_sub(batch.last_arrival_ms);
         if let Some(idle) = idle {
+            let quiet = batch.now_ms.saturating_sub(batch.last_arrival_ms);
             if batch.raw.is_empty() && batch.last_arrival_ms != i64::MIN && quiet >= idle {
                 frame.push(Msg::Idle { quiet_ms: quiet });
             }
