@@ -571,6 +571,14 @@ fn the_status_topic_says_online_while_running_and_offline_after_a_stop_or_a_cras
         let want = ("rivulet/st/status".to_string(), want.to_string());
         move || last().as_ref() == Some(&want)
     };
+    // A pipeline that cannot start (its sink is a directory) never says
+    // online.
+    std::fs::create_dir(dir.path().join("a-dir")).unwrap();
+    let broken = Rivulet::start(dir.path(), &yaml.replace("out.jsonl", "a-dir"));
+    let (code, _, err) = broken.finish();
+    assert_ne!(code, Some(0), "{err}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(inbox.lock().unwrap().is_empty(), "{:?}", inbox.lock().unwrap());
     // A crash: the broker publishes the will.
     let mut run = Rivulet::start(dir.path(), &yaml);
     eventually("online", 20, is("online"));

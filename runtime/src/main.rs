@@ -206,14 +206,7 @@ fn run(
             .context("installing signal handlers")?;
         signal_hook::flag::register(sig, shutdown.clone()).context("installing signal handlers")?;
     }
-    let status = match valid.start_status() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("{file}: status topic: {e}");
-            return Ok(ExitCode::from(2));
-        }
-    };
-    let code = if valid.peers.is_some() {
+    if valid.peers.is_some() {
         run_peer(&valid, file, shutdown, stats_file, from_savepoint.is_some())
     } else {
         run_single(
@@ -225,13 +218,19 @@ fn run(
             from_savepoint,
             allow_non_restored_state,
         )
-    };
-    // `offline` once the pipeline has stopped (the will says it if this
-    // process dies before).
-    if let Some(s) = status {
-        s.stop();
     }
-    code
+}
+
+/// The status topic, once the pipeline is ready to run (a pipeline that
+/// cannot start never says `online`); `Err` is the exit code.
+fn start_status(
+    valid: &config::ValidPipeline,
+    file: &str,
+) -> Result<Option<rivulet::mqtt::status::Status>, ExitCode> {
+    valid.start_status().map_err(|e| {
+        eprintln!("{file}: status topic: {e}");
+        ExitCode::from(2)
+    })
 }
 
 /// `rivulet run` of a pipeline that is not a peer of a cluster.
@@ -262,6 +261,10 @@ fn run_single(
         allow_non_restored_state,
         ..Default::default()
     };
+    let status = match start_status(valid, file) {
+        Ok(s) => s,
+        Err(code) => return Ok(code),
+    };
     let writer = stats_file.map(|path| spawn_stats_writer(path, opts.clone()));
     // Once the pipeline has started, its start-up code need not stay
     // mapped (see rivulet::util::memory).
@@ -276,6 +279,11 @@ fn run_single(
     if let Some((done, handle)) = writer {
         done.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = handle.join();
+    }
+    // `offline` once the pipeline has stopped (the will says it if this
+    // process dies before).
+    if let Some(s) = status {
+        s.stop();
     }
     let stats = result?;
     tracing::info!(
@@ -318,11 +326,18 @@ fn run_peer(
         shutdown,
         ..Default::default()
     };
+    let status = match start_status(valid, file) {
+        Ok(s) => s,
+        Err(code) => return Ok(code),
+    };
     let writer = stats_file.map(|path| spawn_stats_writer(path, opts.clone()));
     let result = rivulet::cluster::run::run(valid, file, opts);
     if let Some((done, handle)) = writer {
         done.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = handle.join();
+    }
+    if let Some(s) = status {
+        s.stop();
     }
     match result {
         Ok(stats) => {

@@ -7,8 +7,7 @@
 //! all end in `offline` within the broker's keep-alive.
 
 use super::{drive, Client, Endpoint, Ev, LastWill};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +19,9 @@ pub struct Status {
     client: Client,
     topic: String,
     stop: Arc<AtomicBool>,
-    acks: Receiver<()>,
+    /// Status messages queued and acknowledged (QoS 1) on any connection.
+    published: Arc<AtomicU64>,
+    acked: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -38,27 +39,30 @@ impl Status {
         });
         let (client, conn) = ep.connect(16)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let (ack_tx, acks) = channel();
-        let thread =
-            {
-                let (client, stop, topic, url) = (
-                    client.clone(),
-                    stop.clone(),
-                    topic.to_string(),
-                    ep.url.clone(),
-                );
-                std::thread::Builder::new()
+        let published = Arc::new(AtomicU64::new(0));
+        let acked = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (client, stop, topic, url) = (
+                client.clone(),
+                stop.clone(),
+                topic.to_string(),
+                ep.url.clone(),
+            );
+            let (published, acked) = (published.clone(), acked.clone());
+            std::thread::Builder::new()
                 .name("rivulet-status".into())
                 .spawn(move || {
                     drive(conn, &url, stop, || Duration::from_millis(500), |ev| {
                         match ev {
-                            Ev::Connected { .. }
-                                if !client.try_publish(&topic, 1, true, ONLINE.to_vec()) =>
-                            {
-                                tracing::warn!(%topic, "could not queue the status message");
+                            Ev::Connected { .. } => {
+                                if client.try_publish(&topic, 1, true, ONLINE.to_vec()) {
+                                    published.fetch_add(1, Ordering::SeqCst);
+                                } else {
+                                    tracing::warn!(%topic, "could not queue the status message");
+                                }
                             }
                             Ev::PubAck(_) => {
-                                let _ = ack_tx.send(());
+                                acked.fetch_add(1, Ordering::SeqCst);
                             }
                             _ => {}
                         }
@@ -66,33 +70,43 @@ impl Status {
                     })
                 })
                 .map_err(|e| format!("cannot start the status thread: {e}"))?
-            };
+        };
         tracing::debug!(%topic, "status topic");
         Ok(Status {
             client,
             topic: topic.to_string(),
             stop,
-            acks,
+            published,
+            acked,
             thread: Some(thread),
         })
     }
 
-    /// A clean stop: `offline`, retained, acknowledged by the broker (or
-    /// the will says it once the connection is gone), then disconnects.
+    /// A clean stop: `offline`, retained. Disconnects cleanly only once the
+    /// broker acknowledged every status message; otherwise (a broker away,
+    /// an `online` of an earlier connection never confirmed) the connection
+    /// is dropped without a DISCONNECT, so the broker's will says `offline`.
     pub fn stop(mut self) {
-        while self.acks.try_recv().is_ok() {}
-        if self
+        let sent = self
             .client
             .publish(&self.topic, 1, true, OFFLINE.to_vec())
-            .is_ok()
-        {
-            let _ = self.acks.recv_timeout(Duration::from_secs(2));
+            .is_ok();
+        if sent {
+            let all = self.published.fetch_add(1, Ordering::SeqCst) + 1;
+            let until = std::time::Instant::now() + Duration::from_secs(2);
+            while self.acked.load(Ordering::SeqCst) < all && std::time::Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if self.acked.load(Ordering::SeqCst) >= all {
+                self.client.disconnect();
+            }
         }
         self.shut();
     }
 
+    /// Ends the connection thread; without a DISCONNECT before it, the
+    /// broker publishes the will.
     fn shut(&mut self) {
-        self.client.disconnect();
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
