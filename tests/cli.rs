@@ -552,7 +552,11 @@ fn validate_checks_the_status_topic() {
     for (yaml, want) in [
         (
             "name: x\nsource: { mqtt: { url: \"mqtt://h\", topics: [a] } }\nstatus: { topic: \"a/+\" }\nsink: { stdout: {} }\n",
-            "3:18: status.topic: `a/+` cannot be published to",
+            "3:18: status.topic: a publish topic cannot hold wildcards: `a/+`",
+        ),
+        (
+            "name: x\nsource: { mqtt: { url: \"mqtt://h\", topics: [a] } }\nstatus: { topic: \"s/{k}\" }\nsink: { stdout: {} }\n",
+            "3:18: status.topic: `s/{k}` names fields; a status topic is one fixed topic",
         ),
         (
             "name: x\nsource: { file: { path: a } }\nstatus: { topic: a/b }\nsink: { stdout: {} }\n",

@@ -578,7 +578,11 @@ fn the_status_topic_says_online_while_running_and_offline_after_a_stop_or_a_cras
     let (code, _, err) = broken.finish();
     assert_ne!(code, Some(0), "{err}");
     std::thread::sleep(std::time::Duration::from_millis(300));
-    assert!(inbox.lock().unwrap().is_empty(), "{:?}", inbox.lock().unwrap());
+    assert!(
+        inbox.lock().unwrap().is_empty(),
+        "{:?}",
+        inbox.lock().unwrap()
+    );
     // A crash: the broker publishes the will.
     let mut run = Rivulet::start(dir.path(), &yaml);
     eventually("online", 20, is("online"));

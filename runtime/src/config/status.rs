@@ -34,12 +34,20 @@ pub(super) fn status_spec(
     let topic = match cfg.as_ref().and_then(|s| s.topic.as_ref()) {
         Some(t) => {
             let v = t.value.trim();
-            if v.is_empty() || v.contains(['+', '#']) || v.starts_with('$') {
-                c.sp(
-                    t,
-                    "status.topic",
-                    format!("`{}` cannot be published to: a status topic has no wildcards (`+`, `#`) and does not start with `$`", t.value),
-                );
+            // The rules of every publish topic, and no `{field}`: the status
+            // speaks for the pipeline, not for a record.
+            let problem = match TopicTemplate::parse(v) {
+                Err(e) => Some(e),
+                Ok(tpl) if !tpl.is_static() => Some(format!(
+                    "`{v}` names fields; a status topic is one fixed topic"
+                )),
+                Ok(_) if v.starts_with('$') => Some(format!(
+                    "`{v}` starts with `$`, which brokers keep for themselves"
+                )),
+                Ok(_) => None,
+            };
+            if let Some(p) = problem {
+                c.sp(t, "status.topic", p);
                 return Err(std::mem::take(&mut c.problems));
             }
             if conn.is_none() {
