@@ -12,6 +12,8 @@
 //! - [`msg`]: what travels between stages (data, watermarks, barriers).
 //! - [`partition`]: key groups and their assignment to owners.
 //! - [`context`], [`metrics`]: what every stage gets at start; counters per batch.
+//! - [`observe`]: the HTTP endpoint (metrics, live page, API), logs, live
+//!   state queries.
 //! - [`cluster`]: peer mode (key groups across processes).
 //! - [`exec`]: threads, bounded queues, deterministic output order, shutdown.
 
@@ -24,6 +26,7 @@ pub mod expr;
 pub mod metrics;
 pub mod mqtt;
 pub mod msg;
+pub mod observe;
 pub mod operators;
 pub mod partition;
 pub mod plan;

@@ -4,6 +4,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use rivulet::config::{self, Overrides};
 use rivulet::metrics::names;
+use rivulet::observe::logs::LogFormat;
+use rivulet::observe::{Observed, Phase};
 use rivulet::RunOptions;
 use std::io::IsTerminal;
 use std::io::Write;
@@ -15,6 +17,10 @@ use std::sync::Arc;
 #[derive(Parser)]
 #[command(name = "rivulet", version, about)]
 struct Cli {
+    /// Log lines as `text`, `json`, `journald`, or `auto` (the journal
+    /// when stderr is connected to it, else text). Also RIVULET_LOG_FORMAT.
+    #[arg(long, global = true, value_name = "FORMAT")]
+    log_format: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -38,6 +44,23 @@ enum Command {
         /// that the saved keyed state cannot be used (it is dropped).
         #[arg(long, requires = "from_savepoint")]
         allow_non_restored_state: bool,
+        /// Serve metrics, the live page and the API on ADDR (host:port;
+        /// overrides `http.listen` in the file).
+        #[arg(long, value_name = "ADDR")]
+        http: Option<String>,
+    },
+    /// Show a running pipeline's live figures in the terminal, refreshed
+    /// every second (from its HTTP endpoint).
+    Top {
+        /// The pipeline file (its `http.listen` says where to ask).
+        #[arg(required_unless_present = "http")]
+        file: Option<String>,
+        /// The endpoint's URL or address instead, e.g. http://127.0.0.1:9464.
+        #[arg(long, value_name = "URL")]
+        http: Option<String>,
+        /// Stop after this many refreshes.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
     },
     /// Ask a running pipeline (by its pipeline file) for a savepoint.
     Savepoint {
@@ -96,15 +119,22 @@ const EXAMPLE: &str = include_str!("../../configs/demo.yaml");
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    let format = cli
+        .log_format
+        .clone()
+        .or_else(|| std::env::var("RIVULET_LOG_FORMAT").ok())
+        .map(|f| f.parse::<LogFormat>())
+        .transpose();
+    let format = match format {
+        Ok(f) => f.unwrap_or_default(),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    rivulet::observe::logs::init(format);
     match cli.command {
+        Command::Top { file, http, count } => top(file.as_deref(), http.as_deref(), count),
         Command::Validate { files } => {
             let mut ok = true;
             for f in &files {
@@ -169,12 +199,14 @@ fn main() -> ExitCode {
             stats_file,
             from_savepoint,
             allow_non_restored_state,
+            http,
         } => match run(
             &file,
             workers,
             stats_file,
             from_savepoint,
             allow_non_restored_state,
+            http,
         ) {
             Ok(code) => code,
             Err(e) => {
@@ -191,8 +223,9 @@ fn run(
     stats_file: Option<std::path::PathBuf>,
     from_savepoint: Option<std::path::PathBuf>,
     allow_non_restored_state: bool,
+    http: Option<String>,
 ) -> anyhow::Result<ExitCode> {
-    let valid = match config::load(file) {
+    let mut valid = match config::load(file) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("{e}");
@@ -205,6 +238,14 @@ fn run(
         signal_hook::flag::register_conditional_shutdown(sig, 130, shutdown.clone())
             .context("installing signal handlers")?;
         signal_hook::flag::register(sig, shutdown.clone()).context("installing signal handlers")?;
+    }
+    if let Some(listen) = http {
+        if let Err(e) = rivulet::observe::http::check_listen(&listen) {
+            eprintln!("--http: {e}");
+            return Ok(ExitCode::from(2));
+        }
+        let auth = valid.http.take().and_then(|h| h.auth);
+        valid.http = Some(config::HttpSpec { listen, auth });
     }
     if valid.peers.is_some() {
         run_peer(&valid, file, shutdown, stats_file, from_savepoint.is_some())
@@ -231,6 +272,47 @@ fn start_status(
         eprintln!("{file}: status topic: {e}");
         ExitCode::from(2)
     })
+}
+
+/// The HTTP endpoint, when the file or `--http` asks for one; `Err` is the
+/// exit code (an address in use, a secret that cannot be read).
+fn start_http(
+    valid: &config::ValidPipeline,
+    file: &str,
+    opts: &RunOptions,
+) -> Result<Option<Arc<Observed>>, ExitCode> {
+    let Some(spec) = &valid.http else {
+        return Ok(None);
+    };
+    let mut observed = Observed::new(
+        &valid.name,
+        opts.metrics.clone(),
+        opts.queries.clone(),
+        rivulet::observe::graph::Graph::of(valid),
+    );
+    observed.state_dir = valid.state_dir.as_ref().map(std::path::PathBuf::from);
+    if let Some(p) = &valid.peers {
+        observed.peer = Some(p.id.clone());
+        opts.metrics.set_constant_labels(&[("peer", &p.id)]);
+    }
+    let auth = match spec.auth.as_ref().map(|a| a.resolve()).transpose() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{file}: {e}");
+            return Err(ExitCode::from(2));
+        }
+    };
+    let observed = Arc::new(observed);
+    match rivulet::observe::http::start(&spec.listen, auth, observed.clone()) {
+        Ok(ep) => {
+            tracing::info!(url = %format!("http://{}/", ep.addr), "HTTP endpoint listening");
+            Ok(Some(observed))
+        }
+        Err(e) => {
+            eprintln!("{file}: http: {e}");
+            Err(ExitCode::from(2))
+        }
+    }
 }
 
 /// `rivulet run` of a pipeline that is not a peer of a cluster.
@@ -261,10 +343,17 @@ fn run_single(
         allow_non_restored_state,
         ..Default::default()
     };
+    let observed = match start_http(valid, file, &opts) {
+        Ok(o) => o,
+        Err(code) => return Ok(code),
+    };
     let status = match start_status(valid, file) {
         Ok(s) => s,
         Err(code) => return Ok(code),
     };
+    if let Some(o) = &observed {
+        o.set_phase(Phase::Running);
+    }
     let writer = stats_file.map(|path| spawn_stats_writer(path, opts.clone()));
     // Once the pipeline has started, its start-up code need not stay
     // mapped (see rivulet::util::memory).
@@ -276,6 +365,13 @@ fn run_single(
             tracing::debug!(kib, "released start-up pages");
         });
     let result = pipeline.run(opts.clone());
+    if let Some(o) = &observed {
+        o.set_phase(if result.is_ok() {
+            Phase::Stopped
+        } else {
+            Phase::Failed
+        });
+    }
     if let Some((done, handle)) = writer {
         done.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = handle.join();
@@ -326,12 +422,26 @@ fn run_peer(
         shutdown,
         ..Default::default()
     };
+    let observed = match start_http(valid, file, &opts) {
+        Ok(o) => o,
+        Err(code) => return Ok(code),
+    };
     let status = match start_status(valid, file) {
         Ok(s) => s,
         Err(code) => return Ok(code),
     };
+    if let Some(o) = &observed {
+        o.set_phase(Phase::Running);
+    }
     let writer = stats_file.map(|path| spawn_stats_writer(path, opts.clone()));
     let result = rivulet::cluster::run::run(valid, file, opts);
+    if let Some(o) = &observed {
+        o.set_phase(if result.is_ok() {
+            Phase::Stopped
+        } else {
+            Phase::Failed
+        });
+    }
     if let Some((done, handle)) = writer {
         done.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = handle.join();
@@ -395,6 +505,52 @@ fn spawn_stats_writer(
         }
     });
     (done, handle)
+}
+
+/// `rivulet top`: the live figures, redrawn every second (appended when
+/// stdout is not a terminal).
+fn top(file: Option<&str>, http: Option<&str>, count: Option<u64>) -> ExitCode {
+    let base = match (http, file) {
+        (Some(u), _) => u.to_string(),
+        (None, Some(f)) => match config::load(f) {
+            Ok(v) => match v.http {
+                Some(h) => h.listen,
+                None => {
+                    eprintln!("error: {f} has no `http:` section; give --http URL");
+                    return ExitCode::from(2);
+                }
+            },
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(1);
+            }
+        },
+        (None, None) => {
+            eprintln!("error: give the pipeline file or --http URL");
+            return ExitCode::from(2);
+        }
+    };
+    let tty = std::io::stdout().is_terminal();
+    let mut shown = 0u64;
+    loop {
+        let frame = match rivulet::observe::top::fetch_status(&base) {
+            Ok(st) => rivulet::observe::top::render(&st),
+            Err(e) => format!("cannot reach {base}: {e}\n"),
+        };
+        let mut out = std::io::stdout().lock();
+        // Home and clear on a terminal; one block after the other otherwise.
+        let _ = if tty {
+            write!(out, "\x1b[H\x1b[2J{frame}")
+        } else {
+            writeln!(out, "{frame}")
+        };
+        let _ = out.flush();
+        shown += 1;
+        if count.is_some_and(|c| shown >= c) {
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
 }
 
 /// For container health checks: is the pipeline still making its rounds?

@@ -215,6 +215,7 @@ impl Membership {
                     drive(
                         conn,
                         &url,
+                        "membership",
                         stop,
                         || Duration::from_millis(200),
                         |ev| {

@@ -36,6 +36,7 @@ use types::*;
 
 mod build;
 pub mod diag;
+mod http;
 pub mod peers;
 mod sink;
 mod source;
@@ -46,6 +47,7 @@ mod window;
 pub use build::{json_schema, parse_size, Overrides};
 use diag::*;
 pub use diag::{ConfigError, Problem};
+use http::http_spec;
 use peers::check_peers;
 use sink::*;
 use source::*;
@@ -67,6 +69,7 @@ const TOP_KEYS: &[&str] = &[
     "workers",
     "peers",
     "status",
+    "http",
 ];
 
 /// The time settings of a valid pipeline (the plan's own type).
@@ -384,6 +387,7 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
         _ => Format::Json,
     };
     let status = status_spec(&mut c, get("status"), &name, &source, &sinks, &peers)?;
+    let http = http_spec(&mut c, get("http"))?;
     Ok(ValidPipeline {
         name,
         source,
@@ -399,6 +403,7 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
         workers,
         peers,
         status,
+        http,
     })
 }
 

@@ -106,6 +106,16 @@ pub struct ValidPipeline {
     pub peers: Option<PeersSpec>,
     /// The status topic and the broker connection that carries it.
     pub status: Option<StatusSpec>,
+    /// The HTTP endpoint, when the file asks for one.
+    pub http: Option<HttpSpec>,
+}
+
+/// A checked `http` section.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HttpSpec {
+    /// As written: a host name is resolved when the endpoint starts.
+    pub listen: String,
+    pub auth: Option<crate::observe::http::AuthSource>,
 }
 
 /// A checked `status` section (or the default one).

@@ -140,6 +140,38 @@ pub struct PipelineFile {
     /// the pipeline runs, `offline` (a Last Will) when it stops or vanishes.
     /// On by default when the source or a sink is MQTT.
     pub status: Option<StatusConfig>,
+    /// The HTTP endpoint: Prometheus metrics, the live page, the API.
+    pub http: Option<HttpConfig>,
+}
+
+/// The `http` section.
+#[derive(Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// `host:port` to listen on, e.g. `127.0.0.1:9464` (port 0: any free
+    /// port, logged at start).
+    pub listen: Sp<String>,
+    /// Credentials asked of clients that are not on loopback, and of every
+    /// `POST`.
+    pub auth: Option<HttpAuthConfig>,
+}
+
+/// Credentials of the HTTP endpoint: a bearer token, or a user and password
+/// (basic auth). Secrets come from an environment variable or a file, never
+/// from the pipeline file.
+#[derive(Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HttpAuthConfig {
+    /// The bearer token is in this environment variable.
+    pub token_env: Option<Sp<String>>,
+    /// The bearer token is in this file (trailing newline ignored).
+    pub token_file: Option<Sp<String>>,
+    /// Basic auth: the user name.
+    pub user: Option<Sp<String>>,
+    /// Basic auth: the password is in this environment variable.
+    pub password_env: Option<Sp<String>>,
+    /// Basic auth: the password is in this file.
+    pub password_file: Option<Sp<String>>,
 }
 
 /// The `status` section.

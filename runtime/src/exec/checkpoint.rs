@@ -73,6 +73,23 @@ impl Checkpointer {
             "id (epoch) of the last completed checkpoint",
             &[],
         );
+        let took = ctx.metrics.histogram(
+            names::CHECKPOINT_DURATION,
+            "how long checkpoints take to commit",
+            &[("pipeline", &ctx.pipeline)],
+            &crate::metrics::CHECKPOINT_BUCKETS,
+        );
+        let bytes = ctx.gauge(
+            names::CHECKPOINT_BYTES,
+            "bytes of keyed state the last checkpoint wrote (changed keys only)",
+            &[],
+        );
+        let last_took = ctx.gauge_ms(
+            names::CHECKPOINT_LAST_DURATION,
+            "how long the last checkpoint took",
+            &[],
+        );
+        let metrics = ctx.metrics.clone();
         let (tx, rx) = sync_channel::<Job>(1);
         let (done_tx, done) = sync_channel::<Done>(1);
         let thread = super::spawn("rivulet-checkpoint".into(), move || {
@@ -86,11 +103,31 @@ impl Checkpointer {
                 } = job;
                 let started = std::time::Instant::now();
                 let keys = pending.keys.len();
+                let size: usize = pending
+                    .keys
+                    .iter()
+                    .map(|(k, v)| k.1.len() + v.as_ref().map_or(0, |v| v.len()))
+                    .sum();
                 let committed = store.commit(&position, watermark, input_watermark, &mut pending);
+                let elapsed = started.elapsed();
+                took.observe(elapsed);
+                last_took.set(elapsed.as_millis() as i64);
                 match &committed {
-                    Err(_) => failed.add(1),
+                    Err(e) => {
+                        failed.add(1);
+                        metrics.note("checkpoint", &format!("failed: {e}"));
+                    }
                     Ok(()) => {
                         completed.add(1);
+                        bytes.set(size as i64);
+                        metrics.note(
+                            "checkpoint",
+                            &format!(
+                                "#{} ok: {keys} keys, {size} bytes, {:.1} ms",
+                                store.epoch(),
+                                elapsed.as_secs_f64() * 1000.0
+                            ),
+                        );
                         last_id.set(store.epoch() as i64);
                         last_at.set(
                             std::time::SystemTime::now()

@@ -22,6 +22,7 @@ use crate::msg::{End, Msg, Order};
 use crate::operators::keyed::KeyedOperator;
 use crate::time::valve::WatermarkValve;
 use std::sync::mpsc::SyncSender;
+use std::sync::Arc;
 
 /// Aligns checkpoint barriers across inputs (Flink's aligned checkpoints).
 #[derive(Debug)]
@@ -87,9 +88,24 @@ pub(super) struct KeyedHost {
     /// instant passes (peers that went away may still bring input from
     /// before it).
     pub hold: Option<(i64, std::time::Instant)>,
-    /// Records in and the watermark, counted per frame.
+    /// What it counts, per frame.
+    counters: HostCounters,
+    /// Live state queries, answered between frames.
+    pub queries: Option<Arc<crate::observe::query::Board>>,
+    worker: usize,
+}
+
+/// What a keyed host counts, per frame.
+#[derive(Default)]
+struct HostCounters {
     records_in: Counter,
+    records_out: Counter,
+    frames: Counter,
     watermark: Gauge,
+    keys: Gauge,
+    windows: Gauge,
+    /// When the open windows were last counted (that walks every key).
+    windows_at: Option<std::time::Instant>,
 }
 
 impl KeyedHost {
@@ -101,24 +117,77 @@ impl KeyedHost {
             ended: vec![false; inputs.max(1)],
             local_end: false,
             hold: None,
-            records_in: Counter::default(),
-            watermark: Gauge::default(),
+            counters: HostCounters::default(),
+            queries: None,
+            worker: 0,
         }
     }
 
     /// Registers what this host counts, as worker `worker`.
     pub fn count(&mut self, ctx: &RunContext, worker: usize) {
         let w = worker.to_string();
-        self.records_in = ctx.counter(
-            names::OPERATOR_RECORDS,
-            "records into or out of an operator",
-            &[("stream", "main"), ("direction", "in"), ("worker", &w)],
-        );
-        self.watermark = ctx.gauge_ms(
-            names::WATERMARK,
-            "a keyed worker's watermark",
-            &[("worker", &w)],
-        );
+        let records = |dir: &str| {
+            ctx.counter(
+                names::OPERATOR_RECORDS,
+                "records into or out of an operator",
+                &[("stream", "main"), ("direction", dir), ("worker", &w)],
+            )
+        };
+        self.worker = worker;
+        self.counters = HostCounters {
+            records_in: records("in"),
+            records_out: records("out"),
+            frames: ctx.counter(
+                names::STAGE_BATCHES,
+                "batches a stage has taken from its queues",
+                &[("stage", "keyed"), ("worker", &w)],
+            ),
+            watermark: ctx.gauge_ms(
+                names::WATERMARK,
+                "a keyed worker's watermark",
+                &[("worker", &w)],
+            ),
+            keys: ctx.gauge(
+                names::STATE_KEYS,
+                "keys with state in a keyed operator",
+                &[("worker", &w)],
+            ),
+            windows: ctx.gauge(
+                names::OPEN_WINDOWS,
+                "windows open in a keyed operator",
+                &[("worker", &w)],
+            ),
+            windows_at: None,
+        };
+    }
+
+    /// After each frame: the figures of the frame, and the answers to
+    /// queries waiting.
+    fn counted(&mut self, out: &OutBatch) {
+        let c = &mut self.counters;
+        c.frames.add(1);
+        let results = out
+            .outputs
+            .iter()
+            .filter(|o| o.stream == crate::msg::Stream::Main)
+            .count();
+        if results > 0 {
+            c.records_out.add(results as u64);
+        }
+        let wm = self.op.watermark();
+        c.watermark.set(wm.max(i64::MIN / 2));
+        c.keys.set(self.op.keys() as i64);
+        let now = std::time::Instant::now();
+        if c.windows_at
+            .is_none_or(|t| now.duration_since(t).as_secs() >= 1)
+        {
+            c.windows_at = Some(now);
+            c.windows.set(self.op.open_windows() as i64);
+        }
+        if let Some(board) = self.queries.as_ref().filter(|b| b.waiting()) {
+            let op = &self.op;
+            board.answer(self.worker, wm, |key| op.query(key));
+        }
     }
 
     /// Runs until every input ended or the merger went away.
@@ -192,7 +261,7 @@ impl KeyedHost {
         for msg in frame {
             match msg {
                 Msg::Data(batch) => {
-                    self.records_in.add(batch.recs.len() as u64);
+                    self.counters.records_in.add(batch.recs.len() as u64);
                     let cap = self.held(i64::MAX);
                     self.op
                         .feed(&mut self.valve, input, &batch, cap, &mut out.outputs);
@@ -238,6 +307,7 @@ impl KeyedHost {
                 }
             }
         }
+        self.counted(&out);
         out
     }
 }

@@ -134,6 +134,8 @@ pub(super) fn merge(
                 }
             }
         }
+        // The page shows the last few of each batch's odd records.
+        let mut noted = 0;
         let outputs = &mut batch.outputs;
         outputs.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
         for o in outputs.iter() {
@@ -148,6 +150,10 @@ pub(super) fn merge(
                 Stream::Late => {
                     stats.late += 1;
                     let line = o.json(&schema, &mut buf);
+                    if noted < crate::metrics::RECENT_KEPT {
+                        noted += 1;
+                        ctx.metrics.note("late", &String::from_utf8_lossy(line));
+                    }
                     for s in &mut late {
                         s.write(line)?;
                     }
@@ -164,6 +170,11 @@ pub(super) fn merge(
                         }
                     }
                     let line = o.json(&schema, &mut buf);
+                    if noted < crate::metrics::RECENT_KEPT {
+                        noted += 1;
+                        ctx.metrics
+                            .note("dead_letter", &String::from_utf8_lossy(line));
+                    }
                     for s in &mut dead {
                         s.write(line)?;
                     }
@@ -220,7 +231,6 @@ struct MergeCounters {
     late: Counter,
     dead: Counter,
     late_records: Counter,
-    dead_letters: Counter,
     filtered: Counter,
 }
 
@@ -247,11 +257,6 @@ impl MergeCounters {
                 "records too late for their windows",
                 &[],
             ),
-            dead_letters: ctx.counter(
-                names::DEAD_LETTERS,
-                "records sent to the dead-letter output",
-                &[],
-            ),
             filtered: ctx.counter(
                 names::FILTERED_EVENTS,
                 "records dropped on purpose by a filter",
@@ -267,8 +272,6 @@ impl MergeCounters {
         self.late.add(d(stats.late, counted.late));
         self.late_records.add(d(stats.late, counted.late));
         self.dead.add(d(stats.dead_letters, counted.dead_letters));
-        self.dead_letters
-            .add(d(stats.dead_letters, counted.dead_letters));
         self.filtered.add(d(stats.filtered, counted.filtered));
         *counted = stats.clone();
     }

@@ -64,6 +64,8 @@ pub struct RunOptions {
     /// With `restore_from`: start even if the pipeline changed so that the
     /// saved keyed state cannot be used (it is dropped; the position is kept).
     pub allow_non_restored_state: bool,
+    /// Live state queries for the keyed workers (`GET /api/state`).
+    pub queries: Arc<crate::observe::query::Board>,
 }
 
 /// Counters of one run.
@@ -240,6 +242,13 @@ fn run(
         store = Some(s);
     }
     source.start(&ctx.for_operator("source"));
+    if let Some(op) = operators.first() {
+        opts.queries.open(crate::observe::query::Queryable {
+            workers: operators.len(),
+            key_names: plan.key_names.clone(),
+            schema: op.output_schema(),
+        });
+    }
     let mut sinks = merge::Sinks {
         schema: operators
             .first()
@@ -301,6 +310,7 @@ fn run(
     for (i, (rx, outbox)) in parse_rx.into_iter().zip(outboxes).enumerate() {
         let (tx, out_rx) = sync_channel(QUEUE);
         parse_out_rx.push(out_rx);
+        let counters = parse::ParseCounters::new(&ctx, i, &p.steps_before_key, &p.steps_after_key);
         let worker = parse::ParseWorker {
             plan: plan.clone(),
             assignment: assignment.clone(),
@@ -310,6 +320,7 @@ fn run(
                 || plan.window.as_ref().is_some_and(|w| w.max_keys.is_some()),
             slots: Vec::new(),
             status: Vec::new(),
+            counters,
         };
         match &peer_parts {
             Some((me, links, ..)) => {
@@ -339,6 +350,7 @@ fn run(
             host.local_end = true;
             host.hold = hold.map(|until| (restored_input_watermark.unwrap_or(i64::MIN), until));
             host.count(&window_ctx, j);
+            host.queries = Some(opts.queries.clone());
             if let Some(w) = restored_input_watermark {
                 host.valve.restore(w);
             }
@@ -349,6 +361,7 @@ fn run(
         }
         let mut host = keyed::KeyedHost::new(op, exchange::Inbox::inputs(&inbox));
         host.count(&window_ctx, j);
+        host.queries = Some(opts.queries.clone());
         if let Some(w) = restored_input_watermark {
             host.valve.restore(w);
         }
@@ -357,6 +370,21 @@ fn run(
         })?);
     }
 
+    // The room of each stage's queues, for their fill ratio: the reader's
+    // to the parse workers, the exchange, the merger's.
+    let keyed_workers = keyed_out_rx.len();
+    for (stage, room) in [
+        ("parse", n * QUEUE),
+        ("keyed", n * keyed_workers * QUEUE),
+        ("merge", (n + keyed_workers) * QUEUE),
+    ] {
+        ctx.gauge(
+            crate::metrics::names::QUEUE_CAPACITY,
+            "room of a stage's queues",
+            &[("stage", stage)],
+        )
+        .set(room as i64);
+    }
     let clock = p.clock.clone();
     let shutdown = opts.shutdown.clone();
     let peer_mode = peer.is_some();
@@ -373,6 +401,7 @@ fn run(
     let max_payload = plan.max_payload;
     let source_ctx = ctx.for_operator("source");
     let savepoint_rx = control.as_mut().and_then(|c| c.take_requests());
+    let queries = opts.queries.clone();
     let reader = spawn("rivulet-reader".into(), move || {
         reader::read(
             source,
@@ -386,6 +415,7 @@ fn run(
                 savepoints: savepoint_rx,
                 clock_ids: peer_mode,
                 drain,
+                queries: Some(queries),
             },
             &source_ctx,
         )
@@ -401,6 +431,7 @@ fn run(
         (None, None) => None,
     };
     let merged = merge::merge(checkpointer, &ctx, parse_out_rx, keyed_out_rx, sinks);
+    opts.queries.close();
     // On a merge error the channels close and every thread winds down.
     let read_result = reader
         .join()

@@ -14,6 +14,7 @@
 use super::exchange::Outbox;
 use super::merge::OutBatch;
 use super::reader::InBatch;
+use crate::metrics::{names, reason, Counter};
 use crate::msg::{
     dead_letter_line, DeadSource, End, Frame, KeyedBatch, KeyedRec, Msg, Output, Stream,
 };
@@ -24,6 +25,95 @@ use crate::plan::{Format, Plan, TimeMode};
 use crate::time::valve::bounded;
 use crate::value::{encode_key, hash_key, Value};
 use std::sync::Arc;
+
+/// What a parse worker counts, per batch: records into and out of each of
+/// its operators, and dead letters by reason class.
+#[derive(Default)]
+pub(super) struct ParseCounters {
+    /// Batches processed (for the queue fill of the stage).
+    pub batches: Counter,
+    /// (in, out) of `decode`, of each step before the key, of `key_by`
+    /// (with a window), of each step after it.
+    pub decode: (Counter, Counter),
+    pub before: Vec<(Counter, Counter)>,
+    pub key: (Counter, Counter),
+    pub after: Vec<(Counter, Counter)>,
+    /// By class, in the order of [`reason::ALL`].
+    pub dead: Vec<Counter>,
+}
+
+impl ParseCounters {
+    /// Registers the counters of worker `worker`, for the operators of
+    /// [`operator_ids`].
+    pub fn new(
+        ctx: &crate::context::RunContext,
+        worker: usize,
+        before: &[Box<dyn Step>],
+        after: &[Box<dyn Step>],
+    ) -> Self {
+        let w = worker.to_string();
+        let pair = |op: &str| {
+            let c = ctx.for_operator(op);
+            let one = |dir: &str| {
+                c.counter(
+                    names::OPERATOR_RECORDS,
+                    "records into or out of an operator",
+                    &[("stream", "main"), ("direction", dir), ("worker", &w)],
+                )
+            };
+            (one("in"), one("out"))
+        };
+        let ids = operator_ids(before, after);
+        let mut ids = ids.iter();
+        let mut next = || pair(ids.next().map_or("step", |s| s.as_str()));
+        let decode = next();
+        let before = before.iter().map(|_| next()).collect();
+        let key = pair("key_by");
+        let after = after.iter().map(|_| next()).collect();
+        ParseCounters {
+            batches: ctx.counter(
+                names::STAGE_BATCHES,
+                "batches a stage has taken from its queues",
+                &[("stage", "parse"), ("worker", &w)],
+            ),
+            decode,
+            before,
+            key,
+            after,
+            dead: reason::ALL
+                .iter()
+                .map(|r| {
+                    ctx.counter(
+                        names::DEAD_LETTERS,
+                        "records sent to the dead-letter output, by reason class",
+                        &[("reason", r)],
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The operator ids of the parse stage, in order: `decode`, then each step
+/// as `<kind>_<n>` counting from 1 (`map_1`, `filter_2`).
+pub fn operator_ids(before: &[Box<dyn Step>], after: &[Box<dyn Step>]) -> Vec<String> {
+    std::iter::once("decode".to_string())
+        .chain(
+            before
+                .iter()
+                .chain(after)
+                .enumerate()
+                .map(|(i, s)| format!("{}_{}", s.kind(), i + 1)),
+        )
+        .collect()
+}
+
+fn count(pair: &(Counter, Counter), live_in: usize, removed: usize) -> usize {
+    pair.0.add(live_in as u64);
+    let out = live_in.saturating_sub(removed);
+    pair.1.add(out as u64);
+    out
+}
 
 pub(super) struct ParseWorker {
     pub plan: Arc<Plan>,
@@ -36,6 +126,7 @@ pub(super) struct ParseWorker {
     pub carry_payloads: bool,
     pub slots: Vec<Value>,
     pub status: Vec<Status>,
+    pub counters: ParseCounters,
 }
 
 impl ParseWorker {
@@ -87,17 +178,20 @@ impl ParseWorker {
         for (i, item) in raw.items.iter().enumerate() {
             let row = &mut self.slots[i * width..(i + 1) * width];
             if let Some(size) = item.oversize {
-                self.status[i] = Status::Dead(format!(
-                    "payload of {size} bytes exceeds max_payload ({} bytes)",
-                    plan.max_payload
-                ));
+                self.status[i] = Status::Dead(
+                    reason::OVERSIZED,
+                    format!(
+                        "payload of {size} bytes exceeds max_payload ({} bytes)",
+                        plan.max_payload
+                    ),
+                );
                 continue;
             }
             let payload = raw.payload(item);
             match plan.format {
                 Format::Json => {
                     if let Err(e) = plan.fields.decode(payload, row) {
-                        self.status[i] = Status::Dead(e);
+                        self.status[i] = Status::Dead(reason::INVALID_JSON, e);
                         continue;
                     }
                 }
@@ -111,7 +205,10 @@ impl ParseWorker {
                     match stamps.read(&row[slot]) {
                         Ok(t) => t,
                         Err(e) => {
-                            self.status[i] = Status::Dead(format!("event_time `{field}`: {e}"));
+                            self.status[i] = Status::Dead(
+                                reason::OVERSIZED,
+                                format!("event_time `{field}`: {e}"),
+                            );
                             continue;
                         }
                     }
@@ -126,14 +223,22 @@ impl ParseWorker {
                 }
             }
         }
+        let decoded = self.status.iter().filter(|s| **s == Status::Live).count();
+        let counters = &self.counters;
+        let mut live = count(&counters.decode, n, n - decoded);
+        counters.batches.add(1);
         let mut records = Records {
             slots: &mut self.slots,
             width,
             status: &mut self.status,
+            removed: 0,
         };
-        for s in &mut self.before {
+        for (s, c) in self.before.iter_mut().zip(&counters.before) {
+            records.removed = 0;
             s.process(&mut records);
+            live = count(c, live, records.removed);
         }
+        records.removed = 0;
         let mut keys = Vec::new();
         let mut key_ranges = vec![(0u32, 0u32); n];
         if plan.window.is_some() {
@@ -144,8 +249,9 @@ impl ParseWorker {
                 let start = keys.len() as u32;
                 let row = records.get(i);
                 if let Some(k) = plan.key_slots.iter().position(|&s| row[s].is_null()) {
-                    records.reject(
+                    records.reject_as(
                         i,
+                        reason::MISSING_KEY,
                         format!("key field `{}` is missing or null", plan.key_names[k]),
                     );
                     continue;
@@ -156,9 +262,16 @@ impl ParseWorker {
                 *range = (start, keys.len() as u32);
             }
         }
-        for s in &mut self.after {
-            s.process(&mut records);
+        if plan.window.is_some() {
+            live = count(&counters.key, live, records.removed);
         }
+        for (s, c) in self.after.iter_mut().zip(&counters.after) {
+            records.removed = 0;
+            s.process(&mut records);
+            live = count(c, live, records.removed);
+        }
+        let _ = live;
+        let mut dead = [0u64; reason::ALL.len()];
 
         let mut out = OutBatch {
             end: batch.end,
@@ -253,7 +366,10 @@ impl ParseWorker {
         for (i, st) in records.status.iter().enumerate() {
             match st {
                 Status::Dropped => out.filtered += 1,
-                Status::Dead(reason) => {
+                Status::Dead(class, reason) => {
+                    if let Some(c) = reason::ALL.iter().position(|r| r == class) {
+                        dead[c] += 1;
+                    }
                     let item = &raw.items[i];
                     let from = DeadSource {
                         source: &plan.source_name,
@@ -269,6 +385,11 @@ impl ParseWorker {
                     ));
                 }
                 Status::Live => {}
+            }
+        }
+        for (c, n) in counters.dead.iter().zip(dead) {
+            if n > 0 {
+                c.add(n);
             }
         }
         (out, frames)

@@ -63,6 +63,9 @@ pub(super) struct ReaderConfig {
     /// Peer mode: set when this peer leaves; the source stops taking new
     /// input (what is on its way is still read).
     pub drain: Option<Arc<AtomicBool>>,
+    /// Live state queries: while one waits, a quiet input still sends a
+    /// batch every tick, so the keyed workers see it.
+    pub queries: Option<Arc<crate::observe::query::Board>>,
 }
 
 pub(super) fn read(
@@ -80,6 +83,7 @@ pub(super) fn read(
         savepoints,
         clock_ids,
         drain,
+        queries,
     } = cfg;
     let mut drained = false;
     let period_of = |every: Duration| {
@@ -93,6 +97,11 @@ pub(super) fn read(
         names::SOURCE_EVENTS,
         "events read from the source",
         &[("source", &ctx.operator)],
+    );
+    let sent = ctx.counter(
+        names::STAGE_BATCHES,
+        "batches a stage has taken from its queues",
+        &[("stage", "read"), ("worker", "0")],
     );
     let mut next_checkpoint = checkpoint_every.map(|d| Instant::now() + d);
     // Whether events came since the last checkpoint (a quiet input gets
@@ -180,7 +189,14 @@ pub(super) fn read(
         };
         read_since_checkpoint |= !batch.is_empty();
         let quiet_checkpoint = due && read_since_checkpoint;
-        if batch.is_empty() && end.is_none() && !ticks && savepoint.is_none() && !quiet_checkpoint {
+        let asked = queries.as_ref().is_some_and(|q| q.waiting());
+        if batch.is_empty()
+            && end.is_none()
+            && !ticks
+            && savepoint.is_none()
+            && !quiet_checkpoint
+            && !asked
+        {
             continue;
         }
         cap_items = batch.items.len().clamp(16, BATCH_EVENTS);
@@ -222,6 +238,7 @@ pub(super) fn read(
             return result;
         }
         seq += 1;
+        sent.add(1);
         if end.is_some() {
             return result;
         }

@@ -540,6 +540,75 @@ impl Connection {
     }
 }
 
+/// The state of one MQTT connection of this process, for metrics and the
+/// live page.
+#[derive(Debug)]
+pub struct ConnState {
+    /// `host:port` of the broker.
+    pub broker: String,
+    /// `source`, `sink`, `status` or `membership`.
+    pub role: &'static str,
+    pub connected: AtomicBool,
+    /// Connections lost and made again.
+    pub reconnects: std::sync::atomic::AtomicU64,
+    /// When the state last changed (ms since 1970).
+    pub since_ms: std::sync::atomic::AtomicI64,
+}
+
+/// Every connection being driven now (one process runs one pipeline).
+static CONNECTIONS: std::sync::Mutex<Vec<Arc<ConnState>>> = std::sync::Mutex::new(Vec::new());
+
+/// The connections being driven now.
+pub fn connections() -> Vec<Arc<ConnState>> {
+    CONNECTIONS
+        .lock()
+        .map(|c| c.clone())
+        .unwrap_or_else(|e| e.into_inner().clone())
+}
+
+/// Takes a connection off the list when its loop ends.
+struct Listed(Arc<ConnState>);
+
+impl Listed {
+    fn new(url: &str, role: &'static str) -> Self {
+        let broker = url
+            .split_once("://")
+            .map_or(url, |(_, rest)| rest)
+            .trim_end_matches('/')
+            .to_string();
+        let st = Arc::new(ConnState {
+            broker,
+            role,
+            connected: AtomicBool::new(false),
+            reconnects: Default::default(),
+            since_ms: std::sync::atomic::AtomicI64::new(now_ms()),
+        });
+        let mut all = CONNECTIONS.lock().unwrap_or_else(|e| e.into_inner());
+        all.push(st.clone());
+        Listed(st)
+    }
+
+    fn set(&self, up: bool) {
+        if self.0.connected.swap(up, Ordering::Relaxed) != up {
+            self.0.since_ms.store(now_ms(), Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        let mut all = CONNECTIONS.lock().unwrap_or_else(|e| e.into_inner());
+        all.retain(|c| !Arc::ptr_eq(c, &self.0));
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// Runs a connection until `stop` is set or the client side is dropped:
 /// hands every event to `on_event`, reconnects with exponential backoff
 /// (0.1 s doubling to 30 s, with ±25 % jitter) and logs each change of
@@ -548,6 +617,7 @@ impl Connection {
 pub fn drive(
     mut conn: Connection,
     url: &str,
+    role: &'static str,
     stop: Arc<AtomicBool>,
     tick: impl Fn() -> Duration,
     mut on_event: impl FnMut(Ev) -> bool,
@@ -556,6 +626,8 @@ pub fn drive(
     let mut connected = false;
     let mut last_error: Option<String> = None;
     let mut rng = fastrand::Rng::new();
+    let listed = Listed::new(url, role);
+    let mut ever = false;
     while !stop.load(Ordering::Relaxed) {
         match conn.step(tick()) {
             Step::Nothing => {
@@ -567,7 +639,12 @@ pub fn drive(
             Step::Closed => return,
             Step::Ev(ev) => match ev {
                 Ev::Connected { .. } => {
-                    tracing::info!(broker = url, "MQTT connected");
+                    tracing::info!(broker = url, role, "MQTT connected");
+                    if ever {
+                        listed.0.reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    ever = true;
+                    listed.set(true);
                     connected = true;
                     last_error = None;
                     backoff = Duration::from_millis(100);
@@ -577,12 +654,13 @@ pub fn drive(
                 }
                 Ev::Disconnected { ref reason, .. } => {
                     if connected {
-                        tracing::warn!(broker = url, %reason, "MQTT connection lost; reconnecting");
+                        tracing::warn!(broker = url, role, %reason, "MQTT connection lost; reconnecting");
                     } else if last_error.as_deref() != Some(reason) {
-                        tracing::warn!(broker = url, %reason, "cannot connect to the MQTT broker; retrying");
+                        tracing::warn!(broker = url, role, %reason, "cannot connect to the MQTT broker; retrying");
                     }
                     last_error = Some(reason.clone());
                     connected = false;
+                    listed.set(false);
                     if !on_event(ev) {
                         return;
                     }

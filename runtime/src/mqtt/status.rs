@@ -52,7 +52,7 @@ impl Status {
             std::thread::Builder::new()
                 .name("rivulet-status".into())
                 .spawn(move || {
-                    drive(conn, &url, stop, || Duration::from_millis(500), |ev| {
+                    drive(conn, &url, "status", stop, || Duration::from_millis(500), |ev| {
                         match ev {
                             Ev::Connected { .. } => {
                                 if client.try_publish(&topic, 1, true, ONLINE.to_vec()) {

@@ -69,9 +69,21 @@ pub trait KeyedOperator: Send {
     /// A record that cannot be read is an error naming the key's position.
     fn restore(&mut self, watermark: i64, keys: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), String>;
 
-    /// Windows (or other units of state) still open; reported when stopped.
+    /// Windows (or other units of state) still open; reported when
+    /// stopped, and about once a second for metrics.
     fn open_windows(&self) -> u64 {
         0
+    }
+
+    /// Keys with state now (cheap: read after every frame).
+    fn keys(&self) -> u64 {
+        0
+    }
+
+    /// The open state of one key, as rows of [`KeyedOperator::output_schema`]
+    /// (a window's current aggregates), for live queries.
+    fn query(&self, _key: &[u8]) -> Vec<Box<[crate::value::Value]>> {
+        Vec::new()
     }
 
     /// Feeds one batch: runs of records, and between them the watermarks

@@ -39,8 +39,9 @@ pub enum Status {
     Live,
     /// Dropped on purpose (a filter); not an error.
     Dropped,
-    /// Sent to the dead-letter output with this reason.
-    Dead(String),
+    /// Sent to the dead-letter output: the reason's class (one of
+    /// [`crate::metrics::reason`]) and its text.
+    Dead(&'static str, String),
 }
 
 /// A batch of decoded records: `len()` rows of `width` slots each.
@@ -48,6 +49,8 @@ pub struct Records<'a> {
     pub(crate) slots: &'a mut [Value],
     pub(crate) width: usize,
     pub(crate) status: &'a mut [Status],
+    /// Records a step dropped or rejected (for its in/out counts).
+    pub(crate) removed: usize,
 }
 
 impl Records<'_> {
@@ -71,11 +74,23 @@ impl Records<'_> {
     }
     /// Drops record `i` silently (as a filter does).
     pub fn drop_record(&mut self, i: usize) {
+        if self.status[i] == Status::Live {
+            self.removed += 1;
+        }
         self.status[i] = Status::Dropped;
     }
-    /// Sends record `i` to the dead-letter output with `reason`.
+    /// Sends record `i` to the dead-letter output with `reason` (counted
+    /// as an expression error).
     pub fn reject(&mut self, i: usize, reason: impl Into<String>) {
-        self.status[i] = Status::Dead(reason.into());
+        self.reject_as(i, crate::metrics::reason::EXPRESSION, reason);
+    }
+    /// Sends record `i` to the dead-letter output with `reason`, counted
+    /// under `class` (one of [`crate::metrics::reason`]).
+    pub fn reject_as(&mut self, i: usize, class: &'static str, reason: impl Into<String>) {
+        if self.status[i] == Status::Live {
+            self.removed += 1;
+        }
+        self.status[i] = Status::Dead(class, reason.into());
     }
 }
 
@@ -93,6 +108,15 @@ pub trait Step: Send + StepClone {
     /// without a window) write them over the original event.
     fn writes(&self) -> Vec<String> {
         Vec::new()
+    }
+    /// The kind of step (`map`, `filter`): with its place in the pipeline,
+    /// its operator id in metrics and on the live page.
+    fn kind(&self) -> &'static str {
+        "step"
+    }
+    /// A short description for the live page.
+    fn describe(&self) -> String {
+        String::new()
     }
 }
 
@@ -177,6 +201,12 @@ impl Step for Map {
     fn writes(&self) -> Vec<String> {
         self.assignments.iter().map(|a| a.0.clone()).collect()
     }
+    fn kind(&self) -> &'static str {
+        "map"
+    }
+    fn describe(&self) -> String {
+        self.writes().join(", ")
+    }
 }
 
 /// `filter`: keeps events whose condition is `true`.
@@ -214,5 +244,8 @@ impl Step for Filter {
                 Err(e) => records.reject(i, format!("filter: {e}")),
             }
         }
+    }
+    fn kind(&self) -> &'static str {
+        "filter"
     }
 }

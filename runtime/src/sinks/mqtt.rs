@@ -302,6 +302,7 @@ impl MqttSink {
                     drive(
                         conn,
                         &url,
+                        "sink",
                         stop,
                         || Duration::from_millis(200),
                         |ev| {

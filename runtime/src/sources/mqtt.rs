@@ -221,7 +221,7 @@ impl MqttSource {
             .name("rivulet-mqtt-in".into())
             .spawn(move || {
                 if let Some(conn) = conn {
-                    drive(conn, &url, stop, tick, |ev| inbound.on_event(ev));
+                    drive(conn, &url, "source", stop, tick, |ev| inbound.on_event(ev));
                 }
                 inbound.finish();
             })

@@ -517,6 +517,33 @@ impl WindowOperator {
         self.keys.len() - self.free.len()
     }
 
+    /// The open windows of one key, as rows of the output schema with the
+    /// aggregates' current values (what the window would emit now).
+    pub fn query(&self, key: &[u8], hash: u64) -> Vec<Box<[Value]>> {
+        let keys = &self.keys;
+        let Some(&id) = self.index.find(hash, |&id| {
+            let k = &keys[id as usize];
+            k.hash == hash && k.key.as_slice() == key
+        }) else {
+            return Vec::new();
+        };
+        let k = &self.keys[id as usize];
+        let n = self.funcs.len();
+        k.windows
+            .iter()
+            .enumerate()
+            .map(|(i, &(start, end))| {
+                let mut row = Vec::with_capacity(self.key_names.len() + 2 + n);
+                row.extend(decode_key(k.key.as_slice()).unwrap_or_default());
+                row.resize(self.key_names.len(), Value::Null);
+                row.push(Value::Int(start));
+                row.push(Value::Int(end));
+                row.extend(k.accs[i * n..(i + 1) * n].iter().map(Acc::result));
+                row.into_boxed_slice()
+            })
+            .collect()
+    }
+
     /// Number of open windows.
     pub fn open_windows(&self) -> usize {
         self.keys.iter().map(|k| k.windows.len()).sum()

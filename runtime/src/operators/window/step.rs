@@ -27,6 +27,8 @@ pub struct WindowStep {
     max_keys: Option<usize>,
     state: StateDecl,
     emitted: Vec<Emitted>,
+    /// Dead letters for a full state, counted as they happen.
+    state_full: crate::metrics::Counter,
 }
 
 /// What a [`WindowStep`] needs besides its window.
@@ -60,6 +62,7 @@ impl WindowStep {
                 layout: o.layout,
             },
             emitted: Vec::new(),
+            state_full: Default::default(),
         }
     }
 
@@ -111,6 +114,7 @@ impl KeyedOperator for WindowStep {
                     batch.payload(i).to_vec(),
                 )),
                 Outcome::StateFull => {
+                    self.state_full.add(1);
                     let reason = format!(
                         "the window state is full: a new key beyond max_keys ({})",
                         self.max_keys.unwrap_or(0)
@@ -170,5 +174,21 @@ impl KeyedOperator for WindowStep {
 
     fn open_windows(&self) -> u64 {
         self.op.open_windows() as u64
+    }
+
+    fn keys(&self) -> u64 {
+        self.op.open_keys() as u64
+    }
+
+    fn query(&self, key: &[u8]) -> Vec<Box<[crate::value::Value]>> {
+        self.op.query(key, hash_key(key))
+    }
+
+    fn start(&mut self, ctx: &crate::context::RunContext, _worker: usize) {
+        self.state_full = ctx.counter(
+            crate::metrics::names::DEAD_LETTERS,
+            "records sent to the dead-letter output, by reason class",
+            &[("reason", crate::metrics::reason::STATE_FULL)],
+        );
     }
 }

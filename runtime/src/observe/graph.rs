@@ -1,0 +1,167 @@
+//! The dataflow graph of a pipeline as the live page draws it: one node per
+//! operator, with the operator ids its metrics carry.
+
+use crate::config::{SinkSpec, SourceSpec, StepSpec, ValidPipeline};
+use crate::operators::window::WindowKind;
+use serde::Serialize;
+
+/// One operator.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Node {
+    /// The operator id of its metrics (`source`, `decode`, `map_1`,
+    /// `key_by`, `window`, `sink_main`, `sink_late`, `sink_dead_letter`).
+    pub id: String,
+    /// `source`, `decode`, `map`, `filter`, `key_by`, `window`, `sink`.
+    pub kind: String,
+    /// What it does, in a few words.
+    pub label: String,
+}
+
+/// Operators and the edges between them (`from`, `to`).
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Graph {
+    pub nodes: Vec<Node>,
+    pub edges: Vec<(String, String)>,
+}
+
+/// A duration in the units a pipeline file would use.
+fn ms(v: i64) -> String {
+    match v {
+        v if v > 0 && v % 3_600_000 == 0 => format!("{}h", v / 3_600_000),
+        v if v > 0 && v % 60_000 == 0 => format!("{}m", v / 60_000),
+        v if v > 0 && v % 1000 == 0 => format!("{}s", v / 1000),
+        v => format!("{v}ms"),
+    }
+}
+
+fn sink_label(s: &SinkSpec) -> String {
+    match s {
+        SinkSpec::File { path } => format!("file {path}"),
+        SinkSpec::Stdout => "stdout".into(),
+        SinkSpec::Mqtt(m) => format!("mqtt {}", m.conn.url),
+    }
+}
+
+impl Graph {
+    /// The graph of a checked pipeline file.
+    pub fn of(p: &ValidPipeline) -> Graph {
+        let mut g = Graph::default();
+        let node = |g: &mut Graph, id: &str, kind: &str, label: String| {
+            if let Some(last) = g.nodes.last() {
+                if !last.id.starts_with("sink_") {
+                    g.edges.push((last.id.clone(), id.to_string()));
+                }
+            }
+            g.nodes.push(Node {
+                id: id.into(),
+                kind: kind.into(),
+                label,
+            });
+        };
+        let source = match &p.source {
+            SourceSpec::File { path } => format!("file {path}"),
+            SourceSpec::Generator(gen) => format!("generator, {} sensors", gen.sensors),
+            SourceSpec::Mqtt(m) => format!(
+                "mqtt {} {}",
+                m.conn.url,
+                m.topics
+                    .iter()
+                    .map(|t| t.filter.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        };
+        node(&mut g, "source", "source", source);
+        let format = match p.format {
+            crate::plan::Format::Json => "json",
+            crate::plan::Format::Text => "text",
+        };
+        node(&mut g, "decode", "decode", format.into());
+        let mut n = 0;
+        let mut window = None;
+        for s in &p.steps {
+            match s {
+                StepSpec::Map(a) => {
+                    n += 1;
+                    let label = a
+                        .iter()
+                        .map(|(k, v)| format!("{k} = {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    node(&mut g, &format!("map_{n}"), "map", label);
+                }
+                StepSpec::Filter(e) => {
+                    n += 1;
+                    node(&mut g, &format!("filter_{n}"), "filter", e.clone());
+                }
+                StepSpec::KeyBy(k) => node(&mut g, "key_by", "key_by", k.join(", ")),
+                StepSpec::Window(w) => {
+                    let shape = match w.kind {
+                        WindowKind::Tumbling { size } => format!("tumbling {}", ms(size)),
+                        WindowKind::Sliding { size, slide } => {
+                            format!("sliding {} every {}", ms(size), ms(slide))
+                        }
+                        WindowKind::Session { gap } => format!("session gap {}", ms(gap)),
+                    };
+                    let aggs = w
+                        .aggregates
+                        .iter()
+                        .map(|a| a.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    node(&mut g, "window", "window", format!("{shape}: {aggs}"));
+                    window = Some(());
+                }
+            }
+        }
+        let last = g.nodes.last().map(|n| n.id.clone()).unwrap_or_default();
+        let sinks = |list: &[SinkSpec]| list.iter().map(sink_label).collect::<Vec<_>>().join(", ");
+        let main = if p.sinks.is_empty() {
+            "none".to_string()
+        } else {
+            sinks(&p.sinks)
+        };
+        node(&mut g, "sink_main", "sink", main);
+        if !p.late.is_empty() && window.is_some() {
+            g.nodes.push(Node {
+                id: "sink_late".into(),
+                kind: "sink".into(),
+                label: format!("late: {}", sinks(&p.late)),
+            });
+            g.edges.push(("window".into(), "sink_late".into()));
+        }
+        if !p.dead_letter.is_empty() {
+            g.nodes.push(Node {
+                id: "sink_dead_letter".into(),
+                kind: "sink".into(),
+                label: format!("dead letters: {}", sinks(&p.dead_letter)),
+            });
+            g.edges.push(("decode".into(), "sink_dead_letter".into()));
+        }
+        let _ = last;
+        g
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_is_a_chain_from_source_to_sink_with_step_ids_of_the_metrics() {
+        let p = crate::config::validate(include_str!("../../../configs/demo.yaml"))
+            .map_err(|e| format!("{e:?}"))
+            .expect("valid");
+        let g = Graph::of(&p);
+        let ids: Vec<&str> = g.nodes.iter().map(|n| n.id.as_str()).collect();
+        assert_eq!(ids.first(), Some(&"source"));
+        assert!(
+            ids.contains(&"window") && ids.contains(&"sink_main"),
+            "{ids:?}"
+        );
+        for (from, to) in &g.edges {
+            assert!(ids.contains(&from.as_str()) && ids.contains(&to.as_str()));
+        }
+        assert_eq!(g.edges.len() + 1, g.nodes.len(), "a chain: {g:?}");
+    }
+}
