@@ -244,8 +244,17 @@ fn run(
             eprintln!("--http: {e}");
             return Ok(ExitCode::from(2));
         }
-        let auth = valid.http.take().and_then(|h| h.auth);
-        valid.http = Some(config::HttpSpec { listen, auth });
+        let stuck_default = rivulet::observe::STALL_AFTER.as_millis() as i64;
+        let (auth, linger_ms, stuck_after_ms) =
+            valid.http.take().map_or((None, 0, stuck_default), |h| {
+                (h.auth, h.linger_ms, h.stuck_after_ms)
+            });
+        valid.http = Some(config::HttpSpec {
+            listen,
+            auth,
+            linger_ms,
+            stuck_after_ms,
+        });
     }
     if valid.peers.is_some() {
         run_peer(&valid, file, shutdown, stats_file, from_savepoint.is_some())
@@ -291,6 +300,7 @@ fn start_http(
         rivulet::observe::graph::Graph::of(valid),
     );
     observed.state_dir = valid.state_dir.as_ref().map(std::path::PathBuf::from);
+    observed.stall_after = std::time::Duration::from_millis(spec.stuck_after_ms.max(0) as u64);
     if let Some(p) = &valid.peers {
         observed.peer = Some(p.id.clone());
         opts.metrics.set_constant_labels(&[("peer", &p.id)]);
@@ -312,6 +322,25 @@ fn start_http(
             eprintln!("{file}: http: {e}");
             Err(ExitCode::from(2))
         }
+    }
+}
+
+/// After a bounded input ended: the endpoint keeps serving for
+/// `http.linger` (a signal ends the wait), so the last figures are scraped.
+fn linger(valid: &config::ValidPipeline, opts: &RunOptions) {
+    let ms = valid.http.as_ref().map_or(0, |h| h.linger_ms);
+    if ms <= 0 || opts.shutdown.load(std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    tracing::info!(
+        seconds = ms as f64 / 1000.0,
+        "input ended; the HTTP endpoint stays up (http.linger)"
+    );
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(ms as u64);
+    while std::time::Instant::now() < until
+        && !opts.shutdown.load(std::sync::atomic::Ordering::SeqCst)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 
@@ -371,6 +400,7 @@ fn run_single(
         } else {
             Phase::Failed
         });
+        linger(valid, &opts);
     }
     if let Some((done, handle)) = writer {
         done.store(true, std::sync::atomic::Ordering::SeqCst);

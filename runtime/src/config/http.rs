@@ -55,8 +55,29 @@ pub(super) fn http_spec(
             }
         }
     };
+    let mut duration = |v: &Option<Sp<String>>, path: &str, default: i64| match v {
+        None => default,
+        Some(l) => match crate::time::parse_duration(l.value.trim()) {
+            Ok(ms) => ms,
+            Err(e) => {
+                c.sp(l, path, e);
+                default
+            }
+        },
+    };
+    let linger_ms = duration(&cfg.linger, "http.linger", 0);
+    let stuck_after_ms = duration(
+        &cfg.stuck_after,
+        "http.stuck_after",
+        crate::observe::STALL_AFTER.as_millis() as i64,
+    );
     if !c.problems.is_empty() {
         return Err(std::mem::take(&mut c.problems));
     }
-    Ok(Some(HttpSpec { listen, auth }))
+    Ok(Some(HttpSpec {
+        listen,
+        auth,
+        linger_ms,
+        stuck_after_ms,
+    }))
 }

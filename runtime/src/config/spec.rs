@@ -116,6 +116,10 @@ pub struct HttpSpec {
     /// As written: a host name is resolved when the endpoint starts.
     pub listen: String,
     pub auth: Option<crate::observe::http::AuthSource>,
+    /// How long to keep serving after a bounded input ended, ms.
+    pub linger_ms: i64,
+    /// How long batches may wait unwritten before `/health` says stuck, ms.
+    pub stuck_after_ms: i64,
 }
 
 /// A checked `status` section (or the default one).

@@ -154,6 +154,12 @@ pub struct HttpConfig {
     /// Credentials asked of clients that are not on loopback, and of every
     /// `POST`.
     pub auth: Option<HttpAuthConfig>,
+    /// Keep serving this long after a bounded input ended (e.g. `30s`), so
+    /// that the final figures are scraped. Default `0s`.
+    pub linger: Option<Sp<String>>,
+    /// `GET /health` answers 503 when batches have waited this long with
+    /// none written (the pipeline is stuck). Default `30s`.
+    pub stuck_after: Option<Sp<String>>,
 }
 
 /// Credentials of the HTTP endpoint: a bearer token, or a user and password

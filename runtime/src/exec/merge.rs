@@ -92,7 +92,9 @@ pub(super) fn merge(
     let mut stats = RunStats::default();
     let mut seq = 0usize;
     let lost = || RunError::Internal("a worker stopped unexpectedly".into());
-    let mut logged_dead = 0u64;
+    // Dead letters without a dead-letter sink are logged: the first, then
+    // at most one line (with a count) every 10 s.
+    let mut dead_log = crate::observe::logs::RateLimit::new(std::time::Duration::from_secs(10));
     let mut pending = crate::state::Pending::default();
     let mut awaiting: Option<Awaiting> = None;
     let counters = MergeCounters::new(ctx);
@@ -161,11 +163,11 @@ pub(super) fn merge(
                 Stream::Dead => {
                     stats.dead_letters += 1;
                     if dead.is_empty() {
-                        logged_dead += 1;
-                        if logged_dead <= 10 {
+                        if let Some(held_back) = dead_log.hit() {
                             tracing::warn!(
                                 record = %String::from_utf8_lossy(o.json(&schema, &mut buf)),
-                                "dead letter (configure `dead_letter:` to keep them)"
+                                since_last = held_back,
+                                "dead letter (configure `dead_letter:` to keep them; more are counted in rivulet_dead_letters_total)"
                             );
                         }
                     }

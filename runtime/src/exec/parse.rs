@@ -206,7 +206,7 @@ impl ParseWorker {
                         Ok(t) => t,
                         Err(e) => {
                             self.status[i] = Status::Dead(
-                                reason::OVERSIZED,
+                                reason::BAD_TIMESTAMP,
                                 format!("event_time `{field}`: {e}"),
                             );
                             continue;

@@ -205,6 +205,16 @@ struct State {
 }
 
 impl State {
+    /// Messages not yet confirmed: staged, on disk, in memory, handed to
+    /// the client, in flight.
+    fn pending(&self) -> usize {
+        self.staged.len()
+            + self.disk_len()
+            + self.mem.len()
+            + self.handed.len()
+            + self.inflight.len()
+    }
+
     fn disk_len(&self) -> usize {
         self.disk.as_ref().map_or(0, |d| d.len())
     }
@@ -379,8 +389,7 @@ impl MqttSink {
 
     /// Messages waiting in the outbox or not yet confirmed.
     pub fn pending(&self) -> usize {
-        let st = self.shared.lock();
-        st.staged.len() + st.disk_len() + st.mem.len() + st.handed.len() + st.inflight.len()
+        self.shared.lock().pending()
     }
 }
 
@@ -459,6 +468,11 @@ impl Sink for MqttSink {
         let mut st = self.shared.lock();
         self.fatal(&st)?;
         if st.mem.len() >= self.opts.buffer.memory {
+            // The outbox is full: say so before waiting for room (the
+            // per-batch figure would not come while the wait lasts).
+            if let Some(g) = &self.outbox {
+                g.set(st.pending() as i64);
+            }
             st = self.make_room(st)?;
         }
         st.mem.push_back(msg);
