@@ -626,7 +626,21 @@ fn the_run_context_counts_what_the_run_reports() {
     );
     assert_eq!(stats.results, main.records().len() as u64);
     // Records into the window: all but the dead, filtered one.
-    assert_eq!(metrics.total(names::OPERATOR_RECORDS), 4);
+    assert_eq!(
+        metrics.sum(
+            names::OPERATOR_RECORDS,
+            &[("operator", "window"), ("direction", "in")]
+        ),
+        4
+    );
+    // Into the filter: every decoded event; out of it, one fewer.
+    let filter = |dir: &str| {
+        metrics.sum(
+            names::OPERATOR_RECORDS,
+            &[("operator", "filter_1"), ("direction", dir)],
+        )
+    };
+    assert_eq!(filter("in") - filter("out"), 1);
     let into = |worker: &str| {
         metrics.sum(
             names::OPERATOR_RECORDS,
