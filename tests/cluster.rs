@@ -59,7 +59,14 @@ impl Peer {
             .unwrap();
         let mut cmd = common::rivulet_cmd(
             &self.dir,
-            &["run", "pipeline.yaml", "--stats-file", "stats.json"],
+            &[
+                "run",
+                "pipeline.yaml",
+                "--stats-file",
+                "stats.json",
+                "--http",
+                "127.0.0.1:0",
+            ],
         );
         cmd.env(
             "RUST_LOG",
@@ -85,6 +92,19 @@ impl Peer {
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("log.txt")).unwrap_or_default()
+    }
+
+    /// The address of this run's HTTP endpoint (from its log).
+    fn http(&self) -> String {
+        let log = self.log();
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("HTTP endpoint listening"))
+            .unwrap_or_default();
+        line[line.find("http://").unwrap_or(0)..]
+            .trim_end_matches('/')
+            .to_string()
     }
 
     /// The members of the last view this peer started.
@@ -376,6 +396,24 @@ fn three_peers_give_the_results_of_one_process_each_window_once() {
         assert!(p.events_read() > 0, "peer {} read nothing", p.id);
         assert!(!p.rows().is_empty(), "peer {} published nothing", p.id);
     }
+    // Each peer's metrics carry its id, the view's size and its share of
+    // the key groups; the shares add up to all of them.
+    let mut owned = 0;
+    for p in &peers {
+        let (code, text) = rivulet::observe::top::get(&p.http(), "/metrics").unwrap();
+        assert_eq!(code, 200);
+        let value = |name: &str| -> i64 {
+            text.lines()
+                .find(|l| l.starts_with(name) && l.contains(&format!("peer=\"{}\"", p.id)))
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} of peer {}:\n{text}", p.id))
+        };
+        assert_eq!(value("rivulet_peer_members"), 3);
+        assert!(value("rivulet_peer_views_total") >= 1);
+        assert!(value("rivulet_peer_view_epoch") > 0);
+        owned += value("rivulet_peer_owned_key_groups");
+    }
+    assert_eq!(owned, 256, "every key group has one owner");
     // SIGTERM: every peer leaves cleanly at once, exit 0.
     for p in &mut peers {
         if let Some(proc) = &p.proc {

@@ -604,20 +604,24 @@ fn chromium() -> Option<&'static str> {
     })
 }
 
+/// Headless chromium with its profile in `dir`, after the page's scripts
+/// have had 4 s of virtual time.
+fn headless(browser: &str, dir: &Path) -> Command {
+    let mut c = Command::new(browser);
+    c.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--virtual-time-budget=4000",
+    ])
+    .arg(format!("--user-data-dir={}", dir.join("profile").display()))
+    .current_dir(dir);
+    c
+}
+
 fn dump_dom(browser: &str, url: &str, dir: &Path) -> (String, String) {
-    let out = Command::new(browser)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--virtual-time-budget=4000",
-            "--enable-logging=stderr",
-            "--v=0",
-            &format!("--user-data-dir={}", dir.join("profile").display()),
-            "--dump-dom",
-            url,
-        ])
-        .current_dir(dir)
+    let out = headless(browser, dir)
+        .args(["--enable-logging=stderr", "--v=0", "--dump-dom", url])
         .output()
         .unwrap();
     (
@@ -753,19 +757,10 @@ http: {{ listen: "127.0.0.1:{port}" }}
 
     // A screenshot for the CI log's reader (target/ci-page.png).
     let shot = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ci-page.png");
-    let _ = Command::new(browser)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--hide-scrollbars",
-            "--window-size=1280,1000",
-            "--virtual-time-budget=4000",
-            &format!("--user-data-dir={}", dir.path().join("profile").display()),
-            &format!("--screenshot={}", shot.display()),
-            &url,
-        ])
-        .current_dir(dir.path())
+    let _ = headless(browser, dir.path())
+        .args(["--hide-scrollbars", "--window-size=1280,1000"])
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(&url)
         .output();
     let (code, _, _) = r.stop();
     assert_eq!(code, Some(0));

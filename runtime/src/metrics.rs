@@ -75,10 +75,14 @@ pub mod names {
     pub const MQTT_CONNECTED: &str = "rivulet_mqtt_connected";
     /// Connections to a broker lost and made again (labels `broker`, `role`).
     pub const MQTT_RECONNECTS: &str = "rivulet_mqtt_reconnects_total";
-    /// Peer mode: the membership view this peer is in.
+    /// Peer mode: the membership view this peer is in, as the low 48 bits
+    /// of its id (exact in a float; it changes when the members change).
     pub const PEER_VIEW: &str = "rivulet_peer_view_epoch";
-    /// Peer mode: the key-group assignment epoch this peer runs.
+    /// Peer mode: the epoch of the key-group assignment this peer runs
+    /// (computed from the view, so it changes with it; low 48 bits).
     pub const PEER_ASSIGNMENT: &str = "rivulet_peer_assignment_epoch";
+    /// Peer mode: views this peer has started.
+    pub const PEER_VIEWS: &str = "rivulet_peer_views_total";
     /// Peer mode: members of the view.
     pub const PEER_MEMBERS: &str = "rivulet_peer_members";
     /// Peer mode: key groups this peer owns.
@@ -356,10 +360,7 @@ impl Registry {
         while !text.is_char_boundary(cut) {
             cut -= 1;
         }
-        let at_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+        let at_ms = crate::time::Clock::now_ms(&crate::time::SystemClock);
         let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         if r.iter().filter(|e| e.kind == kind).count() >= RECENT_KEPT {
             if let Some(i) = r.iter().position(|e| e.kind == kind) {
@@ -419,16 +420,7 @@ impl Registry {
     /// The sum of a name over the label sets that have every label of
     /// `having`.
     pub fn sum(&self, name: &str, having: &[(&str, &str)]) -> i64 {
-        self.samples()
-            .iter()
-            .filter(|s| {
-                s.name == name
-                    && having
-                        .iter()
-                        .all(|(k, v)| s.labels.iter().any(|(a, b)| a == k && b == v))
-            })
-            .map(|s| s.value)
-            .sum()
+        sum_of(&self.samples(), name, having)
     }
 
     /// Prometheus text exposition (version 0.0.4) of every series.
@@ -474,6 +466,23 @@ impl Registry {
         }
         out
     }
+}
+
+/// Whether a sample has every label of `having`.
+pub fn has_labels(s: &Sample, having: &[(&str, &str)]) -> bool {
+    having
+        .iter()
+        .all(|(k, v)| s.labels.iter().any(|(a, b)| a == k && b == v))
+}
+
+/// [`Registry::sum`] over samples already read (one read of the registry
+/// for many sums).
+pub fn sum_of(samples: &[Sample], name: &str, having: &[(&str, &str)]) -> i64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name && has_labels(s, having))
+        .map(|s| s.value)
+        .sum()
 }
 
 /// Writes `{k="v",...}` (nothing for no labels), values escaped.

@@ -497,6 +497,32 @@ impl Peer<'_> {
     }
 
     /// Runs one view to its end.
+    /// The view and assignment this peer now runs, for metrics.
+    fn count_view(&self, table: &PeerTable, me: usize) {
+        use crate::metrics::names;
+        let m = &self.opts.metrics;
+        let low48 = |v: u64| (v & ((1 << 48) - 1)) as i64;
+        let labels = [("pipeline", self.valid.name.as_str())];
+        m.counter(names::PEER_VIEWS, "views this peer has started", &labels)
+            .add(1);
+        m.gauge(
+            names::PEER_VIEW,
+            "the membership view (low 48 bits of its id)",
+            &labels,
+        )
+        .set(low48(table.epoch()));
+        m.gauge(
+            names::PEER_ASSIGNMENT,
+            "the key-group assignment epoch (low 48 bits)",
+            &labels,
+        )
+        .set(low48(table.assignment().map_or(0, |a| a.epoch())));
+        m.gauge(names::PEER_MEMBERS, "members of the view", &labels)
+            .set(table.members().len() as i64);
+        m.gauge(names::PEER_GROUPS, "key groups this peer owns", &labels)
+            .set(table.owned_by(me).len() as i64);
+    }
+
     fn view(&mut self, members: &[Presence]) -> Result<Ended, PeerError> {
         let view = view_of(members);
         let ids: Vec<String> = members.iter().map(|p| p.id.clone()).collect();
@@ -507,6 +533,7 @@ impl Peer<'_> {
         let Some(assignment) = table.assignment() else {
             return Err(PeerError::Setup("no assignment for the view".into()));
         };
+        self.count_view(&table, me);
         tracing::info!(
             view = format!("{view:016x}"),
             members = ?table.members(),

@@ -32,6 +32,8 @@ mod reader;
 
 pub use crate::msg::End;
 pub use crate::partition::KEY_GROUPS;
+#[cfg(test)]
+pub(crate) use parse::operator_ids;
 pub use reader::BATCH_EVENTS;
 
 use crate::context::RunContext;

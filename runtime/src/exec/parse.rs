@@ -175,6 +175,8 @@ impl ParseWorker {
             TimeMode::Ingestion => Some(0),
             _ => None,
         };
+        // Records the decode stage sent to dead letters (for its in/out).
+        let mut undecoded = 0;
         for (i, item) in raw.items.iter().enumerate() {
             let row = &mut self.slots[i * width..(i + 1) * width];
             if let Some(size) = item.oversize {
@@ -185,6 +187,7 @@ impl ParseWorker {
                         plan.max_payload
                     ),
                 );
+                undecoded += 1;
                 continue;
             }
             let payload = raw.payload(item);
@@ -192,6 +195,7 @@ impl ParseWorker {
                 Format::Json => {
                     if let Err(e) = plan.fields.decode(payload, row) {
                         self.status[i] = Status::Dead(reason::INVALID_JSON, e);
+                        undecoded += 1;
                         continue;
                     }
                 }
@@ -209,6 +213,7 @@ impl ParseWorker {
                                 reason::BAD_TIMESTAMP,
                                 format!("event_time `{field}`: {e}"),
                             );
+                            undecoded += 1;
                             continue;
                         }
                     }
@@ -223,9 +228,8 @@ impl ParseWorker {
                 }
             }
         }
-        let decoded = self.status.iter().filter(|s| **s == Status::Live).count();
         let counters = &self.counters;
-        let mut live = count(&counters.decode, n, n - decoded);
+        let mut live = count(&counters.decode, n, undecoded);
         counters.batches.add(1);
         let mut records = Records {
             slots: &mut self.slots,

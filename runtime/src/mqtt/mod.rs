@@ -603,10 +603,8 @@ impl Drop for Listed {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    use crate::time::Clock;
+    crate::time::SystemClock.now_ms()
 }
 
 /// Runs a connection until `stop` is set or the client side is dropped:

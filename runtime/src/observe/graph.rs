@@ -78,7 +78,7 @@ impl Graph {
         };
         node(&mut g, "decode", "decode", format.into());
         let mut n = 0;
-        let mut window = None;
+        let mut window = false;
         for s in &p.steps {
             match s {
                 StepSpec::Map(a) => {
@@ -110,11 +110,10 @@ impl Graph {
                         .collect::<Vec<_>>()
                         .join(", ");
                     node(&mut g, "window", "window", format!("{shape}: {aggs}"));
-                    window = Some(());
+                    window = true;
                 }
             }
         }
-        let last = g.nodes.last().map(|n| n.id.clone()).unwrap_or_default();
         let sinks = |list: &[SinkSpec]| list.iter().map(sink_label).collect::<Vec<_>>().join(", ");
         let main = if p.sinks.is_empty() {
             "none".to_string()
@@ -122,7 +121,7 @@ impl Graph {
             sinks(&p.sinks)
         };
         node(&mut g, "sink_main", "sink", main);
-        if !p.late.is_empty() && window.is_some() {
+        if !p.late.is_empty() && window {
             g.nodes.push(Node {
                 id: "sink_late".into(),
                 kind: "sink".into(),
@@ -138,7 +137,6 @@ impl Graph {
             });
             g.edges.push(("decode".into(), "sink_dead_letter".into()));
         }
-        let _ = last;
         g
     }
 }
@@ -163,5 +161,30 @@ mod tests {
             assert!(ids.contains(&from.as_str()) && ids.contains(&to.as_str()));
         }
         assert_eq!(g.edges.len() + 1, g.nodes.len(), "a chain: {g:?}");
+    }
+
+    #[test]
+    fn the_graph_names_steps_as_the_running_pipeline_counts_them() {
+        // Steps before and after the key: the ids come from the file here
+        // and from the built steps in the parse stage; they must agree.
+        let yaml = "name: ids\nsource: { generator: { sensors: 2, count: 1 }, time: processing }\nsteps:\n  - map: { a: temperature * 2 }\n  - filter: a > 0\n  - key_by: sensor_id\n  - map: { b: a + 1 }\n  - window: { tumbling: 1s, aggregate: { n: count() } }\nsink: { stdout: {} }\n";
+        let valid = crate::config::validate(yaml)
+            .map_err(|e| format!("{e:?}"))
+            .expect("valid");
+        let pipeline = valid
+            .build("ids.yaml", &crate::config::Overrides::default())
+            .expect("builds")
+            .build()
+            .expect("builds");
+        let counted =
+            crate::exec::operator_ids(&pipeline.steps_before_key, &pipeline.steps_after_key);
+        let drawn: Vec<String> = Graph::of(&valid)
+            .nodes
+            .iter()
+            .filter(|n| matches!(n.kind.as_str(), "decode" | "map" | "filter"))
+            .map(|n| n.id.clone())
+            .collect();
+        assert_eq!(drawn, counted);
+        assert_eq!(counted, ["decode", "map_1", "filter_2", "map_3"]);
     }
 }

@@ -15,7 +15,8 @@ pub mod process;
 pub mod query;
 pub mod top;
 
-use crate::metrics::{names, write_family, Registry, Sample};
+use crate::metrics::{has_labels as has, names, sum_of as sum, write_family, Registry, Sample};
+use crate::time::Clock;
 use graph::Graph;
 use serde::Serialize;
 use std::collections::VecDeque;
@@ -117,23 +118,7 @@ pub struct Observed {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-fn has(s: &Sample, having: &[(&str, &str)]) -> bool {
-    having
-        .iter()
-        .all(|(k, v)| s.labels.iter().any(|(a, b)| a == k && b == v))
-}
-
-fn sum(all: &[Sample], name: &str, having: &[(&str, &str)]) -> i64 {
-    all.iter()
-        .filter(|s| s.name == name && has(s, having))
-        .map(|s| s.value)
-        .sum()
+    crate::time::SystemClock.now_ms()
 }
 
 fn label<'a>(s: &'a Sample, key: &str) -> Option<&'a str> {

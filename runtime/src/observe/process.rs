@@ -18,7 +18,7 @@ pub struct ProcessStats {
 pub fn stats() -> Option<ProcessStats> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     // The command name (field 2) is in parentheses and may hold spaces.
-    let rest = &stat[stat.rfind(')')? + 2..];
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
     let f: Vec<&str> = rest.split_whitespace().collect();
     // Fields counted from 3 (state): utime 14, stime 15, num_threads 20,
     // starttime 22, rss 24.

@@ -468,11 +468,6 @@ impl Sink for MqttSink {
         let mut st = self.shared.lock();
         self.fatal(&st)?;
         if st.mem.len() >= self.opts.buffer.memory {
-            // The outbox is full: say so before waiting for room (the
-            // per-batch figure would not come while the wait lasts).
-            if let Some(g) = &self.outbox {
-                g.set(st.pending() as i64);
-            }
             st = self.make_room(st)?;
         }
         st.mem.push_back(msg);
@@ -590,6 +585,11 @@ impl MqttSink {
                     }
                 }
                 WhenFull::Block => {
+                    // The per-batch figure does not come while this wait
+                    // lasts: the outbox is full now.
+                    if let Some(g) = &self.outbox {
+                        g.set(st.pending() as i64);
+                    }
                     st = self
                         .shared
                         .cv
