@@ -34,6 +34,7 @@ pub use crate::msg::End;
 pub use crate::partition::KEY_GROUPS;
 #[cfg(test)]
 pub(crate) use parse::operator_ids;
+pub(crate) use parse::text_value;
 pub use reader::BATCH_EVENTS;
 
 use crate::context::RunContext;

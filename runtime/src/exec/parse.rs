@@ -440,7 +440,7 @@ fn frame(plan: &Plan, batch: &InBatch, first_arrival: i64, data: KeyedBatch) -> 
 }
 
 /// A text payload as a value: a number where it parses as one, else a string.
-fn text_value(payload: &[u8]) -> Value {
+pub(crate) fn text_value(payload: &[u8]) -> Value {
     let text = String::from_utf8_lossy(payload);
     let t = text.trim();
     if let Ok(i) = t.parse::<i64>() {

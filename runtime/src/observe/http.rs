@@ -403,18 +403,15 @@ fn params(query: &str) -> Option<Vec<(String, String)>> {
 /// the text reads as one, and the text itself.
 fn candidates(text: &str) -> Vec<crate::value::Value> {
     use crate::value::Value;
-    let mut out = Vec::new();
-    if let Ok(i) = text.parse::<i64>() {
-        out.push(Value::Int(i));
-    } else if let Ok(f) = text.parse::<f64>() {
-        if f.is_finite() {
-            out.push(Value::Float(f));
-        }
-    }
+    // A number reads as a text payload's value does.
+    let mut out = vec![crate::exec::text_value(text.as_bytes())];
     if text == "true" || text == "false" {
         out.push(Value::Bool(text == "true"));
     }
-    out.push(Value::Str(text.into()));
+    let s = Value::Str(text.into());
+    if !out.contains(&s) {
+        out.push(s);
+    }
     out
 }
 
