@@ -39,8 +39,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Messages queued between the connection thread and the pipeline.
-const QUEUE: usize = 8192;
+/// Groups of messages queued between the connection thread and the
+/// pipeline. A group holds at most [`journal::GROUP`] messages, so at most
+/// `QUEUE * GROUP` messages wait here. The queue's slots are allocated (and
+/// touched) up front: groups keep it small where one slot per message took
+/// 640 KiB of an idle pipeline's memory, and hand over one wake-up per
+/// group instead of one per message.
+const QUEUE: usize = 32;
 /// Requests (subscribes, PUBACKs) the client queues for its connection.
 const REQUESTS: usize = 2 * journal::GROUP;
 /// Without a journal, the longest a message is held for the ones after it
@@ -87,7 +92,7 @@ struct Live {
 /// What the connection thread needs; taken when it starts (first poll).
 struct Start {
     conn: Connection,
-    tx: SyncSender<Live>,
+    tx: SyncSender<Vec<Live>>,
     filters: Vec<String>,
     /// Shared subscription: retained messages are dropped.
     drop_retained: bool,
@@ -100,7 +105,7 @@ pub struct MqttSource {
     url: String,
     /// The subscription filters (with the share prefix in peer mode).
     filters: Vec<String>,
-    rx: Option<Receiver<Live>>,
+    rx: Option<Receiver<Vec<Live>>>,
     start: Option<Start>,
     /// A reason the connection can never succeed, set by its thread.
     fatal: Arc<Mutex<Option<String>>>,
@@ -116,8 +121,10 @@ pub struct MqttSource {
     position: u64,
     /// Journal entries still to replay: `(next, through)`.
     replay: Option<(u64, u64)>,
-    /// A live message that comes after entries read from the journal.
-    held: Option<Live>,
+    /// Live messages taken from the queue and not yet handed out: what did
+    /// not fit in the last batch, or what comes after entries still to be
+    /// read from the journal.
+    held: VecDeque<Live>,
     /// The last number handed out, for the connection thread's lag check.
     handed: Arc<AtomicU64>,
     /// The last number journaled, so a quiet queue does not hide entries
@@ -187,7 +194,7 @@ impl MqttSource {
             },
             position,
             replay,
-            held: None,
+            held: VecDeque::new(),
             handed: Arc::new(AtomicU64::new(position)),
             committed: Arc::new(AtomicU64::new(0)),
             trim: Arc::new(AtomicU64::new(0)),
@@ -230,17 +237,37 @@ impl MqttSource {
         Ok(())
     }
 
-    /// Hands out a live message; `false` when it must wait for the journal
+    /// Hands out held messages while the batch has room (`max_items` more
+    /// than `before`); stops at a message that must wait for the journal
     /// entries before it (the connection thread skips the queue when it is
     /// full: those messages are read back from the journal).
-    fn push(&mut self, batch: &mut RawBatch, msg: Live, max_payload: usize) -> bool {
+    fn push_held(
+        &mut self,
+        batch: &mut RawBatch,
+        before: usize,
+        max_items: usize,
+        max_payload: usize,
+    ) {
+        while batch.len() - before < max_items {
+            let Some(msg) = self.held.pop_front() else {
+                return;
+            };
+            if let Some(msg) = self.push(batch, msg, max_payload) {
+                self.held.push_front(msg);
+                return;
+            }
+        }
+    }
+
+    /// Hands out a live message, or gives it back when it must wait for
+    /// the journal entries before it (see [`MqttSource::push_held`]).
+    fn push(&mut self, batch: &mut RawBatch, msg: Live, max_payload: usize) -> Option<Live> {
         if self.journal.is_some() && msg.seq <= self.position {
-            return true; // read from the journal already
+            return None; // read from the journal already
         }
         if self.journal.is_some() && msg.seq > self.position + 1 {
             self.replay = Some((self.position + 1, msg.seq - 1));
-            self.held = Some(msg);
-            return false;
+            return Some(msg);
         }
         self.position = if self.journal.is_some() {
             msg.seq
@@ -251,7 +278,7 @@ impl MqttSource {
         if let Some(it) = batch.items.last_mut() {
             it.arrival_ms = msg.arrival;
         }
-        true
+        None
     }
 
     fn fatal_error(&self) -> Option<SourceError> {
@@ -370,8 +397,8 @@ impl MqttSource {
                 return Ok(Poll::Open);
             }
         }
-        if let Some(m) = self.held.take() {
-            self.push(batch, m, max_payload);
+        if !self.held.is_empty() {
+            self.push_held(batch, before, max_items, max_payload);
             return Ok(Poll::Open);
         }
         let Some(rx) = self.rx.take() else {
@@ -385,18 +412,16 @@ impl MqttSource {
             wait
         };
         let result = match rx.recv_timeout(wait) {
-            Ok(first) => {
-                if self.push(batch, first, max_payload) {
-                    while batch.len() - before < max_items {
-                        match rx.try_recv() {
-                            Ok(m) => {
-                                if !self.push(batch, m, max_payload) {
-                                    break;
-                                }
-                            }
-                            Err(TryRecvError::Empty) => break,
-                            Err(TryRecvError::Disconnected) => break,
-                        }
+            Ok(group) => {
+                self.held.extend(group);
+                loop {
+                    self.push_held(batch, before, max_items, max_payload);
+                    if !self.held.is_empty() || batch.len() - before >= max_items {
+                        break;
+                    }
+                    match rx.try_recv() {
+                        Ok(group) => self.held.extend(group),
+                        Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                     }
                 }
                 Ok(Poll::Open)
@@ -476,7 +501,7 @@ struct Held {
 struct Inbound {
     conn: Option<Connection>,
     client: Client,
-    tx: SyncSender<Live>,
+    tx: SyncSender<Vec<Live>>,
     filters: Vec<String>,
     qos: u8,
     url: String,
@@ -764,18 +789,16 @@ impl Inbound {
         let Some(j) = &self.journal else {
             // No journal: hand the group over as it is, waiting for room
             // (which pushes back on the broker through TCP).
-            for m in std::mem::take(&mut self.group) {
-                let live = Live {
+            let group = std::mem::take(&mut self.group)
+                .into_iter()
+                .map(|m| Live {
                     seq: 0,
                     topic: m.topic,
                     payload: m.payload,
                     arrival: m.arrival,
-                };
-                if self.tx.send(live).is_err() {
-                    return false;
-                }
-            }
-            return true;
+                })
+                .collect::<Vec<_>>();
+            return group.is_empty() || self.tx.send(group).is_ok();
         };
         let trim = self.trim_through();
         if self.group.is_empty() && trim.is_none() {
@@ -826,17 +849,20 @@ impl Inbound {
         // Never wait for the pipeline here: PUBACKs go out only while this
         // thread drives the connection. What does not fit in the queue is
         // read back from the journal.
-        for m in std::mem::take(&mut self.group) {
-            let live = Live {
-                seq: self.next,
+        let first = self.next;
+        let group = std::mem::take(&mut self.group)
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| Live {
+                seq: first + i as u64,
                 topic: m.topic,
                 payload: m.payload,
                 arrival: m.arrival,
-            };
-            self.next += 1;
-            if let Err(TrySendError::Disconnected(_)) = self.tx.try_send(live) {
-                return false;
-            }
+            })
+            .collect::<Vec<_>>();
+        self.next += group.len() as u64;
+        if let Err(TrySendError::Disconnected(_)) = self.tx.try_send(group) {
+            return false;
         }
         let lag = self.next - 1 - self.handed.load(Ordering::Relaxed).min(self.next - 1);
         if lag > MAX_LAG {
