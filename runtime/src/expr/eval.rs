@@ -28,6 +28,13 @@ pub enum Func {
     Upper,
     Len,
     Concat,
+    Replace,
+    StartsWith,
+    EndsWith,
+    Contains,
+    Substr,
+    Trim,
+    SplitPart,
     Coalesce,
     If,
     Number,
@@ -58,6 +65,13 @@ impl Expr {
                     "upper" => Func::Upper,
                     "len" => Func::Len,
                     "concat" => Func::Concat,
+                    "replace" => Func::Replace,
+                    "starts_with" => Func::StartsWith,
+                    "ends_with" => Func::EndsWith,
+                    "contains" => Func::Contains,
+                    "substr" => Func::Substr,
+                    "trim" => Func::Trim,
+                    "split_part" => Func::SplitPart,
                     "if" => Func::If,
                     "number" => Func::Number,
                     "string" => Func::String,
@@ -289,6 +303,24 @@ fn to_text(v: &Value) -> CompactString {
     }
 }
 
+/// Characters `start..start + len` of `s` (a negative start counts from
+/// the end; no `len`: to the end), clamped to the string.
+fn substr(s: &str, start: i64, len: Option<i64>) -> &str {
+    let count = s.chars().count() as i64;
+    let from = if start < 0 { count + start } else { start }.clamp(0, count);
+    let to = match len {
+        Some(l) => from.saturating_add(l.max(0)).min(count),
+        None => count,
+    };
+    let byte = |c: i64| {
+        s.char_indices()
+            .nth(c as usize)
+            .map(|(b, _)| b)
+            .unwrap_or(s.len())
+    };
+    &s[byte(from)..byte(to)]
+}
+
 fn call(f: Func, args: &[Expr], slots: &[Value]) -> Result<Value, String> {
     let arg = |i: usize| -> Result<Value, String> {
         args.get(i)
@@ -337,6 +369,76 @@ fn call(f: Func, args: &[Expr], slots: &[Value]) -> Result<Value, String> {
             }
             Ok(Value::Str(s))
         }
+        Func::Replace => match (arg(0)?, arg(1)?, arg(2)?) {
+            (Value::Null, _, _) => Ok(Value::Null),
+            (Value::Str(s), Value::Str(from), to) if !from.is_empty() => {
+                Ok(Value::Str(s.replace(from.as_str(), &to_text(&to)).into()))
+            }
+            (Value::Str(s), Value::Str(_), _) => Ok(Value::Str(s)),
+            (s, from, _) => Err(format!(
+                "`replace` needs strings, got a {} and a {}",
+                s.type_name(),
+                from.type_name()
+            )),
+        },
+        Func::StartsWith | Func::EndsWith | Func::Contains => {
+            let name = match f {
+                Func::StartsWith => "starts_with",
+                Func::EndsWith => "ends_with",
+                _ => "contains",
+            };
+            match (arg(0)?, arg(1)?) {
+                (Value::Null, _) | (_, Value::Null) => Ok(Value::Null),
+                (Value::Str(s), Value::Str(p)) => Ok(Value::Bool(match f {
+                    Func::StartsWith => s.starts_with(p.as_str()),
+                    Func::EndsWith => s.ends_with(p.as_str()),
+                    _ => s.contains(p.as_str()),
+                })),
+                (a, b) => Err(format!(
+                    "`{name}` needs strings, got a {} and a {}",
+                    a.type_name(),
+                    b.type_name()
+                )),
+            }
+        }
+        Func::Substr => {
+            let s = match arg(0)? {
+                Value::Null => return Ok(Value::Null),
+                Value::Str(s) => s,
+                v => return Err(format!("`substr` needs a string, got a {}", v.type_name())),
+            };
+            let index = |v: Value, what: &str| match v {
+                Value::Int(i) => Ok(Some(i)),
+                Value::Null => Ok(None),
+                v => Err(format!(
+                    "`substr` needs a whole number as its {what}, got a {}",
+                    v.type_name()
+                )),
+            };
+            let (Some(start), len) = (index(arg(1)?, "start")?, index(arg(2)?, "length")?) else {
+                return Ok(Value::Null);
+            };
+            Ok(Value::Str(substr(&s, start, len).into()))
+        }
+        Func::Trim => str_fn("trim", arg(0)?, |s| Value::Str(s.trim().into())),
+        Func::SplitPart => match (arg(0)?, arg(1)?, arg(2)?) {
+            (Value::Null, _, _) | (_, _, Value::Null) => Ok(Value::Null),
+            (Value::Str(s), Value::Str(sep), Value::Int(n)) if !sep.is_empty() => {
+                let parts: Vec<&str> = s.split(sep.as_str()).collect();
+                let i = if n < 0 { parts.len() as i64 + n } else { n };
+                Ok(usize::try_from(i)
+                    .ok()
+                    .and_then(|i| parts.get(i))
+                    .map(|p| Value::Str((*p).into()))
+                    .unwrap_or(Value::Null))
+            }
+            (s, sep, n) => Err(format!(
+                "`split_part` needs a string, a non-empty separator and a whole number, got a {}, a {} and a {}",
+                s.type_name(),
+                sep.type_name(),
+                n.type_name()
+            )),
+        },
         Func::Coalesce => {
             for a in args {
                 let v = a.eval(slots)?;
@@ -383,6 +485,45 @@ mod tests {
         let slots: Vec<Value> = fields.iter().map(|f| f.1.clone()).collect();
         let e = ast.compile(&mut |f| names.iter().position(|n| *n == f).unwrap_or(usize::MAX));
         e.eval(&slots)
+    }
+
+    #[test]
+    fn string_functions_for_topics() {
+        let t = [("topic", Value::Str("local/kitchen/temp".into()))];
+        let s = |v: &str| Ok(Value::Str(v.into()));
+        assert_eq!(
+            eval("concat('remote/', substr(topic, len('local/')))", &t),
+            s("remote/kitchen/temp")
+        );
+        assert_eq!(
+            eval("replace(topic, 'local/', 'remote/')", &t),
+            s("remote/kitchen/temp")
+        );
+        assert_eq!(eval("replace(topic, '', 'x')", &t), s("local/kitchen/temp"));
+        assert_eq!(
+            eval("starts_with(topic, 'local/')", &t),
+            Ok(Value::Bool(true))
+        );
+        assert_eq!(eval("ends_with(topic, '/hum')", &t), Ok(Value::Bool(false)));
+        assert_eq!(
+            eval("contains(topic, 'kitchen')", &t),
+            Ok(Value::Bool(true))
+        );
+        assert_eq!(eval("substr(topic, -4)", &t), s("temp"));
+        assert_eq!(eval("substr(topic, 6, 7)", &t), s("kitchen"));
+        assert_eq!(eval("substr(topic, 100)", &t), s(""));
+        assert_eq!(eval("substr('äöü', 1, 1)", &[]), s("ö"));
+        assert_eq!(eval("split_part(topic, '/', 1)", &t), s("kitchen"));
+        assert_eq!(eval("split_part(topic, '/', -1)", &t), s("temp"));
+        assert_eq!(eval("split_part(topic, '/', 9)", &t), Ok(Value::Null));
+        assert_eq!(eval("trim('  a ')", &[]), s("a"));
+        assert_eq!(eval("starts_with(missing, 'a')", &t), Ok(Value::Null));
+        assert!(eval("replace(1, 'a', 'b')", &[])
+            .unwrap_err()
+            .contains("`replace` needs strings"));
+        assert!(eval("substr(topic, 1.5)", &t)
+            .unwrap_err()
+            .contains("whole number"));
     }
 
     #[test]

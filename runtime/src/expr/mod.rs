@@ -72,24 +72,31 @@ pub struct ParseError {
     pub message: String,
 }
 
-/// Functions that `map` and `filter` expressions may call, with their arity
-/// (`min`, `max` for a fixed count; `None` for "one or more").
-pub const FUNCTIONS: &[(&str, Option<usize>)] = &[
-    ("abs", Some(1)),
-    ("round", Some(1)),
-    ("floor", Some(1)),
-    ("ceil", Some(1)),
-    ("sqrt", Some(1)),
-    ("min", None),
-    ("max", None),
-    ("lower", Some(1)),
-    ("upper", Some(1)),
-    ("len", Some(1)),
-    ("concat", None),
-    ("coalesce", None),
-    ("if", Some(3)),
-    ("number", Some(1)),
-    ("string", Some(1)),
+/// Functions that `map` and `filter` expressions may call, with the
+/// fewest and the most arguments they take (`None`: no upper limit).
+pub const FUNCTIONS: &[(&str, usize, Option<usize>)] = &[
+    ("abs", 1, Some(1)),
+    ("round", 1, Some(1)),
+    ("floor", 1, Some(1)),
+    ("ceil", 1, Some(1)),
+    ("sqrt", 1, Some(1)),
+    ("min", 1, None),
+    ("max", 1, None),
+    ("lower", 1, Some(1)),
+    ("upper", 1, Some(1)),
+    ("len", 1, Some(1)),
+    ("concat", 1, None),
+    ("coalesce", 1, None),
+    ("if", 3, Some(3)),
+    ("number", 1, Some(1)),
+    ("string", 1, Some(1)),
+    ("replace", 3, Some(3)),
+    ("starts_with", 2, Some(2)),
+    ("ends_with", 2, Some(2)),
+    ("contains", 2, Some(2)),
+    ("substr", 2, Some(3)),
+    ("trim", 1, Some(1)),
+    ("split_part", 3, Some(3)),
 ];
 
 fn pratt() -> &'static PrattParser<Rule> {
@@ -263,7 +270,7 @@ impl Ast {
                 b.check_functions(problems);
             }
             Ast::Call(name, args) => {
-                match FUNCTIONS.iter().find(|(n, _)| n == name) {
+                match FUNCTIONS.iter().find(|(n, _, _)| n == name) {
                     None => {
                         let hint =
                             crate::util::suggest::suggest(name, FUNCTIONS.iter().map(|f| f.0))
@@ -271,13 +278,25 @@ impl Ast {
                                 .unwrap_or_default();
                         problems.push(format!("unknown function `{name}`{hint}"));
                     }
-                    Some((_, Some(n))) if *n != args.len() => problems.push(format!(
-                        "`{name}` takes {n} argument{}, got {}",
-                        if *n == 1 { "" } else { "s" },
-                        args.len()
-                    )),
-                    Some((_, None)) if args.is_empty() => {
-                        problems.push(format!("`{name}` takes at least one argument"))
+                    Some((_, min, max))
+                        if args.len() < *min || max.is_some_and(|m| args.len() > m) =>
+                    {
+                        let plural = |n: usize| if n == 1 { "" } else { "s" };
+                        problems.push(match max {
+                            Some(m) if m == min => {
+                                format!(
+                                    "`{name}` takes {m} argument{}, got {}",
+                                    plural(*m),
+                                    args.len()
+                                )
+                            }
+                            Some(m) => {
+                                format!("`{name}` takes {min} to {m} arguments, got {}", args.len())
+                            }
+                            None => {
+                                format!("`{name}` takes at least {min} argument{}", plural(*min))
+                            }
+                        })
                     }
                     _ => {}
                 }
@@ -344,5 +363,12 @@ mod tests {
         assert_eq!(p.len(), 2);
         assert!(p[0].contains("did you mean `lower`"), "{p:?}");
         assert!(p[1].contains("takes 1 argument"), "{p:?}");
+        let mut p = Vec::new();
+        parse("substr(x) + substr(x, 1, 2) + substr(x, 1, 2, 3) + max()")
+            .unwrap()
+            .check_functions(&mut p);
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(p[0].contains("takes 2 to 3 arguments, got 1"), "{p:?}");
+        assert!(p[2].contains("at least 1 argument"), "{p:?}");
     }
 }
