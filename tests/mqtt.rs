@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{eventually, publish_all, subscribe, Broker, Rivulet};
+use common::{eventually, publish_all, publish_raw, subscribe, subscribe_raw, Broker, Rivulet};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 
@@ -114,7 +114,7 @@ steps:
 }
 
 #[test]
-fn bridge_carries_topic_fields_text_payloads_and_dead_letters() {
+fn bridge_places_by_topic_fields_and_adds_only_what_steps_write() {
     let a = Broker::start("");
     let b = Broker::start("");
     let dir = tempfile::tempdir().unwrap();
@@ -158,11 +158,9 @@ dead_letter:
     let got = inbox.lock().unwrap().clone();
     assert_eq!(got[0].0, "cloud/line/7");
     let first: Value = serde_json::from_str(&got[0].1).unwrap();
-    // A pass-through event: the payload, the fields bound from its topic, then `map`'s.
-    assert_eq!(
-        first,
-        json!({"value": 212, "line": "7", "topic": "plant/7/temp", "celsius": 100.0, "line_no": 7})
-    );
+    // A pass-through event: the payload, and the fields `map` wrote. The
+    // topic's fields placed it and filtered it, and are not added.
+    assert_eq!(first, json!({"value": 212, "celsius": 100.0, "line_no": 7}));
     assert_eq!(got[1].0, "cloud/line/7");
     assert_eq!(got.len(), 2, "14 °F is filtered out: {got:?}");
     let dead: Value =
@@ -477,6 +475,157 @@ fn tls_with_the_right_ca_and_a_client_certificate_works_and_a_wrong_ca_fails_cle
     assert!(err.contains("MQTT connected"), "{err}");
 }
 
+/// A bridge forwards a topic tree with a prefix swapped (as Mosquitto's
+/// `topic # out 1 local/ remote/`), payloads byte for byte in every
+/// format, and retained flags with `retain: keep`.
+#[test]
+fn a_bridge_keeps_topic_levels_payload_bytes_and_retained_flags() {
+    let binary: Vec<u8> = vec![0, 0xff, 0xfe, b'{', 10, 13, 0x80];
+    let spaced_json = br#"{ "a" :  1.50 , "b":[1,2] }"#.to_vec();
+    let text = b" 21.5 \n".to_vec();
+    let msgs = vec![
+        ("local/a/b/c".to_string(), binary.clone(), false),
+        ("local/x".to_string(), spaced_json.clone(), true),
+        ("local/y/z".to_string(), text.clone(), false),
+        ("local/skip/me".to_string(), b"1".to_vec(), false),
+        ("elsewhere/q".to_string(), b"2".to_vec(), false),
+    ];
+    for format in ["raw", "text", "json"] {
+        let a = Broker::start("");
+        let b = Broker::start("");
+        let dir = tempfile::tempdir().unwrap();
+        // JSON cannot read the binary, text or number payloads: those are
+        // dead letters there, and the object still passes unchanged.
+        let yaml = format!(
+            r#"
+name: bridge-{format}
+source:
+  mqtt: {{ url: "{}", topics: ["local/#", "elsewhere/#"], qos: 1, version: 5 }}
+  format: {format}
+steps:
+  - filter: starts_with(topic, "local/") && !contains(topic, "/skip/")
+  - map:
+      topic: concat("remote/", substr(topic, len("local/")))
+sink:
+  mqtt: {{ url: "{}", topic: "{{topic}}", qos: 1, retain: keep }}
+dead_letter:
+  file: {{ path: dead.jsonl }}
+"#,
+            a.url(),
+            b.url()
+        );
+        let (inbox, _sub) = subscribe_raw(b.port, "#");
+        let run = Rivulet::start(dir.path(), &yaml);
+        eventually("rivulet to subscribe", 20, || {
+            a.log().contains("elsewhere/#")
+        });
+        publish_raw(a.port, &msgs);
+        let expected: Vec<(&str, &[u8])> = if format == "json" {
+            vec![("remote/x", &spaced_json)]
+        } else {
+            vec![
+                ("remote/a/b/c", &binary),
+                ("remote/x", &spaced_json),
+                ("remote/y/z", &text),
+            ]
+        };
+        eventually("the bridged messages", 20, || {
+            inbox.lock().unwrap().len() >= expected.len()
+        });
+        if format == "json" {
+            // Every payload that is not a JSON object, filtered or not
+            // (decoding comes first).
+            eventually("four dead letters", 20, || {
+                run.lines("dead.jsonl").len() == 4
+            });
+        }
+        let (code, _, err) = run.stop();
+        assert_eq!(code, Some(0), "{err}");
+        let got = inbox.lock().unwrap().clone();
+        let got: Vec<(&str, &[u8])> = got
+            .iter()
+            .map(|(t, p, _)| (t.as_str(), p.as_slice()))
+            .collect();
+        assert_eq!(got, expected, "format {format}");
+        // A new subscriber sees what was retained: only the retained one.
+        let (late, _sub) = subscribe_raw(b.port, "remote/#");
+        eventually("the retained message", 20, || {
+            !late.lock().unwrap().is_empty()
+        });
+        let late = late.lock().unwrap().clone();
+        assert_eq!(late.len(), 1, "{late:?}");
+        assert_eq!((late[0].0.as_str(), late[0].2), ("remote/x", true));
+        assert_eq!(late[0].1, spaced_json);
+    }
+}
+
+/// `rivulet validate` on a file: exit code and standard error.
+fn validate(yaml: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("p.yaml"), yaml).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rivulet"))
+        .args(["validate", "p.yaml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn validate_refuses_fields_on_raw_payloads_and_retain_keep_without_mqtt5() {
+    let source = |extra: &str| {
+        format!("name: r\nsource:\n  mqtt: {{ url: \"mqtt://127.0.0.1:1\", topics: [\"a/#\"]{extra} }}\n")
+    };
+    let sink = "sink:\n  mqtt: { url: \"mqtt://127.0.0.1:1\", topic: \"{topic}\", retain: keep }\n";
+    let (code, err) = validate(&format!(
+        "{}  format: raw\nsteps:\n  - map: {{ n: 1 }}\nsink:\n  stdout: {{}}\n",
+        source("")
+    ));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("steps[0].map.n: `format: raw` forwards payloads unchanged"),
+        "{err}"
+    );
+    // An unquoted call in a flow mapping is split at its comma: the error
+    // says so.
+    let (code, err) = validate(&format!(
+        "{}steps:\n  - map: {{ t: concat('b/', topic) }}\nsink:\n  stdout: {{}}\n",
+        source("")
+    ));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("a comma ends the value: quote the expression"),
+        "{err}"
+    );
+    // Writing the topic is rewriting the destination: allowed.
+    let (code, err) = validate(&format!(
+        "{}  format: raw\nsteps:\n  - map: {{ topic: \"concat('b/', topic)\" }}\n{sink}",
+        source(", version: 5")
+    ));
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = validate(&format!("{}{sink}", source("")));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("`keep` needs an MQTT source with `version: 5`"),
+        "{err}"
+    );
+    let (code, err) = validate(&format!(
+        "{}  event_time: {{ field: ts }}\nsteps:\n  - key_by: topic\n  - window: {{ tumbling: 5s, aggregate: {{ n: count() }} }}\n{sink}",
+        source(", version: 5")
+    ));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("window results have none"), "{err}");
+    let (code, err) = validate(&format!(
+        "{}sink:\n  mqtt: {{ url: \"mqtt://127.0.0.1:1\", topic: t, retain: maybe }}\n",
+        source("")
+    ));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("expected `true`, `false` or `keep`"), "{err}");
+}
+
 #[test]
 fn mqtt5_source_and_sink() {
     let a = Broker::start("");
@@ -501,9 +650,8 @@ fn mqtt5_source_and_sink() {
     );
     let got = inbox.lock().unwrap()[0].clone();
     assert_eq!(got.0, "five/x");
-    let v: Value = serde_json::from_str(&got.1).unwrap();
-    // The payload plus the fields bound from the topic.
-    assert_eq!(v, json!({"n": 1, "id": "x", "topic": "v5/x"}));
+    // The payload as it came: the topic's fields only place it.
+    assert_eq!(got.1, "{\"n\":1}");
 }
 
 #[test]

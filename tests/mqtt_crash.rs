@@ -443,6 +443,7 @@ fn source_options(port: u16, journal: Option<&Path>) -> rivulet::sources::mqtt::
         topic_field: None,
         journal_dir: journal.map(Path::to_path_buf),
         stamp_arrivals: false,
+        retain_as_published: false,
         share_group: None,
     }
 }

@@ -241,6 +241,7 @@ fn shared_source(
         topic_field: Some("topic".into()),
         journal_dir: Some(journal.to_path_buf()),
         stamp_arrivals: false,
+        retain_as_published: false,
         share_group: Some("rivulet-line-3".into()),
     })
     .unwrap()

@@ -198,6 +198,18 @@ pub enum Body {
     /// A record, in the order of its stream's [`Schema`]; written as JSON
     /// only by the sink stage.
     Row(Box<[Value]>),
+    /// A pass-through event with what its sinks place it by.
+    Event(Box<Event>),
+}
+
+/// A pass-through event for the main sinks: the record as it goes out, the
+/// values of the fields the sinks' topics name (in the order of the
+/// plan's `carry`), and the message's retain flag.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub record: Vec<u8>,
+    pub fields: Box<[Value]>,
+    pub retain: bool,
 }
 
 /// The field names of a stream's records.
@@ -249,11 +261,20 @@ impl Output {
         }
     }
 
+    /// A pass-through event for the main sinks, produced by event `idx`.
+    pub fn event(idx: u32, event: Event) -> Output {
+        Output {
+            body: Body::Event(Box::new(event)),
+            ..Output::plain(idx, Stream::Main, Vec::new())
+        }
+    }
+
     /// The output as a JSON line: its own, or its row written with `schema`
     /// into `buf`.
     pub fn json<'a>(&'a self, schema: &Schema, buf: &'a mut Vec<u8>) -> &'a [u8] {
         match &self.body {
             Body::Line(l) => l,
+            Body::Event(e) => &e.record,
             Body::Row(r) => {
                 buf.clear();
                 schema.write_json(r, buf);

@@ -139,9 +139,41 @@ impl Drop for Broker {
 /// Messages received by a test subscriber: (topic, payload).
 pub type Inbox = Arc<Mutex<Vec<(String, String)>>>;
 
+/// Messages with their bytes and retain flag: (topic, payload, retain).
+pub type RawInbox = Arc<Mutex<Vec<(String, Vec<u8>, bool)>>>;
+
 /// Subscribes to `filter` and collects messages until dropped. With a
 /// `session` id the session is persistent (QoS 1 messages wait for it).
 pub fn subscribe(port: u16, filter: &str, session: Option<&str>) -> (Inbox, rumqttc::Client) {
+    let inbox: Inbox = Arc::default();
+    let kept = inbox.clone();
+    let client = subscribe_with(port, filter, session, move |p| {
+        kept.lock().unwrap().push((
+            p.topic.clone(),
+            String::from_utf8_lossy(&p.payload).into_owned(),
+        ))
+    });
+    (inbox, client)
+}
+
+/// Like [`subscribe`], keeping payload bytes and the retain flag.
+pub fn subscribe_raw(port: u16, filter: &str) -> (RawInbox, rumqttc::Client) {
+    let inbox: RawInbox = Arc::default();
+    let kept = inbox.clone();
+    let client = subscribe_with(port, filter, None, move |p| {
+        kept.lock()
+            .unwrap()
+            .push((p.topic.clone(), p.payload.to_vec(), p.retain))
+    });
+    (inbox, client)
+}
+
+fn subscribe_with(
+    port: u16,
+    filter: &str,
+    session: Option<&str>,
+    mut on: impl FnMut(&rumqttc::Publish) + Send + 'static,
+) -> rumqttc::Client {
     let id = session
         .map(str::to_string)
         .unwrap_or_else(|| format!("test-sub-{}", fastrand::u32(..)));
@@ -149,10 +181,8 @@ pub fn subscribe(port: u16, filter: &str, session: Option<&str>) -> (Inbox, rumq
     o.set_clean_session(session.is_none());
     o.set_keep_alive(Duration::from_secs(5));
     let (client, mut conn) = rumqttc::Client::new(o, 100);
-    let inbox: Inbox = Arc::default();
     let (tx, rx) = std::sync::mpsc::channel();
     {
-        let inbox = inbox.clone();
         let client = client.clone();
         let filter = filter.to_string();
         std::thread::spawn(move || {
@@ -166,12 +196,7 @@ pub fn subscribe(port: u16, filter: &str, session: Option<&str>) -> (Inbox, rumq
                         told = true;
                         let _ = tx.send(());
                     }
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
-                        inbox.lock().unwrap().push((
-                            p.topic.clone(),
-                            String::from_utf8_lossy(&p.payload).into_owned(),
-                        ))
-                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => on(&p),
                     Err(rumqttc::ConnectionError::RequestsDone) => return,
                     Err(_) => std::thread::sleep(Duration::from_millis(100)),
                     _ => {}
@@ -181,7 +206,7 @@ pub fn subscribe(port: u16, filter: &str, session: Option<&str>) -> (Inbox, rumq
     }
     rx.recv_timeout(Duration::from_secs(10))
         .expect("subscribed");
-    (inbox, client)
+    client
 }
 
 /// A plain MQTT 3.1.1 endpoint on `127.0.0.1:port` (clean session,
@@ -207,6 +232,16 @@ pub fn endpoint(port: u16, client_id: &str, keep_alive: Duration) -> rivulet::mq
 
 /// Publishes messages (QoS 1) and waits until the broker acknowledged all.
 pub fn publish_all(port: u16, msgs: &[(String, String)]) {
+    let msgs: Vec<(String, Vec<u8>, bool)> = msgs
+        .iter()
+        .map(|(t, p)| (t.clone(), p.clone().into_bytes(), false))
+        .collect();
+    publish_raw(port, &msgs);
+}
+
+/// Publishes (topic, payload bytes, retain) messages at QoS 1 and waits
+/// until the broker acknowledged all.
+pub fn publish_raw(port: u16, msgs: &[(String, Vec<u8>, bool)]) {
     let mut o =
         rumqttc::MqttOptions::new(format!("test-pub-{}", fastrand::u32(..)), "127.0.0.1", port);
     o.set_keep_alive(Duration::from_secs(5));
@@ -215,9 +250,9 @@ pub fn publish_all(port: u16, msgs: &[(String, String)]) {
     let n = msgs.len();
     let msgs = msgs.to_vec();
     let sender = std::thread::spawn(move || {
-        for (t, p) in msgs {
+        for (t, p, retain) in msgs {
             client
-                .publish(t, rumqttc::QoS::AtLeastOnce, false, p.into_bytes())
+                .publish(t, rumqttc::QoS::AtLeastOnce, retain, p)
                 .unwrap();
         }
         client

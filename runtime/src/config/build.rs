@@ -75,6 +75,10 @@ impl ValidPipeline {
                     topic_field: m.topic_field.clone(),
                     journal_dir: self.state_dir.as_ref().map(std::path::PathBuf::from),
                     stamp_arrivals: self.time == TimeSpec::Ingestion,
+                    retain_as_published: self
+                        .sinks
+                        .iter()
+                        .any(|s| matches!(s, SinkSpec::Mqtt(m) if m.keep_retain)),
                     // Peers share the input: each gets a part of it.
                     share_group: self
                         .peers
@@ -111,6 +115,11 @@ impl ValidPipeline {
                 StepSpec::Window(w) => b.window(w.clone()),
             };
         }
+        // A field holding the whole incoming topic keeps its levels in sink topics.
+        let topic_field = match &self.source {
+            SourceSpec::Mqtt(m) => m.topic_field.as_deref(),
+            _ => None,
+        };
         let open = |s: &SinkSpec, role: &str, i: usize| -> Result<Box<dyn Sink>, ConfigError> {
             match s {
                 SinkSpec::File { path } => Ok(Box::new(
@@ -127,9 +136,10 @@ impl ValidPipeline {
                     let sink = MqttSink::start(MqttSinkOptions {
                         endpoint: endpoint(&m.conn, &self.client_prefix(), &name, 1 << 28, true)
                             .map_err(err)?,
-                        topic: m.topic.clone(),
+                        topic: m.topic.clone().with_whole_topic(topic_field),
                         qos: m.qos,
                         retain: m.retain,
+                        keep_retain: m.keep_retain,
                         buffer: BufferOptions {
                             memory: m.memory,
                             disk: dir.map(|d| (d, m.disk)),

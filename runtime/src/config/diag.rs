@@ -144,7 +144,17 @@ impl Checker {
                     e.line,
                     e.column + err.column.saturating_sub(1),
                     path,
-                    format!("bad expression `{}`: {}", e.0, err.message),
+                    format!(
+                        "bad expression `{}`: {}{}",
+                        e.0,
+                        err.message,
+                        // `{ a: f(x, y) }` splits at the comma.
+                        if e.0.matches('(').count() > e.0.matches(')').count() {
+                            "; in a `{ … }` mapping a comma ends the value: quote the expression, or write the mapping as indented lines"
+                        } else {
+                            ""
+                        }
+                    ),
                 );
                 None
             }

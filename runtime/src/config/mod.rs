@@ -225,6 +225,25 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
         }
         Some(w)
     });
+    // `retain: keep` needs the flag as it was published: MQTT 5's Retain
+    // As Published (3.1.1 brokers clear it on the way to a subscriber).
+    if sinks
+        .iter()
+        .any(|s| matches!(s, SinkSpec::Mqtt(m) if m.keep_retain))
+    {
+        let windowed = steps
+            .iter()
+            .any(|(s, _)| matches!(s, StepConfig::Window(_)));
+        let v5 =
+            matches!(&checked_source, Some((SourceSpec::Mqtt(m), _, _)) if m.conn.version == 5);
+        if let Some(n) = get("sink") {
+            if windowed {
+                c.node(n, "sink.mqtt.retain", "`keep` keeps the flag of forwarded messages; window results have none (use `true` or `false`)");
+            } else if checked_source.is_some() && !v5 {
+                c.node(n, "sink.mqtt.retain", "`keep` needs an MQTT source with `version: 5`: MQTT 3.1.1 brokers clear the retain flag of the messages they forward to a subscriber");
+            }
+        }
+    }
     let source_is_mqtt = matches!(checked_source, Some((SourceSpec::Mqtt(_), _, _)));
     let source_qos0 = matches!(&checked_source, Some((SourceSpec::Mqtt(m), _, _)) if m.qos == 0);
     let peers = get("peers").and_then(|n| {
@@ -302,6 +321,19 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
                     }
                     if !valid_field_name(k) {
                         c.sp(k, &p, "a field name is letters, digits and `_`, with `.` between nested names");
+                    }
+                    let whole_topic = match &checked_source {
+                        Some((SourceSpec::Mqtt(m), _, _)) => m.topic_field.as_deref(),
+                        _ => None,
+                    };
+                    let windowed = steps
+                        .iter()
+                        .any(|(s, _)| matches!(s, StepConfig::Window(_)));
+                    if source_cfg_format.as_deref() == Some("raw")
+                        && !windowed
+                        && whole_topic != Some(k.value.as_str())
+                    {
+                        c.sp(k, &p, "`format: raw` forwards payloads unchanged, so a step cannot add fields to them; use `format: json` or `text`, or write only `topic`");
                     }
                     if let Some(fields) = &mut known {
                         fields.push(k.value.clone());
@@ -384,6 +416,7 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
     };
     let format = match source_cfg_format.as_deref() {
         Some("text") => Format::Text,
+        Some("raw") => Format::Raw,
         _ => Format::Json,
     };
     let status = status_spec(&mut c, get("status"), &name, &source, &sinks, &peers)?;

@@ -41,6 +41,25 @@ pub(super) fn sink_list(c: &mut Checker, node: &Node, path: &str) -> Vec<SinkSpe
                         None
                     }
                 };
+                let (retain, keep_retain) = match m.retain.as_ref().map(|r| &r.value) {
+                    None => (false, false),
+                    Some(RetainConfig::Flag(f)) => (*f, false),
+                    // YAML scalars may arrive as words.
+                    Some(RetainConfig::Word(w)) if w == "true" => (true, false),
+                    Some(RetainConfig::Word(w)) if w == "false" => (false, false),
+                    Some(RetainConfig::Word(w)) if w == "keep" => (false, true),
+                    Some(RetainConfig::Word(w)) => {
+                        if let Some(r) = &m.retain {
+                            c.sp(
+                                r,
+                                &format!("{p}.retain"),
+                                format!("unknown value `{w}`; expected `true`, `false` or `keep`"),
+                            );
+                        }
+                        ok = false;
+                        (false, false)
+                    }
+                };
                 let b = m.buffer.clone();
                 let when_full = match b.as_ref().and_then(|b| b.when_full.as_ref()) {
                     None => WhenFull::Block,
@@ -74,7 +93,8 @@ pub(super) fn sink_list(c: &mut Checker, node: &Node, path: &str) -> Vec<SinkSpe
                     conn,
                     topic,
                     qos,
-                    retain: m.retain.unwrap_or(false),
+                    retain,
+                    keep_retain,
                     memory: memory.max(1),
                     disk: b.as_ref().and_then(|b| b.disk).unwrap_or(1_000_000),
                     dir: b

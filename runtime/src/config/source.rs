@@ -26,11 +26,14 @@ pub(super) fn check_source(
     }
     let mut ok = count == 1;
     if let Some(f) = &s.format {
-        if f.value != "json" && f.value != "text" {
+        if !["json", "text", "raw"].contains(&f.value.as_str()) {
             c.sp(
                 f,
                 "source.format",
-                format!("unknown format `{}`; expected `json` or `text`", f.value),
+                format!(
+                    "unknown format `{}`; expected `json`, `text` or `raw`",
+                    f.value
+                ),
             );
             ok = false;
         }

@@ -54,6 +54,8 @@ pub struct MqttSinkSpec {
     pub topic: TopicTemplate,
     pub qos: u8,
     pub retain: bool,
+    /// `retain: keep`.
+    pub keep_retain: bool,
     pub memory: usize,
     pub disk: usize,
     pub dir: Option<String>,

@@ -10,6 +10,14 @@ use serde::Deserialize;
 use std::borrow::Cow;
 
 /// A value with the line and column where it was written.
+/// A sink's `retain:`: a flag, or `keep`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum RetainConfig {
+    Flag(bool),
+    Word(String),
+}
+
 #[derive(Clone, Debug)]
 pub struct Sp<T> {
     pub value: T,
@@ -216,8 +224,9 @@ pub struct SourceConfig {
     pub mqtt: Option<MqttSourceConfig>,
     pub file: Option<FileSourceConfig>,
     pub generator: Option<GeneratorConfig>,
-    /// Payload format: `json` (one JSON object per event; the default) or
-    /// `text` (the payload is the field `value`, a number where it parses as one).
+    /// Payload format: `json` (one JSON object per event; the default),
+    /// `text` (the payload is the field `value`, a number where it parses as
+    /// one) or `raw` (not read; forwarded byte for byte).
     pub format: Option<Sp<String>>,
     /// Use the time carried by each event (event time).
     pub event_time: Option<EventTimeConfig>,
@@ -443,8 +452,9 @@ pub struct MqttSinkConfig {
     pub topic: Sp<String>,
     /// Quality of service: 0 or 1 (default 0).
     pub qos: Option<Sp<u8>>,
-    /// Publish with the retain flag.
-    pub retain: Option<bool>,
+    /// Publish with the retain flag: `true`, `false` (the default), or
+    /// `keep` (a pass-through event keeps the flag it came with).
+    pub retain: Option<Sp<RetainConfig>>,
     /// Store-and-forward while the broker is unreachable.
     pub buffer: Option<BufferConfig>,
 }

@@ -51,6 +51,8 @@ pub(super) struct Sinks {
     /// The fields of the main stream's records (rows are written as JSON
     /// here, at the sinks).
     pub schema: Schema,
+    /// The fields carried with pass-through events (the plan's `carry`).
+    pub carried: Vec<String>,
     pub main: Vec<Box<dyn Sink>>,
     pub late: Vec<Box<dyn Sink>>,
     pub dead: Vec<Box<dyn Sink>>,
@@ -84,6 +86,7 @@ pub(super) fn merge(
 ) -> Result<RunStats, RunError> {
     let Sinks {
         schema,
+        carried,
         main: mut sinks,
         mut late,
         mut dead,
@@ -144,6 +147,17 @@ pub(super) fn merge(
             match o.stream {
                 Stream::Main => {
                     stats.results += 1;
+                    if let crate::msg::Body::Event(e) = &o.body {
+                        let meta = crate::sinks::EventMeta {
+                            names: &carried,
+                            values: &e.fields,
+                            retain: e.retain,
+                        };
+                        for s in &mut sinks {
+                            s.write_event(&e.record, &meta)?;
+                        }
+                        continue;
+                    }
                     let line = o.json(&schema, &mut buf);
                     for s in &mut sinks {
                         s.write(line)?;

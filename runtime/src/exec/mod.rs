@@ -257,6 +257,7 @@ fn run(
             .first()
             .map(|op| op.output_schema())
             .unwrap_or_default(),
+        carried: plan.carry.iter().map(|(n, _)| n.clone()).collect(),
         main: p.sinks,
         late: p.late,
         dead: p.dead_letter,

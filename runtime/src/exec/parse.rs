@@ -200,6 +200,7 @@ impl ParseWorker {
                     }
                 }
                 Format::Text => row[plan.value_slot] = text_value(payload),
+                Format::Raw => {}
             }
             if let (Some((binder, slots)), Some(topic)) = (&plan.binder, raw.topic(item)) {
                 bind_topic(binder, slots, topic, row);
@@ -361,9 +362,23 @@ impl ParseWorker {
         } else {
             for i in 0..n {
                 if records.status[i] == Status::Live {
-                    let line = passthrough(plan, raw.payload(&raw.items[i]), records.get(i));
+                    let item = &raw.items[i];
+                    let row = records.get(i);
+                    let line = passthrough(plan, raw.payload(item), row);
                     out.outputs
-                        .push(Output::plain(i as u32, Stream::Main, line));
+                        .push(if plan.carry.is_empty() && !plan.carry_retain {
+                            Output::plain(i as u32, Stream::Main, line)
+                        } else {
+                            let fields = plan.carry.iter().map(|(_, s)| row[*s].clone());
+                            Output::event(
+                                i as u32,
+                                crate::msg::Event {
+                                    record: line,
+                                    fields: fields.collect(),
+                                    retain: item.retain,
+                                },
+                            )
+                        });
                 }
             }
         }
@@ -500,6 +515,8 @@ fn passthrough(plan: &Plan, payload: &[u8], row: &[Value]) -> Vec<u8> {
         // The payload decoded as an object earlier, so this parse succeeds.
         Format::Json => serde_json::from_slice(payload).unwrap_or_default(),
         Format::Text => serde_json::json!({ "value": row[plan.value_slot].to_json() }),
+        // The builder refuses steps that write fields with raw payloads.
+        Format::Raw => return payload.to_vec(),
     };
     for (path, slot) in writes {
         let mut cur = &mut obj;

@@ -265,9 +265,23 @@ impl Client {
         }
     }
     pub fn subscribe(&self, filter: &str, qos: u8) -> Result<(), String> {
+        self.subscribe_with(filter, qos, false)
+    }
+    /// Subscribes; with `retain_as_published` (MQTT 5 only) messages keep
+    /// the retain flag they were published with.
+    pub fn subscribe_with(
+        &self,
+        filter: &str,
+        qos: u8,
+        retain_as_published: bool,
+    ) -> Result<(), String> {
         match self {
             Client::V4(c) => c.subscribe(filter, qos4(qos)).map_err(|e| e.to_string()),
-            Client::V5(c) => c.subscribe(filter, qos5(qos)).map_err(|e| e.to_string()),
+            Client::V5(c) => {
+                let mut f = rumqttc::v5::mqttbytes::v5::Filter::new(filter, qos5(qos));
+                f.preserve_retain = retain_as_published;
+                c.subscribe_many([f]).map_err(|e| e.to_string())
+            }
         }
     }
     /// Queues a publish, waiting for room in the client's request queue

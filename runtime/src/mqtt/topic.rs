@@ -120,12 +120,24 @@ impl TopicPattern {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TopicTemplate {
     parts: Vec<TemplatePart>,
+    /// The field that holds a whole incoming topic (the source's
+    /// `topic_field`): its value keeps its `/` levels.
+    whole_topic: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum TemplatePart {
     Text(String),
     Field(String),
+}
+
+/// A field's value as a template sees it.
+pub enum Piece<'a> {
+    Str(&'a str),
+    /// Missing or null.
+    Missing,
+    /// A number or a boolean, as JSON writes it.
+    Other(String),
 }
 
 impl TopicTemplate {
@@ -155,7 +167,17 @@ impl TopicTemplate {
         if !rest.is_empty() {
             parts.push(TemplatePart::Text(rest.to_string()));
         }
-        Ok(TopicTemplate { parts })
+        Ok(TopicTemplate {
+            parts,
+            whole_topic: None,
+        })
+    }
+
+    /// `{field}` is a whole topic: its `/` are kept (other fields' become
+    /// `_`, since a value fills one level).
+    pub fn with_whole_topic(mut self, field: Option<&str>) -> Self {
+        self.whole_topic = field.map(str::to_string);
+        self
     }
 
     pub fn fields(&self) -> Vec<String> {
@@ -174,40 +196,57 @@ impl TopicTemplate {
 
     /// Fills the template, writing `_unknown` for missing fields.
     pub fn render_lenient(&self, record: &serde_json::Value) -> String {
-        self.fill(record, true).unwrap_or_default()
+        self.fill(true, |f| json_piece(record, f))
+            .unwrap_or_default()
     }
 
     /// Fills the template from a JSON object; `Err` names a missing field.
     pub fn render(&self, record: &serde_json::Value) -> Result<String, String> {
-        self.fill(record, false)
+        self.fill(false, |f| json_piece(record, f))
     }
 
-    fn fill(&self, record: &serde_json::Value, lenient: bool) -> Result<String, String> {
+    /// Fills the template from looked-up values; `Err` names a missing
+    /// field, and with `lenient` it is written as `_unknown` instead.
+    pub fn fill<'a>(
+        &self,
+        lenient: bool,
+        get: impl Fn(&str) -> Piece<'a>,
+    ) -> Result<String, String> {
         let mut out = String::new();
         for p in &self.parts {
             match p {
                 TemplatePart::Text(s) => out.push_str(s),
-                TemplatePart::Field(f) => {
-                    let v = f
-                        .split('.')
-                        .try_fold(record, |v, k| v.get(k))
-                        .or_else(|| record.get(f.as_str()));
-                    match v {
-                        Some(serde_json::Value::String(s)) => {
+                TemplatePart::Field(f) => match get(f) {
+                    Piece::Str(s) if !s.is_empty() => {
+                        if self.whole_topic.as_deref() == Some(f.as_str()) {
+                            out.push_str(&s.replace(['+', '#'], "_"))
+                        } else {
                             out.push_str(&s.replace(['/', '+', '#'], "_"))
                         }
-                        Some(serde_json::Value::Null) | None if lenient => out.push_str("_unknown"),
-                        Some(serde_json::Value::Null) | None => {
-                            return Err(format!(
-                                "the topic needs field `{f}`, which the record lacks"
-                            ))
-                        }
-                        Some(other) => out.push_str(&other.to_string()),
                     }
-                }
+                    Piece::Str(_) | Piece::Missing if lenient => out.push_str("_unknown"),
+                    Piece::Str(_) | Piece::Missing => {
+                        return Err(format!(
+                            "the topic needs field `{f}`, which the record lacks"
+                        ))
+                    }
+                    Piece::Other(s) => out.push_str(&s),
+                },
             }
         }
         Ok(out)
+    }
+}
+
+fn json_piece<'a>(record: &'a serde_json::Value, f: &str) -> Piece<'a> {
+    let v = f
+        .split('.')
+        .try_fold(record, |v, k| v.get(k))
+        .or_else(|| record.get(f));
+    match v {
+        Some(serde_json::Value::String(s)) => Piece::Str(s),
+        Some(serde_json::Value::Null) | None => Piece::Missing,
+        Some(other) => Piece::Other(other.to_string()),
     }
 }
 
@@ -247,5 +286,17 @@ mod tests {
         assert!(TopicTemplate::parse("a/+").is_err());
         assert!(TopicTemplate::parse("a/{x").is_err());
         assert!(TopicTemplate::parse("late/sensors").unwrap().is_static());
+    }
+
+    #[test]
+    fn a_whole_topic_keeps_its_levels() {
+        let t = TopicTemplate::parse("copy/{topic}/{id}")
+            .unwrap()
+            .with_whole_topic(Some("topic"));
+        let rec = serde_json::json!({"topic": "a/b/c", "id": "x/y"});
+        assert_eq!(t.render(&rec).unwrap(), "copy/a/b/c/x_y");
+        let rec = serde_json::json!({"topic": "", "id": 1});
+        assert!(t.render(&rec).is_err());
+        assert_eq!(t.render_lenient(&rec), "copy/_unknown/1");
     }
 }

@@ -75,6 +75,7 @@ impl Graph {
         let format = match p.format {
             crate::plan::Format::Json => "json",
             crate::plan::Format::Text => "text",
+            crate::plan::Format::Raw => "raw",
         };
         node(&mut g, "decode", "decode", format.into());
         let mut n = 0;

@@ -43,6 +43,9 @@ pub enum Format {
     /// The payload is the field `value`: a number where it parses as one,
     /// else a string (many devices publish bare numbers).
     Text,
+    /// The payload is not read: it is forwarded byte for byte (binary
+    /// too). Only the topic's fields are there for steps.
+    Raw,
 }
 
 /// How events are placed in time.
@@ -119,8 +122,14 @@ pub(crate) struct Plan {
     pub window: Option<WindowDef>,
     /// Aggregate function, compiled argument and name, per aggregate.
     pub aggs: Vec<(AggFunc, Option<Expr>, String)>,
-    /// Fields written by steps, overlaid on pass-through outputs.
+    /// Fields written by steps, overlaid on pass-through outputs (never the
+    /// topic's fields: those place an event, they are not part of it).
     pub writes: Vec<(String, usize)>,
+    /// Fields the main sinks fill their topics from, carried with each
+    /// pass-through output (see [`crate::sinks::Sink::topic_fields`]).
+    pub carry: Vec<(String, usize)>,
+    /// A main sink keeps each message's retain flag.
+    pub carry_retain: bool,
     pub workers: usize,
     pub max_payload: usize,
     pub has_late_sink: bool,
@@ -340,7 +349,7 @@ impl PipelineBuilder {
         let mut fields = FieldTree::new();
         let value_slot = match self.format {
             Format::Text => fields.slot("value"),
-            Format::Json => usize::MAX,
+            Format::Json | Format::Raw => usize::MAX,
         };
         let binder = self
             .source
@@ -362,9 +371,7 @@ impl PipelineBuilder {
         let mut after = Vec::new();
         let mut key: Option<Vec<String>> = None;
         let mut window: Option<WindowDef> = None;
-        // A pass-through event carries the fields bound from its topic too.
-        let mut writes: Vec<(String, usize)> =
-            binder.as_ref().map(|b| b.1.clone()).unwrap_or_default();
+        let mut writes: Vec<(String, usize)> = Vec::new();
         let shapes: Vec<StepShape> = self
             .entries
             .iter()
@@ -424,6 +431,29 @@ impl PipelineBuilder {
         if let Some(p) = rules::check_workers(workers) {
             problems.push(format!("workers {}", p.message));
         }
+        // Writing the whole-topic field changes where an event goes, not
+        // the event.
+        let topic_field = binder.as_ref().and_then(|b| b.0.topic_field.clone());
+        writes.retain(|(w, _)| Some(w) != topic_field.as_ref());
+        if self.format == Format::Raw && window.is_none() {
+            if let Some((w, _)) = writes.first() {
+                problems.push(format!(
+                    "a step writes `{w}`, but `format: raw` forwards payloads unchanged; use `format: json` or `text` to add fields"
+                ));
+            }
+        }
+        let (carry, carry_retain) = if window.is_none() {
+            let mut carry: Vec<(String, usize)> = Vec::new();
+            for f in self.sinks.iter().flat_map(|s| s.topic_fields()) {
+                if !carry.iter().any(|(n, _)| *n == f) {
+                    let slot = fields.slot(&f);
+                    carry.push((f, slot));
+                }
+            }
+            (carry, self.sinks.iter().any(|s| s.keeps_retain()))
+        } else {
+            (Vec::new(), false)
+        };
         let key_names = key.unwrap_or_default();
         let key_slots = key_names.iter().map(|k| fields.slot(k)).collect();
         let aggs = window
@@ -458,6 +488,8 @@ impl PipelineBuilder {
             window,
             aggs,
             writes,
+            carry,
+            carry_retain,
             workers,
             max_payload: self.max_payload,
             has_late_sink: !self.late.is_empty(),

@@ -21,6 +21,23 @@ pub enum SinkError {
     Other(String),
 }
 
+/// What goes with a pass-through event: the fields its sinks asked for,
+/// and the incoming message's retain flag.
+pub struct EventMeta<'a> {
+    pub names: &'a [String],
+    pub values: &'a [crate::value::Value],
+    pub retain: bool,
+}
+
+impl EventMeta<'_> {
+    pub fn get(&self, name: &str) -> Option<&crate::value::Value> {
+        self.names
+            .iter()
+            .position(|n| n == name)
+            .and_then(|i| self.values.get(i))
+    }
+}
+
 pub trait Sink: Send {
     /// A short description for logs, like `file out.jsonl`.
     fn describe(&self) -> String;
@@ -29,6 +46,21 @@ pub trait Sink: Send {
     fn start(&mut self, _ctx: &crate::context::RunContext) {}
     /// Writes one record (a JSON object, no trailing newline).
     fn write(&mut self, record: &[u8]) -> Result<(), SinkError>;
+    /// Fields this sink places a pass-through event by (its topic's
+    /// fields): the pipeline hands their values to [`Sink::write_event`],
+    /// so they need not be part of the record.
+    fn topic_fields(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Whether this sink wants each event's retain flag.
+    fn keeps_retain(&self) -> bool {
+        false
+    }
+    /// Writes a pass-through event; `fields` holds the values of `names`
+    /// (the fields the pipeline's main sinks asked for).
+    fn write_event(&mut self, record: &[u8], _event: &EventMeta) -> Result<(), SinkError> {
+        self.write(record)
+    }
     /// Makes what was written so far visible (called after every batch).
     fn flush(&mut self) -> Result<(), SinkError>;
     /// Called once at the end of the run.

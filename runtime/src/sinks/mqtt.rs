@@ -67,7 +67,10 @@ pub struct MqttSinkOptions {
     pub endpoint: Endpoint,
     pub topic: TopicTemplate,
     pub qos: u8,
+    /// Publish with the retain flag (for messages that have none of their own).
     pub retain: bool,
+    /// Pass-through events keep the retain flag they came with.
+    pub keep_retain: bool,
     pub buffer: BufferOptions,
     /// Names the disk buffer file (`<name>.redb`).
     pub name: String,
@@ -80,6 +83,11 @@ struct Msg {
     /// Order of hand-over to the client (not stored).
     #[serde(skip)]
     seq: u64,
+    /// The message's own retain flag (`None`: the sink's). On disk a byte
+    /// after the encoded message; messages buffered by earlier versions
+    /// have none.
+    #[serde(skip)]
+    retain: Option<bool>,
 }
 
 const OUTBOX: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("outbox");
@@ -140,7 +148,10 @@ impl DiskQueue {
         {
             let mut t = txn.open_table(OUTBOX).map_err(|e| db_err(&self.path, e))?;
             for (i, m) in msgs.iter().enumerate() {
-                let bytes = postcard::to_stdvec(m).map_err(|e| db_err(&self.path, e))?;
+                let mut bytes = postcard::to_stdvec(m).map_err(|e| db_err(&self.path, e))?;
+                if let Some(r) = m.retain {
+                    bytes.push(r as u8);
+                }
                 t.insert(at + i as u64, bytes.as_slice())
                     .map_err(|e| db_err(&self.path, e))?;
             }
@@ -170,8 +181,11 @@ impl DiskQueue {
                 let Some((_, v)) = t.pop_first().map_err(|e| db_err(&self.path, e))? else {
                     break;
                 };
-                match postcard::from_bytes::<Msg>(v.value()) {
-                    Ok(m) => out.push(m),
+                match postcard::take_from_bytes::<Msg>(v.value()) {
+                    Ok((mut m, rest)) => {
+                        m.retain = rest.first().map(|&b| b == 1);
+                        out.push(m)
+                    }
                     Err(e) => {
                         tracing::error!(file = %self.path.display(), error = %e, "skipping an unreadable buffered message")
                     }
@@ -413,6 +427,7 @@ fn publish_loop(shared: &Shared, stop: &AtomicBool, client: &Client, qos: u8, re
                     return;
                 }
             };
+            let retain = msg.retain.unwrap_or(retain);
             if client.try_publish(&msg.topic, qos, retain, msg.payload.clone()) {
                 let mut msg = msg;
                 msg.seq = st.next_seq;
@@ -436,9 +451,65 @@ fn publish_loop(shared: &Shared, stop: &AtomicBool, client: &Client, qos: u8, re
     }
 }
 
+impl MqttSink {
+    fn warn_topic(&mut self, e: &str) {
+        if !self.warned_topic {
+            tracing::warn!(broker = %self.url, error = %e, "publishing to the topic with `_unknown` for missing fields");
+            self.warned_topic = true;
+        }
+    }
+
+    fn enqueue(&mut self, msg: Msg) -> Result<(), SinkError> {
+        let mut st = self.shared.lock();
+        self.fatal(&st)?;
+        if st.mem.len() >= self.opts.buffer.memory {
+            st = self.make_room(st)?;
+        }
+        st.mem.push_back(msg);
+        self.shared.cv.notify_all();
+        Ok(())
+    }
+}
+
 impl Sink for MqttSink {
     fn describe(&self) -> String {
         format!("mqtt {}", self.url)
+    }
+
+    fn topic_fields(&self) -> Vec<String> {
+        self.opts.topic.fields()
+    }
+
+    fn keeps_retain(&self) -> bool {
+        self.opts.keep_retain
+    }
+
+    fn write_event(
+        &mut self,
+        record: &[u8],
+        event: &crate::sinks::EventMeta,
+    ) -> Result<(), SinkError> {
+        use crate::mqtt::topic::Piece;
+        use crate::value::Value;
+        let piece = |f: &str| match event.get(f) {
+            Some(Value::Str(s)) => Piece::Str(s),
+            Some(Value::Null) | None => Piece::Missing,
+            Some(v) => Piece::Other(v.to_json().to_string()),
+        };
+        let topic = match self.opts.topic.fill(false, piece) {
+            Ok(t) => t,
+            Err(e) => {
+                self.warn_topic(&e);
+                self.opts.topic.fill(true, piece).unwrap_or_default()
+            }
+        };
+        let retain = self.opts.keep_retain.then_some(event.retain);
+        self.enqueue(Msg {
+            topic,
+            payload: record.to_vec(),
+            seq: 0,
+            retain,
+        })
     }
 
     fn write(&mut self, record: &[u8]) -> Result<(), SinkError> {
@@ -452,27 +523,17 @@ impl Sink for MqttSink {
             match self.opts.topic.render(&v) {
                 Ok(t) => t,
                 Err(e) => {
-                    if !self.warned_topic {
-                        tracing::warn!(broker = %self.url, error = %e, "publishing to the topic with `_unknown` for missing fields");
-                        self.warned_topic = true;
-                    }
+                    self.warn_topic(&e);
                     self.opts.topic.render_lenient(&v)
                 }
             }
         };
-        let msg = Msg {
+        self.enqueue(Msg {
             topic,
             payload: record.to_vec(),
             seq: 0,
-        };
-        let mut st = self.shared.lock();
-        self.fatal(&st)?;
-        if st.mem.len() >= self.opts.buffer.memory {
-            st = self.make_room(st)?;
-        }
-        st.mem.push_back(msg);
-        self.shared.cv.notify_all();
-        Ok(())
+            retain: None,
+        })
     }
 
     fn start(&mut self, ctx: &crate::context::RunContext) {
@@ -622,6 +683,7 @@ mod tests {
             topic: format!("t/{i}"),
             payload: vec![i as u8],
             seq: 0,
+            retain: None,
         }
     }
 

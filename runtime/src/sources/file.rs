@@ -224,6 +224,7 @@ fn finish_line(
                 position: line_no,
                 oversize: Some(size),
                 topic: (0, 0),
+                retain: false,
             });
         }
         None => push_line(batch, line, line_no, max_payload),

@@ -38,6 +38,9 @@ pub const LINGER: Duration = Duration::from_millis(5);
 /// recognised.
 pub const KEEP_FOR_DEDUP: u64 = 1024;
 
+/// The retain flag's bit in an entry's topic length.
+const RETAIN_BIT: u32 = 1 << 31;
+
 /// One journaled message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry<'a> {
@@ -46,26 +49,34 @@ pub struct Entry<'a> {
     pub payload: &'a [u8],
     /// When it arrived (epoch ms), kept for ingestion time; 0: not kept.
     pub arrival: i64,
+    /// It came with the retain flag (kept in the topic length's top bit,
+    /// which a topic of at most 65,535 bytes never sets: older entries read
+    /// as not retained).
+    pub retain: bool,
 }
 
 impl<'a> Entry<'a> {
     fn encode(&self, out: &mut Vec<u8>) {
         out.clear();
         out.extend_from_slice(&self.pkid.to_le_bytes());
-        out.extend_from_slice(&(self.topic.len() as u32).to_le_bytes());
+        let len = self.topic.len() as u32 | if self.retain { RETAIN_BIT } else { 0 };
+        out.extend_from_slice(&len.to_le_bytes());
         out.extend_from_slice(self.topic.as_bytes());
         out.extend_from_slice(self.payload);
     }
 
     fn decode(b: &'a [u8]) -> Option<Entry<'a>> {
         let pkid = u16::from_le_bytes(b.get(0..2)?.try_into().ok()?);
-        let len = u32::from_le_bytes(b.get(2..6)?.try_into().ok()?) as usize;
+        let len = u32::from_le_bytes(b.get(2..6)?.try_into().ok()?);
+        let retain = len & RETAIN_BIT != 0;
+        let len = (len & !RETAIN_BIT) as usize;
         let topic = std::str::from_utf8(b.get(6..6usize.checked_add(len)?)?).ok()?;
         Some(Entry {
             pkid,
             topic,
             payload: b.get(6 + len..)?,
             arrival: 0,
+            retain,
         })
     }
 }
@@ -321,7 +332,30 @@ mod tests {
             topic,
             payload,
             arrival: 0,
+            retain: false,
         }
+    }
+
+    #[test]
+    fn the_retain_flag_is_kept_and_older_entries_read_as_not_retained() {
+        let kept = Entry {
+            retain: true,
+            ..e(7, "a/b", b"\x00\xff")
+        };
+        let mut buf = Vec::new();
+        kept.encode(&mut buf);
+        assert_eq!(Entry::decode(&buf), Some(kept.clone()));
+        // An entry as the previous version wrote it: plain topic length.
+        let mut old = 7u16.to_le_bytes().to_vec();
+        old.extend_from_slice(&3u32.to_le_bytes());
+        old.extend_from_slice(b"a/b\x00\xff");
+        assert_eq!(
+            Entry::decode(&old),
+            Some(Entry {
+                retain: false,
+                ..kept
+            })
+        );
     }
 
     #[test]

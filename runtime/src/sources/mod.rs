@@ -36,6 +36,8 @@ pub struct RawItem {
     pub oversize: Option<u64>,
     /// Byte range of the MQTT topic in [`RawBatch::topics`] (empty when none).
     pub topic: (u32, u32),
+    /// The MQTT message came with the retain flag.
+    pub retain: bool,
 }
 
 /// Raw payloads, stored back to back in one buffer.
@@ -63,6 +65,7 @@ impl RawBatch {
             position,
             oversize: None,
             topic: (0, 0),
+            retain: false,
         });
     }
 
@@ -86,6 +89,7 @@ impl RawBatch {
             position,
             oversize,
             topic: (t0, self.topics.len() as u32),
+            retain: false,
         });
     }
 

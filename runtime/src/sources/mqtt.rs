@@ -77,6 +77,10 @@ pub struct MqttSourceOptions {
     /// Ingestion time: stamp each message when it arrives and keep the
     /// stamp in the journal, so a replay gives it the same time.
     pub stamp_arrivals: bool,
+    /// Subscribe with MQTT 5's Retain As Published, so messages keep the
+    /// retain flag they were published with (a sink has `retain: keep`).
+    /// MQTT 3.1.1 has no such option: its brokers clear the flag.
+    pub retain_as_published: bool,
 }
 
 /// A message on its way to the pipeline, with its journal number (0 when
@@ -87,6 +91,7 @@ struct Live {
     payload: Bytes,
     /// Arrival stamp (epoch ms) with `stamp_arrivals`, else 0.
     arrival: i64,
+    retain: bool,
 }
 
 /// What the connection thread needs; taken when it starts (first poll).
@@ -97,6 +102,7 @@ struct Start {
     /// Shared subscription: retained messages are dropped.
     drop_retained: bool,
     stamp_arrivals: bool,
+    retain_as_published: bool,
     qos: u8,
     journal: Option<(Journal, journal::Opened)>,
 }
@@ -181,6 +187,7 @@ impl MqttSource {
                 filters,
                 drop_retained: opts.share_group.is_some(),
                 stamp_arrivals: opts.stamp_arrivals,
+                retain_as_published: opts.retain_as_published,
                 qos: opts.qos,
                 journal,
             }),
@@ -277,6 +284,7 @@ impl MqttSource {
         batch.push_message(&msg.topic, &msg.payload, self.position, max_payload);
         if let Some(it) = batch.items.last_mut() {
             it.arrival_ms = msg.arrival;
+            it.retain = msg.retain;
         }
         None
     }
@@ -306,6 +314,7 @@ impl MqttSource {
                 if let Some(it) = batch.items.last_mut() {
                     // 0 (not stamped): the reader stamps it now.
                     it.arrival_ms = e.arrival;
+                    it.retain = e.retain;
                 }
                 last = seq;
             })
@@ -494,6 +503,7 @@ struct Held {
     pkid: u16,
     /// Arrival stamp (epoch ms) with `stamp_arrivals`, else 0.
     arrival: i64,
+    retain: bool,
 }
 
 /// The connection thread's side: subscribes, journals, acknowledges, and
@@ -511,6 +521,8 @@ struct Inbound {
     drop_retained: bool,
     /// Stamp arrivals (ingestion time).
     stamp_arrivals: bool,
+    /// Subscribe with Retain As Published (MQTT 5).
+    retain_as_published: bool,
     /// Retained messages dropped so far.
     dropped_retained: u64,
     journal: Option<Journal>,
@@ -581,6 +593,7 @@ impl Inbound {
             ever_connected: false,
             drop_retained: start.drop_retained,
             stamp_arrivals: start.stamp_arrivals,
+            retain_as_published: start.retain_as_published,
             dropped_retained: 0,
             journal,
             next,
@@ -616,12 +629,12 @@ impl Inbound {
                     // Subscribing waits for room in the client's queue,
                     // which only this thread empties: do it from another.
                     let (client, filters) = (self.client.clone(), self.filters.clone());
-                    let (url, qos) = (self.url.clone(), self.qos);
+                    let (url, qos, rap) = (self.url.clone(), self.qos, self.retain_as_published);
                     let spawned = std::thread::Builder::new()
                         .name("rivulet-mqtt-sub".into())
                         .spawn(move || {
                             for f in &filters {
-                                if let Err(e) = client.subscribe(f, qos) {
+                                if let Err(e) = client.subscribe_with(f, qos, rap) {
                                     tracing::error!(broker = %url, filter = %f, error = %e, "cannot subscribe");
                                 }
                             }
@@ -644,8 +657,9 @@ impl Inbound {
                 payload,
                 pkid,
                 dup,
+                retain,
                 ..
-            } => self.on_message(topic, payload, pkid, dup),
+            } => self.on_message(topic, payload, pkid, dup, retain),
             Ev::Disconnected { reason, permanent } => {
                 if permanent && !self.ever_connected {
                     if let Ok(mut f) = self.fatal.lock() {
@@ -700,7 +714,14 @@ impl Inbound {
         ok
     }
 
-    fn on_message(&mut self, topic: String, payload: Bytes, pkid: u16, dup: bool) -> bool {
+    fn on_message(
+        &mut self,
+        topic: String,
+        payload: Bytes,
+        pkid: u16,
+        dup: bool,
+        retain: bool,
+    ) -> bool {
         if !dup {
             self.earlier_run = None;
         }
@@ -738,6 +759,7 @@ impl Inbound {
             payload,
             pkid,
             arrival,
+            retain,
         });
         self.holding.store(true, Ordering::Relaxed);
         if self.group.len() >= journal::GROUP {
@@ -796,6 +818,7 @@ impl Inbound {
                     topic: m.topic,
                     payload: m.payload,
                     arrival: m.arrival,
+                    retain: m.retain,
                 })
                 .collect::<Vec<_>>();
             return group.is_empty() || self.tx.send(group).is_ok();
@@ -815,6 +838,7 @@ impl Inbound {
                 topic: &m.topic,
                 payload: &m.payload,
                 arrival: m.arrival,
+                retain: m.retain,
             })
             .collect();
         if let Err(e) = j.append(self.next, &entries, trim) {
@@ -858,6 +882,7 @@ impl Inbound {
                 topic: m.topic,
                 payload: m.payload,
                 arrival: m.arrival,
+                retain: m.retain,
             })
             .collect::<Vec<_>>();
         self.next += group.len() as u64;
