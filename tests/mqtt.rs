@@ -626,6 +626,173 @@ fn validate_refuses_fields_on_raw_payloads_and_retain_keep_without_mqtt5() {
     assert!(err.contains("expected `true`, `false` or `keep`"), "{err}");
 }
 
+/// Results announce themselves to Home Assistant: retained configs per key
+/// and field before the key's first result, sent again after a purge and
+/// when Home Assistant says it started.
+#[test]
+fn home_assistant_discovery_announces_each_key_and_comes_back_after_a_purge() {
+    let b = Broker::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        r#"
+name: ha-averages
+source:
+  mqtt: {{ url: "{url}", topics: ["ha/{{sensor_id}}/t"], qos: 1 }}
+  event_time: {{ field: ts }}
+steps:
+  - key_by: sensor_id
+  - window:
+      tumbling: 1s
+      aggregate: {{ avg_celsius: avg(t), readings: count() }}
+sink:
+  mqtt:
+    url: "{url}"
+    topic: "averages/{{sensor_id}}"
+    qos: 1
+    home_assistant:
+      name: "{{sensor_id}} average"
+      fields:
+        avg_celsius: {{ unit: "°C", device_class: temperature, state_class: measurement }}
+        readings: {{}}
+"#,
+        url = b.url()
+    );
+    let (inbox, _sub) = subscribe_raw(b.port, "#");
+    let run = Rivulet::start(dir.path(), &yaml);
+    eventually("rivulet to subscribe", 20, || b.log().contains("ha/+/t"));
+    const T0: i64 = 1_800_000_000_000;
+    let ev = |s: &str, ts: i64, t: f64| (format!("ha/{s}/t"), format!("{{\"ts\":{ts},\"t\":{t}}}"));
+    publish_all(
+        b.port,
+        &[
+            ev("s1", T0, 20.0),
+            ev("s2", T0 + 100, 30.0),
+            ev("s1", T0 + 200, 22.0),
+        ],
+    );
+    publish_all(
+        b.port,
+        &[ev("s1", T0 + 5000, 1.0), ev("s2", T0 + 5000, 1.0)],
+    );
+    eventually("both keys' results", 20, || {
+        let got = inbox.lock().unwrap();
+        ["averages/s1", "averages/s2"]
+            .iter()
+            .all(|t| got.iter().any(|m| m.0 == *t))
+    });
+    let got = inbox.lock().unwrap().clone();
+    let configs = |got: &[(String, Vec<u8>, bool)]| -> Vec<(String, Value)> {
+        got.iter()
+            .filter(|m| m.0.starts_with("homeassistant/sensor/") && !m.1.is_empty())
+            .map(|m| (m.0.clone(), serde_json::from_slice(&m.1).unwrap()))
+            .collect()
+    };
+    let announced = configs(&got);
+    assert_eq!(
+        announced.len(),
+        4,
+        "two fields for each of two keys: {announced:?}"
+    );
+    for key in ["s1", "s2"] {
+        let state_topic = format!("averages/{key}");
+        let first_result = got.iter().position(|m| m.0 == state_topic).unwrap();
+        let result: Value = serde_json::from_slice(&got[first_result].1).unwrap();
+        let mine: Vec<&(String, Value)> = announced
+            .iter()
+            .filter(|(_, c)| c["state_topic"] == state_topic.as_str())
+            .collect();
+        assert_eq!(mine.len(), 2, "{key}: {mine:?}");
+        for (topic, c) in &mine {
+            let at = got.iter().position(|m| &m.0 == topic).unwrap();
+            assert!(
+                at < first_result,
+                "{key}: announced before its first result"
+            );
+            assert_eq!(
+                topic,
+                &format!(
+                    "homeassistant/sensor/{}/config",
+                    c["unique_id"].as_str().unwrap()
+                )
+            );
+            assert_eq!(c["availability_topic"], "rivulet/ha-averages/status");
+            assert_eq!(c["device"]["name"], format!("{key} average"));
+            assert_eq!(
+                c["device"]["identifiers"],
+                mine[0].1["device"]["identifiers"]
+            );
+            // The value template reads a field the result has.
+            let field = c["value_template"]
+                .as_str()
+                .unwrap()
+                .split('"')
+                .nth(1)
+                .unwrap()
+                .to_string();
+            assert!(result.get(&field).is_some(), "{field} in {result}");
+        }
+        let avg = mine
+            .iter()
+            .find(|(_, c)| c["name"] == "avg_celsius")
+            .unwrap();
+        assert_eq!(avg.1["unit_of_measurement"], "°C");
+        assert_eq!(avg.1["device_class"], "temperature");
+    }
+    // The configs are retained: a subscriber that comes later gets them.
+    let (late, _late_sub) = subscribe_raw(b.port, "homeassistant/#");
+    eventually("the retained configs", 20, || {
+        late.lock().unwrap().len() >= 4
+    });
+    assert!(late.lock().unwrap().iter().all(|m| m.2), "retained");
+    // A purged config comes back.
+    let purged = announced[0].0.clone();
+    let before = inbox.lock().unwrap().len();
+    publish_raw(b.port, &[(purged.clone(), Vec::new(), true)]);
+    eventually("the purged config again", 20, || {
+        inbox.lock().unwrap()[before..]
+            .iter()
+            .any(|m| m.0 == purged && !m.1.is_empty())
+    });
+    // Home Assistant's birth message brings all of them again.
+    let before = inbox.lock().unwrap().len();
+    publish_raw(
+        b.port,
+        &[("homeassistant/status".into(), b"online".to_vec(), false)],
+    );
+    eventually("every config again", 20, || {
+        configs(&inbox.lock().unwrap()[before..]).len() >= 4
+    });
+    let (code, _, err) = run.stop();
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
+fn home_assistant_fields_are_checked_against_the_results() {
+    let sink = |fields: &str| {
+        format!(
+            "name: h\nsource:\n  mqtt: {{ url: \"mqtt://127.0.0.1:1\", topics: [\"a/{{id}}\"] }}\n  event_time: {{ field: ts }}\nsteps:\n  - key_by: id\n  - window: {{ tumbling: 5s, aggregate: {{ avg_t: avg(t) }} }}\nsink:\n  mqtt:\n    url: \"mqtt://127.0.0.1:1\"\n    topic: \"avg/{{id}}\"\n    home_assistant:\n      fields: {fields}\n"
+        )
+    };
+    let (code, err) = validate(&sink("{ avg_t: { device_class: temperature } }"));
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = validate(&sink("{ avg_tt: {} }"));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("`avg_tt` is not a field of the results"),
+        "{err}"
+    );
+    assert!(err.contains("did you mean `avg_t`?"), "{err}");
+    let (code, err) = validate(&sink(
+        "{ avg_t: { device_class: temprature, state_class: sometimes } }",
+    ));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("did you mean `temperature`?"), "{err}");
+    assert!(
+        err.contains("`sometimes` is not a Home Assistant sensor state_class"),
+        "{err}"
+    );
+}
+
 #[test]
 fn mqtt5_source_and_sink() {
     let a = Broker::start("");

@@ -140,6 +140,19 @@ impl ValidPipeline {
                         qos: m.qos,
                         retain: m.retain,
                         keep_retain: m.keep_retain,
+                        // Availability is the status topic, when Home
+                        // Assistant can see it (the same broker).
+                        home_assistant: m.home_assistant.clone().map(|mut d| {
+                            d.pipeline = self.name.clone();
+                            d.availability = self
+                                .status
+                                .as_ref()
+                                .filter(|s| {
+                                    s.conn.host == m.conn.host && s.conn.port == m.conn.port
+                                })
+                                .map(|s| s.topic.clone());
+                            d
+                        }),
                         buffer: BufferOptions {
                             memory: m.memory,
                             disk: dir.map(|d| (d, m.disk)),

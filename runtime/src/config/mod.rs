@@ -407,6 +407,45 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
         }
     }
 
+    // Home Assistant announces result fields: with a window, they are known.
+    let keys: Vec<String> = specs
+        .iter()
+        .find_map(|s| match s {
+            StepSpec::KeyBy(k) => Some(k.clone()),
+            _ => None,
+        })
+        .unwrap_or_default();
+    if let Some(schema) = specs.iter().find_map(|s| match s {
+        StepSpec::Window(w) => Some(w.output_schema(&keys)),
+        _ => None,
+    }) {
+        for s in &sinks {
+            let SinkSpec::Mqtt(m) = s else { continue };
+            let Some(d) = &m.home_assistant else { continue };
+            let named = d
+                .fields
+                .iter()
+                .map(|f| f.field.clone())
+                .chain(d.name_fields());
+            for f in named {
+                if !schema.names.contains(&f) {
+                    let hint = suggest(&f, schema.names.iter().map(String::as_str))
+                        .map(|s| format!("; did you mean `{s}`?"))
+                        .unwrap_or_default();
+                    if let Some(n) = get("sink") {
+                        c.node(
+                            n,
+                            "sink.mqtt.home_assistant",
+                            format!(
+                                "`{f}` is not a field of the results ({}){hint}",
+                                schema.names.join(", ")
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
     if !c.problems.is_empty() {
         c.problems.sort_by_key(|p| (p.line == 0, p.line, p.column));
         return Err(c.problems);

@@ -60,6 +60,10 @@ pub(super) fn sink_list(c: &mut Checker, node: &Node, path: &str) -> Vec<SinkSpe
                         (false, false)
                     }
                 };
+                let home_assistant = m
+                    .home_assistant
+                    .as_ref()
+                    .map(|h| home_assistant(c, n, h, &p, qos, &topic));
                 let b = m.buffer.clone();
                 let when_full = match b.as_ref().and_then(|b| b.when_full.as_ref()) {
                     None => WhenFull::Block,
@@ -95,6 +99,7 @@ pub(super) fn sink_list(c: &mut Checker, node: &Node, path: &str) -> Vec<SinkSpe
                     qos,
                     retain,
                     keep_retain,
+                    home_assistant,
                     memory: memory.max(1),
                     disk: b.as_ref().and_then(|b| b.disk).unwrap_or(1_000_000),
                     dir: b
@@ -108,4 +113,82 @@ pub(super) fn sink_list(c: &mut Checker, node: &Node, path: &str) -> Vec<SinkSpe
         });
     }
     out
+}
+
+/// Checks a sink's `home_assistant:` block.
+fn home_assistant(
+    c: &mut Checker,
+    n: &Node,
+    h: &HomeAssistantConfig,
+    p: &str,
+    qos: u8,
+    topic: &Option<TopicTemplate>,
+) -> crate::sinks::home_assistant::Discovery {
+    use crate::sinks::home_assistant::{Discovery, FieldSpec, DEVICE_CLASSES, STATE_CLASSES};
+    let p = format!("{p}.home_assistant");
+    let prefix = match &h.discovery_prefix {
+        Some(d) => {
+            let v = d.value.trim().trim_end_matches('/');
+            if v.is_empty()
+                || v.contains(['+', '#'])
+                || TopicTemplate::parse(v)
+                    .map(|t| !t.is_static())
+                    .unwrap_or(true)
+            {
+                c.sp(
+                    d,
+                    &format!("{p}.discovery_prefix"),
+                    "must be a plain topic such as `homeassistant`",
+                );
+            }
+            v.to_string()
+        }
+        None => "homeassistant".to_string(),
+    };
+    if h.fields.is_empty() {
+        c.node(
+            n,
+            &format!("{p}.fields"),
+            "needs at least one result field to announce",
+        );
+    }
+    if topic.as_ref().is_some_and(|t| t.is_static()) {
+        c.node(n, &p, "the sink's topic names no `{field}`: every key would be announced on one topic; put the key fields in the topic (e.g. `averages/{sensor_id}`)");
+    }
+    let mut fields = Vec::new();
+    for (name, f) in &h.fields {
+        let fp = format!("{p}.fields.{}", name.value);
+        let one_of = |c: &mut Checker, v: &Option<Sp<String>>, list: &[&str], what: &str| {
+            if let Some(v) = v {
+                if !list.contains(&v.value.as_str()) {
+                    let hint = suggest(&v.value, list.iter().copied())
+                        .map(|s| format!("; did you mean `{s}`?"))
+                        .unwrap_or_default();
+                    c.sp(
+                        v,
+                        &format!("{fp}.{what}"),
+                        format!("`{}` is not a Home Assistant sensor {what}{hint}", v.value),
+                    );
+                }
+            }
+        };
+        one_of(c, &f.device_class, DEVICE_CLASSES, "device_class");
+        one_of(c, &f.state_class, STATE_CLASSES, "state_class");
+        fields.push(FieldSpec {
+            field: name.value.clone(),
+            name: f.name.clone(),
+            unit: f.unit.clone(),
+            device_class: f.device_class.as_ref().map(|v| v.value.clone()),
+            state_class: f.state_class.as_ref().map(|v| v.value.clone()),
+            icon: f.icon.clone(),
+        });
+    }
+    Discovery {
+        prefix,
+        name: h.name.as_ref().map(|n| n.value.clone()),
+        fields,
+        availability: None,
+        pipeline: String::new(),
+        qos,
+    }
 }

@@ -56,6 +56,9 @@ pub struct MqttSinkSpec {
     pub retain: bool,
     /// `retain: keep`.
     pub keep_retain: bool,
+    /// Home Assistant discovery (its availability and pipeline are set
+    /// when the sink is built).
+    pub home_assistant: Option<crate::sinks::home_assistant::Discovery>,
     pub memory: usize,
     pub disk: usize,
     pub dir: Option<String>,

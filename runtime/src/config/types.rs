@@ -457,7 +457,37 @@ pub struct MqttSinkConfig {
     pub retain: Option<Sp<RetainConfig>>,
     /// Store-and-forward while the broker is unreachable.
     pub buffer: Option<BufferConfig>,
+    /// Announce the results to Home Assistant (MQTT discovery).
+    pub home_assistant: Option<HomeAssistantConfig>,
 }
+}
+
+/// A sink's `home_assistant:` block.
+#[derive(Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HomeAssistantConfig {
+    /// Home Assistant's discovery prefix (default `homeassistant`).
+    pub discovery_prefix: Option<Sp<String>>,
+    /// The device's name; `{field}` from each result (default: its topic).
+    pub name: Option<Sp<String>>,
+    /// The result fields to announce, each a sensor.
+    pub fields: IndexMap<Sp<String>, HomeAssistantField>,
+}
+
+/// One announced field.
+#[derive(Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HomeAssistantField {
+    /// The entity's name (default: the field's).
+    pub name: Option<String>,
+    /// Unit of measurement, e.g. `°C`.
+    pub unit: Option<String>,
+    /// A Home Assistant sensor device class, e.g. `temperature`.
+    pub device_class: Option<Sp<String>>,
+    /// `measurement`, `total` or `total_increasing` (long-term statistics).
+    pub state_class: Option<Sp<String>>,
+    /// An icon, e.g. `mdi:thermometer`.
+    pub icon: Option<String>,
 }
 
 /// The outbox of an MQTT sink.

@@ -238,7 +238,7 @@ impl TopicTemplate {
     }
 }
 
-fn json_piece<'a>(record: &'a serde_json::Value, f: &str) -> Piece<'a> {
+pub fn json_piece<'a>(record: &'a serde_json::Value, f: &str) -> Piece<'a> {
     let v = f
         .split('.')
         .try_fold(record, |v, k| v.get(k))

@@ -4,6 +4,7 @@
 //! of JSON Lines without the newline), in the pipeline's deterministic
 //! output order, on one thread.
 
+pub mod home_assistant;
 pub mod mqtt;
 
 use std::io::{BufWriter, Write};

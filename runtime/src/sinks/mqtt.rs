@@ -71,6 +71,8 @@ pub struct MqttSinkOptions {
     pub retain: bool,
     /// Pass-through events keep the retain flag they came with.
     pub keep_retain: bool,
+    /// Announce results to Home Assistant (MQTT discovery).
+    pub home_assistant: Option<super::home_assistant::Discovery>,
     pub buffer: BufferOptions,
     /// Names the disk buffer file (`<name>.redb`).
     pub name: String,
@@ -216,6 +218,9 @@ struct State {
     ever_connected: bool,
     fatal: Option<String>,
     dropped: u64,
+    /// Home Assistant configs published so far, by config topic: sent
+    /// again when Home Assistant restarts or a config is purged.
+    discovery: std::collections::HashMap<String, Vec<u8>>,
 }
 
 impl State {
@@ -286,6 +291,8 @@ pub struct MqttSink {
     warned_topic: bool,
     /// Messages waiting or unconfirmed, set after every batch.
     outbox: Option<crate::metrics::Gauge>,
+    /// Result topics announced to Home Assistant.
+    announced: std::collections::HashSet<String>,
 }
 
 impl MqttSink {
@@ -314,12 +321,18 @@ impl MqttSink {
                 ever_connected: false,
                 fatal: None,
                 dropped: 0,
+                discovery: std::collections::HashMap::new(),
             }),
             cv: Condvar::new(),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let conn_thread = {
             let (shared, stop, url, qos) = (shared.clone(), stop.clone(), url.clone(), opts.qos);
+            let ha = opts
+                .home_assistant
+                .as_ref()
+                .map(|d| (d.birth_topic(), d.config_filter()));
+            let subscriber = client.clone();
             std::thread::Builder::new()
                 .name("rivulet-mqtt-conn".into())
                 .spawn(move || {
@@ -337,6 +350,38 @@ impl MqttSink {
                                     st.ever_connected = true;
                                     if !session_present {
                                         st.requeue_unfinished();
+                                    }
+                                    if let Some((birth, configs)) = &ha {
+                                        listen_to_home_assistant(&subscriber, &url, birth, configs);
+                                    }
+                                }
+                                Ev::Message { topic, payload, .. } => {
+                                    if let Some((birth, _)) = &ha {
+                                        // Home Assistant started (its birth
+                                        // message), or a config was purged.
+                                        let again: Vec<(String, Vec<u8>)> =
+                                            if topic == *birth && &payload[..] == b"online" {
+                                                st.discovery.clone().into_iter().collect()
+                                            } else if payload.is_empty() {
+                                                st.discovery
+                                                    .get(&topic)
+                                                    .map(|p| vec![(topic.clone(), p.clone())])
+                                                    .unwrap_or_default()
+                                            } else {
+                                                Vec::new()
+                                            };
+                                        if !again.is_empty() {
+                                            tracing::info!(broker = %url, configs = again.len(), "announcing results to Home Assistant again");
+                                        }
+                                        for (topic, payload) in again {
+                                            st.mem.push_back(Msg {
+                                                topic,
+                                                payload,
+                                                seq: 0,
+                                                retain: Some(true),
+                                            });
+                                        }
+                                        shared.cv.notify_all();
                                     }
                                 }
                                 Ev::Disconnected { reason, permanent } => {
@@ -357,7 +402,7 @@ impl MqttSink {
                                 Ev::PubAck(pkid) => {
                                     st.inflight.remove(&pkid);
                                 }
-                                Ev::Message { .. } | Ev::Tick | Ev::AckSent(_) => {}
+                                Ev::Tick | Ev::AckSent(_) => {}
                             }
                             shared.cv.notify_all();
                             true
@@ -388,6 +433,7 @@ impl MqttSink {
             threads: vec![conn_thread, publisher],
             warned_topic: false,
             outbox: None,
+            announced: std::collections::HashSet::new(),
         })
     }
 
@@ -404,6 +450,26 @@ impl MqttSink {
     /// Messages waiting in the outbox or not yet confirmed.
     pub fn pending(&self) -> usize {
         self.shared.lock().pending()
+    }
+}
+
+/// Subscribes (QoS 0, from another thread: the client's queue is emptied
+/// by the connection's own) to Home Assistant's birth topic and to the
+/// sensor configs, to announce again after a restart or a purge.
+fn listen_to_home_assistant(client: &Client, url: &str, birth: &str, configs: &str) {
+    let (client, url) = (client.clone(), url.to_string());
+    let filters = [birth.to_string(), configs.to_string()];
+    let spawned = std::thread::Builder::new()
+        .name("rivulet-mqtt-sub".into())
+        .spawn(move || {
+            for f in &filters {
+                if let Err(e) = client.subscribe(f, 0) {
+                    tracing::warn!(broker = %url, filter = %f, error = %e, "cannot subscribe for Home Assistant");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot subscribe for Home Assistant: no thread");
     }
 }
 
@@ -459,6 +525,32 @@ impl MqttSink {
         }
     }
 
+    /// Before the first result on `topic`: its Home Assistant configs.
+    fn announce<'a>(
+        &mut self,
+        topic: &str,
+        get: impl Fn(&str) -> crate::mqtt::topic::Piece<'a>,
+    ) -> Result<(), SinkError> {
+        let Some(d) = &self.opts.home_assistant else {
+            return Ok(());
+        };
+        if self.announced.contains(topic) {
+            return Ok(());
+        }
+        let configs = d.configs(topic, get);
+        self.announced.insert(topic.to_string());
+        for (t, p) in configs {
+            self.shared.lock().discovery.insert(t.clone(), p.clone());
+            self.enqueue(Msg {
+                topic: t,
+                payload: p,
+                seq: 0,
+                retain: Some(true),
+            })?;
+        }
+        Ok(())
+    }
+
     fn enqueue(&mut self, msg: Msg) -> Result<(), SinkError> {
         let mut st = self.shared.lock();
         self.fatal(&st)?;
@@ -477,7 +569,11 @@ impl Sink for MqttSink {
     }
 
     fn topic_fields(&self) -> Vec<String> {
-        self.opts.topic.fields()
+        let mut f = self.opts.topic.fields();
+        if let Some(d) = &self.opts.home_assistant {
+            f.extend(d.name_fields());
+        }
+        f
     }
 
     fn keeps_retain(&self) -> bool {
@@ -503,6 +599,7 @@ impl Sink for MqttSink {
                 self.opts.topic.fill(true, piece).unwrap_or_default()
             }
         };
+        self.announce(&topic, piece)?;
         let retain = self.opts.keep_retain.then_some(event.retain);
         self.enqueue(Msg {
             topic,
@@ -528,6 +625,10 @@ impl Sink for MqttSink {
                 }
             }
         };
+        if self.opts.home_assistant.is_some() && !self.announced.contains(&topic) {
+            let v: serde_json::Value = serde_json::from_slice(record).unwrap_or_default();
+            self.announce(&topic, |f| crate::mqtt::topic::json_piece(&v, f))?;
+        }
         self.enqueue(Msg {
             topic,
             payload: record.to_vec(),
