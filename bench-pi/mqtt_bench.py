@@ -4,14 +4,20 @@ rivulet, on the same stream of ~100-byte JSON readings, in one run.
 
     python3 bench-pi/mqtt_bench.py [--quick]
     python3 bench-pi/mqtt_bench.py --journal [--quick]
+    python3 bench-pi/mqtt_bench.py --baselines [--quick]
 
 Writes bench-pi/reports/mqtt-latest.md (compare with mqtt.md). With
 --journal: the window case with and without `state:` (the input journal and
-1 s checkpoints), rounds interleaved, to bench-pi/reports/mqtt-journal-latest.md."""
+1 s checkpoints), rounds interleaved, to bench-pi/reports/mqtt-journal-latest.md.
+With --baselines: a plain batched reader (mqtt_raw) against rivulet's window
+pipeline, and Mosquitto's own bridge against rivulet as a bridge between two
+brokers, all fed by the plain batched publisher, rounds interleaved, to
+bench-pi/reports/mqtt-baselines-latest.md."""
 import json, os, shutil, socket, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, "target/release/mqtt_tools")
+RAW = os.path.join(ROOT, "target/release/mqtt_raw")
 RIVULET = os.environ.get("RIVULET", os.path.join(ROOT, "target/release/rivulet"))
 QUICK = "--quick" in sys.argv
 N = {0: 100_000 if QUICK else 400_000, 1: 50_000 if QUICK else 200_000}
@@ -28,13 +34,13 @@ def free_port():
 
 
 class Broker:
-    def __init__(self, work, inflight=0):
+    def __init__(self, work, inflight=0, extra=""):
         self.port = free_port()
-        conf = os.path.join(work, "mosquitto.conf")
+        conf = os.path.join(work, f"mosquitto-{self.port}.conf")
         with open(conf, "w") as f:
             f.write(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nuser root\n"
                     "set_tcp_nodelay true\nmax_queued_messages 10000000\nmax_queued_bytes 0\n"
-                    f"max_inflight_messages {inflight}\npersistence false\nlog_type error\n")
+                    f"max_inflight_messages {inflight}\npersistence false\nlog_type error\n" + extra)
         self.proc = subprocess.Popen(["mosquitto", "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(100):
             try:
@@ -224,6 +230,8 @@ def main():
 
     if "--journal" in sys.argv:
         return journal(fresh, work)
+    if "--baselines" in sys.argv:
+        return baselines(fresh, work)
     rows = []
     for qos in (0, 1):
         ceil = fresh(case_ceiling, qos)
@@ -274,6 +282,141 @@ def journal(fresh, work):
                    f"{med(a, 'cpu_us_per_msg'):.1f} / {med(b, 'cpu_us_per_msg'):.1f} | {med(a, 'rss_mb'):.1f} / {med(b, 'rss_mb'):.1f} |")
     report = "\n".join(out) + "\n"
     with open(os.path.join(ROOT, "bench-pi/reports/mqtt-journal-latest.md"), "w") as f:
+        f.write(report)
+    print(report)
+
+
+def raw_sub(port, filt, qos, n, timeout=5):
+    p = subprocess.Popen([RAW, "sub", str(port), filt, str(qos), str(n), str(timeout)], stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    assert json.loads(line).get("ready"), line
+    return p
+
+
+def raw_pub(port, qos, n, rate):
+    out = subprocess.run([RAW, "pub", str(port), str(qos), str(n), str(rate), str(SENSORS)],
+                         capture_output=True, text=True, timeout=600).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def case_raw_reader(b, qos):
+    """The plain batched reader: the floor of an MQTT client's cost."""
+    c = raw_sub(b.port, "sensors/#", qos, N[qos])
+    cpu0 = cpu_s(c.pid)
+    t0 = time.time()
+    raw_pub(b.port, qos, N[qos], 0)
+    cpu = cpu_s(c.pid) - cpu0
+    r = finish(c)
+    return {"rate": rate_since(t0, r, r["received"]), "received": r["received"], "cpu_us_per_msg": cpu * 1e6 / N[qos]}
+
+
+def case_window_raw_fed(b, work, qos):
+    """rivulet's window pipeline, fed by the plain batched publisher."""
+    p, stats = start_rivulet(work, WINDOW.format(port=b.port, qos=qos))
+    cpu0 = cpu_s(p.pid)
+    t0 = time.time()
+    raw_pub(b.port, qos, N[qos], 0)
+    last = None
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        s = read_stats(stats)
+        if s and s["events_read"] >= N[qos]:
+            last = (s["time_ms"], s["events_read"])
+            break
+        time.sleep(0.05)
+    cpu = cpu_s(p.pid) - cpu0
+    stop(p)
+    if not last:
+        return {"rate": 0, "received": (read_stats(stats) or {}).get("events_read", 0), "cpu_us_per_msg": 0}
+    return {"rate": last[1] / max(last[0] / 1000 - t0, 1e-3), "received": last[1], "cpu_us_per_msg": cpu * 1e6 / N[qos]}
+
+
+RAW_BRIDGE = """name: bench-raw-bridge
+source:
+  mqtt: {{ url: "mqtt://127.0.0.1:{a}", topics: ["sensors/#"], qos: {qos} }}
+  format: raw
+sink:
+  mqtt: {{ url: "mqtt://127.0.0.1:{b}", topic: "{{topic}}", qos: {qos} }}
+"""
+
+
+def case_bridge(work, kind, qos, rate=0, n=None):
+    """Broker A to broker B, by Mosquitto's bridge (in A) or by rivulet;
+    CPU per message is A's plus the bridge's (what bridging adds to the
+    plain broker path), and rivulet's alone."""
+    n = n or N[qos]
+    b = Broker(work)
+    extra = ""
+    if kind == "mosquitto":
+        extra = (f"connection to-b\naddress 127.0.0.1:{b.port}\ntopic sensors/# out {qos}\n"
+                 "cleansession true\nbridge_protocol_version mqttv311\n")
+    a = Broker(work, 0, extra)
+    r = None
+    try:
+        if kind == "rivulet":
+            r, _ = start_rivulet(work, RAW_BRIDGE.format(a=a.port, b=b.port, qos=qos))
+        else:
+            time.sleep(1.0)  # the bridge connects
+        c = raw_sub(b.port, "sensors/#", qos, n)
+        cpu_a0 = cpu_s(a.proc.pid)
+        cpu_r0 = cpu_s(r.pid) if r else 0
+        t0 = time.time()
+        raw_pub(a.port, qos, n, rate)
+        res = finish(c)
+        cpu_a = cpu_s(a.proc.pid) - cpu_a0
+        cpu_r = (cpu_s(r.pid) - cpu_r0) if r else 0
+        res["rate"] = rate_since(t0, res, res["received"])
+        res["cpu_us_per_msg"] = (cpu_a + cpu_r) * 1e6 / n
+        res["bridge_cpu_us_per_msg"] = cpu_r * 1e6 / n if r else None
+        return res
+    finally:
+        if r:
+            stop(r)
+        a.stop()
+        b.stop()
+
+
+def baselines(fresh, work):
+    import statistics
+    rounds = 1 if QUICK else 3
+    res = {}
+    for rnd in range(rounds):
+        for qos in (0, 1):
+            for name, run in (("reader", lambda: fresh(case_raw_reader, qos)),
+                              ("window", lambda: fresh(case_window_raw_fed, work, qos)),
+                              ("mosquitto", lambda: case_bridge(work, "mosquitto", qos)),
+                              ("rivulet", lambda: case_bridge(work, "rivulet", qos))):
+                r = run()
+                res.setdefault((qos, name), []).append(r)
+                print(json.dumps({"round": rnd, "qos": qos, "case": name, **r}), flush=True)
+        for qos in (0, 1):
+            for rate in (1000, 10000):
+                n = rate * (3 if QUICK else 6)
+                for kind in ("mosquitto", "rivulet"):
+                    r = case_bridge(work, kind, qos, rate, n)
+                    res.setdefault((qos, kind, rate), []).append(r)
+                    print(json.dumps({"round": rnd, "qos": qos, "rate": rate, "case": kind, **r}), flush=True)
+    med = lambda rs, k: statistics.median((r.get(k) or 0) for r in rs)
+    out = ["Ingest: the plain batched reader against rivulet's window pipeline, both fed by the plain batched publisher (medians of the rounds).", "",
+           "| QoS | reader msg/s | rivulet window msg/s | rate ratio | reader CPU µs/msg | rivulet CPU µs/msg | CPU ratio |",
+           "|---|---|---|---|---|---|---|"]
+    for qos in (0, 1):
+        a, w = res[(qos, "reader")], res[(qos, "window")]
+        out.append(f"| {qos} | {med(a, 'rate'):,.0f} | {med(w, 'rate'):,.0f} | {med(w, 'rate') / max(med(a, 'rate'), 1):.2f} | "
+                   f"{med(a, 'cpu_us_per_msg'):.2f} | {med(w, 'cpu_us_per_msg'):.2f} | {med(w, 'cpu_us_per_msg') / max(med(a, 'cpu_us_per_msg'), 1e-9):.1f} |")
+    out += ["", "Bridge, broker A to broker B: Mosquitto's own bridge against rivulet (`format: raw`, `{topic}`). CPU per message is broker A's plus rivulet's.", "",
+            "| QoS | offered | Mosquitto msg/s | rivulet msg/s | ratio | Mosquitto CPU µs/msg | rivulet CPU µs/msg (of it rivulet) | CPU ratio | Mosquitto p50 / p99 ms | rivulet p50 / p99 ms |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for qos in (0, 1):
+        for rate in (0, 1000, 10000):
+            m = res[(qos, "mosquitto")] if rate == 0 else res[(qos, "mosquitto", rate)]
+            r = res[(qos, "rivulet")] if rate == 0 else res[(qos, "rivulet", rate)]
+            out.append(f"| {qos} | {'max' if rate == 0 else f'{rate:,}/s'} | {med(m, 'rate'):,.0f} | {med(r, 'rate'):,.0f} | {med(r, 'rate') / max(med(m, 'rate'), 1):.2f} | "
+                       f"{med(m, 'cpu_us_per_msg'):.2f} | {med(r, 'cpu_us_per_msg'):.2f} ({med(r, 'bridge_cpu_us_per_msg'):.2f}) | "
+                       f"{med(r, 'cpu_us_per_msg') / max(med(m, 'cpu_us_per_msg'), 1e-9):.2f} | "
+                       f"{med(m, 'p50_ms'):.2f} / {med(m, 'p99_ms'):.2f} | {med(r, 'p50_ms'):.2f} / {med(r, 'p99_ms'):.2f} |")
+    report = "\n".join(out) + "\n"
+    with open(os.path.join(ROOT, "bench-pi/reports/mqtt-baselines-latest.md"), "w") as f:
         f.write(report)
     print(report)
 
