@@ -310,6 +310,17 @@ impl Membership {
         }
         announce_waiting(&m.client, &topic, &me);
         announced.store(true, Ordering::SeqCst);
+        // Return once the broker holds our presence (it comes back to us):
+        // a process started right after this one then sees it and, with
+        // the same id, is refused.
+        let seen = m.wait_until(opts.keep_alive, |v| {
+            v.members
+                .get(&me.id)
+                .is_some_and(|p| p.incarnation == me.incarnation)
+        });
+        if !seen {
+            tracing::debug!(peer = %me.id, "own presence not seen back yet");
+        }
         Ok(self)
     }
 
