@@ -351,6 +351,7 @@ impl MqttSink {
                                     if !session_present {
                                         st.requeue_unfinished();
                                     }
+                                    shared.cv.notify_all();
                                     if let Some((birth, configs)) = &ha {
                                         listen_to_home_assistant(&subscriber, &url, birth, configs);
                                     }
@@ -509,9 +510,19 @@ fn publish_loop(shared: &Shared, stop: &AtomicBool, client: &Client, qos: u8, re
         if handed_any {
             shared.cv.notify_all();
         }
+        // Nothing to send, or not connected: wait to be told (a write and
+        // a connection notify); a second at most, to see `stop`. Else the
+        // client's queue was full: try again shortly.
+        let idle =
+            !st.connected || (st.staged.is_empty() && st.mem.is_empty() && st.disk_len() == 0);
+        let wait = match (handed_any, idle) {
+            (true, _) => 1,
+            (false, true) => 1000,
+            (false, false) => 20,
+        };
         st = shared
             .cv
-            .wait_timeout(st, Duration::from_millis(if handed_any { 1 } else { 20 }))
+            .wait_timeout(st, Duration::from_millis(wait))
             .map(|r| r.0)
             .unwrap_or_else(|p| p.into_inner().0);
     }

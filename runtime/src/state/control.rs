@@ -46,6 +46,8 @@ impl Control {
 impl Drop for Control {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        // The thread waits in `accept`: a connection wakes it to see `stop`.
+        let _ = UnixStream::connect(&self.path);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -58,9 +60,6 @@ pub fn listen(dir: &Path) -> Result<Control, StateError> {
     let path = socket_path(dir);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).map_err(|e| store_err(&path, e))?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| store_err(&path, e))?;
     let (tx, rx) = channel::<SavepointRequest>();
     let stop = Arc::new(AtomicBool::new(false));
     let thread = {
@@ -68,12 +67,11 @@ pub fn listen(dir: &Path) -> Result<Control, StateError> {
         std::thread::Builder::new()
             .name("rivulet-control".into())
             .spawn(move || {
+                // Blocking: an idle pipeline does not wake for this.
                 while !stop.load(Ordering::SeqCst) {
                     match listener.accept() {
+                        Ok(_) if stop.load(Ordering::SeqCst) => return,
                         Ok((stream, _)) => serve(stream, &tx),
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(50))
-                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "control socket");
                             std::thread::sleep(Duration::from_millis(50));
