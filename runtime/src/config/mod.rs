@@ -225,15 +225,20 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
         }
         Some(w)
     });
+    let windowed = steps
+        .iter()
+        .any(|(s, _)| matches!(s, StepConfig::Window(_)));
+    // The field holding the whole topic: writing it rewrites the topic.
+    let whole_topic = match &checked_source {
+        Some((SourceSpec::Mqtt(m), _, _)) => m.topic_field.clone(),
+        _ => None,
+    };
     // `retain: keep` needs the flag as it was published: MQTT 5's Retain
     // As Published (3.1.1 brokers clear it on the way to a subscriber).
     if sinks
         .iter()
         .any(|s| matches!(s, SinkSpec::Mqtt(m) if m.keep_retain))
     {
-        let windowed = steps
-            .iter()
-            .any(|(s, _)| matches!(s, StepConfig::Window(_)));
         let v5 =
             matches!(&checked_source, Some((SourceSpec::Mqtt(m), _, _)) if m.conn.version == 5);
         if let Some(n) = get("sink") {
@@ -322,16 +327,9 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
                     if !valid_field_name(k) {
                         c.sp(k, &p, "a field name is letters, digits and `_`, with `.` between nested names");
                     }
-                    let whole_topic = match &checked_source {
-                        Some((SourceSpec::Mqtt(m), _, _)) => m.topic_field.as_deref(),
-                        _ => None,
-                    };
-                    let windowed = steps
-                        .iter()
-                        .any(|(s, _)| matches!(s, StepConfig::Window(_)));
                     if source_cfg_format.as_deref() == Some("raw")
                         && !windowed
-                        && whole_topic != Some(k.value.as_str())
+                        && whole_topic.as_deref() != Some(k.value.as_str())
                     {
                         c.sp(k, &p, "`format: raw` forwards payloads unchanged, so a step cannot add fields to them; use `format: json` or `text`, or write only `topic`");
                     }
@@ -403,42 +401,24 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
                         ));
                     }
                 }
-            }
-        }
-    }
-
-    // Home Assistant announces result fields: with a window, they are known.
-    let keys: Vec<String> = specs
-        .iter()
-        .find_map(|s| match s {
-            StepSpec::KeyBy(k) => Some(k.clone()),
-            _ => None,
-        })
-        .unwrap_or_default();
-    if let Some(schema) = specs.iter().find_map(|s| match s {
-        StepSpec::Window(w) => Some(w.output_schema(&keys)),
-        _ => None,
-    }) {
-        for s in &sinks {
-            let SinkSpec::Mqtt(m) = s else { continue };
-            let Some(d) = &m.home_assistant else { continue };
-            let named = d
-                .fields
-                .iter()
-                .map(|f| f.field.clone())
-                .chain(d.name_fields());
-            for f in named {
-                if !schema.names.contains(&f) {
-                    let hint = suggest(&f, schema.names.iter().map(String::as_str))
-                        .map(|s| format!("; did you mean `{s}`?"))
-                        .unwrap_or_default();
-                    if let Some(n) = get("sink") {
+                // Home Assistant announces result fields, and names devices by them.
+                let announced = m.home_assistant.iter().flat_map(|d| {
+                    d.fields
+                        .iter()
+                        .map(|f| f.field.clone())
+                        .chain(d.name_fields())
+                });
+                for f in announced {
+                    if let (false, Some(node)) = (fields.contains(&f), get("sink")) {
+                        let hint = suggest(&f, fields.iter().map(String::as_str))
+                            .map(|s| format!("; did you mean `{s}`?"))
+                            .unwrap_or_default();
                         c.node(
-                            n,
-                            "sink.mqtt.home_assistant",
+                            node,
+                            &format!("sink[{i}].mqtt.home_assistant"),
                             format!(
-                                "`{f}` is not a field of the results ({}){hint}",
-                                schema.names.join(", ")
+                                "`{f}` is not a field of the results{hint} (they have: {})",
+                                fields.join(", ")
                             ),
                         );
                     }
@@ -446,6 +426,7 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
             }
         }
     }
+
     if !c.problems.is_empty() {
         c.problems.sort_by_key(|p| (p.line == 0, p.line, p.column));
         return Err(c.problems);
