@@ -459,6 +459,59 @@ fn peers_killed_and_restarted_again_and_again_lose_nothing_and_count_nothing_twi
 }
 
 #[test]
+fn survivors_that_restart_before_any_checkpoint_still_wait_for_a_crashed_peer() {
+    // No global checkpoint in this test: a peer learns whom to wait for
+    // only from the views it ran, which it must remember across restarts.
+    let b = broker();
+    let root = tempfile::tempdir().unwrap();
+    let ids = ["a", "b", "c"];
+    let mut peers: Vec<Peer> = ids
+        .iter()
+        .map(|id| {
+            let mut p = Peer::new(root.path(), &b, id, ", failure_timeout: 60s");
+            p.yaml = p
+                .yaml
+                .replace("checkpoint_interval: 500ms", "checkpoint_interval: 1h");
+            p
+        })
+        .collect();
+    for p in &mut peers {
+        p.start();
+    }
+    wait_for_view(&peers, &ids);
+    shares_subscribed(&b, 3);
+    // c crashes and stays down: the broker keeps its share of what comes.
+    peers[2].kill9();
+    wait_for_view(&peers, &["a", "b"]);
+    let (data, closing) = readings(100, 12);
+    common::publish_all(b.port, &data);
+    // Both survivors crash and come back: neither has seen c since.
+    peers[0].kill9();
+    peers[1].kill9();
+    peers[0].start();
+    peers[1].start();
+    wait_for_view(&peers, &["a", "b"]);
+    common::publish_all(b.port, &closing);
+    // a and b read their shares; firing windows now would leave c's out.
+    let total = (data.len() + closing.len()) as u64;
+    common::eventually("a and b to read their shares", 30, || {
+        peers[0].events_read() + peers[1].events_read() >= total / 2
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let early = results(&peers);
+    assert!(
+        early.is_empty(),
+        "windows fired while c's share was still away: {:?}",
+        &early[..early.len().min(3)]
+    );
+    peers[2].start();
+    let want = expected(&data);
+    wait_for_results(&peers, &want);
+    check_results(&peers, &want);
+    stop_all(&mut peers);
+}
+
+#[test]
 fn a_fourth_peer_joins_and_one_leaves_under_load_and_results_stay_equal() {
     let b = broker();
     let root = tempfile::tempdir().unwrap();

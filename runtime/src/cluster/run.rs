@@ -39,6 +39,7 @@ use crate::state::{StateError, StateStore};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -61,6 +62,9 @@ const DRAIN_LINGER: Duration = Duration::from_secs(1);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a peer that lacks the last checkpoint waits for a snapshot.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(20);
+/// In `state.dir`: the peers that may hold input no global checkpoint
+/// holds yet, as this peer last knew them ([`Peer::remember_members`]).
+const MEMBERS_FILE: &str = "cluster-members.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
@@ -102,6 +106,19 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// The members written by [`Peer::remember_members`] (none when the file
+/// is missing or unreadable: a peer that never ran a view).
+fn remembered_members(state_dir: &Path) -> Vec<String> {
+    let path = state_dir.join(MEMBERS_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            tracing::warn!(path = %path.display(), error = %e, "the remembered member list is unreadable; ignored");
+            Vec::new()
+        }),
+        Err(_) => Vec::new(),
+    }
 }
 
 /// The view of a member list: a hash of ids and incarnations, so a peer
@@ -189,6 +206,7 @@ pub fn run(valid: &ValidPipeline, file: &str, opts: RunOptions) -> Result<RunSta
             .spawn(move || accept_loop(listener, current, accepted_tx, stop, tls_failures))
             .map_err(|e| PeerError::Setup(format!("cannot start a thread: {e}")))?
     };
+    let remembered = remembered_members(Path::new(&state_dir));
     let mut peer = Peer {
         valid,
         file,
@@ -206,7 +224,7 @@ pub fn run(valid: &ValidPipeline, file: &str, opts: RunOptions) -> Result<RunSta
         opts,
         decision: None,
         departed: BTreeMap::new(),
-        last_members: Vec::new(),
+        last_members: remembered,
         gone: BTreeSet::new(),
         left: BTreeSet::new(),
         totals: RunStats::default(),
@@ -584,6 +602,7 @@ impl Peer<'_> {
         let told: Vec<String> = others.iter().flat_map(|l| l.missing.clone()).collect();
         let missing = self.expect(&ids, &told);
         self.last_members = ids.clone();
+        self.remember_members();
 
         // Every member now knows every member's last decision: all settle
         // on the newest, applying its deltas if they are pending here, or
@@ -807,6 +826,31 @@ impl Peer<'_> {
             }
         };
         Ok(ended)
+    }
+
+    /// Keeps on disk, before this view's source reads anything, the peers
+    /// that may hold input no global checkpoint holds yet: this view's
+    /// members and the departed peers it waits for. A peer that restarts
+    /// reads them back ([`remembered_members`]), so that it still waits for
+    /// them even before the first global checkpoint (which would tell it
+    /// in its decision) and when every survivor restarted too.
+    fn remember_members(&self) {
+        let mut ids: BTreeSet<&String> = self.last_members.iter().collect();
+        ids.extend(self.departed.keys());
+        let path = self.state_dir.join(MEMBERS_FILE);
+        let tmp = self.state_dir.join(format!("{MEMBERS_FILE}.tmp"));
+        let written = serde_json::to_vec(&ids)
+            .map_err(std::io::Error::other)
+            .and_then(|json| {
+                use std::io::Write as _;
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&json)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &path)
+            });
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "cannot keep the member list on disk: after a restart this peer may not wait for peers that hold input");
+        }
     }
 
     /// Notes the peers this view waits for, before event time passes the
