@@ -28,7 +28,16 @@ fn write_input(path: &Path, n: usize) {
     std::fs::write(path, s).unwrap();
 }
 
+/// The aggregates of the fixtures' pipeline (state format 1).
+const AGGREGATES: &str = "n: count(), total: sum(v), hi: max(v), first: first(v), last: last(v)";
+/// With every statistical aggregate too.
+const ALL_AGGREGATES: &str = "n: count(), total: sum(v), hi: max(v), first: first(v), last: last(v), var: variance(v), sd: stddev_pop(v), med: median(v), p90: \"percentile(v, 0.9)\", kinds: count_distinct(v)";
+
 fn pipeline(dir: &Path, out: &str, state: bool) -> std::path::PathBuf {
+    pipeline_of(dir, out, state, AGGREGATES)
+}
+
+fn pipeline_of(dir: &Path, out: &str, state: bool, aggregates: &str) -> std::path::PathBuf {
     let state = if state {
         "state:\n  dir: state\n  checkpoint_interval: 40ms\n"
     } else {
@@ -36,7 +45,7 @@ fn pipeline(dir: &Path, out: &str, state: bool) -> std::path::PathBuf {
     };
     let yaml = format!(
         "name: crash\nsource:\n  file: {{ path: events.jsonl }}\n  event_time: {{ field: ts, max_out_of_orderness: 300ms, plausible_years: any }}\n\
-         steps:\n  - key_by: k\n  - window:\n      tumbling: 1s\n      allowed_lateness: 500ms\n      aggregate: {{ n: count(), total: sum(v), hi: max(v), first: first(v), last: last(v) }}\n\
+         steps:\n  - key_by: k\n  - window:\n      tumbling: 1s\n      allowed_lateness: 500ms\n      aggregate: {{ {aggregates} }}\n\
          sink: {{ file: {{ path: {out} }} }}\nlate: {{ file: {{ path: {out}.late }} }}\n{state}"
     );
     let p = dir.join(format!("{out}.yaml"));
@@ -74,7 +83,8 @@ fn kill_9_twenty_times_loses_nothing_and_counts_nothing_twice() {
     let d = dir.path();
     write_input(&d.join("events.jsonl"), 300_000);
 
-    let reference = pipeline(d, "reference.jsonl", false);
+    // Every aggregate function's accumulator is checkpointed and restored.
+    let reference = pipeline_of(d, "reference.jsonl", false, ALL_AGGREGATES);
     let out = rivulet(d, &reference).output().unwrap();
     assert!(
         out.status.success(),
@@ -84,7 +94,7 @@ fn kill_9_twenty_times_loses_nothing_and_counts_nothing_twice() {
     let expected = finals(&d.join("reference.jsonl"));
     assert!(expected.len() > 1000, "{} windows", expected.len());
 
-    let crashing = pipeline(d, "crashed.jsonl", true);
+    let crashing = pipeline_of(d, "crashed.jsonl", true, ALL_AGGREGATES);
     let mut kills = 0;
     let mut rng = 99u64;
     for attempt in 0..2000 {

@@ -217,6 +217,218 @@ fn aggregates_first_last_min_max_avg() {
     );
 }
 
+/// The statistics of `vals` computed the plain way: two-pass variance,
+/// sorted values for quantiles, a set for distinct counts.
+struct Reference {
+    var_sample: Option<f64>,
+    var_pop: f64,
+    /// Values sorted.
+    sorted: Vec<f64>,
+    distinct: usize,
+}
+
+impl Reference {
+    fn of(vals: &[f64]) -> Reference {
+        let n = vals.len() as f64;
+        let mean = vals.iter().sum::<f64>() / n;
+        let ss: f64 = vals.iter().map(|x| (x - mean).powi(2)).sum();
+        let mut sorted = vals.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let distinct = sorted
+            .iter()
+            .map(|x| x.to_bits())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        Reference {
+            var_sample: (vals.len() > 1).then(|| ss / (n - 1.0)),
+            var_pop: ss / n,
+            sorted,
+            distinct,
+        }
+    }
+
+    /// Linear interpolation between the closest ranks.
+    fn quantile(&self, p: f64) -> f64 {
+        let h = p * (self.sorted.len() - 1) as f64;
+        let (lo, hi) = (h.floor() as usize, h.ceil() as usize);
+        self.sorted[lo] + (h - lo as f64) * (self.sorted[hi] - self.sorted[lo])
+    }
+
+    /// The value of rank ⌊p·(n−1)⌋ (what the sketch approximates).
+    fn rank(&self, p: f64) -> f64 {
+        self.sorted[(p * (self.sorted.len() - 1) as f64).floor() as usize]
+    }
+}
+
+fn close(got: &Value, want: f64, rel: f64) -> bool {
+    got.as_f64()
+        .is_some_and(|g| (g - want).abs() <= rel * want.abs().max(1e-9))
+}
+
+fn statistics(w: WindowDef) -> WindowDef {
+    w.aggregate("var", "variance(v)")
+        .aggregate("var_pop", "variance_pop(v)")
+        .aggregate("sd", "stddev(v)")
+        .aggregate("sd_pop", "stddev_pop(v)")
+        .aggregate("median", "median(v)")
+        .aggregate("p90", "percentile(v, 0.9)")
+        .aggregate("kinds", "count_distinct(v)")
+        .aggregate("n", "count()")
+}
+
+#[test]
+fn statistical_aggregates_match_a_reference_in_any_order_and_worker_count() {
+    // Keys with 1, 3, 100 and 1,000 readings per window: sample variance
+    // of one value is null; quantiles are exact up to 128 values and from
+    // the sketch above; out-of-order arrival within the bound.
+    let mut rng = fastrand::Rng::with_seed(5);
+    let mut input = Vec::new();
+    let mut by_window: BTreeMap<(String, i64), Vec<f64>> = BTreeMap::new();
+    for (key, per) in [
+        ("one", 1),
+        ("three", 3),
+        ("hundred", 100),
+        ("thousand", 1000),
+    ] {
+        for w in 0..3i64 {
+            for i in 0..per {
+                let ts = w * 10_000 + rng.i64(0..10_000);
+                let v = match key {
+                    "thousand" => rng.i64(-500..5_000),
+                    _ => rng.i64(0..40) + i % 3,
+                };
+                input.push((ts, ev(key, ts, v)));
+                by_window
+                    .entry((key.to_string(), w * 10_000))
+                    .or_default()
+                    .push(v as f64);
+            }
+        }
+    }
+    // Sorted by time, then each event moved back by up to 2 s.
+    input.sort_by_key(|(ts, _)| *ts);
+    let mut shuffled: Vec<(i64, String)> = input
+        .into_iter()
+        .enumerate()
+        .map(|(i, (_, e))| (i as i64 * 4 + rng.i64(0..800), e))
+        .collect();
+    shuffled.sort_by_key(|(o, _)| *o);
+    let lines: Vec<String> = shuffled.into_iter().map(|(_, e)| e).collect();
+    let out = run_with(
+        &lines,
+        10_000,
+        statistics(WindowDef::tumbling(ms(10_000))),
+        1,
+    );
+    assert!(out.late.is_empty() && out.dead.is_empty());
+    assert_eq!(out.main.len(), by_window.len());
+    for r in &out.main {
+        let key = (
+            r["k"].as_str().unwrap().to_string(),
+            r["window_start"].as_i64().unwrap(),
+        );
+        let vals = &by_window[&key];
+        let want = Reference::of(vals);
+        assert_eq!(r["n"], json!(vals.len()), "{key:?}");
+        match want.var_sample {
+            Some(v) => {
+                assert!(close(&r["var"], v, 1e-9), "{key:?}: {r}");
+                assert!(close(&r["sd"], v.sqrt(), 1e-9), "{key:?}: {r}");
+            }
+            None => assert!(r["var"].is_null() && r["sd"].is_null(), "{key:?}: {r}"),
+        }
+        assert!(close(&r["var_pop"], want.var_pop, 1e-9), "{key:?}: {r}");
+        assert!(
+            close(&r["sd_pop"], want.var_pop.sqrt(), 1e-9),
+            "{key:?}: {r}"
+        );
+        if want.distinct <= 512 {
+            assert_eq!(r["kinds"], json!(want.distinct), "{key:?}");
+        } else {
+            // The HyperLogLog: within three standard errors (1.6 % each).
+            assert!(
+                close(&r["kinds"], want.distinct as f64, 0.05),
+                "{key:?}: {r}"
+            );
+        }
+        if vals.len() <= 128 {
+            assert!(
+                close(&r["median"], want.quantile(0.5), 1e-12),
+                "{key:?}: {r}"
+            );
+            assert!(close(&r["p90"], want.quantile(0.9), 1e-12), "{key:?}: {r}");
+        } else {
+            assert!(close(&r["median"], want.rank(0.5), 0.01), "{key:?}: {r}");
+            assert!(close(&r["p90"], want.rank(0.9), 0.01), "{key:?}: {r}");
+        }
+    }
+    let two = run_with(
+        &lines,
+        10_000,
+        statistics(WindowDef::tumbling(ms(10_000))),
+        2,
+    );
+    assert_eq!(two.main, out.main, "identical with two workers");
+}
+
+#[test]
+fn statistical_aggregates_merge_with_sessions() {
+    // Two sessions of 100 readings each, bridged by one reading: the merged
+    // session holds 201 values (its two halves were exact; together they
+    // pass to the sketch).
+    let mut lines = Vec::new();
+    let mut vals = Vec::new();
+    for i in 0..100i64 {
+        let v = (i * 37) % 101;
+        lines.push(ev("a", 1_000 + i * 10, v));
+        vals.push(v as f64);
+    }
+    for i in 0..100i64 {
+        let v = (i * 53) % 103 - 20;
+        lines.push(ev("a", 5_000 + i * 10, v));
+        vals.push(v as f64);
+    }
+    lines.push(ev("a", 3_500, 7));
+    vals.push(7.0);
+    let out = run_with(&lines, 60_000, statistics(WindowDef::session(ms(2_000))), 1);
+    assert_eq!(out.main.len(), 1, "{:?}", out.main);
+    let r = &out.main[0];
+    assert_eq!(
+        (r["window_start"].clone(), r["window_end"].clone()),
+        (json!(1000), json!(7990))
+    );
+    let want = Reference::of(&vals);
+    assert_eq!(r["n"], json!(201));
+    assert!(close(&r["var"], want.var_sample.unwrap(), 1e-9), "{r}");
+    assert!(close(&r["sd_pop"], want.var_pop.sqrt(), 1e-9), "{r}");
+    assert!(close(&r["median"], want.rank(0.5), 0.01), "{r}");
+    assert!(close(&r["p90"], want.rank(0.9), 0.01), "{r}");
+    assert_eq!(r["kinds"], json!(want.distinct));
+}
+
+#[test]
+fn percentile_arguments_are_checked() {
+    for (call, says) in [
+        ("percentile(v)", "two arguments"),
+        ("percentile(v, 95)", "write 0.95"),
+        ("percentile(v, x)", "must be a number"),
+        ("median()", "needs one argument"),
+        ("stdev(v)", "did you mean `stddev`"),
+    ] {
+        let err = Pipeline::builder("test")
+            .source(MemorySource::from_lines(Vec::<String>::new()))
+            .event_time("ts", ms(0))
+            .key_by(["k"])
+            .window(WindowDef::tumbling(ms(1000)).aggregate("x", call))
+            .sink(MemorySink::new())
+            .build()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains(says), "{call}: {err}");
+    }
+}
+
 #[test]
 fn dead_letters_carry_reason_and_payload_and_the_pipeline_goes_on() {
     let input: Vec<String> = vec![

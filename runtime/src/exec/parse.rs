@@ -18,7 +18,6 @@ use crate::metrics::{names, reason, Counter};
 use crate::msg::{
     dead_letter_line, DeadSource, End, Frame, KeyedBatch, KeyedRec, Msg, Output, Stream,
 };
-use crate::operators::window::AggFunc;
 use crate::operators::{Records, Status, Step};
 use crate::partition::Assignment;
 use crate::plan::{Format, Plan, TimeMode};
@@ -325,7 +324,7 @@ impl ParseWorker {
                             i,
                             format!(
                                 "aggregate `{name}`: {} needs numbers, got a {} ({v})",
-                                func_name(*func),
+                                func.name(),
                                 v.type_name()
                             ),
                         );
@@ -487,18 +486,6 @@ fn bind_topic(
     }
     if let Some(s) = binder.topic_field.as_deref().and_then(slot) {
         row[s] = Value::Str(topic.into());
-    }
-}
-
-fn func_name(f: AggFunc) -> &'static str {
-    match f {
-        AggFunc::Count | AggFunc::CountOf => "count",
-        AggFunc::Sum => "sum",
-        AggFunc::Avg => "avg",
-        AggFunc::Min => "min",
-        AggFunc::Max => "max",
-        AggFunc::First => "first",
-        AggFunc::Last => "last",
     }
 }
 

@@ -27,6 +27,7 @@ mod acc;
 mod step;
 
 pub use acc::{Acc, AggFunc};
+pub mod sketch;
 pub use step::{WindowStep, WindowStepOptions, STATE_VERSION};
 
 use crate::expr::Ast;
@@ -232,9 +233,12 @@ pub fn parse_aggregate(call: &str) -> Result<(AggFunc, Option<Ast>), String> {
         .map_err(|e| format!("{} (at column {} of `{call}`)", e.message, e.column))?;
     let Ast::Call(name, mut args) = ast else {
         return Err(format!(
-            "`{call}` is not an aggregate call; expected one of count(), count(e), sum(e), avg(e), min(e), max(e), first(e), last(e)"
+            "`{call}` is not an aggregate call; expected one of count(), count(e), sum(e), avg(e), min(e), max(e), first(e), last(e), variance(e), stddev(e), median(e), percentile(e, p), count_distinct(e)"
         ));
     };
+    if name == "percentile" {
+        return parse_percentile(args);
+    }
     if args.len() > 1 {
         return Err(format!("`{name}` takes one argument, got {}", args.len()));
     }
@@ -265,6 +269,44 @@ pub fn parse_aggregate(call: &str) -> Result<(AggFunc, Option<Ast>), String> {
             Err(format!("unknown aggregate function `{name}`{hint}"))
         }
     }
+}
+
+/// `percentile(e, p)`: `p` is a number from 0 to 1.
+fn parse_percentile(mut args: Vec<Ast>) -> Result<(AggFunc, Option<Ast>), String> {
+    if args.len() != 2 {
+        return Err(format!(
+            "`percentile` takes two arguments, an expression and a number from 0 to 1 (`percentile(e, 0.95)`), got {}",
+            args.len()
+        ));
+    }
+    let p = match args.pop() {
+        Some(Ast::Const(v)) => v.as_f64(),
+        _ => None,
+    };
+    let Some(p) = p else {
+        return Err(
+            "the second argument of `percentile` must be a number from 0 to 1, such as 0.95".into(),
+        );
+    };
+    if !(0.0..=1.0).contains(&p) {
+        let hint = if p > 1.0 && p <= 100.0 {
+            format!(" (for the {p}th percentile write {})", p / 100.0)
+        } else {
+            String::new()
+        };
+        return Err(format!(
+            "the second argument of `percentile` must be from 0 to 1, got {p}{hint}"
+        ));
+    }
+    let arg = args.pop();
+    if let Some(a) = &arg {
+        let mut problems = Vec::new();
+        a.check_functions(&mut problems);
+        if let Some(p) = problems.into_iter().next() {
+            return Err(p);
+        }
+    }
+    Ok((AggFunc::Percentile((p * 1e6).round() as u32), arg))
 }
 
 /// A window result or late event produced by the operator.
