@@ -118,6 +118,59 @@ sinks: oops
 }
 
 #[test]
+fn validate_checks_stateful_steps_with_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("bad.yaml");
+    std::fs::write(
+        &f,
+        "name: bad
+source:
+  generator: { sensors: 3 }
+  event_time: { field: ts, max_out_of_orderness: 2s }
+steps:
+  - deadband: { field: temprature, delta: -1, max_silence: 0s }
+  - key_by: sensor_id
+  - alert: { name: hot, when: temperature >, for: 1 minute }
+sink:
+  stdout: {}
+",
+    )
+    .unwrap();
+    let out = bin().arg("validate").arg(&f).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    for expected in [
+        "bad.yaml:6:13: steps[0]: a stateful step keeps state per key: put a `key_by` before it",
+        "bad.yaml:6:24: steps[0].deadband.field: unknown field `temprature`; did you mean `temperature`?",
+        "bad.yaml:6:43: steps[0].deadband.delta: must be a number of at least 0",
+        "bad.yaml:6:60: steps[0].deadband.max_silence: must be greater than zero",
+        "bad.yaml:7:11: steps[1]: steps after a stateful step (steps[0]) are not supported yet",
+        "bad.yaml:8:44: steps[2].alert.when: bad expression `temperature >`",
+        "bad.yaml:8:51: steps[2].alert.for: bad duration `1 minute`",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+    // A valid one, and the shipped report-by-exception bridge.
+    let ok = dir.path().join("ok.yaml");
+    std::fs::write(
+        &ok,
+        "name: ok
+source:
+  generator: { sensors: 3 }
+  event_time: { field: ts, max_out_of_orderness: 2s }
+steps:
+  - key_by: sensor_id
+  - alert: { name: hot, when: temperature > 80, for: 30s, clear: temperature < 75 }
+sink:
+  stdout: {}
+",
+    )
+    .unwrap();
+    let out = bin().arg("validate").arg(&ok).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
 fn validate_rejects_broken_yaml_and_structure_without_panicking() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [

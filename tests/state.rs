@@ -653,3 +653,106 @@ fn a_format_1_state_of_a_pipeline_without_a_window_still_resumes() {
         "{\"a\":3}\n"
     );
 }
+
+/// Runs `file` again and again, killing it with SIGKILL `kills` times at
+/// random moments, until a run finishes (starting afresh when one finishes
+/// before enough kills).
+fn crash_until_done(d: &Path, file: &Path, out: &str, kills_wanted: u32) {
+    let mut kills = 0;
+    let mut rng = 31u64;
+    for attempt in 0..2000 {
+        let mut child = Rivulet::spawn(&mut rivulet(d, file));
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let wait = if kills < kills_wanted {
+            20 + rng % 150
+        } else {
+            2000
+        };
+        std::thread::sleep(Duration::from_millis(wait));
+        match child.try_wait().unwrap() {
+            Some(status) => {
+                let mut err = String::new();
+                use std::io::Read;
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                assert!(status.success(), "attempt {attempt}: {err}");
+                if kills >= kills_wanted {
+                    return;
+                }
+                std::fs::remove_dir_all(d.join("state")).unwrap();
+                std::fs::remove_file(d.join(out)).unwrap();
+                kills = 0;
+            }
+            None => {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                kills += 1;
+            }
+        }
+    }
+    panic!("only {kills} kills");
+}
+
+#[test]
+fn stateful_steps_killed_again_and_again_lose_no_event_and_invent_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_input(&d.join("events.jsonl"), 200_000);
+    for (name, step) in [
+        (
+            "deadband",
+            "deadband: { field: v, delta: 30, max_silence: 3s }",
+        ),
+        (
+            "alert",
+            "alert: { name: high, when: v > 90, for: 200ms, clear: v < 20 }",
+        ),
+    ] {
+        let yaml = |out: &str, state: bool| {
+            let state = if state {
+                "state: { dir: state, checkpoint_interval: 40ms }\n"
+            } else {
+                ""
+            };
+            let p = d.join(format!("{name}-{out}.yaml"));
+            std::fs::write(
+                &p,
+                format!(
+                    "name: {name}\nsource:\n  file: {{ path: events.jsonl }}\n  event_time: {{ field: ts, max_out_of_orderness: 300ms, plausible_years: any }}\n\
+                     steps:\n  - key_by: k\n  - {step}\nsink: {{ file: {{ path: {out} }} }}\n{state}"
+                ),
+            )
+            .unwrap();
+            p
+        };
+        let lines = |out: &str| -> std::collections::BTreeSet<String> {
+            std::fs::read_to_string(d.join(out))
+                .unwrap()
+                .lines()
+                .map(String::from)
+                .collect()
+        };
+        let reference = yaml("reference.jsonl", false);
+        assert!(rivulet(d, &reference).output().unwrap().status.success());
+        let expected = lines("reference.jsonl");
+        assert!(expected.len() > 1000, "{name}: {} outputs", expected.len());
+        let crashing = yaml("crashed.jsonl", true);
+        crash_until_done(d, &crashing, "crashed.jsonl", 10);
+        // Outputs after the last checkpoint come again after a crash: as
+        // a set they equal the uninterrupted run's.
+        let got = lines("crashed.jsonl");
+        let missing: Vec<_> = expected.difference(&got).take(3).collect();
+        let invented: Vec<_> = got.difference(&expected).take(3).collect();
+        assert!(
+            missing.is_empty() && invented.is_empty(),
+            "{name}: missing {missing:?}, not expected {invented:?}"
+        );
+        std::fs::remove_dir_all(d.join("state")).unwrap();
+    }
+}

@@ -872,3 +872,173 @@ fn the_run_context_counts_what_the_run_reports() {
         "{text}"
     );
 }
+
+/// Runs `key_by(k)` then `step` over `lines` with event time (`bound` ms).
+fn run_step(
+    lines: &[String],
+    bound: u64,
+    step: impl Fn(rivulet::plan::PipelineBuilder) -> rivulet::plan::PipelineBuilder,
+    workers: usize,
+) -> Out {
+    let (main, late, dead) = (MemorySink::new(), MemorySink::new(), MemorySink::new());
+    let b = Pipeline::builder("test")
+        .source(MemorySource::from_lines(lines))
+        .event_time("ts", ms(bound))
+        .key_by(["k"]);
+    let stats = step(b)
+        .sink(main.clone())
+        .late(Box::new(late.clone()))
+        .dead_letter(Box::new(dead.clone()))
+        .workers(workers)
+        .build()
+        .expect("valid pipeline")
+        .run(RunOptions::default())
+        .expect("runs");
+    Out {
+        main: parse_all(main.records()),
+        late: parse_all(late.records()),
+        dead: parse_all(dead.records()),
+        stats,
+    }
+}
+
+/// `(k, ts)` of each output event.
+fn stamps(v: &[Value]) -> Vec<(String, i64)> {
+    v.iter()
+        .map(|e| {
+            (
+                e["k"].as_str().unwrap().to_string(),
+                e["ts"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn deadband_reports_by_exception_in_event_time_order() {
+    // Key a, by time: 20.0 pass (first), 20.2 no, 20.6 pass (+0.6),
+    // 20.7 no, 21.0 no (+0.4 from 20.6), 21.2 pass (+0.6); 21.3 after 6 s of
+    // silence passes (max_silence 5 s). Key b: its first passes, a drop of
+    // exactly delta passes. Arrival is out of order within the 2 s bound.
+    let input = [
+        ev_f("a", 2000, 20.2),
+        ev_f("a", 1000, 20.0),
+        ev_f("b", 1500, 5.0),
+        ev_f("a", 4000, 20.7),
+        ev_f("a", 3000, 20.6),
+        ev_f("b", 2500, 4.5),
+        ev_f("a", 5000, 21.0),
+        ev_f("a", 6000, 21.2),
+        ev_f("a", 12_000, 21.3),
+        ev_f("a", 1000, 30.0), // behind the watermark by now: late
+    ];
+    let out = run_step(&input, 2000, |b| b.deadband("v", 0.5, Some(ms(5000))), 1);
+    assert_eq!(
+        stamps(&out.main),
+        [
+            ("a".into(), 1000),
+            ("b".into(), 1500),
+            ("b".into(), 2500),
+            ("a".into(), 3000),
+            ("a".into(), 6000),
+            ("a".into(), 12_000),
+        ]
+    );
+    assert_eq!(
+        out.main[0],
+        serde_json::from_str::<Value>(&input[1]).unwrap(),
+        "the event as it came"
+    );
+    assert_eq!(out.late.len(), 1);
+    let two = run_step(&input, 2000, |b| b.deadband("v", 0.5, Some(ms(5000))), 2);
+    assert_eq!(two.main, out.main, "identical with two workers");
+}
+
+fn ev_f(k: &str, ts: i64, v: f64) -> String {
+    json!({"k": k, "ts": ts, "v": v}).to_string()
+}
+
+fn ev_id(k: &str, ts: i64, id: i64) -> String {
+    json!({"k": k, "ts": ts, "id": id}).to_string()
+}
+
+#[test]
+fn deduplicate_drops_repeats_within_the_horizon_in_event_time() {
+    // Within 1 s of the first (by time) of each id and key.
+    let input = [
+        ev_id("a", 1500, 7), // a repeat of 1000 (arrives first)
+        ev_id("a", 1000, 7),
+        ev_id("b", 1200, 7), // another key
+        ev_id("a", 1300, 8),
+        ev_id("a", 2000, 7), // 1000 after the first: passes
+        ev_id("a", 2900, 7), // 900 after 2000: a repeat
+        ev_id("a", 9000, 7),
+    ];
+    let out = run_step(&input, 1000, |b| b.deduplicate(["id"], ms(1000)), 1);
+    assert_eq!(
+        stamps(&out.main),
+        [
+            ("a".into(), 1000),
+            ("b".into(), 1200),
+            ("a".into(), 1300),
+            ("a".into(), 2000),
+            ("a".into(), 9000),
+        ]
+    );
+    let two = run_step(&input, 1000, |b| b.deduplicate(["id"], ms(1000)), 2);
+    assert_eq!(two.main, out.main, "identical with two workers");
+}
+
+#[test]
+fn alert_raises_after_its_duration_even_without_events_and_clears_with_hysteresis() {
+    // when v > 80 for 30 s, clear below 75.
+    let input = [
+        ev_f("a", 0, 85.0),      // holds from 0
+        ev_f("a", 10_000, 78.0), // not hot: resets (not raised yet)
+        ev_f("a", 20_000, 81.0), // holds from 20 s
+        ev_f("b", 21_000, 90.0), // b: holds from 21 s, never cleared
+        ev_f("a", 40_000, 82.0),
+        ev_f("a", 55_000, 79.0),  // raised at 50 s; 79 is not below 75: stays
+        ev_f("a", 60_000, 74.0),  // cleared
+        ev_f("a", 200_000, 50.0), // moves the watermark past everything
+    ];
+    let alert = |b: rivulet::plan::PipelineBuilder| {
+        b.alert("overheat", "v > 80", ms(30_000), Some("v < 75"))
+    };
+    let out = run_step(&input, 1000, alert, 1);
+    let want = vec![
+        json!({"k": "a", "alert": "overheat", "state": "raised", "at": 50_000}),
+        json!({"k": "b", "alert": "overheat", "state": "raised", "at": 51_000}),
+        json!({"k": "a", "alert": "overheat", "state": "cleared", "at": 60_000}),
+    ];
+    assert_eq!(out.main, want);
+    // Out of order within the bound: the same alerts.
+    let mut shuffled = input.to_vec();
+    shuffled.swap(0, 1);
+    shuffled.swap(4, 5);
+    let out = run_step(&shuffled, 20_000, alert, 2);
+    assert_eq!(out.main, want);
+    // `clear` defaults to !(when), `for` to 0: raised at once.
+    let out = run_step(&input, 1000, |b| b.alert("hot", "v > 80", ms(0), None), 1);
+    let states: Vec<(String, String, i64)> = out
+        .main
+        .iter()
+        .map(|r| {
+            (
+                r["k"].as_str().unwrap().into(),
+                r["state"].as_str().unwrap().into(),
+                r["at"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("a".into(), "raised".into(), 0),
+            ("a".into(), "cleared".into(), 10_000),
+            ("a".into(), "raised".into(), 20_000),
+            ("b".into(), "raised".into(), 21_000),
+            ("a".into(), "cleared".into(), 55_000),
+        ]
+    );
+}

@@ -91,6 +91,10 @@ pub struct KeyedBatch {
     /// its payload starts, where its topic starts (= the payload's end) and
     /// where the topic ends, in `payloads`.
     pub carried: Vec<[u32; 3]>,
+    /// Per record (same index as `recs`), when the keyed stage passes
+    /// events on (`deduplicate`, `deadband`): the event as it goes out.
+    #[serde(default)]
+    pub events: Vec<Event>,
 }
 
 impl KeyedBatch {
@@ -205,7 +209,7 @@ pub enum Body {
 /// A pass-through event for the main sinks: the record as it goes out, the
 /// values of the fields the sinks' topics name (in the order of the
 /// plan's `carry`), and the message's retain flag.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     pub record: Vec<u8>,
     pub fields: Box<[Value]>,

@@ -113,6 +113,7 @@ impl ValidPipeline {
                 StepSpec::Filter(f) => b.filter(f),
                 StepSpec::KeyBy(k) => b.key_by(k),
                 StepSpec::Window(w) => b.window(w.clone()),
+                StepSpec::Stateful(st) => b.stateful(st.clone()),
             };
         }
         // A field holding the whole incoming topic keeps its levels in sink topics.

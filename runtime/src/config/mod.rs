@@ -55,6 +55,7 @@ pub use spec::*;
 use status::status_spec;
 use window::*;
 
+use crate::operators::stateful::StatefulDef;
 use crate::plan::rules::{self, StepShape};
 pub use crate::util::suggest::suggest;
 
@@ -296,6 +297,9 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
                 fields: k.value.0.len(),
             },
             StepConfig::Window(_) => StepShape::Window,
+            StepConfig::Deduplicate(_) | StepConfig::Deadband(_) | StepConfig::Alert(_) => {
+                StepShape::Stateful
+            }
         })
         .collect();
     let has_time = checked_source.as_ref().map(|_| time != TimeSpec::None);
@@ -373,6 +377,115 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
                     check_window(&mut c, w, node, &format!("{path}.window"), known.as_deref())
                 {
                     specs.push(StepSpec::Window(def));
+                }
+            }
+            StepConfig::Deduplicate(d) => {
+                let p = format!("{path}.deduplicate");
+                for f in &d.fields.value.0 {
+                    if !valid_field_name(f) {
+                        c.sp(
+                            &d.fields,
+                            &format!("{p}.fields"),
+                            format!("`{f}` is not a field name"),
+                        );
+                    } else if let Some(known) = &known {
+                        check_field(
+                            &mut c,
+                            known,
+                            f,
+                            d.fields.line,
+                            d.fields.column,
+                            &format!("{p}.fields"),
+                        );
+                    }
+                }
+                if d.fields.value.0.is_empty() {
+                    c.sp(
+                        &d.fields,
+                        &format!("{p}.fields"),
+                        "needs at least one field",
+                    );
+                }
+                if let Some(within) = c.positive(&d.within, &format!("{p}.within")) {
+                    specs.push(StepSpec::Stateful(StatefulDef::Deduplicate {
+                        fields: d.fields.value.0.clone(),
+                        within,
+                    }));
+                }
+            }
+            StepConfig::Deadband(d) => {
+                let p = format!("{path}.deadband");
+                if !valid_field_name(&d.field) {
+                    c.sp(
+                        &d.field,
+                        &format!("{p}.field"),
+                        format!("`{}` is not a field name", d.field.value),
+                    );
+                } else if let Some(known) = &known {
+                    check_field(
+                        &mut c,
+                        known,
+                        &d.field.value,
+                        d.field.line,
+                        d.field.column,
+                        &format!("{p}.field"),
+                    );
+                }
+                if !(d.delta.value.is_finite() && d.delta.value >= 0.0) {
+                    c.sp(
+                        &d.delta,
+                        &format!("{p}.delta"),
+                        "must be a number of at least 0",
+                    );
+                }
+                let silence = match &d.max_silence {
+                    Some(m) => c.positive(m, &format!("{p}.max_silence")).map(Some),
+                    None => Some(None),
+                };
+                if let Some(max_silence) = silence {
+                    specs.push(StepSpec::Stateful(StatefulDef::Deadband {
+                        field: d.field.value.clone(),
+                        delta: d.delta.value,
+                        max_silence,
+                    }));
+                }
+            }
+            StepConfig::Alert(a) => {
+                let p = format!("{path}.alert");
+                if a.name.value.trim().is_empty() {
+                    c.sp(&a.name, &format!("{p}.name"), "must not be empty");
+                }
+                let mut exprs = Vec::new();
+                for (e, part) in
+                    std::iter::once((&a.when, "when")).chain(a.clear.iter().map(|e| (e, "clear")))
+                {
+                    let ep = format!("{p}.{part}");
+                    if let Some(ast) = c.expr(e, &ep) {
+                        if let Some(fields) = &known {
+                            let mut used = Vec::new();
+                            ast.fields(&mut used);
+                            for f in used {
+                                check_field(&mut c, fields, &f, e.line, e.column, &ep);
+                            }
+                        }
+                        exprs.push(ast);
+                    }
+                }
+                let for_ms = match &a.for_ {
+                    Some(d) => c.duration(d, &format!("{p}.for")),
+                    None => Some(0),
+                };
+                let want = 1 + a.clear.is_some() as usize;
+                if let (Some(for_ms), true) = (for_ms, exprs.len() == want) {
+                    let mut exprs = exprs.into_iter();
+                    if let Some(when) = exprs.next() {
+                        specs.push(StepSpec::Stateful(StatefulDef::Alert {
+                            name: a.name.value.clone(),
+                            when,
+                            for_ms,
+                            clear: exprs.next(),
+                        }));
+                    }
                 }
             }
         }

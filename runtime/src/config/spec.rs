@@ -91,6 +91,7 @@ pub enum StepSpec {
     Filter(String),
     KeyBy(Vec<String>),
     Window(WindowDef),
+    Stateful(crate::operators::stateful::StatefulDef),
 }
 
 /// A pipeline file that passed validation.

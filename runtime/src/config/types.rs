@@ -385,6 +385,52 @@ pub enum StepConfig {
     KeyBy(Sp<FieldList>),
     /// An event-time (or processing-time) window with aggregates.
     Window(WindowConfig),
+    /// After `key_by`: drop repeats of an event within a time.
+    Deduplicate(DeduplicateConfig),
+    /// After `key_by`: pass an event only when a field changed enough
+    /// (report by exception).
+    Deadband(DeadbandConfig),
+    /// After `key_by`: raise an alert when a condition held for a time,
+    /// clear it when another holds.
+    Alert(AlertConfig),
+}
+
+/// `deduplicate: { fields: [msg_id], within: 10m }`.
+#[derive(Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeduplicateConfig {
+    /// The fields that make two events the same (one or a list).
+    #[schemars(with = "OneOrMany<String>")]
+    pub fields: Sp<FieldList>,
+    /// How long after an event its repeats are dropped (event time).
+    pub within: DurationText,
+}
+
+/// `deadband: { field: temperature, delta: 0.5, max_silence: 5m }`.
+#[derive(Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeadbandConfig {
+    /// The number watched.
+    pub field: Sp<String>,
+    /// The smallest change that passes an event.
+    pub delta: Sp<f64>,
+    /// Pass an event anyway after this long without one (optional).
+    pub max_silence: Option<DurationText>,
+}
+
+/// `alert: { name: overheat, when: temperature > 80, for: 30s, clear: temperature < 75 }`.
+#[derive(Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AlertConfig {
+    /// The alert's name, in each record it emits.
+    pub name: Sp<String>,
+    /// The condition that raises it.
+    pub when: Sp<Scalar>,
+    /// How long `when` must hold first (default 0s).
+    #[serde(rename = "for")]
+    pub for_: Option<DurationText>,
+    /// The condition that clears it (default `!(when)`).
+    pub clear: Option<Sp<Scalar>>,
 }
 
 /// A window: exactly one of `tumbling`, `sliding`, `session`.

@@ -139,6 +139,17 @@ fn keyed_operator(
     assignment: &Assignment,
     j: usize,
 ) -> Option<Box<dyn KeyedOperator>> {
+    if let Some(st) = &plan.stateful {
+        return Some(Box::new(crate::operators::stateful::StatefulStep::new(
+            st.clone(),
+            crate::operators::stateful::StatefulOptions {
+                key_names: plan.key_names.clone(),
+                ordered: matches!(plan.time, TimeMode::Event { .. } | TimeMode::Ingestion),
+                fingerprint: plan.fingerprint(),
+                layout: plan.state_layout(),
+            },
+        )));
+    }
     let def = plan.window.as_ref()?;
     Some(Box::new(WindowStep::new(
         def.clone(),
@@ -339,7 +350,7 @@ fn run(
         }
     }
     let mut peer_inputs = peer_parts.map(|(_, _, inputs, bell, hold)| (inputs, bell, hold));
-    let window_ctx = ctx.for_operator("window");
+    let window_ctx = ctx.for_operator(plan.stateful.as_ref().map_or("window", |s| s.kind()));
     for (j, (mut op, inbox)) in operators.into_iter().zip(inboxes).enumerate() {
         let (tx, out_rx) = sync_channel(QUEUE);
         keyed_out_rx.push(out_rx);

@@ -245,7 +245,7 @@ impl ParseWorker {
         records.removed = 0;
         let mut keys = Vec::new();
         let mut key_ranges = vec![(0u32, 0u32); n];
-        if plan.window.is_some() {
+        if plan.keyed() {
             for (i, range) in key_ranges.iter_mut().enumerate() {
                 if records.status[i] != Status::Live {
                     continue;
@@ -266,7 +266,7 @@ impl ParseWorker {
                 *range = (start, keys.len() as u32);
             }
         }
-        if plan.window.is_some() {
+        if plan.keyed() {
             live = count(&counters.key, live, records.removed);
         }
         for (s, c) in self.after.iter_mut().zip(&counters.after) {
@@ -286,7 +286,7 @@ impl ParseWorker {
         };
         let owners = self.assignment.size();
         let mut frames: Vec<Frame> = Vec::new();
-        if plan.window.is_some() {
+        if plan.keyed() {
             let watermarks = Arc::new(watermarks);
             let mut data: Vec<KeyedBatch> = (0..owners)
                 .map(|_| KeyedBatch {
@@ -295,7 +295,8 @@ impl ParseWorker {
                     ..Default::default()
                 })
                 .collect();
-            let width = plan.aggs.len();
+            let width = plan.aggs.len() + plan.stateful_inputs.len();
+            let pass_events = plan.stateful.as_ref().is_some_and(|s| s.passes_events());
             'rec: for i in 0..n {
                 if records.status[i] != Status::Live {
                     continue;
@@ -332,6 +333,25 @@ impl ParseWorker {
                     }
                     kb.vals.push(v);
                 }
+                for (e, numeric, label) in &plan.stateful_inputs {
+                    let v = match e.eval(row) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            kb.vals.truncate(vals_start);
+                            records.reject(i, format!("{label}: {e}"));
+                            continue 'rec;
+                        }
+                    };
+                    if *numeric && v.as_f64().is_none() {
+                        kb.vals.truncate(vals_start);
+                        records.reject(
+                            i,
+                            format!("{label}: needs a number, got {} ({v})", v.type_name()),
+                        );
+                        continue 'rec;
+                    }
+                    kb.vals.push(v);
+                }
                 debug_assert_eq!(kb.vals.len(), vals_start + width);
                 let kstart = kb.keys.len() as u32;
                 kb.keys.extend_from_slice(key);
@@ -346,6 +366,13 @@ impl ParseWorker {
                 });
                 if self.carry_payloads {
                     kb.carry(raw.payload(item), raw.topic(item));
+                }
+                if pass_events {
+                    kb.events.push(crate::msg::Event {
+                        record: passthrough(plan, raw.payload(item), row),
+                        fields: plan.carry.iter().map(|(_, s)| row[*s].clone()).collect(),
+                        retain: item.retain,
+                    });
                 }
             }
             // Processing time: the batch's first arrival, once for all owners.

@@ -79,7 +79,8 @@ impl Graph {
         };
         node(&mut g, "decode", "decode", format.into());
         let mut n = 0;
-        let mut window = false;
+        // The keyed operator's id, when there is one.
+        let mut window: Option<&str> = None;
         for s in &p.steps {
             match s {
                 StepSpec::Map(a) => {
@@ -111,7 +112,21 @@ impl Graph {
                         .collect::<Vec<_>>()
                         .join(", ");
                     node(&mut g, "window", "window", format!("{shape}: {aggs}"));
-                    window = true;
+                    window = Some("window");
+                }
+                StepSpec::Stateful(st) => {
+                    use crate::operators::stateful::StatefulDef;
+                    let label = match st {
+                        StatefulDef::Deduplicate { fields, within } => {
+                            format!("{} within {}", fields.join(", "), ms(*within))
+                        }
+                        StatefulDef::Deadband { field, delta, .. } => format!("{field} ±{delta}"),
+                        StatefulDef::Alert { name, for_ms, .. } => {
+                            format!("{name} for {}", ms(*for_ms))
+                        }
+                    };
+                    node(&mut g, st.kind(), st.kind(), label);
+                    window = Some(st.kind());
                 }
             }
         }
@@ -122,13 +137,13 @@ impl Graph {
             sinks(&p.sinks)
         };
         node(&mut g, "sink_main", "sink", main);
-        if !p.late.is_empty() && window {
+        if let (false, Some(keyed)) = (p.late.is_empty(), window) {
             g.nodes.push(Node {
                 id: "sink_late".into(),
                 kind: "sink".into(),
                 label: format!("late: {}", sinks(&p.late)),
             });
-            g.edges.push(("window".into(), "sink_late".into()));
+            g.edges.push((keyed.into(), "sink_late".into()));
         }
         if !p.dead_letter.is_empty() {
             g.nodes.push(Node {

@@ -28,6 +28,7 @@
 //! ```
 
 pub mod keyed;
+pub mod stateful;
 pub mod window;
 
 use crate::expr::{Ast, Expr};

@@ -25,6 +25,7 @@ pub mod rules;
 
 use crate::decode::FieldTree;
 use crate::expr::{self, Ast, Expr};
+use crate::operators::stateful::StatefulDef;
 use crate::operators::window::{AggFunc, WindowDef};
 use crate::operators::{Filter, Map, Step};
 use crate::sinks::Sink;
@@ -78,6 +79,7 @@ enum Entry {
     Step(Box<dyn Step>),
     KeyBy(Vec<String>),
     Window(WindowDef),
+    Stateful(StatefulDef),
 }
 
 /// Builds a [`Pipeline`]; every problem is reported by [`PipelineBuilder::build`].
@@ -122,6 +124,11 @@ pub(crate) struct Plan {
     pub window: Option<WindowDef>,
     /// Aggregate function, compiled argument and name, per aggregate.
     pub aggs: Vec<(AggFunc, Option<Expr>, String)>,
+    /// A stateful step after `key_by` (`deduplicate`, `deadband`, `alert`).
+    pub stateful: Option<StatefulDef>,
+    /// Its inputs per record: compiled expression, whether it must be a
+    /// number, and its label in dead letters.
+    pub stateful_inputs: Vec<(Expr, bool, String)>,
     /// Fields written by steps, overlaid on pass-through outputs (never the
     /// topic's fields: those place an event, they are not part of it).
     pub writes: Vec<(String, usize)>,
@@ -138,8 +145,16 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
+    /// Whether there is a keyed stage (a window or a stateful step).
+    pub fn keyed(&self) -> bool {
+        self.window.is_some() || self.stateful.is_some()
+    }
+
     /// Names for reading saved state: key fields and aggregates.
     pub fn state_layout(&self) -> String {
+        if let Some(st) = &self.stateful {
+            return serde_json::json!({ "keys": self.key_names, "step": st.kind() }).to_string();
+        }
         let aggs: Vec<&str> = self.aggs.iter().map(|a| a.2.as_str()).collect();
         serde_json::json!({ "keys": self.key_names, "aggregates": aggs }).to_string()
     }
@@ -160,6 +175,9 @@ impl Plan {
                 aggs.join(",")
             )
         });
+        if let Some(st) = &self.stateful {
+            return format!("keys=[{}] step={st:?}", self.key_names.join(","));
+        }
         format!(
             "keys=[{}] window={}",
             self.key_names.join(","),
@@ -301,6 +319,58 @@ impl PipelineBuilder {
         self.entries.push(Entry::Window(w));
         self
     }
+    /// A stateful step after `key_by` (see [`crate::operators::stateful`]).
+    pub fn stateful(mut self, def: StatefulDef) -> Self {
+        self.entries.push(Entry::Stateful(def));
+        self
+    }
+    /// `deduplicate`: drops an event whose `fields` equal those of an
+    /// event of the same key that passed less than `within` before it.
+    pub fn deduplicate<I: IntoIterator<Item = S>, S: AsRef<str>>(
+        self,
+        fields: I,
+        within: Duration,
+    ) -> Self {
+        self.stateful(StatefulDef::Deduplicate {
+            fields: fields.into_iter().map(|f| f.as_ref().to_string()).collect(),
+            within: within.as_millis() as i64,
+        })
+    }
+    /// `deadband` (report by exception): passes an event when it is the
+    /// key's first, when `field` moved by at least `delta` since the last
+    /// one passed, or after `max_silence` without one.
+    pub fn deadband(self, field: &str, delta: f64, max_silence: Option<Duration>) -> Self {
+        self.stateful(StatefulDef::Deadband {
+            field: field.to_string(),
+            delta,
+            max_silence: max_silence.map(|d| d.as_millis() as i64),
+        })
+    }
+    /// `alert`: `raised` once `when` held for `for_`, `cleared` when
+    /// `clear` (default `!(when)`) holds after that.
+    pub fn alert(mut self, name: &str, when: &str, for_: Duration, clear: Option<&str>) -> Self {
+        let when = match parse_expr(when) {
+            Ok(a) => a,
+            Err(e) => {
+                self.problems.push(format!("alert `when`: {e}"));
+                return self;
+            }
+        };
+        let clear = match clear.map(parse_expr) {
+            Some(Err(e)) => {
+                self.problems.push(format!("alert `clear`: {e}"));
+                return self;
+            }
+            Some(Ok(a)) => Some(a),
+            None => None,
+        };
+        self.stateful(StatefulDef::Alert {
+            name: name.to_string(),
+            when,
+            for_ms: for_.as_millis() as i64,
+            clear,
+        })
+    }
     pub fn sink(mut self, s: impl Sink + 'static) -> Self {
         self.sinks.push(Box::new(s));
         self
@@ -371,6 +441,7 @@ impl PipelineBuilder {
         let mut after = Vec::new();
         let mut key: Option<Vec<String>> = None;
         let mut window: Option<WindowDef> = None;
+        let mut stateful: Option<StatefulDef> = None;
         let mut writes: Vec<(String, usize)> = Vec::new();
         let shapes: Vec<StepShape> = self
             .entries
@@ -379,6 +450,7 @@ impl PipelineBuilder {
                 Entry::Step(_) => StepShape::Step,
                 Entry::KeyBy(k) => StepShape::KeyBy { fields: k.len() },
                 Entry::Window(_) => StepShape::Window,
+                Entry::Stateful(_) => StepShape::Stateful,
             })
             .collect();
         for p in rules::check_steps(&shapes, Some(self.time != TimeMode::None)) {
@@ -411,6 +483,14 @@ impl PipelineBuilder {
                     problems.extend(w.problems());
                     window.get_or_insert(w);
                 }
+                Entry::Stateful(st) => {
+                    problems.extend(
+                        st.check()
+                            .into_iter()
+                            .map(|p| format!("{}: {p}", st.kind())),
+                    );
+                    stateful.get_or_insert(st);
+                }
             }
         }
         let source = match self.source {
@@ -435,14 +515,17 @@ impl PipelineBuilder {
         // the event.
         let topic_field = binder.as_ref().and_then(|b| b.0.topic_field.clone());
         writes.retain(|(w, _)| Some(w) != topic_field.as_ref());
-        if self.format == Format::Raw && window.is_none() {
+        if self.format == Format::Raw && passes_events(&window, &stateful) {
             if let Some((w, _)) = writes.first() {
                 problems.push(format!(
                     "a step writes `{w}`, but `format: raw` forwards payloads unchanged; use `format: json` or `text` to add fields"
                 ));
             }
         }
-        let (carry, carry_retain) = if window.is_none() {
+        // Events go out as they came: without a window, or through
+        // `deduplicate` and `deadband`.
+        let passes = passes_events(&window, &stateful);
+        let (carry, carry_retain) = if passes {
             let mut carry: Vec<(String, usize)> = Vec::new();
             for f in self.sinks.iter().flat_map(|s| s.topic_fields()) {
                 if !carry.iter().any(|(n, _)| *n == f) {
@@ -456,6 +539,17 @@ impl PipelineBuilder {
         };
         let key_names = key.unwrap_or_default();
         let key_slots = key_names.iter().map(|k| fields.slot(k)).collect();
+        let stateful_inputs = stateful
+            .as_ref()
+            .map(|st| {
+                st.inputs()
+                    .into_iter()
+                    .map(|(ast, numeric, label)| {
+                        (ast.compile(&mut |f| fields.slot(f)), numeric, label)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let aggs = window
             .as_ref()
             .map(|w| {
@@ -487,6 +581,8 @@ impl PipelineBuilder {
             key_slots,
             window,
             aggs,
+            stateful,
+            stateful_inputs,
             writes,
             carry,
             carry_retain,
@@ -506,6 +602,11 @@ impl PipelineBuilder {
             clock: self.clock,
         })
     }
+}
+
+/// Whether events go out as they came (no window, no `alert`).
+fn passes_events(window: &Option<WindowDef>, stateful: &Option<StatefulDef>) -> bool {
+    window.is_none() && stateful.as_ref().is_none_or(|s| s.passes_events())
 }
 
 /// Parses an expression and checks its functions; the error is one line.

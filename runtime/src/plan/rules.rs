@@ -13,6 +13,8 @@ pub enum StepShape {
         fields: usize,
     },
     Window,
+    /// `deduplicate`, `deadband`, `alert`: keyed and stateful, last.
+    Stateful,
 }
 
 /// What a problem is about.
@@ -48,12 +50,19 @@ pub fn check_steps(steps: &[StepShape], has_time: Option<bool>) -> Vec<RuleProbl
     let mut out = Vec::new();
     let mut key: Option<usize> = None;
     let mut window: Option<usize> = None;
+    let mut stateful: Option<usize> = None;
     for (i, s) in steps.iter().enumerate() {
         if let Some(w) = window {
             out.push(step(
                 i,
                 None,
                 format!("steps after the window (steps[{w}]) are not supported; the window must be the last step"),
+            ));
+        } else if let Some(w) = stateful {
+            out.push(step(
+                i,
+                None,
+                format!("steps after a stateful step (steps[{w}]) are not supported yet; it must be the last step"),
             ));
         }
         match *s {
@@ -73,6 +82,26 @@ pub fn check_steps(steps: &[StepShape], has_time: Option<bool>) -> Vec<RuleProbl
                         i,
                         Some("key_by"),
                         "key_by needs at least one field".into(),
+                    ));
+                }
+            }
+            StepShape::Stateful => {
+                if stateful.is_none() {
+                    stateful = Some(i);
+                }
+                if key.is_none() {
+                    out.push(step(
+                        i,
+                        None,
+                        "a stateful step keeps state per key: put a `key_by` before it".into(),
+                    ));
+                }
+                if has_time == Some(false) {
+                    out.push(step(
+                        i,
+                        None,
+                        "a stateful step needs time: set `source.event_time` (or `source.time: processing`)"
+                            .into(),
                     ));
                 }
             }
@@ -97,11 +126,11 @@ pub fn check_steps(steps: &[StepShape], has_time: Option<bool>) -> Vec<RuleProbl
             }
         }
     }
-    if let (Some(k), None) = (key, window) {
+    if let (Some(k), None, None) = (key, window, stateful) {
         out.push(step(
             k,
             Some("key_by"),
-            "key_by without a window has no effect; add a `window` step after it".into(),
+            "key_by without a window has no effect; add a `window` step (or `deduplicate`, `deadband`, `alert`) after it".into(),
         ));
     }
     out
@@ -162,8 +191,15 @@ mod tests {
         );
         assert_eq!(
             messages(&[KeyBy { fields: 1 }], Some(true)),
-            vec!["key_by without a window has no effect; add a `window` step after it"]
+            vec!["key_by without a window has no effect; add a `window` step (or `deduplicate`, `deadband`, `alert`) after it"]
         );
+        // A stateful step: after key_by, with time, last.
+        assert!(messages(&[KeyBy { fields: 1 }, Stateful], Some(true)).is_empty());
+        let got = messages(&[Stateful, Step], Some(false));
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(got[0].contains("put a `key_by` before it"), "{got:?}");
+        assert!(got[1].contains("needs time"), "{got:?}");
+        assert!(got[2].contains("must be the last step"), "{got:?}");
         assert!(
             messages(&[Window], None).is_empty(),
             "time unknown: skipped"
