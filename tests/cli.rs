@@ -144,7 +144,7 @@ sink:
         "bad.yaml:6:24: steps[0].deadband.field: unknown field `temprature`; did you mean `temperature`?",
         "bad.yaml:6:43: steps[0].deadband.delta: must be a number of at least 0",
         "bad.yaml:6:60: steps[0].deadband.max_silence: must be greater than zero",
-        "bad.yaml:7:11: steps[1]: steps after a stateful step (steps[0]) are not supported yet",
+        "bad.yaml:7:11: steps[1]: steps after deduplicate or deadband (steps[0]) are not supported yet",
         "bad.yaml:8:44: steps[2].alert.when: bad expression `temperature >`",
         "bad.yaml:8:51: steps[2].alert.for: bad duration `1 minute`",
     ] {
@@ -168,6 +168,65 @@ sink:
     .unwrap();
     let out = bin().arg("validate").arg(&ok).output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn validate_checks_what_steps_after_a_window_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("bad.yaml");
+    std::fs::write(
+        &f,
+        "name: bad
+source:
+  generator: { sensors: 3 }
+  event_time: { field: ts, max_out_of_orderness: 2s }
+steps:
+  - key_by: sensor_id
+  - window: { tumbling: 10s, aggregate: { avg_t: avg(temperature) } }
+  - filter: humidity > 3
+  - window: { tumbling: 1m, aggregate: { hi: max(avg) } }
+sink:
+  mqtt: { url: mqtt://localhost:1883, topic: \"hot/{sensor_id}\" }
+",
+    )
+    .unwrap();
+    let out = bin().arg("validate").arg(&f).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    for expected in [
+        // Window results have exactly these fields.
+        "bad.yaml:8:13: steps[2].filter: unknown field `humidity` (fields known here: sensor_id, window_start, window_end, avg_t)",
+        "steps[3]: the results of steps[1] are not keyed: put a `key_by` before this window",
+        "steps[3].window.aggregate.hi: unknown field `avg`; did you mean `avg_t`?",
+        // The last window's results have no sensor_id.
+        "sink[0].mqtt.topic: the topic uses `{sensor_id}`, which window results lack",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+    // Peer mode does not run later stages yet: a clear refusal.
+    let f = dir.path().join("peers.yaml");
+    std::fs::write(
+        &f,
+        "name: pm
+source:
+  mqtt: { url: \"mqtt://127.0.0.1:1883\", topics: [\"s/{id}/t\"], qos: 1 }
+  event_time: { field: ts, max_out_of_orderness: 1s }
+steps:
+  - key_by: id
+  - window: { tumbling: 2s, aggregate: { n: count() } }
+  - filter: n > 1
+sink: { stdout: {} }
+state: { dir: st }
+peers: { cluster: t }
+",
+    )
+    .unwrap();
+    let out = bin().arg("validate").arg(&f).output().unwrap();
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("peers.yaml:8:11: steps[2]: steps after steps[1] (a window or stateful step) are not supported in peer mode yet"),
+        "{err}"
+    );
 }
 
 #[test]

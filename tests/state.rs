@@ -756,3 +756,48 @@ fn stateful_steps_killed_again_and_again_lose_no_event_and_invent_none() {
         std::fs::remove_dir_all(d.join("state")).unwrap();
     }
 }
+
+#[test]
+fn a_window_of_windows_killed_again_and_again_gives_the_same_final_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_input(&d.join("events.jsonl"), 200_000);
+    let yaml = |out: &str, state: bool| {
+        let state = if state {
+            "state: { dir: state, checkpoint_interval: 40ms }\n"
+        } else {
+            ""
+        };
+        let p = d.join(format!("{out}.yaml"));
+        std::fs::write(
+            &p,
+            format!(
+                "name: graph\nsource:\n  file: {{ path: events.jsonl }}\n  event_time: {{ field: ts, max_out_of_orderness: 300ms, plausible_years: any }}\n\
+                 steps:\n  - key_by: k\n  - window: {{ tumbling: 1s, aggregate: {{ n: count(), total: sum(v) }} }}\n  - filter: n > 0\n  - key_by: k\n  - window: {{ tumbling: 5s, aggregate: {{ windows: count(), events: sum(n), hi: max(total), med: median(total) }} }}\n\
+                 sink: {{ file: {{ path: {out} }} }}\n{state}"
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let reference = yaml("reference.jsonl", false);
+    let out = rivulet(d, &reference).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected = finals(&d.join("reference.jsonl"));
+    assert!(expected.len() > 500, "{} windows", expected.len());
+    let crashing = yaml("crashed.jsonl", true);
+    crash_until_done(d, &crashing, "crashed.jsonl", 12);
+    let got = finals(&d.join("crashed.jsonl"));
+    let wrong: Vec<_> = expected
+        .iter()
+        .filter(|(k, v)| got.get(*k) != Some(v))
+        .take(3)
+        .map(|(k, v)| (k.clone(), v.clone(), got.get(k).cloned()))
+        .collect();
+    assert!(wrong.is_empty(), "results differ: {wrong:?}");
+    assert_eq!(got.len(), expected.len());
+}

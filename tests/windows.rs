@@ -1042,3 +1042,161 @@ fn alert_raises_after_its_duration_even_without_events_and_clears_with_hysteresi
         ]
     );
 }
+
+/// A pipeline of several stages over `lines` (event time, bound `bound`).
+fn run_graph(
+    lines: &[String],
+    bound: u64,
+    stages: impl Fn(rivulet::plan::PipelineBuilder) -> rivulet::plan::PipelineBuilder,
+    workers: usize,
+) -> Out {
+    let (main, late, dead) = (MemorySink::new(), MemorySink::new(), MemorySink::new());
+    let b = Pipeline::builder("test")
+        .source(MemorySource::from_lines(lines))
+        .event_time("ts", ms(bound));
+    let stats = stages(b)
+        .sink(main.clone())
+        .late(Box::new(late.clone()))
+        .dead_letter(Box::new(dead.clone()))
+        .workers(workers)
+        .build()
+        .expect("valid pipeline")
+        .run(RunOptions::default())
+        .expect("runs");
+    Out {
+        main: parse_all(main.records()),
+        late: parse_all(late.records()),
+        dead: parse_all(dead.records()),
+        stats,
+    }
+}
+
+#[test]
+fn a_window_of_windows_follows_flinks_rules() {
+    // Stage 1: per key, 1 s sums. a: [0,1000) 1+2, [1000,2000) 3,
+    // [2000,3000) 4, [3000,4000) 5, [5000,6000) 6; b: [0,1000) 10,
+    // [2000,3000) 20. Each result's event time is its end − 1.
+    // Stage 2: per key, 3 s windows of those: a [0,3000) = 3 windows,
+    // total 10, max 4; a [3000,6000) = 2 windows (3999, 5999), total 11,
+    // max 6; b [0,3000) = 2 windows, total 30, max 20.
+    let input = [
+        ev("a", 900, 2),
+        ev("a", 100, 1), // out of order, within the 500 ms bound
+        ev("b", 200, 10),
+        ev("a", 1500, 3),
+        ev("b", 2200, 20),
+        ev("a", 2500, 4),
+        ev("a", 3200, 5),
+        ev("a", 5000, 6),
+    ];
+    let stages = |b: rivulet::plan::PipelineBuilder| {
+        b.key_by(["k"])
+            .window(WindowDef::tumbling(ms(1000)).aggregate("s", "sum(v)"))
+            .key_by(["k"])
+            .window(
+                WindowDef::tumbling(ms(3000))
+                    .aggregate("windows", "count()")
+                    .aggregate("total", "sum(s)")
+                    .aggregate("max", "max(s)"),
+            )
+    };
+    let out = run_graph(&input, 500, stages, 1);
+    let r = |k: &str, start: i64, windows: i64, total: i64, max: i64| {
+        json!({"k": k, "window_start": start, "window_end": start + 3000,
+               "windows": windows, "total": total, "max": max})
+    };
+    assert_eq!(
+        out.main,
+        vec![
+            r("a", 0, 3, 10, 4),
+            r("b", 0, 2, 30, 20),
+            r("a", 3000, 2, 11, 6)
+        ]
+    );
+    for workers in [2, 4] {
+        assert_eq!(
+            run_graph(&input, 500, stages, workers).main,
+            out.main,
+            "{workers} workers"
+        );
+    }
+}
+
+#[test]
+fn steps_after_a_window_read_its_results_and_an_alert_watches_an_average() {
+    // 10 s averages per sensor; keep those above 30 (map adds a field);
+    // and, separately, an alert when the average stays above 30 for two
+    // windows (20 s), cleared below 25.
+    let mut input = Vec::new();
+    for (w, a, b) in [
+        (0, 20.0, 31.0),
+        (1, 35.0, 33.0),
+        (2, 36.0, 24.0),
+        (3, 20.0, 40.0),
+    ] {
+        for i in 0..4 {
+            let ts = w * 10_000 + i * 2_000 + 500;
+            input.push(ev_f("a", ts, a));
+            input.push(ev_f("b", ts + 100, b));
+        }
+    }
+    input.push(ev_f("z", 100_000, 0.0)); // moves the watermark on
+    let hot = run_graph(
+        &input,
+        1000,
+        |b| {
+            b.key_by(["k"])
+                .window(WindowDef::tumbling(ms(10_000)).aggregate("avg", "avg(v)"))
+                .filter("avg > 30")
+                .map([("over", "avg - 30")])
+        },
+        2,
+    );
+    let kept: Vec<(String, i64, f64)> = hot
+        .main
+        .iter()
+        .map(|r| {
+            (
+                r["k"].as_str().unwrap().to_string(),
+                r["window_start"].as_i64().unwrap(),
+                r["over"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kept,
+        [
+            ("b".into(), 0, 1.0),
+            ("a".into(), 10_000, 5.0),
+            ("b".into(), 10_000, 3.0),
+            ("a".into(), 20_000, 6.0),
+            ("b".into(), 30_000, 10.0),
+        ]
+    );
+    // Average events are at 9999, 19999, 29999, 39999: a 20, 35, 36, 20;
+    // b 31, 33, 24, 40.
+    // With `for: 10s`: b raised at 19999, cleared at 29999 (24 < 25);
+    // a raised at 29999, cleared at 39999; b above again from 39999 and
+    // nothing says otherwise when the watermark passes 49999: raised.
+    let alerts = run_graph(
+        &input,
+        1000,
+        |b| {
+            b.key_by(["k"])
+                .window(WindowDef::tumbling(ms(10_000)).aggregate("avg", "avg(v)"))
+                .key_by(["k"])
+                .alert("warm", "avg > 30", ms(10_000), Some("avg < 25"))
+        },
+        1,
+    );
+    assert_eq!(
+        alerts.main,
+        vec![
+            json!({"k": "b", "alert": "warm", "state": "raised", "at": 19_999}),
+            json!({"k": "a", "alert": "warm", "state": "raised", "at": 29_999}),
+            json!({"k": "b", "alert": "warm", "state": "cleared", "at": 29_999}),
+            json!({"k": "a", "alert": "warm", "state": "cleared", "at": 39_999}),
+            json!({"k": "b", "alert": "warm", "state": "raised", "at": 49_999}),
+        ]
+    );
+}

@@ -144,6 +144,9 @@ pub enum Stream {
     Main,
     Late,
     Dead,
+    /// Not written anywhere: the keyed operator's watermark rose to
+    /// `start` here (for steps after it, see [`Output::mark`]).
+    Mark,
 }
 
 /// When, within an input batch, an output was produced: outputs are
@@ -270,6 +273,21 @@ impl Output {
         Output {
             body: Body::Event(Box::new(event)),
             ..Output::plain(idx, Stream::Main, Vec::new())
+        }
+    }
+
+    /// A watermark mark: after the outputs of `order`, the operator's
+    /// watermark is `watermark`. Sorts after every output of the same
+    /// `order`.
+    pub fn mark(order: Order, watermark: i64) -> Output {
+        Output {
+            idx: order.idx,
+            phase: order.phase,
+            end: i64::MAX,
+            start: watermark,
+            key: Box::new([]),
+            stream: Stream::Mark,
+            body: Body::Line(Vec::new()),
         }
     }
 

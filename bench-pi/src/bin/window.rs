@@ -83,7 +83,7 @@ fn main() {
     let start = Instant::now();
     let mut valve = WatermarkValve::new(1);
     for b in &input {
-        op.feed(&mut valve, 0, b, i64::MAX, &mut out);
+        op.feed(&mut valve, 0, b, i64::MAX, false, &mut out);
         results += out.len() as u64;
         out.clear();
     }

@@ -297,9 +297,10 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
                 fields: k.value.0.len(),
             },
             StepConfig::Window(_) => StepShape::Window,
-            StepConfig::Deduplicate(_) | StepConfig::Deadband(_) | StepConfig::Alert(_) => {
-                StepShape::Stateful
+            StepConfig::Deduplicate(_) | StepConfig::Deadband(_) => {
+                StepShape::Stateful { passes: true }
             }
+            StepConfig::Alert(_) => StepShape::Stateful { passes: false },
         })
         .collect();
     let has_time = checked_source.as_ref().map(|_| time != TimeSpec::None);
@@ -312,8 +313,21 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
             c.node(steps[index].1, &path, p.message);
         }
     }
+    // The key_by of the current segment; the fields of the records the
+    // last keyed step puts out (and the steps after it); where the first
+    // keyed step is.
+    let mut segment_key: Vec<String> = Vec::new();
+    let mut results: Option<Vec<String>> = None;
+    let mut first_keyed: Option<usize> = None;
     for (i, (step, node)) in steps.iter().enumerate() {
         let path = format!("steps[{i}]");
+        if let (Some(k), true) = (first_keyed, peers.is_some()) {
+            c.node(
+                node,
+                &path,
+                format!("steps after steps[{k}] (a window or stateful step) are not supported in peer mode yet"),
+            );
+        }
         match step {
             StepConfig::Map(assign) => {
                 let mut out = Vec::new();
@@ -338,6 +352,9 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
                         c.sp(k, &p, "`format: raw` forwards payloads unchanged, so a step cannot add fields to them; use `format: json` or `text`, or write only `topic`");
                     }
                     if let Some(fields) = &mut known {
+                        fields.push(k.value.clone());
+                    }
+                    if let Some(fields) = results.as_mut().filter(|f| !f.contains(&k.value)) {
                         fields.push(k.value.clone());
                     }
                     out.push((k.value.clone(), v.0.clone()));
@@ -370,16 +387,25 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
                         check_field(&mut c, known, f, k.line, k.column, &p);
                     }
                 }
+                segment_key = fields.clone();
                 specs.push(StepSpec::KeyBy(fields));
             }
             StepConfig::Window(w) => {
+                first_keyed.get_or_insert(i);
                 if let Some(def) =
                     check_window(&mut c, w, node, &format!("{path}.window"), known.as_deref())
                 {
+                    // Steps after a window read its results, which have
+                    // exactly these fields.
+                    let fields = def.output_schema(&segment_key).names;
+                    known = Some(fields.clone());
+                    results = Some(fields);
                     specs.push(StepSpec::Window(def));
                 }
+                segment_key.clear();
             }
             StepConfig::Deduplicate(d) => {
+                first_keyed.get_or_insert(i);
                 let p = format!("{path}.deduplicate");
                 for f in &d.fields.value.0 {
                     if !valid_field_name(f) {
@@ -414,6 +440,7 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
                 }
             }
             StepConfig::Deadband(d) => {
+                first_keyed.get_or_insert(i);
                 let p = format!("{path}.deadband");
                 if !valid_field_name(&d.field) {
                     c.sp(
@@ -451,6 +478,7 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
                 }
             }
             StepConfig::Alert(a) => {
+                first_keyed.get_or_insert(i);
                 let p = format!("{path}.alert");
                 if a.name.value.trim().is_empty() {
                     c.sp(&a.name, &format!("{p}.name"), "must not be empty");
@@ -487,20 +515,16 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
                         }));
                     }
                 }
+                let mut fields = std::mem::take(&mut segment_key);
+                fields.extend(["alert", "state", "at"].map(String::from));
+                known = Some(fields.clone());
+                results = Some(fields);
             }
         }
     }
 
     // A window's results have known fields: check the MQTT topics that use them.
-    if let Some(StepSpec::Window(w)) = specs.iter().find(|s| matches!(s, StepSpec::Window(_))) {
-        let keys: Vec<String> = specs
-            .iter()
-            .find_map(|s| match s {
-                StepSpec::KeyBy(k) => Some(k.clone()),
-                _ => None,
-            })
-            .unwrap_or_default();
-        let fields = w.output_schema(&keys).names;
+    if let Some(fields) = results {
         for (i, sink) in sinks.iter().enumerate() {
             if let SinkSpec::Mqtt(m) = sink {
                 for f in m.topic.fields() {

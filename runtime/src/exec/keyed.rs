@@ -92,6 +92,8 @@ pub(super) struct KeyedHost {
     counters: HostCounters,
     /// Live state queries, answered between frames.
     pub queries: Option<Arc<crate::observe::query::Board>>,
+    /// Put out watermark marks (a tail reads them: [`super::tail`]).
+    pub marks: bool,
     worker: usize,
 }
 
@@ -119,6 +121,7 @@ impl KeyedHost {
             hold: None,
             counters: HostCounters::default(),
             queries: None,
+            marks: false,
             worker: 0,
         }
     }
@@ -220,6 +223,7 @@ impl KeyedHost {
                 carry.snapshot = out.snapshot;
             }
             carry.end = carry.end.or(out.end);
+            carry.watermark = out.watermark;
             if input != 0 {
                 continue;
             }
@@ -244,6 +248,13 @@ impl KeyedHost {
         }
     }
 
+    /// With marks on: the operator's watermark after the outputs of `order`.
+    fn mark(&self, order: Order, out: &mut Vec<crate::msg::Output>) {
+        if self.marks {
+            out.push(crate::msg::Output::mark(order, self.op.watermark()));
+        }
+    }
+
     /// Handles one frame of input `input`.
     pub fn frame(&mut self, input: usize, frame: Vec<Msg>) -> OutBatch {
         let mut out = OutBatch::default();
@@ -255,6 +266,7 @@ impl KeyedHost {
                 let w = self.valve.current();
                 if w > i64::MIN {
                     self.op.advance(w, Order::START, &mut out.outputs);
+                    self.mark(Order::START, &mut out.outputs);
                 }
             }
         }
@@ -263,8 +275,14 @@ impl KeyedHost {
                 Msg::Data(batch) => {
                     self.counters.records_in.add(batch.recs.len() as u64);
                     let cap = self.held(i64::MAX);
-                    self.op
-                        .feed(&mut self.valve, input, &batch, cap, &mut out.outputs);
+                    self.op.feed(
+                        &mut self.valve,
+                        input,
+                        &batch,
+                        cap,
+                        self.marks,
+                        &mut out.outputs,
+                    );
                     after_data = true;
                 }
                 Msg::Watermark(w) => {
@@ -276,11 +294,13 @@ impl KeyedHost {
                             (_, false) => Order::START,
                         };
                         self.op.advance(w, order, &mut out.outputs);
+                        self.mark(order, &mut out.outputs);
                     }
                 }
                 Msg::Idle { quiet_ms } => {
                     if let Some(w) = self.valve.idle(input, quiet_ms).map(|w| self.held(w)) {
                         self.op.advance(w, Order::END, &mut out.outputs);
+                        self.mark(Order::END, &mut out.outputs);
                     }
                 }
                 Msg::Barrier(id) => {
@@ -299,7 +319,10 @@ impl KeyedHost {
                     self.ended[input] = true;
                     if self.ended.iter().all(|&e| e) || (self.local_end && input == 0) {
                         match end {
-                            End::Flush => self.op.advance(i64::MAX, Order::FLUSH, &mut out.outputs),
+                            End::Flush => {
+                                self.op.advance(i64::MAX, Order::FLUSH, &mut out.outputs);
+                                self.mark(Order::FLUSH, &mut out.outputs);
+                            }
                             End::Stop => out.open_windows = self.op.open_windows(),
                         }
                         out.end = Some(end);
@@ -307,6 +330,7 @@ impl KeyedHost {
                 }
             }
         }
+        out.watermark = Some(self.op.watermark());
         self.counted(&out);
         out
     }

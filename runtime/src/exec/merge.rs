@@ -42,6 +42,8 @@ pub(super) struct OutBatch {
     pub checkpoint: Option<Cut>,
     /// From a keyed worker: its state changes for the checkpoint.
     pub snapshot: Option<WorkerSnapshot>,
+    /// From a keyed worker: its operator's watermark after the frame.
+    pub watermark: Option<i64>,
     /// From the parse stage: a savepoint to write after the checkpoint.
     pub savepoint: Option<Arc<SavepointRequest>>,
 }
@@ -56,6 +58,16 @@ pub(super) struct Sinks {
     pub main: Vec<Box<dyn Sink>>,
     pub late: Vec<Box<dyn Sink>>,
     pub dead: Vec<Box<dyn Sink>>,
+}
+
+/// The tail of a pipeline (steps after the first keyed stage) and what it
+/// needs to know of that stage.
+pub(super) struct TailRun {
+    pub tail: super::tail::Tail,
+    /// The first stage's results carry their event time as `end` (alerts),
+    /// not `end − 1` (window results).
+    pub at_end: bool,
+    pub source_name: String,
 }
 
 /// Where the merger hands checkpoints: the local writer, or in peer mode
@@ -83,6 +95,7 @@ pub(super) fn merge(
     parse_out: Vec<Receiver<OutBatch>>,
     win_out: Vec<Receiver<OutBatch>>,
     sinks: Sinks,
+    mut tail: Option<TailRun>,
 ) -> Result<RunStats, RunError> {
     let Sinks {
         schema,
@@ -118,8 +131,12 @@ pub(super) fn merge(
                 time: (i64::MIN, i64::MIN),
             });
         }
+        // The keyed stage's watermark after this batch: the least of its
+        // workers' (they all see the same watermarks).
+        let mut first_watermark = i64::MAX;
         for rx in &win_out {
             let mut w = rx.recv().map_err(|_| lost())?;
+            first_watermark = first_watermark.min(w.watermark.unwrap_or(i64::MIN));
             batch.outputs.append(&mut w.outputs);
             stats.open_windows += w.open_windows;
             if let Some(snap) = w.snapshot.take() {
@@ -143,8 +160,27 @@ pub(super) fn merge(
         let mut noted = 0;
         let outputs = &mut batch.outputs;
         outputs.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
+        if let Some(t) = tail.as_mut().filter(|_| !win_out.is_empty()) {
+            // The first stage's results feed the tail; its records are the
+            // main output, after the first stage's late and dead ones.
+            let (main, rest): (Vec<Output>, Vec<Output>) = std::mem::take(outputs)
+                .into_iter()
+                .partition(|o| matches!(o.stream, Stream::Main | Stream::Mark));
+            *outputs = rest;
+            let at_end = t.at_end;
+            let time = move |o: &Output| {
+                if at_end {
+                    o.end
+                } else {
+                    o.end.saturating_sub(1)
+                }
+            };
+            t.tail
+                .run(main, &time, first_watermark, &t.source_name, outputs);
+        }
         for o in outputs.iter() {
             match o.stream {
+                Stream::Mark => {}
                 Stream::Main => {
                     stats.results += 1;
                     if let crate::msg::Body::Event(e) = &o.body {
@@ -206,6 +242,18 @@ pub(super) fn merge(
             .as_ref()
             .is_some_and(|a| a.snapshots == win_out.len());
         let ready = if complete { awaiting.take() } else { None };
+        if let (Some(_), Some(t)) = (&ready, tail.as_mut()) {
+            // The tail's state now holds exactly the results before the
+            // barrier: it belongs to this checkpoint.
+            let mut changes = Vec::new();
+            t.tail.snapshot(&mut changes);
+            for (op, (k, record)) in changes {
+                match record {
+                    Some(r) => pending.upsert(op, k, r),
+                    None => pending.delete(op, k),
+                }
+            }
+        }
         match checkpointer.as_mut() {
             Some(Checkpoints::Local(cp)) => match ready {
                 Some(a) => cp.checkpoint(a.cut.position, a.time, &mut pending, a.savepoint),

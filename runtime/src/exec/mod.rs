@@ -29,6 +29,7 @@ mod merge;
 mod parse;
 pub mod peer;
 mod reader;
+pub(crate) mod tail;
 
 pub use crate::msg::End;
 pub use crate::partition::KEY_GROUPS;
@@ -178,6 +179,8 @@ fn run(
         None => Assignment::contiguous(n),
     };
     let mut source = p.source;
+    let mut tail = tail::Tail::new(p.tail);
+    let has_tail = !tail.is_empty();
     let mut operators: Vec<Box<dyn KeyedOperator>> = (0..n)
         .filter_map(|j| keyed_operator(&plan, &assignment, j))
         .collect();
@@ -210,14 +213,17 @@ fn run(
             tracing::info!(savepoint = %sp.display(), "starting from a savepoint");
         }
         // Every worker runs the same operator (id 0) on its own key groups.
-        let decls: Vec<_> = operators.first().map(|op| op.state()).into_iter().collect();
+        // Operators after the first stage (the tail) are 1, 2, …
+        let mut decls: Vec<_> = operators.first().map(|op| op.state()).into_iter().collect();
+        decls.extend(tail.state());
         let (s, restored) =
             crate::state::StateStore::open(dir, &decls, opts.allow_non_restored_state)?;
         control = Some(crate::state::control::listen(dir)?);
         for op in &mut operators {
             op.track_changes();
         }
-        if let Some(r) = restored {
+        tail.track_changes();
+        if let Some(mut r) = restored {
             tracing::info!(
                 state = %s.path().display(),
                 checkpoint = r.epoch,
@@ -242,7 +248,17 @@ fn run(
                     .unwrap_or_else(|| bounded(r.max_ts, bound)),
             );
             let mut per_worker: Vec<Vec<(Vec<u8>, Vec<u8>)>> = (0..n).map(|_| Vec::new()).collect();
-            for (key, record) in r.keys.into_iter().flatten() {
+            let mut by_operator = std::mem::take(&mut r.keys).into_iter();
+            let first: Vec<_> = by_operator.next().unwrap_or_default();
+            for (i, keys) in by_operator.enumerate() {
+                tail.restore(i, r.watermark, keys).map_err(|e| {
+                    crate::state::StateError::Store {
+                        path: s.path().display().to_string(),
+                        message: e,
+                    }
+                })?;
+            }
+            for (key, record) in first {
                 per_worker[assignment.owner(KeyGroup::of_key(&key))].push((key, record));
             }
             for (op, keys) in operators.iter_mut().zip(per_worker) {
@@ -264,10 +280,12 @@ fn run(
         });
     }
     let mut sinks = merge::Sinks {
-        schema: operators
-            .first()
-            .map(|op| op.output_schema())
-            .unwrap_or_default(),
+        schema: tail.output_schema().unwrap_or_else(|| {
+            operators
+                .first()
+                .map(|op| op.output_schema())
+                .unwrap_or_default()
+        }),
         carried: plan.carry.iter().map(|(n, _)| n.clone()).collect(),
         main: p.sinks,
         late: p.late,
@@ -377,6 +395,7 @@ fn run(
         let mut host = keyed::KeyedHost::new(op, exchange::Inbox::inputs(&inbox));
         host.count(&window_ctx, j);
         host.queries = Some(opts.queries.clone());
+        host.marks = has_tail;
         if let Some(w) = restored_input_watermark {
             host.valve.restore(w);
         }
@@ -445,7 +464,13 @@ fn run(
         )?)),
         (None, None) => None,
     };
-    let merged = merge::merge(checkpointer, &ctx, parse_out_rx, keyed_out_rx, sinks);
+    let tail = (!tail.is_empty()).then(|| merge::TailRun {
+        tail,
+        // Alerts carry their time; window results end − 1.
+        at_end: plan.stateful.is_some(),
+        source_name: plan.source_name.clone(),
+    });
+    let merged = merge::merge(checkpointer, &ctx, parse_out_rx, keyed_out_rx, sinks, tail);
     opts.queries.close();
     // On a merge error the channels close and every thread winds down.
     let read_result = reader

@@ -79,8 +79,17 @@ impl Graph {
         };
         node(&mut g, "decode", "decode", format.into());
         let mut n = 0;
-        // The keyed operator's id, when there is one.
+        // The first keyed operator's id, when there is one; later stages
+        // (after a window) get ids with their stage number.
         let mut window: Option<&str> = None;
+        let mut stage = 1;
+        let id = |base: &str, stage: usize| {
+            if stage == 1 {
+                base.to_string()
+            } else {
+                format!("{base}_{stage}")
+            }
+        };
         for s in &p.steps {
             match s {
                 StepSpec::Map(a) => {
@@ -96,7 +105,7 @@ impl Graph {
                     n += 1;
                     node(&mut g, &format!("filter_{n}"), "filter", e.clone());
                 }
-                StepSpec::KeyBy(k) => node(&mut g, "key_by", "key_by", k.join(", ")),
+                StepSpec::KeyBy(k) => node(&mut g, &id("key_by", stage), "key_by", k.join(", ")),
                 StepSpec::Window(w) => {
                     let shape = match w.kind {
                         WindowKind::Tumbling { size } => format!("tumbling {}", ms(size)),
@@ -111,8 +120,14 @@ impl Graph {
                         .map(|a| a.name.as_str())
                         .collect::<Vec<_>>()
                         .join(", ");
-                    node(&mut g, "window", "window", format!("{shape}: {aggs}"));
-                    window = Some("window");
+                    node(
+                        &mut g,
+                        &id("window", stage),
+                        "window",
+                        format!("{shape}: {aggs}"),
+                    );
+                    window = window.or(Some("window"));
+                    stage += 1;
                 }
                 StepSpec::Stateful(st) => {
                     use crate::operators::stateful::StatefulDef;
@@ -125,8 +140,9 @@ impl Graph {
                             format!("{name} for {}", ms(*for_ms))
                         }
                     };
-                    node(&mut g, st.kind(), st.kind(), label);
-                    window = Some(st.kind());
+                    node(&mut g, &id(st.kind(), stage), st.kind(), label);
+                    window = window.or(Some(st.kind()));
+                    stage += 1;
                 }
             }
         }
@@ -177,6 +193,22 @@ mod tests {
             assert!(ids.contains(&from.as_str()) && ids.contains(&to.as_str()));
         }
         assert_eq!(g.edges.len() + 1, g.nodes.len(), "a chain: {g:?}");
+    }
+
+    #[test]
+    fn later_stages_get_ids_of_their_own() {
+        let yaml = "name: stages\nsource: { generator: { sensors: 2 }, time: processing }\nsteps:\n  - key_by: sensor_id\n  - window: { tumbling: 1s, aggregate: { t: avg(temperature) } }\n  - filter: t > 0\n  - key_by: sensor_id\n  - window: { tumbling: 10s, aggregate: { hi: max(t) } }\n  - key_by: sensor_id\n  - alert: { name: hot, when: hi > 90 }\nsink: { stdout: {} }\n";
+        let p = crate::config::validate(yaml)
+            .map_err(|e| format!("{e:?}"))
+            .expect("valid");
+        let ids: Vec<String> = Graph::of(&p).nodes.iter().map(|n| n.id.clone()).collect();
+        for want in [
+            "key_by", "window", "key_by_2", "window_2", "key_by_3", "alert_3",
+        ] {
+            assert!(ids.iter().any(|i| i == want), "{want} in {ids:?}");
+        }
+        let unique: std::collections::BTreeSet<&String> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len(), "{ids:?}");
     }
 
     #[test]

@@ -53,6 +53,13 @@ pub trait KeyedOperator: Send {
     /// outputs (results, late records, dead letters).
     fn process(&mut self, batch: &KeyedBatch, recs: Range<usize>, out: &mut Vec<Output>);
 
+    /// The event time of a result it put out, for an operator after it:
+    /// `window_end − 1` for a window result (Flink's rule; `end` of an
+    /// [`Output`] is the window's end).
+    fn result_time(&self, o: &Output) -> i64 {
+        o.end.saturating_sub(1)
+    }
+
     /// The watermark rose to `watermark`: fire what is due, with `order`.
     fn advance(&mut self, watermark: i64, order: Order, out: &mut Vec<Output>);
 
@@ -90,6 +97,8 @@ pub trait KeyedOperator: Send {
     /// reached inside the batch, through the valve (a watermark reached at
     /// event `i` applies after it, before the next record), advancing to
     /// at most `cap` (peer mode holds event time while a peer is missing).
+    /// With `marks`, each rise of the watermark is also put out as an
+    /// [`Output::mark`] (for steps after this operator).
     ///
     /// Provided, so that each operator gets its own copy in which
     /// `process` and `advance` are direct calls: one dynamic call per
@@ -100,6 +109,7 @@ pub trait KeyedOperator: Send {
         input: usize,
         batch: &KeyedBatch,
         cap: i64,
+        marks: bool,
         out: &mut Vec<Output>,
     ) {
         let (recs, wms) = (&batch.recs, &batch.watermarks[..]);
@@ -107,7 +117,11 @@ pub trait KeyedOperator: Send {
         while r < recs.len() {
             while w < wms.len() && wms[w].0 < recs[r].idx {
                 if let Some(wm) = valve.watermark(input, wms[w].1) {
-                    self.advance(wm.min(cap), Order::after(wms[w].0), out);
+                    let order = Order::after(wms[w].0);
+                    self.advance(wm.min(cap), order, out);
+                    if marks {
+                        out.push(Output::mark(order, self.watermark()));
+                    }
                 }
                 w += 1;
             }
@@ -129,6 +143,9 @@ pub trait KeyedOperator: Send {
         for &(at, wm) in &wms[w..] {
             if let Some(wm) = valve.watermark(input, wm) {
                 self.advance(wm.min(cap), Order::after(at), out);
+                if marks {
+                    out.push(Output::mark(Order::after(at), self.watermark()));
+                }
             }
         }
     }

@@ -517,6 +517,11 @@ impl KeyedOperator for StatefulStep {
         }
     }
 
+    fn result_time(&self, o: &Output) -> i64 {
+        // An alert's `at`, an event's own time.
+        o.end
+    }
+
     fn advance(&mut self, watermark: i64, order: Order, out: &mut Vec<Output>) {
         if watermark <= self.watermark {
             return;

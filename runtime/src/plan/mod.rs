@@ -193,6 +193,8 @@ pub struct Pipeline {
     /// Steps before `key_by`, then after it (bound, cloned per worker).
     pub(crate) steps_before_key: Vec<Box<dyn Step>>,
     pub(crate) steps_after_key: Vec<Box<dyn Step>>,
+    /// Steps and keyed stages after the first window or stateful step.
+    pub(crate) tail: Vec<crate::exec::tail::TailSegment>,
     pub(crate) sinks: Vec<Box<dyn Sink>>,
     pub(crate) late: Vec<Box<dyn Sink>>,
     pub(crate) dead_letter: Vec<Box<dyn Sink>>,
@@ -450,7 +452,9 @@ impl PipelineBuilder {
                 Entry::Step(_) => StepShape::Step,
                 Entry::KeyBy(k) => StepShape::KeyBy { fields: k.len() },
                 Entry::Window(_) => StepShape::Window,
-                Entry::Stateful(_) => StepShape::Stateful,
+                Entry::Stateful(st) => StepShape::Stateful {
+                    passes: st.passes_events(),
+                },
             })
             .collect();
         for p in rules::check_steps(&shapes, Some(self.time != TimeMode::None)) {
@@ -459,7 +463,13 @@ impl PipelineBuilder {
                 rules::Subject::Workers => format!("workers {}", p.message),
             });
         }
+        let mut tail_entries = Vec::new();
         for entry in self.entries {
+            // After the first window (or stateful step): the tail.
+            if window.is_some() || stateful.is_some() {
+                tail_entries.push(entry);
+                continue;
+            }
             match entry {
                 Entry::Step(mut s) => {
                     let slots: Vec<usize> = s.fields().iter().map(|f| fields.slot(f)).collect();
@@ -565,6 +575,16 @@ impl PipelineBuilder {
                     .collect()
             })
             .unwrap_or_default();
+        let tail = match (&window, &stateful, tail_entries.is_empty()) {
+            (_, _, true) => Vec::new(),
+            (Some(w), _, false) => {
+                build_tail(tail_entries, w.output_schema(&key_names), &mut problems)
+            }
+            (None, Some(st), false) => {
+                build_tail(tail_entries, st.output_schema(&key_names), &mut problems)
+            }
+            (None, None, false) => Vec::new(),
+        };
         let (Some(source), true) = (source, problems.is_empty()) else {
             return Err(BuildError(problems));
         };
@@ -596,12 +616,144 @@ impl PipelineBuilder {
             source,
             steps_before_key: before,
             steps_after_key: after,
+            tail,
             sinks: self.sinks,
             late: self.late,
             dead_letter: self.dead_letter,
             clock: self.clock,
         })
     }
+}
+
+/// The segments after the first keyed stage, whose results (fields
+/// `input`) they take (see [`crate::exec::tail`]).
+fn build_tail(
+    entries: Vec<Entry>,
+    input: crate::msg::Schema,
+    problems: &mut Vec<String>,
+) -> Vec<crate::exec::tail::TailSegment> {
+    use crate::exec::tail::{TailKeyed, TailSegment};
+    use crate::operators::keyed::KeyedOperator as _;
+    use crate::operators::stateful::{StatefulOptions, StatefulStep};
+    use crate::operators::window::{WindowStep, WindowStepOptions};
+    let new_segment = |names: Vec<String>| TailSegment {
+        input_width: names.len(),
+        names,
+        steps: Vec::new(),
+        keyed: None,
+    };
+    let mut segments = Vec::new();
+    let mut cur = new_segment(input.names);
+    let mut key: Option<Vec<String>> = None;
+    fn slot(names: &mut Vec<String>, f: &str) -> usize {
+        match names.iter().position(|n| n == f) {
+            Some(i) => i,
+            None => {
+                names.push(f.to_string());
+                names.len() - 1
+            }
+        }
+    }
+    for entry in entries {
+        let n = segments.len() + 1;
+        match entry {
+            Entry::Step(mut s) => {
+                let slots: Vec<usize> =
+                    s.fields().iter().map(|f| slot(&mut cur.names, f)).collect();
+                s.bind(&slots);
+                cur.steps.push(s);
+            }
+            Entry::KeyBy(k) => key = Some(k),
+            Entry::Window(w) => {
+                problems.extend(w.problems());
+                let key_names = key.take().unwrap_or_default();
+                let key_slots = key_names.iter().map(|k| slot(&mut cur.names, k)).collect();
+                let inputs = w
+                    .aggregates
+                    .iter()
+                    .map(|a| {
+                        let arg = a
+                            .arg
+                            .as_ref()
+                            .map(|ast| ast.compile(&mut |f| slot(&mut cur.names, f)));
+                        (arg, a.func.numeric(), format!("aggregate `{}`", a.name))
+                    })
+                    .collect();
+                let op = WindowStep::new(
+                    w.clone(),
+                    WindowStepOptions {
+                        key_names: key_names.clone(),
+                        source_name: format!("window results (stage {n})"),
+                        key_limit: w.max_keys,
+                        fingerprint: format!(
+                            "stage {} keys=[{}] {:?}",
+                            n + 1,
+                            key_names.join(","),
+                            w
+                        ),
+                        layout: serde_json::json!({ "keys": key_names, "stage": n + 1 })
+                            .to_string(),
+                    },
+                );
+                let out = op.output_schema().names;
+                cur.keyed = Some(TailKeyed {
+                    key_names,
+                    key_slots,
+                    inputs,
+                    op: Box::new(op),
+                    passes: false,
+                });
+                segments.push(std::mem::replace(&mut cur, new_segment(out)));
+            }
+            Entry::Stateful(st) => {
+                problems.extend(
+                    st.check()
+                        .into_iter()
+                        .map(|p| format!("{}: {p}", st.kind())),
+                );
+                let key_names = key.take().unwrap_or_default();
+                let key_slots = key_names.iter().map(|k| slot(&mut cur.names, k)).collect();
+                let inputs = st
+                    .inputs()
+                    .into_iter()
+                    .map(|(ast, numeric, label)| {
+                        (
+                            Some(ast.compile(&mut |f| slot(&mut cur.names, f))),
+                            numeric,
+                            label,
+                        )
+                    })
+                    .collect();
+                let op = StatefulStep::new(
+                    st.clone(),
+                    StatefulOptions {
+                        key_names: key_names.clone(),
+                        ordered: true,
+                        fingerprint: format!("stage {} keys=[{}] {:?}", n + 1, key_names.join(","), st),
+                        layout: serde_json::json!({ "keys": key_names, "step": st.kind(), "stage": n + 1 }).to_string(),
+                    },
+                );
+                let passes = st.passes_events();
+                let out = if passes {
+                    cur.names.clone()
+                } else {
+                    op.output_schema().names
+                };
+                cur.keyed = Some(TailKeyed {
+                    key_names,
+                    key_slots,
+                    inputs,
+                    op: Box::new(op),
+                    passes,
+                });
+                segments.push(std::mem::replace(&mut cur, new_segment(out)));
+            }
+        }
+    }
+    if !cur.steps.is_empty() {
+        segments.push(cur);
+    }
+    segments
 }
 
 /// Whether events go out as they came (no window, no `alert`).

@@ -13,8 +13,10 @@ pub enum StepShape {
         fields: usize,
     },
     Window,
-    /// `deduplicate`, `deadband`, `alert`: keyed and stateful, last.
-    Stateful,
+    /// `deduplicate`, `deadband` (which pass events on) or `alert`.
+    Stateful {
+        passes: bool,
+    },
 }
 
 /// What a problem is about.
@@ -43,26 +45,39 @@ fn step(index: usize, part: Option<&'static str>, message: String) -> RuleProble
     }
 }
 
-/// Checks the order and number of steps. `has_time`: whether events have
-/// a time (event or processing); `None` when not known (the source section
-/// has problems of its own), which skips the rule that needs it.
+/// Checks the order of steps. `has_time`: whether events have a time
+/// (event or processing); `None` when not known (the source section has
+/// problems of its own), which skips the rule that needs it.
+///
+/// A pipeline is segments: steps, then optionally `key_by` and a window or
+/// a stateful step. The first window may be global (no `key_by`); a later
+/// one reads the results before it, which are not keyed, so it needs its
+/// own `key_by`. Nothing follows `deduplicate` or `deadband` yet (they pass
+/// events on, not records).
 pub fn check_steps(steps: &[StepShape], has_time: Option<bool>) -> Vec<RuleProblem> {
     let mut out = Vec::new();
+    // The key_by of the current segment, the last keyed step, the last
+    // step that passes events on.
     let mut key: Option<usize> = None;
-    let mut window: Option<usize> = None;
-    let mut stateful: Option<usize> = None;
-    for (i, s) in steps.iter().enumerate() {
-        if let Some(w) = window {
+    let mut keyed: Option<usize> = None;
+    let mut passing: Option<usize> = None;
+    let needs_time = |out: &mut Vec<RuleProblem>, i: usize, what: &str| {
+        if has_time == Some(false) {
             out.push(step(
                 i,
                 None,
-                format!("steps after the window (steps[{w}]) are not supported; the window must be the last step"),
+                format!(
+                    "{what} needs time: set `source.event_time` (or `source.time: processing`)"
+                ),
             ));
-        } else if let Some(w) = stateful {
+        }
+    };
+    for (i, s) in steps.iter().enumerate() {
+        if let Some(p) = passing {
             out.push(step(
                 i,
                 None,
-                format!("steps after a stateful step (steps[{w}]) are not supported yet; it must be the last step"),
+                format!("steps after deduplicate or deadband (steps[{p}]) are not supported yet; put them before it"),
             ));
         }
         match *s {
@@ -72,7 +87,7 @@ pub fn check_steps(steps: &[StepShape], has_time: Option<bool>) -> Vec<RuleProbl
                     out.push(step(
                         i,
                         Some("key_by"),
-                        format!("only one key_by is allowed (already at steps[{first}])"),
+                        format!("only one key_by before each window (already at steps[{first}])"),
                     ));
                 } else {
                     key = Some(i);
@@ -85,10 +100,19 @@ pub fn check_steps(steps: &[StepShape], has_time: Option<bool>) -> Vec<RuleProbl
                     ));
                 }
             }
-            StepShape::Stateful => {
-                if stateful.is_none() {
-                    stateful = Some(i);
+            StepShape::Window => {
+                if let (Some(w), None) = (keyed, key) {
+                    out.push(step(
+                        i,
+                        None,
+                        format!("the results of steps[{w}] are not keyed: put a `key_by` before this window"),
+                    ));
                 }
+                needs_time(&mut out, i, "a window");
+                keyed = Some(i);
+                key = None;
+            }
+            StepShape::Stateful { passes } => {
                 if key.is_none() {
                     out.push(step(
                         i,
@@ -96,37 +120,16 @@ pub fn check_steps(steps: &[StepShape], has_time: Option<bool>) -> Vec<RuleProbl
                         "a stateful step keeps state per key: put a `key_by` before it".into(),
                     ));
                 }
-                if has_time == Some(false) {
-                    out.push(step(
-                        i,
-                        None,
-                        "a stateful step needs time: set `source.event_time` (or `source.time: processing`)"
-                            .into(),
-                    ));
-                }
-            }
-            StepShape::Window => {
-                if let Some(first) = window {
-                    out.push(step(
-                        i,
-                        None,
-                        format!("only one window is allowed (already at steps[{first}])"),
-                    ));
-                } else {
-                    window = Some(i);
-                }
-                if has_time == Some(false) {
-                    out.push(step(
-                        i,
-                        None,
-                        "a window needs time: set `source.event_time` (or `source.time: processing`)"
-                            .into(),
-                    ));
+                needs_time(&mut out, i, "a stateful step");
+                keyed = Some(i);
+                key = None;
+                if passes {
+                    passing = Some(i);
                 }
             }
         }
     }
-    if let (Some(k), None, None) = (key, window, stateful) {
+    if let Some(k) = key {
         out.push(step(
             k,
             Some("key_by"),
@@ -186,20 +189,36 @@ mod tests {
                 (at(0, Some("key_by")), "key_by"),
                 (at(1, Some("key_by")), "only"),
                 (at(2, None), "a"),
-                (at(3, None), "steps"),
             ]
         );
         assert_eq!(
             messages(&[KeyBy { fields: 1 }], Some(true)),
             vec!["key_by without a window has no effect; add a `window` step (or `deduplicate`, `deadband`, `alert`) after it"]
         );
-        // A stateful step: after key_by, with time, last.
-        assert!(messages(&[KeyBy { fields: 1 }, Stateful], Some(true)).is_empty());
-        let got = messages(&[Stateful, Step], Some(false));
+        // A stateful step: after key_by, with time; nothing after one
+        // that passes events on.
+        let dedup = Stateful { passes: true };
+        let alert = Stateful { passes: false };
+        assert!(messages(&[KeyBy { fields: 1 }, dedup], Some(true)).is_empty());
+        let got = messages(&[dedup, Step], Some(false));
         assert_eq!(got.len(), 3, "{got:?}");
         assert!(got[0].contains("put a `key_by` before it"), "{got:?}");
         assert!(got[1].contains("needs time"), "{got:?}");
-        assert!(got[2].contains("must be the last step"), "{got:?}");
+        assert!(got[2].contains("not supported yet"), "{got:?}");
+        // Steps after a window; a second window needs its own key_by.
+        let k = KeyBy { fields: 1 };
+        assert!(messages(
+            &[k, Window, Step, k, Window, Step, k, alert, Step],
+            Some(true)
+        )
+        .is_empty());
+        let got = messages(&[k, Window, Window], Some(true));
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(got[0].contains("are not keyed"), "{got:?}");
+        assert!(
+            messages(&[Window, Step, k, Window], Some(true)).is_empty(),
+            "a global window first"
+        );
         assert!(
             messages(&[Window], None).is_empty(),
             "time unknown: skipped"

@@ -1,0 +1,391 @@
+//! Steps after the first keyed stage: `map`/`filter` on window results,
+//! and further `key_by` + window (or stateful step) pairs, such as a
+//! per-site maximum of per-sensor averages, or an alert on an average.
+//!
+//! The tail runs in the merger, on the first stage's results in their
+//! output order (which does not depend on the number of workers), one
+//! segment after another. A segment is steps, then optionally `key_by` and
+//! a keyed operator. A result's event time is `window_end − 1` (Flink's
+//! rule; an alert's is its `at`); each segment's operator advances to its
+//! input's watermark after every batch, so windows of windows follow
+//! Flink's semantics: results fire when the watermark passes them, late
+//! refirings of the first window can be late for the second.
+//!
+//! The tail's keyed operators are operators 1, 2, … of the state store;
+//! the merger snapshots them at each checkpoint, after the outputs the
+//! checkpoint covers (which is where their state is consistent with it).
+//!
+//! Ties of equal event time (`first`/`last` over results of one window
+//! end) are broken by a hash of the result, which stays the same across
+//! restarts.
+
+use crate::expr::Expr;
+use crate::metrics::reason;
+use crate::msg::{Body, KeyedBatch, KeyedRec, Order, Output, Phase, Schema, Stream};
+use crate::operators::keyed::{KeyChange, KeyedOperator, StateDecl};
+use crate::operators::{Records, Status, Step};
+use crate::value::{encode_key, hash_key, Value};
+use std::sync::Arc;
+
+/// The keyed part of a segment.
+pub(crate) struct TailKeyed {
+    pub key_names: Vec<String>,
+    pub key_slots: Vec<usize>,
+    /// Per record: the operator's inputs (aggregate arguments, or a
+    /// stateful step's): expression (`None`: `count()`), whether it must be
+    /// a number, its label for dead letters.
+    pub inputs: Vec<(Option<Expr>, bool, String)>,
+    pub op: Box<dyn KeyedOperator>,
+    /// The operator passes its records on (`deduplicate`, `deadband`):
+    /// its output is the segment's rows.
+    pub passes: bool,
+}
+
+/// One segment: steps, then optionally a keyed operator.
+pub(crate) struct TailSegment {
+    /// Fields of the input rows (slots `0..input_width`), then the fields
+    /// the steps add.
+    pub names: Vec<String>,
+    pub input_width: usize,
+    pub steps: Vec<Box<dyn Step>>,
+    pub keyed: Option<TailKeyed>,
+}
+
+impl TailSegment {
+    /// The fields of the records it puts out.
+    pub fn output_schema(&self) -> Schema {
+        match &self.keyed {
+            Some(k) if !k.passes => k.op.output_schema(),
+            _ => Schema {
+                names: self.names.clone(),
+            },
+        }
+    }
+}
+
+/// Every segment of a pipeline's tail.
+#[derive(Default)]
+pub(crate) struct Tail {
+    pub segments: Vec<TailSegment>,
+    /// Watermark the first segment last saw.
+    watermark: i64,
+}
+
+/// A row going into a segment: its event time and values.
+struct Row {
+    ts: i64,
+    values: Box<[Value]>,
+}
+
+impl Tail {
+    pub fn new(segments: Vec<TailSegment>) -> Self {
+        Tail {
+            segments,
+            watermark: i64::MIN,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.segments.is_empty()
+    }
+
+    /// The fields of the records the last segment puts out.
+    pub fn output_schema(&self) -> Option<Schema> {
+        self.segments.last().map(TailSegment::output_schema)
+    }
+
+    /// The state each keyed segment keeps (operators 1, 2, …).
+    pub fn state(&self) -> Vec<StateDecl> {
+        self.keyed_ops().map(|op| op.state()).collect()
+    }
+
+    fn keyed_ops(&self) -> impl Iterator<Item = &Box<dyn KeyedOperator>> {
+        self.segments
+            .iter()
+            .filter_map(|s| s.keyed.as_ref().map(|k| &k.op))
+    }
+
+    pub fn track_changes(&mut self) {
+        for s in &mut self.segments {
+            if let Some(k) = &mut s.keyed {
+                k.op.track_changes();
+            }
+        }
+    }
+
+    /// Restores keyed segment `i` (0-based among the keyed ones).
+    pub fn restore(
+        &mut self,
+        i: usize,
+        watermark: i64,
+        keys: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<(), String> {
+        self.watermark = self.watermark.max(watermark);
+        match self
+            .segments
+            .iter_mut()
+            .filter_map(|s| s.keyed.as_mut())
+            .nth(i)
+        {
+            Some(k) => k.op.restore(watermark, keys),
+            None => Ok(()),
+        }
+    }
+
+    /// The changed keys of every keyed segment: (operator id from 1, change).
+    pub fn snapshot(&mut self, out: &mut Vec<(u16, KeyChange)>) {
+        let mut id = 1u16;
+        for s in &mut self.segments {
+            if let Some(k) = &mut s.keyed {
+                let mut changes = Vec::new();
+                k.op.snapshot(&mut changes);
+                out.extend(changes.into_iter().map(|c| (id, c)));
+                id += 1;
+            }
+        }
+    }
+
+    /// Takes the first stage's main outputs and watermark marks of one
+    /// batch (in output order) and its watermark after the batch; appends
+    /// what the tail puts out, in order. Rows go through the segments up
+    /// to each mark, then every segment advances to the mark's watermark:
+    /// each row meets the watermark it would have met right after the
+    /// first stage, whatever the batches.
+    pub fn run(
+        &mut self,
+        first: Vec<Output>,
+        first_op: &dyn Fn(&Output) -> i64,
+        watermark: i64,
+        source_name: &str,
+        out: &mut Vec<Output>,
+    ) {
+        let mut rows: Vec<Row> = Vec::new();
+        for o in first {
+            if o.stream == crate::msg::Stream::Mark {
+                let rows = std::mem::take(&mut rows);
+                self.chunk(rows, o.start, source_name, out);
+                continue;
+            }
+            let ts = first_op(&o);
+            if let Body::Row(values) = o.body {
+                rows.push(Row { ts, values });
+            }
+        }
+        self.chunk(rows, watermark, source_name, out);
+    }
+
+    /// Rows through every segment, then the watermark `watermark`.
+    fn chunk(
+        &mut self,
+        mut rows: Vec<Row>,
+        watermark: i64,
+        source_name: &str,
+        out: &mut Vec<Output>,
+    ) {
+        let mut wm = watermark.max(self.watermark);
+        if rows.is_empty() && wm == self.watermark {
+            return;
+        }
+        self.watermark = wm;
+        let last = self.segments.len().saturating_sub(1);
+        for (n, seg) in self.segments.iter_mut().enumerate() {
+            let (next, seg_wm) = seg.run(rows, wm, source_name, n == last, out);
+            rows = next;
+            wm = seg_wm;
+        }
+    }
+}
+
+impl TailSegment {
+    /// Runs one batch of rows; returns the rows for the next segment and
+    /// the watermark after it. The last segment's records go to `out`.
+    fn run(
+        &mut self,
+        rows: Vec<Row>,
+        watermark: i64,
+        source_name: &str,
+        last: bool,
+        out: &mut Vec<Output>,
+    ) -> (Vec<Row>, i64) {
+        let width = self.names.len();
+        let n = rows.len();
+        let mut slots = vec![Value::Null; n * width];
+        let mut ts = Vec::with_capacity(n);
+        for (i, r) in rows.into_iter().enumerate() {
+            for (j, v) in r
+                .values
+                .into_vec()
+                .into_iter()
+                .take(self.input_width)
+                .enumerate()
+            {
+                slots[i * width + j] = v;
+            }
+            ts.push(r.ts);
+        }
+        let mut status = vec![Status::Live; n];
+        let mut records = Records {
+            slots: &mut slots,
+            width,
+            status: &mut status,
+            removed: 0,
+        };
+        for s in &mut self.steps {
+            s.process(&mut records);
+        }
+        // The JSON of each record, for late and dead-letter outputs.
+        let input_schema = Schema {
+            names: self.names.clone(),
+        };
+        let json = |row: &[Value]| {
+            let mut b = Vec::new();
+            input_schema.write_json(row, &mut b);
+            b
+        };
+        let mut produced = Vec::new();
+        let mut next = Vec::new();
+        let Some(k) = &mut self.keyed else {
+            for (i, &t) in ts.iter().enumerate() {
+                if records.status[i] == Status::Live {
+                    let row: Box<[Value]> = records.get(i).into();
+                    if last {
+                        produced.push(Output {
+                            idx: i as u32,
+                            phase: Phase::During,
+                            end: t,
+                            start: 0,
+                            key: Box::new([]),
+                            stream: Stream::Main,
+                            body: Body::Row(row),
+                        });
+                    } else {
+                        next.push(Row {
+                            ts: ts[i],
+                            values: row,
+                        });
+                    }
+                }
+            }
+            dead_letters(&records, source_name, &json, &mut produced);
+            out.extend(produced);
+            return (next, watermark);
+        };
+        let mut kb = KeyedBatch {
+            watermarks: Arc::new(Vec::new()),
+            ..Default::default()
+        };
+        'rec: for (i, &t) in ts.iter().enumerate() {
+            if records.status[i] != Status::Live {
+                continue;
+            }
+            let row = records.get(i).to_vec();
+            if let Some(f) = k.key_slots.iter().position(|&s| row[s].is_null()) {
+                records.reject_as(
+                    i,
+                    reason::MISSING_KEY,
+                    format!("key field `{}` is missing or null", k.key_names[f]),
+                );
+                continue;
+            }
+            let vals_start = kb.vals.len();
+            for (e, numeric, label) in &k.inputs {
+                let v = match e {
+                    None => Value::Bool(true),
+                    Some(e) => match e.eval(&row) {
+                        Ok(v) => v,
+                        Err(err) => {
+                            kb.vals.truncate(vals_start);
+                            records.reject(i, format!("{label}: {err}"));
+                            continue 'rec;
+                        }
+                    },
+                };
+                if *numeric && !v.is_null() && v.as_f64().is_none() {
+                    kb.vals.truncate(vals_start);
+                    records.reject(
+                        i,
+                        format!("{label}: needs numbers, got a {} ({v})", v.type_name()),
+                    );
+                    continue 'rec;
+                }
+                kb.vals.push(v);
+            }
+            let kstart = kb.keys.len() as u32;
+            for &s in &k.key_slots {
+                encode_key(&row[s], &mut kb.keys);
+            }
+            let key = &kb.keys[kstart as usize..];
+            let line = json(&row);
+            kb.recs.push(KeyedRec {
+                idx: i as u32,
+                ts: t,
+                hash: hash_key(key),
+                position: xxhash_rust::xxh3::xxh3_64(&line),
+                key: (kstart, kb.keys.len() as u32),
+                vals: vals_start as u32,
+            });
+            if k.passes {
+                // The row rides along as the "event", to come out as it is.
+                kb.events.push(crate::msg::Event {
+                    record: line.clone(),
+                    fields: row.clone().into_boxed_slice(),
+                    retain: false,
+                });
+            }
+            kb.carry(&line, None);
+        }
+        dead_letters(&records, source_name, &json, &mut produced);
+        let mut keyed_out = Vec::new();
+        k.op.process(&kb, 0..kb.recs.len(), &mut keyed_out);
+        if watermark > k.op.watermark() {
+            let order = if watermark == i64::MAX {
+                Order::FLUSH
+            } else {
+                Order::END
+            };
+            k.op.advance(watermark, order, &mut keyed_out);
+        }
+        keyed_out.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
+        for mut o in keyed_out {
+            if let Body::Event(e) = o.body {
+                o.body = Body::Row(e.fields);
+            }
+            if o.stream == Stream::Main && !last {
+                let ts = k.op.result_time(&o);
+                if let Body::Row(values) = o.body {
+                    next.push(Row { ts, values });
+                }
+            } else {
+                produced.push(o);
+            }
+        }
+        out.extend(produced);
+        (next, k.op.watermark())
+    }
+}
+
+/// The segment's dead letters (failed steps, missing keys, bad inputs).
+fn dead_letters(
+    records: &Records<'_>,
+    source_name: &str,
+    json: &dyn Fn(&[Value]) -> Vec<u8>,
+    out: &mut Vec<Output>,
+) {
+    for i in 0..records.len() {
+        if let Status::Dead(_, reason) = &records.status[i] {
+            let payload = json(records.get(i));
+            let from = crate::msg::DeadSource {
+                source: source_name,
+                position: 0,
+                topic: None,
+                payload: &payload,
+                oversize: None,
+            };
+            out.push(Output::plain(
+                i as u32,
+                Stream::Dead,
+                crate::msg::dead_letter_line(reason, &from),
+            ));
+        }
+    }
+}
