@@ -801,3 +801,45 @@ fn a_window_of_windows_killed_again_and_again_gives_the_same_final_results() {
     assert!(wrong.is_empty(), "results differ: {wrong:?}");
     assert_eq!(got.len(), expected.len());
 }
+
+#[test]
+fn killed_again_and_again_while_it_starts_it_always_starts_again() {
+    // Kills in the first milliseconds land while the state file and the
+    // journal are being created: the next start must still open them.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_input(&d.join("events.jsonl"), 20_000);
+    let p = pipeline(d, "out.jsonl", true);
+    let mut rng = 5u64;
+    for attempt in 0..200 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let mut child = Rivulet::spawn(&mut rivulet(d, &p));
+        std::thread::sleep(Duration::from_millis(rng % 25));
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            use std::io::Read;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            assert!(status.success(), "attempt {attempt}: {err}");
+        } else {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+        if attempt % 3 == 0 {
+            // A fresh state directory: the next kill may land in its creation.
+            let _ = std::fs::remove_dir_all(d.join("state"));
+        }
+    }
+    let out = rivulet(d, &p).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -113,7 +113,8 @@ impl DiskQueue {
     fn open(dir: &std::path::Path, name: &str, limit: usize) -> Result<Self, String> {
         std::fs::create_dir_all(dir).map_err(|e| db_err(dir, e))?;
         let path = dir.join(format!("{name}.redb"));
-        let db = redb::Database::create(&path).map_err(|e| db_err(&path, e))?;
+        let db = crate::util::dbfile::open(&redb::Builder::new(), &path)
+            .map_err(|e| db_err(&path, e))?;
         let (mut head, mut tail) = (FIRST_KEY, FIRST_KEY);
         {
             use redb::ReadableTable;

@@ -112,7 +112,9 @@ pub struct Journal {
 const CACHE: usize = 4 << 20;
 
 fn create(path: &Path) -> Result<redb::Database, redb::DatabaseError> {
-    redb::Builder::new().set_cache_size(CACHE).create(path)
+    let mut b = redb::Builder::new();
+    b.set_cache_size(CACHE);
+    crate::util::dbfile::open(&b, path)
 }
 
 fn err(path: &Path, e: impl std::fmt::Display) -> String {

@@ -298,7 +298,7 @@ impl StateStore {
     ) -> Result<(StateStore, Option<Restored>), StateError> {
         std::fs::create_dir_all(dir).map_err(|e| store_err(dir, e))?;
         let path = dir.join("state.redb");
-        let db = redb::Database::create(&path)
+        let db = crate::util::dbfile::open(&redb::Builder::new(), &path)
             .map_err(|e| store_err(&path, format!("{e} (not a rivulet state file?)")))?;
         let operators: Vec<OperatorMeta> = decls
             .iter()

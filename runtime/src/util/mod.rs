@@ -1,6 +1,7 @@
 //! Small helpers with no dependency on the rest of the crate (leaves of
 //! the module graph, so no layer imports another just for them).
 
+pub mod dbfile;
 pub mod memory;
 pub mod pem;
 pub mod suggest;
