@@ -2,7 +2,8 @@
 # Engine benchmark: JSON Lines in memory -> parse -> key_by -> 5 s tumbling
 # avg/max/count over 10,000 keys -> discard. Runs the hand-written baseline
 # and rivulet (1 and 2 workers) interleaved, ROUNDS times, one process each,
-# and writes bench-pi/reports/engine-latest.md.
+# plus a three-stage graph (the same window, then 1-minute maxima of it and
+# an alert on those), and writes bench-pi/reports/engine-latest.md.
 #   bash bench-pi/engine.sh [EVENTS] [ROUNDS]
 # With BEFORE=path/to/an/older/engine, that build's rivulet runs too, in the
 # same rounds, so a change is measured against what it replaces:
@@ -32,6 +33,8 @@ for r in $(seq "$ROUNDS"); do
     $E rivulet 1 "$EVENTS" | label "$build" >>"$OUT"
     $E rivulet 2 "$EVENTS" | label "$build" >>"$OUT"
   done
+  # The three-stage graph (steps after the window), against the rows above.
+  $B graph 2 "$EVENTS" | label now >>"$OUT"
 done
 python3 bench-pi/report.py engine "$OUT" "$($B line-length)" > bench-pi/reports/engine-latest.md
 cat bench-pi/reports/engine-latest.md

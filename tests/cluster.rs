@@ -512,6 +512,62 @@ fn survivors_that_restart_before_any_checkpoint_still_wait_for_a_crashed_peer() 
 }
 
 #[test]
+fn a_stateful_step_in_peer_mode_sees_each_keys_events_on_its_owner() {
+    // deduplicate on the owner of each key: every reading is published
+    // twice, to whichever peer the broker deals it; each passes once.
+    let b = broker();
+    let root = tempfile::tempdir().unwrap();
+    let ids = ["a", "b"];
+    let mut peers: Vec<Peer> = ids
+        .iter()
+        .map(|id| {
+            let mut p = Peer::new(root.path(), &b, id, "");
+            p.yaml = p.yaml.replace(
+                "  - window: { tumbling: 2s, aggregate: { n: count(), s: sum(v) } }",
+                "  - deduplicate: { fields: [ts], within: 10s }",
+            );
+            assert!(p.yaml.contains("deduplicate"));
+            p
+        })
+        .collect();
+    for p in &mut peers {
+        p.start();
+    }
+    wait_for_view(&peers, &ids);
+    shares_subscribed(&b, 2);
+    let (data, closing) = readings(40, 5);
+    let twice: Messages = data.iter().flat_map(|m| [m.clone(), m.clone()]).collect();
+    common::publish_all(b.port, &twice);
+    common::publish_all(b.port, &closing);
+    let want: BTreeSet<(String, i64)> = data
+        .iter()
+        .map(|(t, p)| {
+            let v: serde_json::Value = serde_json::from_str(p).unwrap();
+            (
+                t.split('/').nth(1).unwrap().to_string(),
+                v["ts"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    // The events pass unchanged (`ts` and `v`; the sensor is in the topic).
+    let passed = || -> Vec<i64> {
+        peers
+            .iter()
+            .flat_map(|p| p.rows())
+            .map(|r| r["ts"].as_i64().unwrap())
+            .filter(|&ts| ts < CUTOFF)
+            .collect()
+    };
+    common::eventually("every reading to pass", 60, || passed().len() >= want.len());
+    let got = passed();
+    assert_eq!(got.len(), want.len(), "each reading once, none twice");
+    let got: BTreeSet<i64> = got.into_iter().collect();
+    let want: BTreeSet<i64> = want.into_iter().map(|(_, t)| t).collect();
+    assert_eq!(got, want);
+    stop_all(&mut peers);
+}
+
+#[test]
 fn a_fourth_peer_joins_and_one_leaves_under_load_and_results_stay_equal() {
     let b = broker();
     let root = tempfile::tempdir().unwrap();

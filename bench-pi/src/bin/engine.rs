@@ -125,6 +125,52 @@ fn rivulet(workers: usize, events: u64) {
     );
 }
 
+/// The same first stage, then two more: a filter, 1-minute maxima of the
+/// 5 s averages per sensor, and an alert on those (a three-stage graph:
+/// what steps after a window cost against the one-window pipeline).
+fn graph(workers: usize, events: u64) {
+    let src = SyntheticJson::new(events, KEYS, EVENTS_PER_SECOND);
+    let (cpu0, _) = usage();
+    let start = Instant::now();
+    let stats = Pipeline::builder("bench-graph")
+        .source(src)
+        .event_time("ts", Duration::from_secs(1))
+        .key_by(["sensor_id"])
+        .window(
+            WindowDef::tumbling(Duration::from_secs(5))
+                .aggregate("avg_t", "avg(temperature)")
+                .aggregate("max_t", "max(temperature)")
+                .aggregate("n", "count()"),
+        )
+        .filter("n > 0")
+        .key_by(["sensor_id"])
+        .window(
+            WindowDef::tumbling(Duration::from_secs(60))
+                .aggregate("hi", "max(avg_t)")
+                .aggregate("windows", "count()"),
+        )
+        .key_by(["sensor_id"])
+        .alert("warm", "hi > 75", Duration::from_secs(60), Some("hi < 70"))
+        .sink(NullSink)
+        .workers(workers)
+        .build()
+        .expect("valid pipeline")
+        .run(RunOptions::default())
+        .expect("runs");
+    let wall = start.elapsed();
+    let (cpu1, rss) = usage();
+    assert_eq!(stats.events, events);
+    report(
+        "graph",
+        workers,
+        events,
+        stats.results,
+        wall,
+        cpu1 - cpu0,
+        rss,
+    );
+}
+
 /// What the source alone costs: rendering the lines the others consume.
 fn source_only(events: u64) {
     let src = SyntheticJson::new(events, KEYS, EVENTS_PER_SECOND);
@@ -149,7 +195,10 @@ fn main() {
         Some("baseline") => baseline(num(2, 10_000_000)),
         Some("rivulet") => rivulet(num(2, 1) as usize, num(3, 10_000_000)),
         Some("source") => source_only(num(2, 10_000_000)),
+        Some("graph") => graph(num(2, 1) as usize, num(3, 10_000_000)),
         Some("line-length") => println!("{:.1}", SyntheticJson::new(1, KEYS, 1).avg_len()),
-        _ => eprintln!("usage: engine baseline EVENTS | engine rivulet WORKERS EVENTS"),
+        _ => eprintln!(
+            "usage: engine baseline EVENTS | engine rivulet WORKERS EVENTS | engine graph WORKERS EVENTS"
+        ),
     }
 }
