@@ -1200,3 +1200,72 @@ fn steps_after_a_window_read_its_results_and_an_alert_watches_an_average() {
         ]
     );
 }
+
+/// Emits, per event, the change since the key's previous event (in event
+/// time), from value state; and "gone" 10 s after the key's last event.
+struct Delta;
+
+impl rivulet::operators::stateful::KeyedProcess for Delta {
+    fn name(&self) -> &str {
+        "delta"
+    }
+    fn fields(&self) -> Vec<String> {
+        vec!["v".into()]
+    }
+    fn output(&self) -> Vec<String> {
+        vec!["delta".into(), "at".into()]
+    }
+    fn process(
+        &self,
+        ctx: &mut rivulet::operators::stateful::KeyContext<'_>,
+        values: &[rivulet::value::Value],
+    ) {
+        use rivulet::value::Value;
+        let v = values[0].as_f64().unwrap_or(0.0);
+        if let Some(prev) = ctx.value().and_then(Value::as_f64) {
+            ctx.emit(vec![Value::Float(v - prev), Value::Int(ctx.time())]);
+        }
+        ctx.set_value(Value::Float(v));
+        ctx.insert("last", Value::Int(ctx.time()));
+        ctx.timer(ctx.time() + 10_000);
+    }
+    fn on_timer(
+        &self,
+        ctx: &mut rivulet::operators::stateful::KeyContext<'_>,
+        timer: rivulet::operators::stateful::Timer,
+    ) {
+        use rivulet::value::Value;
+        if let rivulet::operators::stateful::Timer::EventTime(at) = timer {
+            if ctx.get("last") == Some(&Value::Int(at - 10_000)) {
+                ctx.emit(vec![Value::Str("gone".into()), Value::Int(at)]);
+                ctx.clear();
+            }
+        }
+    }
+}
+
+#[test]
+fn a_process_function_sees_each_keys_events_in_event_time_order() {
+    let input = [
+        ev_f("a", 2000, 12.0),
+        ev_f("a", 1000, 10.0), // out of order: by time 10, 12, 15.5
+        ev_f("b", 1500, 1.0),
+        ev_f("a", 3000, 15.5),
+        ev_f("b", 20_000, 4.0), // after 18.5 s: a and b were gone
+        ev_f("z", 60_000, 0.0),
+    ];
+    let run = |workers| run_step(&input, 2000, |b| b.process(Delta), workers);
+    let out = run(1);
+    assert_eq!(
+        out.main,
+        vec![
+            json!({"k": "a", "delta": 2.0, "at": 2000}),
+            json!({"k": "a", "delta": 3.5, "at": 3000}),
+            json!({"k": "b", "delta": "gone", "at": 11_500}),
+            json!({"k": "a", "delta": "gone", "at": 13_000}),
+            json!({"k": "b", "delta": "gone", "at": 30_000}),
+            json!({"k": "z", "delta": "gone", "at": 70_000}),
+        ]
+    );
+    assert_eq!(run(2).main, out.main, "identical with two workers");
+}

@@ -330,6 +330,12 @@ impl KeyedHost {
                 }
             }
         }
+        // Processing-time timers (process functions) that are due.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        self.op.tick(now, &mut out.outputs);
         out.watermark = Some(self.op.watermark());
         self.counted(&out);
         out

@@ -423,7 +423,14 @@ fn run(
     let shutdown = opts.shutdown.clone();
     let peer_mode = peer.is_some();
     let drain = peer.as_ref().map(|pr| pr.drain.clone());
+    // A process function's processing-time timers need frames while the
+    // input is quiet.
+    let process_fn = matches!(
+        plan.stateful,
+        Some(crate::operators::stateful::StatefulDef::Process(_))
+    );
     let ticks = peer_mode
+        || process_fn
         || matches!(plan.time, TimeMode::Processing | TimeMode::Ingestion)
         || matches!(
             plan.time,

@@ -345,6 +345,11 @@ impl TailSegment {
             };
             k.op.advance(watermark, order, &mut keyed_out);
         }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        k.op.tick(now, &mut keyed_out);
         keyed_out.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
         for mut o in keyed_out {
             if let Body::Event(e) = o.body {

@@ -139,6 +139,7 @@ impl Graph {
                         StatefulDef::Alert { name, for_ms, .. } => {
                             format!("{name} for {}", ms(*for_ms))
                         }
+                        StatefulDef::Process(p) => p.0.name().to_string(),
                     };
                     node(&mut g, &id(st.kind(), stage), st.kind(), label);
                     window = window.or(Some(st.kind()));

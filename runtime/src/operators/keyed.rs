@@ -60,6 +60,10 @@ pub trait KeyedOperator: Send {
         o.end.saturating_sub(1)
     }
 
+    /// Called after every frame with the wall clock: processing-time
+    /// timers that are due fire.
+    fn tick(&mut self, _now_ms: i64, _out: &mut Vec<Output>) {}
+
     /// The watermark rose to `watermark`: fire what is due, with `order`.
     fn advance(&mut self, watermark: i64, order: Order, out: &mut Vec<Output>);
 

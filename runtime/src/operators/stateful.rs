@@ -52,6 +52,126 @@ pub enum StatefulDef {
         for_ms: i64,
         clear: Option<Ast>,
     },
+    /// A keyed process function of your own ([`KeyedProcess`]).
+    Process(ProcessFn),
+}
+
+/// A keyed process function written in Rust: what the YAML steps do, with
+/// any logic. It sees each event of a key (in event-time order, as the
+/// built-in steps do), keeps a value and a map per key, sets event-time
+/// and processing-time timers, and emits records of its own fields. Its
+/// state and timers are checkpointed and restored with the pipeline's.
+///
+/// The same instance serves every key and every worker (`&self`): what
+/// must be remembered goes in the key's state ([`KeyContext`]), never in
+/// the function. `runtime/examples/rate_of_change.rs` shows one.
+pub trait KeyedProcess: Send + Sync + 'static {
+    /// Its name, in metrics, the live page and the state's fingerprint
+    /// (state saved under another name is refused).
+    fn name(&self) -> &str;
+    /// Fields it reads from each event: `values` of [`KeyedProcess::process`].
+    fn fields(&self) -> Vec<String>;
+    /// Fields of the records it emits, after the key fields.
+    fn output(&self) -> Vec<String>;
+    /// One event of the key.
+    fn process(&self, ctx: &mut KeyContext<'_>, values: &[Value]);
+    /// A timer set with [`KeyContext::timer`] or
+    /// [`KeyContext::processing_timer`] fires.
+    fn on_timer(&self, _ctx: &mut KeyContext<'_>, _timer: Timer) {}
+}
+
+/// A timer that fired: its time (event time, or wall-clock ms).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Timer {
+    /// Fires when the watermark passes it.
+    EventTime(i64),
+    /// Fires when the wall clock passes it (checked about every 100 ms).
+    ProcessingTime(i64),
+}
+
+/// What a [`KeyedProcess`] sees of one key while it handles an event or a
+/// timer.
+pub struct KeyContext<'a> {
+    key: &'a [Value],
+    time: i64,
+    now_ms: i64,
+    st: &'a mut KeyState,
+    timers: Vec<i64>,
+    processing_timers: Vec<i64>,
+    emitted: Vec<Vec<Value>>,
+}
+
+impl KeyContext<'_> {
+    /// The key's fields, in `key_by` order.
+    pub fn key(&self) -> &[Value] {
+        self.key
+    }
+    /// The event's time, or the timer's.
+    pub fn time(&self) -> i64 {
+        self.time
+    }
+    /// The wall clock (ms since 1970).
+    pub fn now_ms(&self) -> i64 {
+        self.now_ms
+    }
+    /// The key's value state.
+    pub fn value(&self) -> Option<&Value> {
+        self.st.value.as_ref()
+    }
+    pub fn set_value(&mut self, v: Value) {
+        self.st.value = Some(v);
+    }
+    pub fn clear_value(&mut self) {
+        self.st.value = None;
+    }
+    /// The key's map state.
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.st.map.get(name)
+    }
+    pub fn insert(&mut self, name: &str, v: Value) {
+        self.st.map.insert(name.to_string(), v);
+    }
+    pub fn remove(&mut self, name: &str) -> Option<Value> {
+        self.st.map.remove(name)
+    }
+    /// Every entry of the map state, by name.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.st.map.iter().map(|(k, v)| (k.as_str(), v))
+    }
+    /// Drops the key's value and map state (its timers stay).
+    pub fn clear(&mut self) {
+        self.st.value = None;
+        self.st.map.clear();
+    }
+    /// An event-time timer: fires when the watermark passes `at`.
+    pub fn timer(&mut self, at: i64) {
+        self.timers.push(at);
+    }
+    /// A processing-time timer: fires once the wall clock passes `at_ms`.
+    pub fn processing_timer(&mut self, at_ms: i64) {
+        self.processing_timers.push(at_ms);
+    }
+    /// Emits a record: the key fields, then `values` in the order of
+    /// [`KeyedProcess::output`]; its event time is [`KeyContext::time`].
+    pub fn emit(&mut self, values: Vec<Value>) {
+        self.emitted.push(values);
+    }
+}
+
+/// A shared [`KeyedProcess`] in a [`StatefulDef`].
+#[derive(Clone)]
+pub struct ProcessFn(pub std::sync::Arc<dyn KeyedProcess>);
+
+impl std::fmt::Debug for ProcessFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Process({})", self.0.name())
+    }
+}
+
+impl PartialEq for ProcessFn {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.name() == other.0.name()
+    }
 }
 
 impl StatefulDef {
@@ -61,13 +181,17 @@ impl StatefulDef {
             StatefulDef::Deduplicate { .. } => "deduplicate",
             StatefulDef::Deadband { .. } => "deadband",
             StatefulDef::Alert { .. } => "alert",
+            StatefulDef::Process(_) => "process",
         }
     }
 
     /// Whether the events themselves go out (`deduplicate`, `deadband`),
     /// not new records (`alert`).
     pub fn passes_events(&self) -> bool {
-        !matches!(self, StatefulDef::Alert { .. })
+        matches!(
+            self,
+            StatefulDef::Deduplicate { .. } | StatefulDef::Deadband { .. }
+        )
     }
 
     /// What each record carries to the step: `(expression, needs a number,
@@ -94,14 +218,28 @@ impl StatefulDef {
                     (clear, false, "alert `clear`".into()),
                 ]
             }
+            StatefulDef::Process(p) => {
+                p.0.fields()
+                    .into_iter()
+                    .map(|f| {
+                        (
+                            Ast::Field(f.clone()),
+                            false,
+                            format!("{} `{f}`", p.0.name()),
+                        )
+                    })
+                    .collect()
+            }
         }
     }
 
     /// The fields of `alert` records.
     pub fn output_schema(&self, key_names: &[String]) -> Schema {
         let mut names = key_names.to_vec();
-        if !self.passes_events() {
-            names.extend(["alert", "state", "at"].map(String::from));
+        match self {
+            StatefulDef::Alert { .. } => names.extend(["alert", "state", "at"].map(String::from)),
+            StatefulDef::Process(p) => names.extend(p.0.output()),
+            _ => {}
         }
         Schema { names }
     }
@@ -138,6 +276,11 @@ impl StatefulDef {
                     out.push("`for` must not be negative".into());
                 }
             }
+            StatefulDef::Process(p) => {
+                if p.0.name().is_empty() {
+                    out.push("a process function needs a name".into());
+                }
+            }
         }
         out
     }
@@ -169,6 +312,11 @@ pub struct KeyState {
     raised: bool,
     /// Timers of this key (event time, ms).
     timers: Vec<i64>,
+    /// A process function's value and map state.
+    value: Option<Value>,
+    map: std::collections::BTreeMap<String, Value>,
+    /// A process function's processing-time timers (wall-clock ms).
+    processing_timers: Vec<i64>,
 }
 
 impl KeyState {
@@ -179,6 +327,9 @@ impl KeyState {
             && self.since.is_none()
             && !self.raised
             && self.timers.is_empty()
+            && self.value.is_none()
+            && self.map.is_empty()
+            && self.processing_timers.is_empty()
     }
 }
 
@@ -206,6 +357,8 @@ pub struct StatefulStep {
     keys: HashMap<Box<[u8]>, KeyState>,
     /// Every waiting event and timer, in the order they come due.
     due: BTreeSet<(i64, u8, Due)>,
+    /// Processing-time timers: (wall-clock ms, key).
+    processing: BTreeSet<(i64, Box<[u8]>)>,
     watermark: i64,
     seq: u64,
     tracking: bool,
@@ -220,6 +373,14 @@ pub struct StatefulOptions {
     pub ordered: bool,
     pub fingerprint: String,
     pub layout: String,
+}
+
+/// The wall clock, ms since 1970.
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// A hash of the values of a `deduplicate` record.
@@ -247,6 +408,7 @@ impl StatefulStep {
             width,
             keys: HashMap::new(),
             due: BTreeSet::new(),
+            processing: BTreeSet::new(),
             watermark: i64::MIN,
             seq: 0,
             tracking: false,
@@ -279,9 +441,11 @@ impl StatefulStep {
     fn apply(&mut self, key: &[u8], w: Waiting, order: (u32, Phase), out: &mut Vec<Output>) {
         let (idx, phase) = order;
         let st = self.keys.entry(key.into()).or_default();
-        // What the event does: pass, emit an alert record, set a timer.
+        // What the event does: pass, emit an alert record, set a timer,
+        // or go to a process function.
         let mut emit = None;
         let mut timer = None;
+        let mut call = false;
         let pass = match &self.def {
             StatefulDef::Deduplicate { within, .. } => {
                 let h = fields_hash(&w.vals);
@@ -335,7 +499,15 @@ impl StatefulStep {
                 }
                 false
             }
+            StatefulDef::Process(_) => {
+                call = true;
+                false
+            }
         };
+        if call {
+            self.run_process(key, w.ts, order, out, &|p, ctx| p.process(ctx, &w.vals));
+            return;
+        }
         if let Some(at) = timer {
             self.schedule(key, at);
         }
@@ -387,6 +559,12 @@ impl StatefulStep {
         };
         st.timers.retain(|&t| t != at);
         let mut raise = false;
+        if let StatefulDef::Process(_) = &self.def {
+            self.run_process(key, at, order, out, &|p, ctx| {
+                p.on_timer(ctx, Timer::EventTime(at))
+            });
+            return;
+        }
         match &self.def {
             StatefulDef::Deduplicate { within, .. } => {
                 st.seen.retain(|&(_, t)| t.saturating_add(*within) > at);
@@ -398,10 +576,72 @@ impl StatefulStep {
                     raise = true;
                 }
             }
-            StatefulDef::Deadband { .. } => {}
+            StatefulDef::Deadband { .. } | StatefulDef::Process(_) => {}
         }
         if raise {
             out.push(self.alert_output(key, "raised", at, order.0, order.1));
+        }
+        self.touch(key);
+        self.forget_if_empty(key);
+    }
+
+    /// Calls the process function for `key` at `time`, then sets the
+    /// timers it asked for and puts out what it emitted.
+    fn run_process(
+        &mut self,
+        key: &[u8],
+        time: i64,
+        order: (u32, Phase),
+        out: &mut Vec<Output>,
+        call: &dyn Fn(&dyn KeyedProcess, &mut KeyContext<'_>),
+    ) {
+        let StatefulDef::Process(p) = &self.def else {
+            return;
+        };
+        let p = p.0.clone();
+        let width = p.output().len();
+        let key_values = crate::value::decode_key(key).unwrap_or_default();
+        let st = self.keys.entry(key.into()).or_default();
+        let mut ctx = KeyContext {
+            key: &key_values,
+            time,
+            now_ms: wall_ms(),
+            st,
+            timers: Vec::new(),
+            processing_timers: Vec::new(),
+            emitted: Vec::new(),
+        };
+        call(p.as_ref(), &mut ctx);
+        let KeyContext {
+            timers,
+            processing_timers,
+            emitted,
+            ..
+        } = ctx;
+        for at in timers {
+            self.schedule(key, at);
+        }
+        for at in processing_timers {
+            let st = self.keys.entry(key.into()).or_default();
+            if !st.processing_timers.contains(&at) {
+                st.processing_timers.push(at);
+                self.processing.insert((at, key.into()));
+            }
+        }
+        for mut values in emitted {
+            values.resize(width, Value::Null);
+            let mut row = key_values.clone();
+            row.resize(self.key_names.len(), Value::Null);
+            row.extend(values);
+            out.push(Output {
+                idx: order.0,
+                phase: order.1,
+                end: time,
+                start: 0,
+                key: key.into(),
+                stream: Stream::Main,
+                body: Body::Row(row.into_boxed_slice()),
+            });
         }
         self.touch(key);
         self.forget_if_empty(key);
@@ -463,7 +703,13 @@ impl StatefulStep {
                 },
             ));
         }
+        let processing: Vec<(i64, Box<[u8]>)> = st
+            .processing_timers
+            .iter()
+            .map(|&at| (at, key.into()))
+            .collect();
         self.due.extend(items);
+        self.processing.extend(processing);
     }
 }
 
@@ -532,6 +778,24 @@ impl KeyedOperator for StatefulStep {
 
     fn watermark(&self) -> i64 {
         self.watermark
+    }
+
+    fn tick(&mut self, now_ms: i64, out: &mut Vec<Output>) {
+        while let Some((at, _)) = self.processing.first() {
+            if *at > now_ms {
+                break;
+            }
+            let Some((at, key)) = self.processing.pop_first() else {
+                break;
+            };
+            if let Some(st) = self.keys.get_mut(&key) {
+                st.processing_timers.retain(|&t| t != at);
+            }
+            let end = (Order::END.idx, Order::END.phase);
+            self.run_process(&key, at, end, out, &|p, ctx| {
+                p.on_timer(ctx, Timer::ProcessingTime(at))
+            });
+        }
     }
 
     fn track_changes(&mut self) {
@@ -779,5 +1043,118 @@ mod tests {
         ]);
         s.process(&b, 0..3, &mut out);
         assert_eq!(texts(&out, Stream::Main), ["a@3000", "a@1000", "a@2000"]);
+    }
+
+    /// Counts a key's events in map state, keeps the last value, emits
+    /// every second event and a "quiet" record 1 s (event time) after the
+    /// key's last event, and a "ping" on a processing-time timer.
+    struct Counter;
+
+    impl KeyedProcess for Counter {
+        fn name(&self) -> &str {
+            "counter"
+        }
+        fn fields(&self) -> Vec<String> {
+            vec!["v".into()]
+        }
+        fn output(&self) -> Vec<String> {
+            vec!["what".into(), "n".into(), "last".into()]
+        }
+        fn process(&self, ctx: &mut KeyContext<'_>, values: &[Value]) {
+            let n = match ctx.get("n") {
+                Some(Value::Int(n)) => n + 1,
+                _ => 1,
+            };
+            ctx.insert("n", Value::Int(n));
+            ctx.set_value(values[0].clone());
+            if n % 2 == 0 {
+                ctx.emit(vec![
+                    Value::Str("count".into()),
+                    Value::Int(n),
+                    values[0].clone(),
+                ]);
+            }
+            ctx.insert("last_at", Value::Int(ctx.time()));
+            ctx.timer(ctx.time() + 1000);
+            if n == 1 {
+                ctx.processing_timer(5_000);
+            }
+        }
+        fn on_timer(&self, ctx: &mut KeyContext<'_>, timer: Timer) {
+            let last = ctx.value().cloned().unwrap_or_default();
+            match timer {
+                Timer::EventTime(at) => {
+                    if ctx.get("last_at") == Some(&Value::Int(at - 1000)) {
+                        ctx.emit(vec![Value::Str("quiet".into()), Value::Null, last]);
+                        ctx.clear();
+                    }
+                }
+                Timer::ProcessingTime(_) => {
+                    ctx.emit(vec![Value::Str("ping".into()), Value::Null, last]);
+                }
+            }
+        }
+    }
+
+    fn rows(out: &[Output]) -> Vec<String> {
+        out.iter()
+            .filter_map(|o| match &o.body {
+                Body::Row(r) => Some(format!(
+                    "{}:{}:{}@{}",
+                    r[1].to_json(),
+                    r[2].to_json(),
+                    r[3].to_json(),
+                    o.end
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_process_function_keeps_value_and_map_state_and_fires_both_kinds_of_timers() {
+        let def = StatefulDef::Process(ProcessFn(std::sync::Arc::new(Counter)));
+        let mut s = step(def.clone(), true);
+        s.track_changes();
+        assert_eq!(
+            s.output_schema().names,
+            ["k", "what", "n", "last"].map(String::from)
+        );
+        let mut out = Vec::new();
+        let i = Value::Int;
+        // By time: 100 (1), 200 (2: count), 300 (3); then quiet at 1300.
+        let b = batch(&[
+            ("a", 300, vec![i(3)]),
+            ("a", 100, vec![i(1)]),
+            ("a", 200, vec![i(2)]),
+        ]);
+        feed(&mut s, &b, 250, &mut out);
+        assert_eq!(rows(&out), ["\"count\":2:2@200"]);
+        // A checkpoint here holds an event waiting and both timers.
+        let mut saved = Vec::new();
+        s.snapshot(&mut saved);
+        let keys: Vec<(Vec<u8>, Vec<u8>)> = saved
+            .into_iter()
+            .map(|(k, v)| (k.into_vec(), v.unwrap()))
+            .collect();
+        let mut back = step(def, true);
+        back.restore(250, keys).unwrap();
+        let mut out = Vec::new();
+        back.advance(2_000, Order::END, &mut out);
+        assert_eq!(
+            rows(&out),
+            ["\"quiet\":null:3@1300"],
+            "restored: the 3rd event and its timer"
+        );
+        out.clear();
+        back.tick(4_999, &mut out);
+        assert!(out.is_empty());
+        back.tick(5_000, &mut out);
+        assert_eq!(
+            rows(&out),
+            ["\"ping\":null:null@5000"],
+            "state was cleared at quiet"
+        );
+        assert_eq!(back.keys(), 0, "nothing left for the key");
     }
 }

@@ -348,6 +348,13 @@ impl PipelineBuilder {
             max_silence: max_silence.map(|d| d.as_millis() as i64),
         })
     }
+    /// A keyed process function of your own (see
+    /// [`crate::operators::stateful::KeyedProcess`]), after `key_by`.
+    pub fn process(self, f: impl crate::operators::stateful::KeyedProcess) -> Self {
+        self.stateful(StatefulDef::Process(crate::operators::stateful::ProcessFn(
+            Arc::new(f),
+        )))
+    }
     /// `alert`: `raised` once `when` held for `for_`, `cleared` when
     /// `clear` (default `!(when)`) holds after that.
     pub fn alert(mut self, name: &str, when: &str, for_: Duration, clear: Option<&str>) -> Self {
