@@ -117,12 +117,27 @@ sinks: oops
     }
 }
 
+/// `rivulet validate` of `yaml`, written as `name` in `dir`: the exit code
+/// and what it printed on stderr.
+fn validate_text(dir: &std::path::Path, name: &str, yaml: &str) -> (Option<i32>, String) {
+    let f = dir.join(name);
+    std::fs::write(&f, yaml).unwrap();
+    let out = bin().arg("validate").arg(&f).output().unwrap();
+    (out.status.code(), text(&out.stderr))
+}
+
+fn assert_lines(err: &str, expected: &[&str]) {
+    for e in expected {
+        assert!(err.contains(e), "missing {e:?} in:\n{err}");
+    }
+}
+
 #[test]
 fn validate_checks_stateful_steps_with_line_and_column() {
     let dir = tempfile::tempdir().unwrap();
-    let f = dir.path().join("bad.yaml");
-    std::fs::write(
-        &f,
+    let (code, err) = validate_text(
+        dir.path(),
+        "bad.yaml",
         "name: bad
 source:
   generator: { sensors: 3 }
@@ -134,12 +149,11 @@ steps:
 sink:
   stdout: {}
 ",
-    )
-    .unwrap();
-    let out = bin().arg("validate").arg(&f).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = text(&out.stderr);
-    for expected in [
+    );
+    assert_eq!(code, Some(1));
+    assert_lines(
+        &err,
+        &[
         "bad.yaml:6:13: steps[0]: a stateful step keeps state per key: put a `key_by` before it",
         "bad.yaml:6:24: steps[0].deadband.field: unknown field `temprature`; did you mean `temperature`?",
         "bad.yaml:6:43: steps[0].deadband.delta: must be a number of at least 0",
@@ -147,13 +161,11 @@ sink:
         "bad.yaml:7:11: steps[1]: steps after deduplicate or deadband (steps[0]) are not supported yet",
         "bad.yaml:8:44: steps[2].alert.when: bad expression `temperature >`",
         "bad.yaml:8:51: steps[2].alert.for: bad duration `1 minute`",
-    ] {
-        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
-    }
-    // A valid one, and the shipped report-by-exception bridge.
-    let ok = dir.path().join("ok.yaml");
-    std::fs::write(
-        &ok,
+            ],
+    );
+    let (code, err) = validate_text(
+        dir.path(),
+        "ok.yaml",
         "name: ok
 source:
   generator: { sensors: 3 }
@@ -164,18 +176,16 @@ steps:
 sink:
   stdout: {}
 ",
-    )
-    .unwrap();
-    let out = bin().arg("validate").arg(&ok).output().unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    );
+    assert_eq!(code, Some(0), "{err}");
 }
 
 #[test]
 fn validate_checks_what_steps_after_a_window_read() {
     let dir = tempfile::tempdir().unwrap();
-    let f = dir.path().join("bad.yaml");
-    std::fs::write(
-        &f,
+    let (code, err) = validate_text(
+        dir.path(),
+        "bad.yaml",
         "name: bad
 source:
   generator: { sensors: 3 }
@@ -188,25 +198,23 @@ steps:
 sink:
   mqtt: { url: mqtt://localhost:1883, topic: \"hot/{sensor_id}\" }
 ",
-    )
-    .unwrap();
-    let out = bin().arg("validate").arg(&f).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = text(&out.stderr);
-    for expected in [
+    );
+    assert_eq!(code, Some(1));
+    assert_lines(
+        &err,
+        &[
         // Window results have exactly these fields.
         "bad.yaml:8:13: steps[2].filter: unknown field `humidity` (fields known here: sensor_id, window_start, window_end, avg_t)",
         "steps[3]: the results of steps[1] are not keyed: put a `key_by` before this window",
         "steps[3].window.aggregate.hi: unknown field `avg`; did you mean `avg_t`?",
         // The last window's results have no sensor_id.
         "sink[0].mqtt.topic: the topic uses `{sensor_id}`, which window results lack",
-    ] {
-        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
-    }
+            ],
+    );
     // Peer mode does not run later stages yet: a clear refusal.
-    let f = dir.path().join("peers.yaml");
-    std::fs::write(
-        &f,
+    let (code, err) = validate_text(
+        dir.path(),
+        "peers.yaml",
         "name: pm
 source:
   mqtt: { url: \"mqtt://127.0.0.1:1883\", topics: [\"s/{id}/t\"], qos: 1 }
@@ -219,13 +227,11 @@ sink: { stdout: {} }
 state: { dir: st }
 peers: { cluster: t }
 ",
-    )
-    .unwrap();
-    let out = bin().arg("validate").arg(&f).output().unwrap();
-    let err = text(&out.stderr);
-    assert!(
-        err.contains("peers.yaml:8:11: steps[2]: steps after steps[1] (a window or stateful step) are not supported in peer mode yet"),
-        "{err}"
+    );
+    assert_eq!(code, Some(1));
+    assert_lines(
+        &err,
+        &["peers.yaml:8:11: steps[2]: steps after steps[1] (a window or stateful step) are not supported in peer mode yet"],
     );
 }
 

@@ -95,43 +95,8 @@ fn kill_9_twenty_times_loses_nothing_and_counts_nothing_twice() {
     assert!(expected.len() > 1000, "{} windows", expected.len());
 
     let crashing = pipeline_of(d, "crashed.jsonl", true, ALL_AGGREGATES);
-    let mut kills = 0;
-    let mut rng = 99u64;
-    for attempt in 0..2000 {
-        let mut child = Rivulet::spawn(&mut rivulet(d, &crashing));
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        // Early attempts are killed quickly; later ones get time to finish.
-        let wait = if kills < 20 { 20 + rng % 150 } else { 2000 };
-        std::thread::sleep(Duration::from_millis(wait));
-        match child.try_wait().unwrap() {
-            Some(status) => {
-                let mut err = String::new();
-                use std::io::Read;
-                child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
-                assert!(status.success(), "attempt {attempt}: {err}");
-                if kills >= 20 {
-                    break;
-                }
-                // Finished before enough kills: start again from scratch.
-                std::fs::remove_dir_all(d.join("state")).unwrap();
-                std::fs::remove_file(d.join("crashed.jsonl")).unwrap();
-                kills = 0;
-            }
-            None => {
-                child.kill().unwrap(); // SIGKILL
-                child.wait().unwrap();
-                kills += 1;
-            }
-        }
-    }
-    assert!(kills >= 20, "only {kills} kills");
+    let kills = 20;
+    crash_until_done(d, &crashing, "crashed.jsonl", kills);
     let got = finals(&d.join("crashed.jsonl"));
     let missing: Vec<_> = expected
         .keys()
@@ -654,9 +619,9 @@ fn a_format_1_state_of_a_pipeline_without_a_window_still_resumes() {
     );
 }
 
-/// Runs `file` again and again, killing it with SIGKILL `kills` times at
-/// random moments, until a run finishes (starting afresh when one finishes
-/// before enough kills).
+/// Runs `file` again and again, killing it with SIGKILL `kills_wanted`
+/// times at random moments, then lets a run finish (starting afresh, state
+/// and output removed, when one finishes before enough kills).
 fn crash_until_done(d: &Path, file: &Path, out: &str, kills_wanted: u32) {
     let mut kills = 0;
     let mut rng = 31u64;

@@ -880,26 +880,7 @@ fn run_step(
     step: impl Fn(rivulet::plan::PipelineBuilder) -> rivulet::plan::PipelineBuilder,
     workers: usize,
 ) -> Out {
-    let (main, late, dead) = (MemorySink::new(), MemorySink::new(), MemorySink::new());
-    let b = Pipeline::builder("test")
-        .source(MemorySource::from_lines(lines))
-        .event_time("ts", ms(bound))
-        .key_by(["k"]);
-    let stats = step(b)
-        .sink(main.clone())
-        .late(Box::new(late.clone()))
-        .dead_letter(Box::new(dead.clone()))
-        .workers(workers)
-        .build()
-        .expect("valid pipeline")
-        .run(RunOptions::default())
-        .expect("runs");
-    Out {
-        main: parse_all(main.records()),
-        late: parse_all(late.records()),
-        dead: parse_all(dead.records()),
-        stats,
-    }
+    run_graph(lines, bound, |b| step(b.key_by(["k"])), workers)
 }
 
 /// `(k, ts)` of each output event.

@@ -91,13 +91,10 @@ fn baseline(events: u64) {
     report("baseline", 1, events, results, wall, cpu1 - cpu0, rss);
 }
 
-fn rivulet(workers: usize, events: u64) {
-    let src = SyntheticJson::new(events, KEYS, EVENTS_PER_SECOND);
-    let (cpu0, _) = usage();
-    let start = Instant::now();
-    let stats = Pipeline::builder("bench")
-        .source(src)
-        .event_time("ts", Duration::from_secs(1))
+/// The first stage of both rivulet cases: 5 s averages, maxima and counts
+/// per sensor.
+fn first_stage(b: rivulet::plan::PipelineBuilder) -> rivulet::plan::PipelineBuilder {
+    b.event_time("ts", Duration::from_secs(1))
         .key_by(["sensor_id"])
         .window(
             WindowDef::tumbling(Duration::from_secs(5))
@@ -105,6 +102,20 @@ fn rivulet(workers: usize, events: u64) {
                 .aggregate("max_t", "max(temperature)")
                 .aggregate("n", "count()"),
         )
+}
+
+/// Runs the pipeline `stages` builds over `events` synthetic events and
+/// reports it as `mode`.
+fn measure(
+    mode: &str,
+    workers: usize,
+    events: u64,
+    stages: impl FnOnce(rivulet::plan::PipelineBuilder) -> rivulet::plan::PipelineBuilder,
+) {
+    let src = SyntheticJson::new(events, KEYS, EVENTS_PER_SECOND);
+    let (cpu0, _) = usage();
+    let start = Instant::now();
+    let stats = stages(Pipeline::builder("bench").source(src))
         .sink(NullSink)
         .workers(workers)
         .build()
@@ -114,61 +125,29 @@ fn rivulet(workers: usize, events: u64) {
     let wall = start.elapsed();
     let (cpu1, rss) = usage();
     assert_eq!(stats.events, events);
-    report(
-        "rivulet",
-        workers,
-        events,
-        stats.results,
-        wall,
-        cpu1 - cpu0,
-        rss,
-    );
+    report(mode, workers, events, stats.results, wall, cpu1 - cpu0, rss);
+}
+
+fn rivulet(workers: usize, events: u64) {
+    measure("rivulet", workers, events, first_stage);
 }
 
 /// The same first stage, then two more: a filter, 1-minute maxima of the
 /// 5 s averages per sensor, and an alert on those (a three-stage graph:
 /// what steps after a window cost against the one-window pipeline).
 fn graph(workers: usize, events: u64) {
-    let src = SyntheticJson::new(events, KEYS, EVENTS_PER_SECOND);
-    let (cpu0, _) = usage();
-    let start = Instant::now();
-    let stats = Pipeline::builder("bench-graph")
-        .source(src)
-        .event_time("ts", Duration::from_secs(1))
-        .key_by(["sensor_id"])
-        .window(
-            WindowDef::tumbling(Duration::from_secs(5))
-                .aggregate("avg_t", "avg(temperature)")
-                .aggregate("max_t", "max(temperature)")
-                .aggregate("n", "count()"),
-        )
-        .filter("n > 0")
-        .key_by(["sensor_id"])
-        .window(
-            WindowDef::tumbling(Duration::from_secs(60))
-                .aggregate("hi", "max(avg_t)")
-                .aggregate("windows", "count()"),
-        )
-        .key_by(["sensor_id"])
-        .alert("warm", "hi > 75", Duration::from_secs(60), Some("hi < 70"))
-        .sink(NullSink)
-        .workers(workers)
-        .build()
-        .expect("valid pipeline")
-        .run(RunOptions::default())
-        .expect("runs");
-    let wall = start.elapsed();
-    let (cpu1, rss) = usage();
-    assert_eq!(stats.events, events);
-    report(
-        "graph",
-        workers,
-        events,
-        stats.results,
-        wall,
-        cpu1 - cpu0,
-        rss,
-    );
+    measure("graph", workers, events, |b| {
+        first_stage(b)
+            .filter("n > 0")
+            .key_by(["sensor_id"])
+            .window(
+                WindowDef::tumbling(Duration::from_secs(60))
+                    .aggregate("hi", "max(avg_t)")
+                    .aggregate("windows", "count()"),
+            )
+            .key_by(["sensor_id"])
+            .alert("warm", "hi > 75", Duration::from_secs(60), Some("hi < 70"))
+    });
 }
 
 /// What the source alone costs: rendering the lines the others consume.
