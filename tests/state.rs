@@ -808,3 +808,65 @@ fn killed_again_and_again_while_it_starts_it_always_starts_again() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn state_inspect_shows_every_stage_with_its_own_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = d.join("g.yaml");
+    std::fs::write(
+        &p,
+        "name: g\nsource:\n  generator: { sensors: 3, rate: 2000, start: 0, seed: 5 }\n  event_time: { field: ts, plausible_years: any }\n\
+         steps:\n  - key_by: sensor_id\n  - window: { tumbling: 100ms, aggregate: { n: count() } }\n\
+         \x20 - key_by: sensor_id\n  - window: { tumbling: 300ms, aggregate: { windows: count(), events: sum(n) } }\n\
+         \x20 - key_by: sensor_id\n  - alert: { name: busy, when: events > 0, for: 1h }\n\
+         sink: { stdout: {} }\nstate: { dir: st, checkpoint_interval: 100ms }\n",
+    )
+    .unwrap();
+    let child = Rivulet::spawn(&mut rivulet(d, &p));
+    std::thread::sleep(Duration::from_millis(1500));
+    common::sigterm(&child);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inspect = Command::new(env!("CARGO_BIN_EXE_rivulet"))
+        .args(["state", "inspect"])
+        .arg(d.join("st"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&inspect.stderr);
+    assert!(inspect.status.success(), "{err}");
+    assert!(err.contains("more in later stages"), "{err}");
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&inspect.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // The second stage: an open 300 ms window per sensor, counting the
+    // 100 ms windows in it so far.
+    let open: Vec<&serde_json::Value> = rows.iter().filter(|r| r["operator"] == 1).collect();
+    assert_eq!(open.len(), 3, "{rows:?}");
+    for w in &open {
+        assert!(w["key"]["sensor_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("sensor-"));
+        assert!(w["aggregates"]["windows"].as_i64().unwrap() >= 1, "{w}");
+        assert!(w["aggregates"]["events"].as_i64().unwrap() > 10, "{w}");
+        assert_eq!(w["stage"], 2);
+    }
+    // The alert: each sensor holds `events > 0` since its first 300 ms
+    // result and has a timer an hour after that.
+    let alerts: Vec<&serde_json::Value> = rows.iter().filter(|r| r["step"] == "alert").collect();
+    assert_eq!(alerts.len(), 3, "{rows:?}");
+    for a in &alerts {
+        let since = a["state"]["holding_since"].as_i64().unwrap();
+        assert_eq!(
+            a["state"]["timers"],
+            serde_json::json!([since + 3_600_000]),
+            "{a}"
+        );
+    }
+}

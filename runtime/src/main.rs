@@ -624,13 +624,17 @@ fn inspect(dir: &std::path::Path) -> Result<(), rivulet::state::StateError> {
     let position = <[u8; 8]>::try_from(st.position.as_slice())
         .map(|b| format!(", input position {}", u64::from_le_bytes(b)))
         .unwrap_or_default();
+    // Keys of the first keyed stage, and of the stages after it.
+    let first = st.keys.len() + st.steps.iter().filter(|s| s.0 == 0).count();
+    let later = st.later_windows.len() + st.steps.iter().filter(|s| s.0 > 0).count();
+    let later = if later > 0 {
+        format!(" ({later} more in later stages)")
+    } else {
+        String::new()
+    };
     eprintln!(
-        "checkpoint {} (state format {}) of `{}`: {} keys, watermark {}{position}",
-        st.epoch,
-        st.version,
-        st.fingerprint,
-        st.keys.len(),
-        st.watermark
+        "checkpoint {} (state format {}) of `{}`: {first} keys{later}, watermark {}{position}",
+        st.epoch, st.version, st.fingerprint, st.watermark
     );
     let n = agg_names.len().max(1);
     let stdout = std::io::stdout();
@@ -659,6 +663,59 @@ fn inspect(dir: &std::path::Path) -> Result<(), rivulet::state::StateError> {
             if writeln!(out, "{row}").is_err() {
                 return Ok(());
             }
+        }
+    }
+    // Later stages and stateful steps, each with its operator's own names.
+    let layout_of = |id: u16| -> serde_json::Value {
+        st.operators
+            .iter()
+            .find(|o| o.id == id)
+            .and_then(|o| serde_json::from_str(&o.layout).ok())
+            .unwrap_or_default()
+    };
+    let key_json = |key: &[u8], layout: &serde_json::Value| {
+        let names = layout["keys"].as_array().cloned().unwrap_or_default();
+        let mut k = serde_json::Map::new();
+        for (i, v) in decode_key(key).unwrap_or_default().iter().enumerate() {
+            let name = names
+                .get(i)
+                .and_then(|n| n.as_str())
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("key{i}"));
+            k.insert(name, v.to_json());
+        }
+        k
+    };
+    for (id, key, snap) in &st.later_windows {
+        let layout = layout_of(*id);
+        let n = snap.accs.len() / snap.windows.len().max(1);
+        let agg_names = layout["aggregates"].as_array().cloned().unwrap_or_default();
+        for (w, (start, end)) in snap.windows.iter().enumerate() {
+            let mut aggs = serde_json::Map::new();
+            for (i, acc) in snap.accs.iter().skip(w * n).take(n).enumerate() {
+                let name = agg_names
+                    .get(i)
+                    .and_then(|n| n.as_str())
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("agg{i}"));
+                aggs.insert(name, acc.result().to_json());
+            }
+            let row = serde_json::json!({"operator": id, "stage": layout["stage"], "key": key_json(key, &layout), "window_start": start, "window_end": end, "aggregates": aggs});
+            if writeln!(out, "{row}").is_err() {
+                return Ok(());
+            }
+        }
+    }
+    for (id, key, record) in &st.steps {
+        let layout = layout_of(*id);
+        let row = serde_json::json!({
+            "operator": id,
+            "step": layout["step"],
+            "key": key_json(key, &layout),
+            "state": rivulet::operators::stateful::describe(record),
+        });
+        if writeln!(out, "{row}").is_err() {
+            return Ok(());
         }
     }
     let _ = out.flush();

@@ -375,6 +375,54 @@ pub struct StatefulOptions {
     pub layout: String,
 }
 
+/// A saved key record of a stateful step as JSON, for `rivulet state
+/// inspect`; `None` when it does not read as one.
+pub fn describe(record: &[u8]) -> Option<serde_json::Value> {
+    let st: KeyState = postcard::from_bytes(record).ok()?;
+    let mut out = serde_json::Map::new();
+    if !st.waiting.is_empty() {
+        let times: Vec<i64> = st.waiting.iter().map(|w| w.ts).collect();
+        out.insert("waiting_events".into(), serde_json::json!(times));
+    }
+    if !st.seen.is_empty() {
+        let times: Vec<i64> = st.seen.iter().map(|s| s.1).collect();
+        out.insert("seen_at".into(), serde_json::json!(times));
+    }
+    if let Some((v, t)) = st.last {
+        out.insert(
+            "last_passed".into(),
+            serde_json::json!({ "value": v, "at": t }),
+        );
+    }
+    if let Some(t) = st.since {
+        out.insert("holding_since".into(), serde_json::json!(t));
+    }
+    if st.raised {
+        out.insert("raised".into(), serde_json::json!(true));
+    }
+    if !st.timers.is_empty() {
+        out.insert("timers".into(), serde_json::json!(st.timers));
+    }
+    if let Some(v) = &st.value {
+        out.insert("value".into(), v.to_json());
+    }
+    if !st.map.is_empty() {
+        let map: serde_json::Map<String, serde_json::Value> = st
+            .map
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_json()))
+            .collect();
+        out.insert("map".into(), map.into());
+    }
+    if !st.processing_timers.is_empty() {
+        out.insert(
+            "processing_timers".into(),
+            serde_json::json!(st.processing_timers),
+        );
+    }
+    Some(out.into())
+}
+
 /// The wall clock, ms since 1970.
 fn wall_ms() -> i64 {
     std::time::SystemTime::now()

@@ -698,8 +698,12 @@ fn build_tail(
                             key_names.join(","),
                             w
                         ),
-                        layout: serde_json::json!({ "keys": key_names, "stage": n + 1 })
-                            .to_string(),
+                        layout: serde_json::json!({
+                            "keys": key_names,
+                            "aggregates": w.aggregates.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(),
+                            "stage": n + 1,
+                        })
+                        .to_string(),
                     },
                 );
                 let out = op.output_schema().names;

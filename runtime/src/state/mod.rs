@@ -162,6 +162,11 @@ pub struct Inspection {
     pub operators: Vec<OperatorMeta>,
     /// The window operator's keys.
     pub keys: Vec<(Vec<u8>, KeySnapshot)>,
+    /// Keys of the later stages' windows: (operator id, key, its windows).
+    pub later_windows: Vec<(u16, Vec<u8>, KeySnapshot)>,
+    /// Keys of stateful steps (`deduplicate`, `deadband`, `alert`, process
+    /// functions): (operator id, key, its saved record).
+    pub steps: Vec<(u16, Vec<u8>, Vec<u8>)>,
 }
 
 fn store_err(path: &Path, e: impl std::fmt::Display) -> StateError {
@@ -721,15 +726,22 @@ fn inspect_file(path: &Path) -> Result<Inspection, StateError> {
         layout: serde_json::from_str(&text("layout")).unwrap_or_default(),
         operators: saved.operators.clone(),
         keys: Vec::new(),
+        later_windows: Vec::new(),
+        steps: Vec::new(),
     };
     for o in &saved.operators {
-        if o.name != "window" {
-            continue;
-        }
         for (k, v) in read_keys(&txn, saved.version, o.id, &path)? {
+            if o.name != "window" {
+                out.steps.push((o.id, k, v));
+                continue;
+            }
             let snap: KeySnapshot = postcard::from_bytes(&v)
                 .map_err(|e| store_err(&path, format!("unreadable key state: {e}")))?;
-            out.keys.push((k, snap));
+            if o.id == 0 {
+                out.keys.push((k, snap));
+            } else {
+                out.later_windows.push((o.id, k, snap));
+            }
         }
     }
     Ok(out)
