@@ -24,7 +24,7 @@ pub const BATCH_EVENTS: usize = 1024;
 /// The longest the reader keeps adding to a batch while events keep coming.
 const LINGER: Duration = Duration::from_millis(1);
 /// How often the reader wakes when the source is quiet.
-const TICK: Duration = Duration::from_millis(100);
+const TICK: Duration = Duration::from_millis(250);
 
 /// A checkpoint cut after a batch.
 #[derive(Clone, Debug)]

@@ -85,7 +85,7 @@ pub trait KeyedProcess: Send + Sync + 'static {
 pub enum Timer {
     /// Fires when the watermark passes it.
     EventTime(i64),
-    /// Fires when the wall clock passes it (checked about every 100 ms).
+    /// Fires when the wall clock passes it (checked at least every 250 ms).
     ProcessingTime(i64),
 }
 
