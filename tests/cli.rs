@@ -145,7 +145,7 @@ source:
 steps:
   - deadband: { field: temprature, delta: -1, max_silence: 0s }
   - key_by: sensor_id
-  - alert: { name: hot, when: temperature >, for: 1 minute }
+  - alert: { name: hot, when: temperature >, for: 1 minute, max_keys: 0 }
 sink:
   stdout: {}
 ",
@@ -161,6 +161,7 @@ sink:
         "bad.yaml:7:11: steps[1]: steps after deduplicate or deadband (steps[0]) are not supported yet",
         "bad.yaml:8:44: steps[2].alert.when: bad expression `temperature >`",
         "bad.yaml:8:51: steps[2].alert.for: bad duration `1 minute`",
+        "steps[2].alert.max_keys: must be at least 1 (or left out: no bound)",
             ],
     );
     let (code, err) = validate_text(

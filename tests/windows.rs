@@ -1250,3 +1250,64 @@ fn a_process_function_sees_each_keys_events_in_event_time_order() {
     );
     assert_eq!(run(2).main, out.main, "identical with two workers");
 }
+
+#[test]
+fn max_keys_bounds_a_stateful_steps_state_and_dead_letters_new_keys() {
+    use rivulet::operators::stateful::StatefulDef;
+    let input: Vec<String> = (0..6)
+        .map(|i| ev_f(&format!("k{i}"), 1000 + i, 1.0))
+        .collect();
+    for workers in [1, 2] {
+        let out = run_step(
+            &input,
+            0,
+            |b| {
+                b.stateful_limited(
+                    StatefulDef::Deadband {
+                        field: "v".into(),
+                        delta: 1.0,
+                        max_silence: None,
+                    },
+                    Some(4),
+                )
+            },
+            workers,
+        );
+        // Each worker holds its share of the 4 keys; the others' events
+        // are dead letters that say why.
+        assert_eq!(out.main.len() + out.dead.len(), 6, "{workers} workers");
+        assert!(out.main.len() <= 4 && out.main.len() >= 2, "{:?}", out.main);
+        for d in &out.dead {
+            assert!(
+                d["reason"]
+                    .as_str()
+                    .unwrap()
+                    .contains("deadband state is full"),
+                "{d}"
+            );
+        }
+    }
+    // One worker: exactly the first four keys pass.
+    let out = run_step(
+        &input,
+        0,
+        |b| {
+            b.stateful_limited(
+                StatefulDef::Deduplicate {
+                    fields: vec!["v".into()],
+                    within: 1000,
+                },
+                Some(4),
+            )
+        },
+        1,
+    );
+    assert_eq!(
+        stamps(&out.main)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect::<Vec<_>>(),
+        ["k0", "k1", "k2", "k3"]
+    );
+    assert_eq!(out.dead.len(), 2);
+}

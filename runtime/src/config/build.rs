@@ -113,7 +113,7 @@ impl ValidPipeline {
                 StepSpec::Filter(f) => b.filter(f),
                 StepSpec::KeyBy(k) => b.key_by(k),
                 StepSpec::Window(w) => b.window(w.clone()),
-                StepSpec::Stateful(st) => b.stateful(st.clone()),
+                StepSpec::Stateful(st, max_keys) => b.stateful_limited(st.clone(), *max_keys),
             };
         }
         // A field holding the whole incoming topic keeps its levels in sink topics.

@@ -407,6 +407,13 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
             StepConfig::Deduplicate(d) => {
                 first_keyed.get_or_insert(i);
                 let p = format!("{path}.deduplicate");
+                if d.max_keys == Some(0) {
+                    c.node(
+                        node,
+                        &format!("{p}.max_keys"),
+                        "must be at least 1 (or left out: no bound)",
+                    );
+                }
                 for f in &d.fields.value.0 {
                     if !valid_field_name(f) {
                         c.sp(
@@ -433,15 +440,25 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
                     );
                 }
                 if let Some(within) = c.positive(&d.within, &format!("{p}.within")) {
-                    specs.push(StepSpec::Stateful(StatefulDef::Deduplicate {
-                        fields: d.fields.value.0.clone(),
-                        within,
-                    }));
+                    specs.push(StepSpec::Stateful(
+                        StatefulDef::Deduplicate {
+                            fields: d.fields.value.0.clone(),
+                            within,
+                        },
+                        d.max_keys,
+                    ));
                 }
             }
             StepConfig::Deadband(d) => {
                 first_keyed.get_or_insert(i);
                 let p = format!("{path}.deadband");
+                if d.max_keys == Some(0) {
+                    c.node(
+                        node,
+                        &format!("{p}.max_keys"),
+                        "must be at least 1 (or left out: no bound)",
+                    );
+                }
                 if !valid_field_name(&d.field) {
                     c.sp(
                         &d.field,
@@ -470,16 +487,26 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
                     None => Some(None),
                 };
                 if let Some(max_silence) = silence {
-                    specs.push(StepSpec::Stateful(StatefulDef::Deadband {
-                        field: d.field.value.clone(),
-                        delta: d.delta.value,
-                        max_silence,
-                    }));
+                    specs.push(StepSpec::Stateful(
+                        StatefulDef::Deadband {
+                            field: d.field.value.clone(),
+                            delta: d.delta.value,
+                            max_silence,
+                        },
+                        d.max_keys,
+                    ));
                 }
             }
             StepConfig::Alert(a) => {
                 first_keyed.get_or_insert(i);
                 let p = format!("{path}.alert");
+                if a.max_keys == Some(0) {
+                    c.node(
+                        node,
+                        &format!("{p}.max_keys"),
+                        "must be at least 1 (or left out: no bound)",
+                    );
+                }
                 if a.name.value.trim().is_empty() {
                     c.sp(&a.name, &format!("{p}.name"), "must not be empty");
                 }
@@ -507,12 +534,15 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
                 if let (Some(for_ms), true) = (for_ms, exprs.len() == want) {
                     let mut exprs = exprs.into_iter();
                     if let Some(when) = exprs.next() {
-                        specs.push(StepSpec::Stateful(StatefulDef::Alert {
-                            name: a.name.value.clone(),
-                            when,
-                            for_ms,
-                            clear: exprs.next(),
-                        }));
+                        specs.push(StepSpec::Stateful(
+                            StatefulDef::Alert {
+                                name: a.name.value.clone(),
+                                when,
+                                for_ms,
+                                clear: exprs.next(),
+                            },
+                            a.max_keys,
+                        ));
                     }
                 }
                 let mut fields = std::mem::take(&mut segment_key);

@@ -91,7 +91,8 @@ pub enum StepSpec {
     Filter(String),
     KeyBy(Vec<String>),
     Window(WindowDef),
-    Stateful(crate::operators::stateful::StatefulDef),
+    /// A stateful step and its `max_keys`.
+    Stateful(crate::operators::stateful::StatefulDef, Option<usize>),
 }
 
 /// A pipeline file that passed validation.

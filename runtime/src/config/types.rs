@@ -404,6 +404,9 @@ pub struct DeduplicateConfig {
     pub fields: Sp<FieldList>,
     /// How long after an event its repeats are dropped (event time).
     pub within: DurationText,
+    /// Most keys with state (a bound on its size). Events of new keys
+    /// beyond it go to the dead-letter output. Default: no bound.
+    pub max_keys: Option<usize>,
 }
 
 /// `deadband: { field: temperature, delta: 0.5, max_silence: 5m }`.
@@ -416,6 +419,9 @@ pub struct DeadbandConfig {
     pub delta: Sp<f64>,
     /// Pass an event anyway after this long without one (optional).
     pub max_silence: Option<DurationText>,
+    /// Most keys with state (a bound on its size). Events of new keys
+    /// beyond it go to the dead-letter output. Default: no bound.
+    pub max_keys: Option<usize>,
 }
 
 /// `alert: { name: overheat, when: temperature > 80, for: 30s, clear: temperature < 75 }`.
@@ -431,6 +437,9 @@ pub struct AlertConfig {
     pub for_: Option<DurationText>,
     /// The condition that clears it (default `!(when)`).
     pub clear: Option<Sp<Scalar>>,
+    /// Most keys with state (a bound on its size). Events of new keys
+    /// beyond it go to the dead-letter output. Default: no bound.
+    pub max_keys: Option<usize>,
 }
 
 /// A window: exactly one of `tumbling`, `sliding`, `session`.

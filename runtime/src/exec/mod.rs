@@ -145,6 +145,11 @@ fn keyed_operator(
             st.clone(),
             crate::operators::stateful::StatefulOptions {
                 key_names: plan.key_names.clone(),
+                key_limit: plan
+                    .stateful_max_keys
+                    .map(|max| assignment.share_of(j, max)),
+                max_keys: plan.stateful_max_keys,
+                source_name: plan.source_name.clone(),
                 ordered: matches!(plan.time, TimeMode::Event { .. } | TimeMode::Ingestion),
                 fingerprint: plan.fingerprint(),
                 layout: plan.state_layout(),
@@ -350,7 +355,8 @@ fn run(
             before: p.steps_before_key.iter().map(|s| s.clone_box()).collect(),
             after: p.steps_after_key.iter().map(|s| s.clone_box()).collect(),
             carry_payloads: plan.has_late_sink
-                || plan.window.as_ref().is_some_and(|w| w.max_keys.is_some()),
+                || plan.window.as_ref().is_some_and(|w| w.max_keys.is_some())
+                || plan.stateful_max_keys.is_some(),
             slots: Vec::new(),
             status: Vec::new(),
             counters,

@@ -129,7 +129,7 @@ impl Graph {
                     window = window.or(Some("window"));
                     stage += 1;
                 }
-                StepSpec::Stateful(st) => {
+                StepSpec::Stateful(st, _) => {
                     use crate::operators::stateful::StatefulDef;
                     let label = match st {
                         StatefulDef::Deduplicate { fields, within } => {

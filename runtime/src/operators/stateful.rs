@@ -363,12 +363,23 @@ pub struct StatefulStep {
     seq: u64,
     tracking: bool,
     changed: HashSet<Box<[u8]>>,
+    /// At most this many keys with state (this worker's share of
+    /// `max_keys`): events of new keys beyond it are dead letters.
+    key_limit: Option<usize>,
+    max_keys: Option<usize>,
+    source_name: String,
+    state_full: crate::metrics::Counter,
 }
 
 /// What a [`StatefulStep`] needs besides its definition.
 #[derive(Clone, Debug, Default)]
 pub struct StatefulOptions {
     pub key_names: Vec<String>,
+    /// This worker's share of `max_keys`, and `max_keys` itself.
+    pub key_limit: Option<usize>,
+    pub max_keys: Option<usize>,
+    /// Named in dead letters.
+    pub source_name: String,
     /// Event time (events wait for the watermark) or processing time.
     pub ordered: bool,
     pub fingerprint: String,
@@ -461,6 +472,10 @@ impl StatefulStep {
             seq: 0,
             tracking: false,
             changed: HashSet::new(),
+            key_limit: o.key_limit,
+            max_keys: o.max_keys,
+            source_name: o.source_name,
+            state_full: Default::default(),
         }
     }
 
@@ -775,6 +790,30 @@ impl KeyedOperator for StatefulStep {
         for (n, rec) in batch.recs[recs].iter().enumerate() {
             let i = first + n;
             let key = batch.key(rec);
+            if self
+                .key_limit
+                .is_some_and(|l| self.keys.len() >= l && !self.keys.contains_key(key))
+            {
+                self.state_full.add(1);
+                let reason = format!(
+                    "the {} state is full: a new key beyond max_keys ({})",
+                    self.def.kind(),
+                    self.max_keys.unwrap_or(0)
+                );
+                let from = crate::msg::DeadSource {
+                    source: &self.source_name,
+                    position: rec.position,
+                    topic: batch.topic(i),
+                    payload: batch.payload(i),
+                    oversize: None,
+                };
+                out.push(Output::plain(
+                    rec.idx,
+                    Stream::Dead,
+                    crate::msg::dead_letter_line(&reason, &from),
+                ));
+                continue;
+            }
             let w = Waiting {
                 ts: rec.ts,
                 position: rec.position,
@@ -814,6 +853,14 @@ impl KeyedOperator for StatefulStep {
     fn result_time(&self, o: &Output) -> i64 {
         // An alert's `at`, an event's own time.
         o.end
+    }
+
+    fn start(&mut self, ctx: &crate::context::RunContext, _worker: usize) {
+        self.state_full = ctx.counter(
+            crate::metrics::names::DEAD_LETTERS,
+            "records sent to the dead-letter output, by reason class",
+            &[("reason", crate::metrics::reason::STATE_FULL)],
+        );
     }
 
     fn advance(&mut self, watermark: i64, order: Order, out: &mut Vec<Output>) {

@@ -79,7 +79,8 @@ enum Entry {
     Step(Box<dyn Step>),
     KeyBy(Vec<String>),
     Window(WindowDef),
-    Stateful(StatefulDef),
+    /// A stateful step and its `max_keys`.
+    Stateful(StatefulDef, Option<usize>),
 }
 
 /// Builds a [`Pipeline`]; every problem is reported by [`PipelineBuilder::build`].
@@ -126,6 +127,8 @@ pub(crate) struct Plan {
     pub aggs: Vec<(AggFunc, Option<Expr>, String)>,
     /// A stateful step after `key_by` (`deduplicate`, `deadband`, `alert`).
     pub stateful: Option<StatefulDef>,
+    /// Its `max_keys`.
+    pub stateful_max_keys: Option<usize>,
     /// Its inputs per record: compiled expression, whether it must be a
     /// number, and its label in dead letters.
     pub stateful_inputs: Vec<(Expr, bool, String)>,
@@ -322,8 +325,13 @@ impl PipelineBuilder {
         self
     }
     /// A stateful step after `key_by` (see [`crate::operators::stateful`]).
-    pub fn stateful(mut self, def: StatefulDef) -> Self {
-        self.entries.push(Entry::Stateful(def));
+    pub fn stateful(self, def: StatefulDef) -> Self {
+        self.stateful_limited(def, None)
+    }
+    /// A stateful step keeping state for at most `max_keys` keys: events of
+    /// new keys beyond them go to the dead-letter output.
+    pub fn stateful_limited(mut self, def: StatefulDef, max_keys: Option<usize>) -> Self {
+        self.entries.push(Entry::Stateful(def, max_keys));
         self
     }
     /// `deduplicate`: drops an event whose `fields` equal those of an
@@ -451,6 +459,7 @@ impl PipelineBuilder {
         let mut key: Option<Vec<String>> = None;
         let mut window: Option<WindowDef> = None;
         let mut stateful: Option<StatefulDef> = None;
+        let mut stateful_max_keys = None;
         let mut writes: Vec<(String, usize)> = Vec::new();
         let shapes: Vec<StepShape> = self
             .entries
@@ -459,7 +468,7 @@ impl PipelineBuilder {
                 Entry::Step(_) => StepShape::Step,
                 Entry::KeyBy(k) => StepShape::KeyBy { fields: k.len() },
                 Entry::Window(_) => StepShape::Window,
-                Entry::Stateful(st) => StepShape::Stateful {
+                Entry::Stateful(st, _) => StepShape::Stateful {
                     passes: st.passes_events(),
                 },
             })
@@ -500,12 +509,16 @@ impl PipelineBuilder {
                     problems.extend(w.problems());
                     window.get_or_insert(w);
                 }
-                Entry::Stateful(st) => {
+                Entry::Stateful(st, max_keys) => {
                     problems.extend(
                         st.check()
                             .into_iter()
                             .map(|p| format!("{}: {p}", st.kind())),
                     );
+                    if max_keys == Some(0) {
+                        problems.push(format!("{}: max_keys must be at least 1", st.kind()));
+                    }
+                    stateful_max_keys = max_keys;
                     stateful.get_or_insert(st);
                 }
             }
@@ -609,6 +622,7 @@ impl PipelineBuilder {
             window,
             aggs,
             stateful,
+            stateful_max_keys,
             stateful_inputs,
             writes,
             carry,
@@ -716,7 +730,7 @@ fn build_tail(
                 });
                 segments.push(std::mem::replace(&mut cur, new_segment(out)));
             }
-            Entry::Stateful(st) => {
+            Entry::Stateful(st, max_keys) => {
                 problems.extend(
                     st.check()
                         .into_iter()
@@ -739,6 +753,9 @@ fn build_tail(
                     st.clone(),
                     StatefulOptions {
                         key_names: key_names.clone(),
+                        key_limit: max_keys,
+                        max_keys,
+                        source_name: format!("results (stage {n})"),
                         ordered: true,
                         fingerprint: format!("stage {} keys=[{}] {:?}", n + 1, key_names.join(","), st),
                         layout: serde_json::json!({ "keys": key_names, "step": st.kind(), "stage": n + 1 }).to_string(),
