@@ -10,7 +10,23 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// A loopback port nothing listens on, below the kernel's range of
+/// ephemeral ports (32768–60999 by default): a port a test frees and binds
+/// again (a peer or broker it restarts) cannot be taken meanwhile by some
+/// connection's local end. Ports go up from a random start, so the tests
+/// of one binary never get the same one.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    static START: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| fastrand::u16(20_000..28_000));
+    for _ in 0..4000 {
+        let port = start + NEXT.fetch_add(1, Ordering::Relaxed) % 4000;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    // Every port of the range taken: let the kernel choose.
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
