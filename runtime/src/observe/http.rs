@@ -202,8 +202,15 @@ fn serve(listener: TcpListener, auth: Arc<Option<Auth>>, observed: Arc<Observed>
             .name("rivulet-http-conn".into())
             .stack_size(256 * 1024)
             .spawn(move || {
+                // Counted out even if serving panics.
+                struct Open(Arc<AtomicUsize>);
+                impl Drop for Open {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+                let _open = Open(count);
                 connection(stream, peer, &auth, &observed);
-                count.fetch_sub(1, Ordering::Relaxed);
             });
         if let Err(e) = spawned {
             open.fetch_sub(1, Ordering::Relaxed);
@@ -262,7 +269,14 @@ fn connection(mut stream: TcpStream, peer: SocketAddr, auth: &Option<Auth>, o: &
             Ok(req) => {
                 let reply = match refused(&req, peer, auth) {
                     Some(r) => r,
-                    None => handle(&req, o),
+                    // A bug in a handler answers 500 and the endpoint goes on.
+                    None => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        handle(&req, o)
+                    }))
+                    .unwrap_or_else(|_| {
+                        tracing::error!(path = %req.path, "the HTTP endpoint failed to answer a request");
+                        error(500, "internal error")
+                    }),
                 };
                 (Some(req), reply)
             }
