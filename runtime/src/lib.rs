@@ -7,7 +7,8 @@
 //! - [`expr`]: the expression language of `map`, `filter` and aggregates.
 //! - [`decode`]: JSON payloads into slots; [`value`]: values and key encoding.
 //! - [`time`]: clocks, durations, timestamps, the watermark rule.
-//! - [`operators`]: steps (`map`, `filter`, your own) and [`operators::window`].
+//! - [`operators`]: steps (`map`, `filter`, your own), [`operators::window`] and
+//!   [`operators::stateful`] (`deduplicate`, `deadband`, `alert`, `KeyedProcess`).
 //! - [`sources`], [`sinks`]: where events come from and results go.
 //! - [`msg`]: what travels between stages (data, watermarks, barriers).
 //! - [`partition`]: key groups and their assignment to owners.
@@ -15,7 +16,8 @@
 //! - [`observe`]: the HTTP endpoint (metrics, live page, API), logs, live
 //!   state queries.
 //! - [`cluster`]: peer mode (key groups across processes).
-//! - [`exec`]: threads, bounded queues, deterministic output order, shutdown.
+//! - [`exec`]: threads, bounded queues, deterministic output order, shutdown,
+//!   and the stages after the first window (the tail).
 
 pub mod cluster;
 pub mod config;
