@@ -1,7 +1,7 @@
 //! The HTTP endpoint: a small HTTP/1.1 server over `std::net`. One thread
 //! accepts connections and samples the figures once a second; each
 //! connection is served on its own short-lived thread (at most
-//! [`MAX_CONNECTIONS`] at once), with keep-alive and timeouts. Requests are
+//! `MAX_CONNECTIONS` at once), with keep-alive and timeouts. Requests are
 //! parsed with `httparse`. Routes:
 //!
 //! | | |
