@@ -371,7 +371,8 @@ pub struct EventTimeConfig {
     pub idle_timeout: Option<DurationText>,
 }
 
-/// One processing step: exactly one of `map`, `filter`, `key_by`, `window`.
+/// One processing step: exactly one of `map`, `filter`, `key_by`, `window`,
+/// `deduplicate`, `deadband`, `alert`.
 #[derive(Clone, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 #[allow(clippy::large_enum_variant)] // parsed once, at start
@@ -457,7 +458,9 @@ pub struct WindowConfig {
     /// Most keys with open windows (a bound on state size). Events of new
     /// keys beyond it go to the dead-letter output. Default: no bound.
     pub max_keys: Option<usize>,
-    /// Result fields: `name: count() | count(e) | sum(e) | avg(e) | min(e) | max(e) | first(e) | last(e)`.
+    /// Result fields: `name: count() | count(e) | sum(e) | avg(e) | min(e) | max(e) |
+    /// first(e) | last(e) | variance(e) | variance_pop(e) | stddev(e) | stddev_pop(e) |
+    /// median(e) | percentile(e, p) | count_distinct(e)`.
     pub aggregate: Option<IndexMap<Sp<String>, Sp<Scalar>>>,
 }
 
