@@ -300,10 +300,16 @@ struct Waiting {
 /// One key's state.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct KeyState {
-    /// Events not yet passed by the watermark, by (time, position, seq).
-    waiting: Vec<Waiting>,
-    /// `deduplicate`: hashes of the fields of events passed, with their time.
-    seen: Vec<(u64, i64)>,
+    /// Events not yet passed by the watermark, in arrival order (mostly
+    /// their release order, so a release takes one from near the front).
+    waiting: std::collections::VecDeque<Waiting>,
+    /// `deduplicate`: hashes of the fields of events passed, with their
+    /// time, oldest first (events go through in time order).
+    seen: std::collections::VecDeque<(u64, i64)>,
+    /// `deduplicate`: hash → time of the last event passed with it (built
+    /// again from `seen` after a restore).
+    #[serde(skip)]
+    seen_index: HashMap<u64, i64>,
     /// `deadband`: the last value passed and its time.
     last: Option<(f64, i64)>,
     /// `alert`: since when `when` holds (not raised yet).
@@ -512,13 +518,20 @@ impl StatefulStep {
         let pass = match &self.def {
             StatefulDef::Deduplicate { within, .. } => {
                 let h = fields_hash(&w.vals);
+                if st.seen_index.is_empty() && !st.seen.is_empty() {
+                    st.seen_index = st.seen.iter().copied().collect();
+                }
                 let dup = st
-                    .seen
-                    .iter()
-                    .any(|&(sh, t)| sh == h && w.ts >= t && w.ts - t < *within);
+                    .seen_index
+                    .get(&h)
+                    .is_some_and(|&t| w.ts >= t && w.ts - t < *within);
                 if !dup {
-                    st.seen.push((h, w.ts));
-                    timer = Some(w.ts.saturating_add(*within));
+                    st.seen.push_back((h, w.ts));
+                    st.seen_index.insert(h, w.ts);
+                    // One timer per key: the oldest entry's end.
+                    if st.timers.is_empty() {
+                        timer = Some(w.ts.saturating_add(*within));
+                    }
                 }
                 !dup
             }
@@ -622,6 +635,7 @@ impl StatefulStep {
         };
         st.timers.retain(|&t| t != at);
         let mut raise = false;
+        let mut next = None;
         if let StatefulDef::Process(_) = &self.def {
             self.run_process(key, at, order, out, &|p, ctx| {
                 p.on_timer(ctx, Timer::EventTime(at))
@@ -630,7 +644,19 @@ impl StatefulStep {
         }
         match &self.def {
             StatefulDef::Deduplicate { within, .. } => {
-                st.seen.retain(|&(_, t)| t.saturating_add(*within) > at);
+                if st.seen_index.is_empty() && !st.seen.is_empty() {
+                    st.seen_index = st.seen.iter().copied().collect();
+                }
+                while let Some(&(h, t)) = st.seen.front() {
+                    if t.saturating_add(*within) > at {
+                        break;
+                    }
+                    st.seen.pop_front();
+                    if st.seen_index.get(&h) == Some(&t) {
+                        st.seen_index.remove(&h);
+                    }
+                }
+                next = st.seen.front().map(|&(_, t)| t.saturating_add(*within));
             }
             StatefulDef::Alert { for_ms, .. } => {
                 if !st.raised && st.since.is_some_and(|s| s.saturating_add(*for_ms) == at) {
@@ -643,6 +669,9 @@ impl StatefulStep {
         }
         if raise {
             out.push(self.alert_output(key, "raised", at, order.0, order.1));
+        }
+        if let Some(at) = next {
+            self.schedule(key, at);
         }
         self.touch(key);
         self.forget_if_empty(key);
@@ -730,7 +759,7 @@ impl StatefulStep {
                 Due::Event { seq, key, .. } => {
                     let taken = self.keys.get_mut(&key).and_then(|st| {
                         let i = st.waiting.iter().position(|w| w.seq == seq)?;
-                        Some(st.waiting.remove(i))
+                        st.waiting.remove(i)
                     });
                     if let Some(w) = taken {
                         self.apply(&key, w, (order.idx, order.phase), out);
@@ -845,7 +874,11 @@ impl KeyedOperator for StatefulStep {
                     key: key.into(),
                 },
             ));
-            self.keys.entry(key.into()).or_default().waiting.push(w);
+            self.keys
+                .entry(key.into())
+                .or_default()
+                .waiting
+                .push_back(w);
             self.touch(key);
         }
     }
@@ -1056,6 +1089,43 @@ mod tests {
         // The horizon's timers free the state once it has passed.
         s.advance(10_000, Order::END, &mut out);
         assert_eq!(s.keys(), 0);
+    }
+
+    #[test]
+    fn deduplicate_keeps_one_timer_per_key_and_its_index_survives_a_restore() {
+        let def = StatefulDef::Deduplicate {
+            fields: vec!["id".into()],
+            within: 1_000_000,
+        };
+        let mut s = step(def.clone(), true);
+        s.track_changes();
+        let mut out = Vec::new();
+        // Many different ids of one key inside the horizon, each twice.
+        let recs: Vec<(&str, i64, Vec<Value>)> = (0..4000)
+            .flat_map(|i| [("a", i, vec![Value::Int(i)]), ("a", i, vec![Value::Int(i)])])
+            .collect();
+        feed(&mut s, &batch(&recs), 5000, &mut out);
+        assert_eq!(texts(&out, Stream::Main).len(), 4000, "each id once");
+        assert_eq!(s.keys.get(&key("a")[..]).map(|k| k.timers.len()), Some(1));
+        let mut saved = Vec::new();
+        s.snapshot(&mut saved);
+        let keys = saved
+            .into_iter()
+            .map(|(k, v)| (k.into_vec(), v.unwrap()))
+            .collect();
+        let mut back = step(def, true);
+        back.restore(5000, keys).unwrap();
+        let mut out = Vec::new();
+        // Still repeats after the restore; a new id passes.
+        let again = batch(&[
+            ("a", 6000, vec![Value::Int(17)]),
+            ("a", 6001, vec![Value::Int(9999)]),
+        ]);
+        feed(&mut back, &again, 7000, &mut out);
+        assert_eq!(texts(&out, Stream::Main), ["a@6001"]);
+        // Past the horizon of everything: the key is gone.
+        back.advance(2_000_000, Order::END, &mut out);
+        assert_eq!(back.keys(), 0);
     }
 
     #[test]
