@@ -42,26 +42,12 @@ fn parse_all(lines: Vec<String>) -> Vec<Value> {
 }
 
 fn run_with(lines: &[String], bound: u64, window: WindowDef, workers: usize) -> Out {
-    let (main, late, dead) = (MemorySink::new(), MemorySink::new(), MemorySink::new());
-    let stats = Pipeline::builder("test")
-        .source(MemorySource::from_lines(lines))
-        .event_time("ts", ms(bound))
-        .key_by(["k"])
-        .window(window)
-        .sink(main.clone())
-        .late(Box::new(late.clone()))
-        .dead_letter(Box::new(dead.clone()))
-        .workers(workers)
-        .build()
-        .expect("valid pipeline")
-        .run(RunOptions::default())
-        .expect("runs");
-    Out {
-        main: parse_all(main.records()),
-        late: parse_all(late.records()),
-        dead: parse_all(dead.records()),
-        stats,
-    }
+    run_graph(
+        lines,
+        bound,
+        |b| b.key_by(["k"]).window(window.clone()),
+        workers,
+    )
 }
 
 fn sum_count(w: WindowDef) -> WindowDef {
