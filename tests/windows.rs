@@ -1297,3 +1297,170 @@ fn max_keys_bounds_a_stateful_steps_state_and_dead_letters_new_keys() {
     );
     assert_eq!(out.dead.len(), 2);
 }
+
+#[test]
+fn a_job_graph_fans_out_unions_and_windows_results_with_late_records_named() {
+    // The stream `per_second` (1 s sums per key, as in
+    // `a_window_of_windows_follows_flinks_rules`) feeds `big` (sums of 5
+    // and more) and `per_3s` (a global 3 s window of every key's sums);
+    // `both` is the union of those two.
+    let input = [
+        ev("a", 900, 2),
+        ev("a", 100, 1),
+        ev("b", 200, 10),
+        ev("a", 1500, 3),
+        ev("b", 2200, 20),
+        ev("a", 2500, 4),
+        ev("a", 3200, 5),
+        ev("a", 5000, 6),
+        ev("a", 50, 100), // the watermark is at 4499: late for [0, 1000)
+    ];
+    let run = |workers: usize| {
+        let sinks: Vec<MemorySink> = (0..5).map(|_| MemorySink::new()).collect();
+        Pipeline::builder("graph")
+            .source(MemorySource::from_lines(&input))
+            .event_time("ts", ms(500))
+            .stream_name("per_second")
+            .key_by(["k"])
+            .window(WindowDef::tumbling(ms(1000)).aggregate("s", "sum(v)"))
+            .sink(sinks[0].clone())
+            .stream(
+                "big",
+                &["per_second"],
+                Pipeline::builder("big")
+                    .filter("s >= 5")
+                    .sink(sinks[1].clone()),
+            )
+            .stream(
+                "per_3s",
+                &["per_second"],
+                Pipeline::builder("per_3s")
+                    .window(
+                        WindowDef::tumbling(ms(3000))
+                            .aggregate("windows", "count()")
+                            .aggregate("total", "sum(s)"),
+                    )
+                    .sink(sinks[2].clone()),
+            )
+            .stream(
+                "both",
+                &["big", "per_3s"],
+                Pipeline::builder("both").sink(sinks[3].clone()),
+            )
+            .late(Box::new(sinks[4].clone()))
+            .workers(workers)
+            .build()
+            .expect("valid pipeline")
+            .run(RunOptions::default())
+            .expect("runs");
+        sinks
+            .iter()
+            .map(|s| parse_all(s.records()))
+            .collect::<Vec<_>>()
+    };
+    let out = run(1);
+    let s = |k: &str, start: i64, s: i64| json!({"k": k, "window_start": start, "window_end": start + 1000, "s": s});
+    let mut per_second = out[0].clone();
+    per_second.sort_by_key(|r| {
+        (
+            r["window_start"].as_i64(),
+            r["k"].as_str().map(String::from),
+        )
+    });
+    assert_eq!(
+        per_second,
+        [
+            s("a", 0, 3),
+            s("b", 0, 10),
+            s("a", 1000, 3),
+            s("a", 2000, 4),
+            s("b", 2000, 20),
+            s("a", 3000, 5),
+            s("a", 5000, 6),
+        ]
+    );
+    let big: Vec<&Value> = out[0]
+        .iter()
+        .filter(|r| r["s"].as_i64() >= Some(5))
+        .collect();
+    assert_eq!(
+        out[1].iter().collect::<Vec<_>>(),
+        big,
+        "big keeps the order of per_second"
+    );
+    let w = |start: i64, windows: i64, total: i64| json!({"window_start": start, "window_end": start + 3000, "windows": windows, "total": total});
+    assert_eq!(out[2], [w(0, 5, 40), w(3000, 2, 11)]);
+    // The union has the fields of both; each record those of its own.
+    let mut both: Vec<Value> = out[3]
+        .iter()
+        .map(|r| {
+            let o = r.as_object().expect("records are objects");
+            Value::Object(
+                o.iter()
+                    .filter(|(_, v)| !v.is_null())
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            )
+        })
+        .collect();
+    let mut want: Vec<Value> = out[1].iter().chain(&out[2]).cloned().collect();
+    both.sort_by_key(|v| v.to_string());
+    want.sort_by_key(|v| v.to_string());
+    assert_eq!(both, want);
+    assert_eq!(
+        out[4],
+        [json!({"stream": "per_second", "k": "a", "ts": 50, "v": 100})]
+    );
+    for workers in [2, 3] {
+        assert_eq!(run(workers), out, "{workers} workers");
+    }
+}
+
+#[test]
+fn a_job_graph_reports_streams_it_cannot_run() {
+    let build = |b: rivulet::plan::PipelineBuilder| match b.build() {
+        Ok(_) => panic!("builds"),
+        Err(e) => e.0.join("\n"),
+    };
+    let base = || {
+        Pipeline::builder("g")
+            .source(MemorySource::from_lines(&[ev("a", 1, 1)]))
+            .event_time("ts", ms(0))
+            .stream_name("head")
+    };
+    // Read without a window: events have no known fields.
+    let e = build(base().filter("v > 0").stream(
+        "x",
+        &["head"],
+        Pipeline::builder("x").sink(MemorySink::new()),
+    ));
+    assert!(
+        e.contains("stream `head` is read by other streams, so it needs a window"),
+        "{e}"
+    );
+    let windowed = || {
+        base()
+            .key_by(["k"])
+            .window(WindowDef::tumbling(ms(1000)).aggregate("n", "count()"))
+    };
+    let e = build(windowed().stream(
+        "x",
+        &["nope"],
+        Pipeline::builder("x").sink(MemorySink::new()),
+    ));
+    assert!(
+        e.contains("stream `x`: reads `nope`, which is not a stream before it"),
+        "{e}"
+    );
+    assert!(e.contains("stream `head`: its records go nowhere"), "{e}");
+    let e = build(windowed().sink(MemorySink::new()).stream(
+        "x",
+        &["head"],
+        Pipeline::builder("x").deadband("n", 1.0, None),
+    ));
+    assert!(
+        e.contains("stream `x`: steps[0]: a stateful step keeps state per key"),
+        "{e}"
+    );
+    assert!(e.contains("stream `x`: its records go nowhere"), "{e}");
+}

@@ -147,6 +147,9 @@ pub enum Stream {
     /// Not written anywhere: the keyed operator's watermark rose to
     /// `start` here (for steps after it, see [`Output::mark`]).
     Mark,
+    /// The records of a further stream of a job graph: written to that
+    /// stream's sinks (their index in the pipeline's graph sinks).
+    Graph(u16),
 }
 
 /// When, within an input batch, an output was produced: outputs are

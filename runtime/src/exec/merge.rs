@@ -56,6 +56,9 @@ pub(super) struct Sinks {
     /// The fields carried with pass-through events (the plan's `carry`).
     pub carried: Vec<String>,
     pub main: Vec<Box<dyn Sink>>,
+    /// A job graph's further streams: name, fields and sinks, by
+    /// [`Stream::Graph`] index.
+    pub graph: Vec<(String, Schema, Vec<Box<dyn Sink>>)>,
     pub late: Vec<Box<dyn Sink>>,
     pub dead: Vec<Box<dyn Sink>>,
 }
@@ -101,6 +104,7 @@ pub(super) fn merge(
         schema,
         carried,
         main: mut sinks,
+        mut graph,
         mut late,
         mut dead,
     } = sinks;
@@ -167,6 +171,11 @@ pub(super) fn merge(
                 .into_iter()
                 .partition(|o| matches!(o.stream, Stream::Main | Stream::Mark));
             *outputs = rest;
+            if let Some(name) = t.tail.first_stream() {
+                for o in outputs.iter_mut().filter(|o| o.stream == Stream::Late) {
+                    super::tail::tag_late(o, name);
+                }
+            }
             let at_end = t.at_end;
             let time = move |o: &Output| {
                 if at_end {
@@ -197,6 +206,15 @@ pub(super) fn merge(
                     let line = o.json(&schema, &mut buf);
                     for s in &mut sinks {
                         s.write(line)?;
+                    }
+                }
+                Stream::Graph(i) => {
+                    stats.results += 1;
+                    if let Some((_, schema, sinks)) = graph.get_mut(i as usize) {
+                        let line = o.json(schema, &mut buf);
+                        for s in sinks {
+                            s.write(line)?;
+                        }
                     }
                 }
                 Stream::Late => {
@@ -233,7 +251,12 @@ pub(super) fn merge(
                 }
             }
         }
-        for s in sinks.iter_mut().chain(&mut late).chain(&mut dead) {
+        for s in sinks
+            .iter_mut()
+            .chain(graph.iter_mut().flat_map(|g| &mut g.2))
+            .chain(&mut late)
+            .chain(&mut dead)
+        {
             s.flush()?;
         }
         // The outputs up to here are written: now the checkpoint that
@@ -279,7 +302,12 @@ pub(super) fn merge(
             if let Some(Checkpoints::Local(cp)) = checkpointer.as_mut() {
                 cp.finish();
             }
-            for s in sinks.iter_mut().chain(&mut late).chain(&mut dead) {
+            for s in sinks
+                .iter_mut()
+                .chain(graph.iter_mut().flat_map(|g| &mut g.2))
+                .chain(&mut late)
+                .chain(&mut dead)
+            {
                 s.close()?;
             }
             return Ok(stats);

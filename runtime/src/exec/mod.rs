@@ -184,7 +184,7 @@ fn run(
         None => Assignment::contiguous(n),
     };
     let mut source = p.source;
-    let mut tail = tail::Tail::new(p.tail);
+    let mut tail = tail::Tail::new(p.tail, p.graph);
     let has_tail = !tail.is_empty();
     let mut operators: Vec<Box<dyn KeyedOperator>> = (0..n)
         .filter_map(|j| keyed_operator(&plan, &assignment, j))
@@ -293,6 +293,12 @@ fn run(
         }),
         carried: plan.carry.iter().map(|(n, _)| n.clone()).collect(),
         main: p.sinks,
+        graph: tail
+            .graph_streams()
+            .into_iter()
+            .zip(p.graph_sinks)
+            .map(|((name, schema), sinks)| (name, schema, sinks))
+            .collect(),
         late: p.late,
         dead: p.dead_letter,
     };
@@ -302,6 +308,12 @@ fn run(
         ("sink_dead_letter", &mut sinks.dead),
     ] {
         let c = ctx.for_operator(name);
+        for s in list.iter_mut() {
+            s.start(&c);
+        }
+    }
+    for (name, _, list) in &mut sinks.graph {
+        let c = ctx.for_operator(&format!("sink_{name}"));
         for s in list.iter_mut() {
             s.start(&c);
         }

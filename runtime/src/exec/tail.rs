@@ -63,12 +63,61 @@ impl TailSegment {
     }
 }
 
-/// Every segment of a pipeline's tail.
+/// One stream of the tail: a chain of segments reading the first stage's
+/// results (the stream the source feeds, node 0) or other streams' records
+/// (a job graph's further streams).
+pub(crate) struct TailNode {
+    /// The stream's name (late records of a job graph carry it).
+    pub name: String,
+    /// The nodes it reads (earlier ones), each with the slot of this
+    /// node's input where each of that node's fields goes. Empty for node
+    /// 0, which reads the first stage.
+    pub inputs: Vec<(usize, Vec<usize>)>,
+    /// The fields of its input (a union's: every input's fields).
+    pub input_names: Vec<String>,
+    pub segments: Vec<TailSegment>,
+    /// Where its records are written: [`Stream::Main`] (the pipeline's
+    /// sinks), [`Stream::Graph`] (a further stream's), or nowhere.
+    pub route: Option<Stream>,
+    /// Other nodes read its records.
+    pub read: bool,
+    /// The watermark it last saw.
+    pub watermark: i64,
+}
+
+impl TailNode {
+    /// Node 0 of a pipeline without further streams: `segments` after the
+    /// first stage, whose results have the fields `input`.
+    pub fn head(name: &str, input: Schema, segments: Vec<TailSegment>) -> Self {
+        TailNode {
+            name: name.to_string(),
+            inputs: Vec::new(),
+            input_names: input.names,
+            segments,
+            route: Some(Stream::Main),
+            read: false,
+            watermark: i64::MIN,
+        }
+    }
+
+    /// The fields of the records it puts out.
+    pub fn output_schema(&self) -> Schema {
+        match self.segments.last() {
+            Some(s) => s.output_schema(),
+            None => Schema {
+                names: self.input_names.clone(),
+            },
+        }
+    }
+}
+
+/// Every stream of a pipeline's tail, in an order where a node comes after
+/// the nodes it reads.
 #[derive(Default)]
 pub(crate) struct Tail {
-    pub segments: Vec<TailSegment>,
-    /// Watermark the first segment last saw.
-    watermark: i64,
+    pub nodes: Vec<TailNode>,
+    /// A job graph: late records carry their stream's name.
+    tag_late: bool,
 }
 
 /// A row going into a segment: its event time and values.
@@ -78,20 +127,46 @@ struct Row {
 }
 
 impl Tail {
-    pub fn new(segments: Vec<TailSegment>) -> Self {
-        Tail {
-            segments,
-            watermark: i64::MIN,
+    pub fn new(nodes: Vec<TailNode>, tag_late: bool) -> Self {
+        Tail { nodes, tag_late }
+    }
+
+    /// Nothing to run: the first stage's results are the output.
+    pub fn is_empty(&self) -> bool {
+        match self.nodes.as_slice() {
+            [] => true,
+            [only] => only.segments.is_empty(),
+            _ => false,
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.segments.is_empty()
+    /// The fields of the records written to the pipeline's own sinks.
+    pub fn output_schema(&self) -> Option<Schema> {
+        self.nodes.first().map(TailNode::output_schema)
     }
 
-    /// The fields of the records the last segment puts out.
-    pub fn output_schema(&self) -> Option<Schema> {
-        self.segments.last().map(TailSegment::output_schema)
+    /// The name and the fields of each further stream with sinks, by its
+    /// [`Stream::Graph`] index.
+    pub fn graph_streams(&self) -> Vec<(String, Schema)> {
+        let mut out = Vec::new();
+        for n in &self.nodes {
+            if let Some(Stream::Graph(i)) = n.route {
+                let i = i as usize;
+                if out.len() <= i {
+                    out.resize(i + 1, (String::new(), Schema::default()));
+                }
+                out[i] = (n.name.clone(), n.output_schema());
+            }
+        }
+        out
+    }
+
+    /// The name late records of the first stage carry, in a job graph.
+    pub fn first_stream(&self) -> Option<&str> {
+        self.nodes
+            .first()
+            .filter(|_| self.tag_late)
+            .map(|n| n.name.as_str())
     }
 
     /// The state each keyed segment keeps (operators 1, 2, …).
@@ -99,14 +174,19 @@ impl Tail {
         self.keyed_ops().map(|op| op.state()).collect()
     }
 
+    fn segments_mut(&mut self) -> impl Iterator<Item = &mut TailSegment> {
+        self.nodes.iter_mut().flat_map(|n| n.segments.iter_mut())
+    }
+
     fn keyed_ops(&self) -> impl Iterator<Item = &Box<dyn KeyedOperator>> {
-        self.segments
+        self.nodes
             .iter()
+            .flat_map(|n| n.segments.iter())
             .filter_map(|s| s.keyed.as_ref().map(|k| &k.op))
     }
 
     pub fn track_changes(&mut self) {
-        for s in &mut self.segments {
+        for s in self.segments_mut() {
             if let Some(k) = &mut s.keyed {
                 k.op.track_changes();
             }
@@ -120,13 +200,10 @@ impl Tail {
         watermark: i64,
         keys: Vec<(Vec<u8>, Vec<u8>)>,
     ) -> Result<(), String> {
-        self.watermark = self.watermark.max(watermark);
-        match self
-            .segments
-            .iter_mut()
-            .filter_map(|s| s.keyed.as_mut())
-            .nth(i)
-        {
+        for n in &mut self.nodes {
+            n.watermark = n.watermark.max(watermark);
+        }
+        match self.segments_mut().filter_map(|s| s.keyed.as_mut()).nth(i) {
             Some(k) => k.op.restore(watermark, keys),
             None => Ok(()),
         }
@@ -135,7 +212,7 @@ impl Tail {
     /// The changed keys of every keyed segment: (operator id from 1, change).
     pub fn snapshot(&mut self, out: &mut Vec<(u16, KeyChange)>) {
         let mut id = 1u16;
-        for s in &mut self.segments {
+        for s in self.segments_mut() {
             if let Some(k) = &mut s.keyed {
                 let mut changes = Vec::new();
                 k.op.snapshot(&mut changes);
@@ -174,37 +251,107 @@ impl Tail {
         self.chunk(rows, watermark, source_name, out);
     }
 
-    /// Rows through every segment, then the watermark `watermark`.
-    fn chunk(
-        &mut self,
-        mut rows: Vec<Row>,
-        watermark: i64,
-        source_name: &str,
-        out: &mut Vec<Output>,
-    ) {
-        let mut wm = watermark.max(self.watermark);
-        if rows.is_empty() && wm == self.watermark {
-            return;
-        }
-        self.watermark = wm;
-        let last = self.segments.len().saturating_sub(1);
-        for (n, seg) in self.segments.iter_mut().enumerate() {
-            let (next, seg_wm) = seg.run(rows, wm, source_name, n == last, out);
-            rows = next;
-            wm = seg_wm;
+    /// Rows through every node, then the watermark `watermark`. A node's
+    /// input is its inputs' records of this chunk, one input after
+    /// another; its watermark the least of theirs.
+    fn chunk(&mut self, rows: Vec<Row>, watermark: i64, source_name: &str, out: &mut Vec<Output>) {
+        let mut first = Some(rows);
+        // Each node's records (when read) and watermark after the chunk.
+        let mut done: Vec<(Vec<Row>, i64)> = Vec::with_capacity(self.nodes.len());
+        for node in &mut self.nodes {
+            let (mut rows, wm) = if node.inputs.is_empty() {
+                (first.take().unwrap_or_default(), watermark)
+            } else {
+                let width = node.input_names.len();
+                let mut rows = Vec::new();
+                let mut wm = i64::MAX;
+                for (from, slots) in &node.inputs {
+                    let (theirs, w) = &done[*from];
+                    wm = wm.min(*w);
+                    rows.extend(theirs.iter().map(|r| {
+                        let mut values = vec![Value::Null; width];
+                        for (v, &s) in r.values.iter().zip(slots) {
+                            values[s] = v.clone();
+                        }
+                        Row {
+                            ts: r.ts,
+                            values: values.into(),
+                        }
+                    }));
+                }
+                (rows, wm)
+            };
+            let mut wm = wm.max(node.watermark);
+            if rows.is_empty() && wm == node.watermark {
+                done.push((Vec::new(), wm));
+                continue;
+            }
+            node.watermark = wm;
+            let mark = out.len();
+            for seg in &mut node.segments {
+                (rows, wm) = seg.run(rows, wm, source_name, out);
+            }
+            if self.tag_late {
+                for o in &mut out[mark..] {
+                    if o.stream == Stream::Late {
+                        tag_late(o, &node.name);
+                    }
+                }
+            }
+            if let Some(route) = node.route {
+                out.extend(rows.iter().enumerate().map(|(i, r)| Output {
+                    idx: i as u32,
+                    phase: Phase::During,
+                    end: r.ts,
+                    start: 0,
+                    key: Box::new([]),
+                    stream: route,
+                    body: Body::Row(r.values.clone()),
+                }));
+            }
+            done.push((if node.read { rows } else { Vec::new() }, wm));
         }
     }
 }
 
+/// Puts the stream's name into a late record: `{"stream": name, ...}` for
+/// a JSON object, else `{"stream": name, "payload": "<as it came>"}`.
+pub(crate) fn tag_late(o: &mut Output, stream: &str) {
+    let Body::Line(line) = &o.body else {
+        return;
+    };
+    let name = serde_json::to_string(stream).unwrap_or_else(|_| "\"\"".into());
+    let mut tagged = Vec::with_capacity(line.len() + name.len() + 16);
+    tagged.extend_from_slice(b"{\"stream\":");
+    tagged.extend_from_slice(name.as_bytes());
+    let text = line.trim_ascii();
+    match text.strip_prefix(b"{") {
+        Some(rest) if serde_json::from_slice::<serde::de::IgnoredAny>(text).is_ok() => {
+            if !rest.trim_ascii_start().starts_with(b"}") {
+                tagged.push(b',');
+            }
+            tagged.extend_from_slice(rest);
+        }
+        _ => {
+            let payload = serde_json::to_string(&String::from_utf8_lossy(line))
+                .unwrap_or_else(|_| "\"\"".into());
+            tagged.extend_from_slice(b",\"payload\":");
+            tagged.extend_from_slice(payload.as_bytes());
+            tagged.push(b'}');
+        }
+    }
+    o.body = Body::Line(tagged);
+}
+
 impl TailSegment {
-    /// Runs one batch of rows; returns the rows for the next segment and
-    /// the watermark after it. The last segment's records go to `out`.
+    /// Runs one batch of rows; returns its records (the rows for the next
+    /// segment) and the watermark after it. Late records and dead letters
+    /// go to `out`.
     fn run(
         &mut self,
         rows: Vec<Row>,
         watermark: i64,
         source_name: &str,
-        last: bool,
         out: &mut Vec<Output>,
     ) -> (Vec<Row>, i64) {
         let width = self.names.len();
@@ -247,23 +394,10 @@ impl TailSegment {
         let Some(k) = &mut self.keyed else {
             for (i, &t) in ts.iter().enumerate() {
                 if records.status[i] == Status::Live {
-                    let row: Box<[Value]> = records.get(i).into();
-                    if last {
-                        produced.push(Output {
-                            idx: i as u32,
-                            phase: Phase::During,
-                            end: t,
-                            start: 0,
-                            key: Box::new([]),
-                            stream: Stream::Main,
-                            body: Body::Row(row),
-                        });
-                    } else {
-                        next.push(Row {
-                            ts: ts[i],
-                            values: row,
-                        });
-                    }
+                    next.push(Row {
+                        ts: t,
+                        values: records.get(i).into(),
+                    });
                 }
             }
             dead_letters(&records, source_name, &json, &mut produced);
@@ -355,7 +489,7 @@ impl TailSegment {
             if let Body::Event(e) = o.body {
                 o.body = Body::Row(e.fields);
             }
-            if o.stream == Stream::Main && !last {
+            if o.stream == Stream::Main {
                 let ts = k.op.result_time(&o);
                 if let Body::Row(values) = o.body {
                     next.push(Row { ts, values });

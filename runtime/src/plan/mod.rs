@@ -24,6 +24,7 @@
 pub mod rules;
 
 use crate::decode::FieldTree;
+use crate::exec::tail::TailNode;
 use crate::expr::{self, Ast, Expr};
 use crate::operators::stateful::StatefulDef;
 use crate::operators::window::{AggFunc, WindowDef};
@@ -83,6 +84,20 @@ enum Entry {
     Stateful(StatefulDef, Option<usize>),
 }
 
+impl Entry {
+    /// What the shape rules ([`rules`]) need to know of it.
+    fn shape(&self) -> StepShape {
+        match self {
+            Entry::Step(_) => StepShape::Step,
+            Entry::KeyBy(k) => StepShape::KeyBy { fields: k.len() },
+            Entry::Window(_) => StepShape::Window,
+            Entry::Stateful(st, _) => StepShape::Stateful {
+                passes: st.passes_events(),
+            },
+        }
+    }
+}
+
 /// Builds a [`Pipeline`]; every problem is reported by [`PipelineBuilder::build`].
 pub struct PipelineBuilder {
     name: String,
@@ -98,6 +113,11 @@ pub struct PipelineBuilder {
     clock: Arc<dyn Clock>,
     format: Format,
     state: Option<(std::path::PathBuf, Duration)>,
+    /// A job graph: the name of the stream this builder's own steps form
+    /// (the one the source feeds), and the further streams, each with the
+    /// streams it reads and a builder holding its steps and sinks.
+    head: Option<String>,
+    streams: Vec<(String, Vec<String>, PipelineBuilder)>,
 }
 
 /// Default largest payload: 1 MiB.
@@ -196,9 +216,14 @@ pub struct Pipeline {
     /// Steps before `key_by`, then after it (bound, cloned per worker).
     pub(crate) steps_before_key: Vec<Box<dyn Step>>,
     pub(crate) steps_after_key: Vec<Box<dyn Step>>,
-    /// Steps and keyed stages after the first window or stateful step.
-    pub(crate) tail: Vec<crate::exec::tail::TailSegment>,
+    /// Steps and keyed stages after the first window or stateful step,
+    /// and a job graph's further streams (node 0 is this stream's rest).
+    pub(crate) tail: Vec<TailNode>,
+    /// A job graph: late records carry their stream's name.
+    pub(crate) graph: bool,
     pub(crate) sinks: Vec<Box<dyn Sink>>,
+    /// The sinks of a job graph's further streams, by [`crate::msg::Stream::Graph`] index.
+    pub(crate) graph_sinks: Vec<Vec<Box<dyn Sink>>>,
     pub(crate) late: Vec<Box<dyn Sink>>,
     pub(crate) dead_letter: Vec<Box<dyn Sink>>,
     pub(crate) clock: Arc<dyn Clock>,
@@ -220,6 +245,8 @@ impl Pipeline {
             clock: Arc::new(SystemClock),
             format: Format::Json,
             state: None,
+            head: None,
+            streams: Vec::new(),
         }
     }
 
@@ -388,6 +415,30 @@ impl PipelineBuilder {
             clear,
         })
     }
+    /// Names the stream this builder's steps form, the one the source
+    /// feeds, for [`PipelineBuilder::stream`] to read (default: the
+    /// pipeline's name).
+    pub fn stream_name(mut self, name: &str) -> Self {
+        self.head = Some(name.to_string());
+        self
+    }
+
+    /// Adds a stream of a job graph: it reads the records of the streams
+    /// named in `from` (this builder's own stream, see
+    /// [`PipelineBuilder::stream_name`], or streams added before it; several
+    /// are a union), runs the steps of `steps` on them and writes them to
+    /// its sinks. Only the steps and sinks of `steps` are used. The stream
+    /// this builder forms needs a window or an `alert` to be read: its
+    /// records are then results, with known fields.
+    pub fn stream(mut self, name: &str, from: &[&str], steps: PipelineBuilder) -> Self {
+        self.streams.push((
+            name.to_string(),
+            from.iter().map(|s| s.to_string()).collect(),
+            steps,
+        ));
+        self
+    }
+
     pub fn sink(mut self, s: impl Sink + 'static) -> Self {
         self.sinks.push(Box::new(s));
         self
@@ -461,18 +512,7 @@ impl PipelineBuilder {
         let mut stateful: Option<StatefulDef> = None;
         let mut stateful_max_keys = None;
         let mut writes: Vec<(String, usize)> = Vec::new();
-        let shapes: Vec<StepShape> = self
-            .entries
-            .iter()
-            .map(|e| match e {
-                Entry::Step(_) => StepShape::Step,
-                Entry::KeyBy(k) => StepShape::KeyBy { fields: k.len() },
-                Entry::Window(_) => StepShape::Window,
-                Entry::Stateful(st, _) => StepShape::Stateful {
-                    passes: st.passes_events(),
-                },
-            })
-            .collect();
+        let shapes: Vec<StepShape> = self.entries.iter().map(Entry::shape).collect();
         for p in rules::check_steps(&shapes, Some(self.time != TimeMode::None)) {
             problems.push(match p.subject {
                 rules::Subject::Step { index, .. } => format!("steps[{index}]: {}", p.message),
@@ -530,7 +570,7 @@ impl PipelineBuilder {
                 None
             }
         };
-        if self.sinks.is_empty() {
+        if self.sinks.is_empty() && self.streams.is_empty() {
             problems.push("no sink".into());
         }
         let workers = self.workers.unwrap_or_else(|| {
@@ -595,16 +635,45 @@ impl PipelineBuilder {
                     .collect()
             })
             .unwrap_or_default();
-        let tail = match (&window, &stateful, tail_entries.is_empty()) {
-            (_, _, true) => Vec::new(),
-            (Some(w), _, false) => {
-                build_tail(tail_entries, w.output_schema(&key_names), &mut problems)
-            }
-            (None, Some(st), false) => {
-                build_tail(tail_entries, st.output_schema(&key_names), &mut problems)
-            }
-            (None, None, false) => Vec::new(),
+        // The first stage's results: a window's or a stateful step's.
+        let first_results = match (&window, &stateful) {
+            (Some(w), _) => Some(w.output_schema(&key_names)),
+            (None, Some(st)) => Some(st.output_schema(&key_names)),
+            (None, None) => None,
         };
+        let head_name = self.head.clone().unwrap_or_else(|| self.name.clone());
+        let mut tail = Vec::new();
+        if let Some(schema) = &first_results {
+            let segments = match tail_entries.is_empty() {
+                true => Vec::new(),
+                false => build_tail(tail_entries, schema.clone(), &mut problems, None),
+            };
+            let mut head = TailNode::head(&head_name, schema.clone(), segments);
+            if self.sinks.is_empty() {
+                head.route = None;
+            }
+            tail.push(head);
+        }
+        let graph = !self.streams.is_empty();
+        let mut graph_sinks = Vec::new();
+        if graph {
+            match (&first_results, passes) {
+                (Some(_), false) => build_streams(
+                    self.streams,
+                    &mut tail,
+                    &mut graph_sinks,
+                    &mut problems,
+                ),
+                _ => problems.push(format!(
+                    "stream `{head_name}` is read by other streams, so it needs a window or an `alert`: streams read results, whose fields are known"
+                )),
+            }
+        }
+        if self.sinks.is_empty() && graph && tail.first().is_some_and(|h| !h.read) {
+            problems.push(format!(
+                "stream `{head_name}`: its records go nowhere; give it a sink, or read it from another stream"
+            ));
+        }
         let (Some(source), true) = (source, problems.is_empty()) else {
             return Err(BuildError(problems));
         };
@@ -638,7 +707,9 @@ impl PipelineBuilder {
             steps_before_key: before,
             steps_after_key: after,
             tail,
+            graph,
             sinks: self.sinks,
+            graph_sinks,
             late: self.late,
             dead_letter: self.dead_letter,
             clock: self.clock,
@@ -652,6 +723,7 @@ fn build_tail(
     entries: Vec<Entry>,
     input: crate::msg::Schema,
     problems: &mut Vec<String>,
+    stream: Option<&str>,
 ) -> Vec<crate::exec::tail::TailSegment> {
     use crate::exec::tail::{TailKeyed, TailSegment};
     use crate::operators::keyed::KeyedOperator as _;
@@ -704,20 +776,29 @@ fn build_tail(
                     w.clone(),
                     WindowStepOptions {
                         key_names: key_names.clone(),
-                        source_name: format!("window results (stage {n})"),
+                        source_name: match stream {
+                            None => format!("window results (stage {n})"),
+                            Some(s) => format!("stream {s}"),
+                        },
                         key_limit: w.max_keys,
                         fingerprint: format!(
-                            "stage {} keys=[{}] {:?}",
+                            "{}stage {} keys=[{}] {:?}",
+                            in_stream(stream),
                             n + 1,
                             key_names.join(","),
                             w
                         ),
-                        layout: serde_json::json!({
-                            "keys": key_names,
-                            "aggregates": w.aggregates.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(),
-                            "stage": n + 1,
-                        })
-                        .to_string(),
+                        layout: {
+                            let mut l = serde_json::json!({
+                                "keys": key_names,
+                                "aggregates": w.aggregates.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(),
+                                "stage": n + 1,
+                            });
+                            if let Some(s) = stream {
+                                l["stream"] = s.into();
+                            }
+                            l.to_string()
+                        },
                     },
                 );
                 let out = op.output_schema().names;
@@ -755,10 +836,25 @@ fn build_tail(
                         key_names: key_names.clone(),
                         key_limit: max_keys,
                         max_keys,
-                        source_name: format!("results (stage {n})"),
+                        source_name: match stream {
+                            None => format!("results (stage {n})"),
+                            Some(s) => format!("stream {s}"),
+                        },
                         ordered: true,
-                        fingerprint: format!("stage {} keys=[{}] {:?}", n + 1, key_names.join(","), st),
-                        layout: serde_json::json!({ "keys": key_names, "step": st.kind(), "stage": n + 1 }).to_string(),
+                        fingerprint: format!(
+                            "{}stage {} keys=[{}] {:?}",
+                            in_stream(stream),
+                            n + 1,
+                            key_names.join(","),
+                            st
+                        ),
+                        layout: {
+                            let mut l = serde_json::json!({ "keys": key_names, "step": st.kind(), "stage": n + 1 });
+                            if let Some(s) = stream {
+                                l["stream"] = s.into();
+                            }
+                            l.to_string()
+                        },
                     },
                 );
                 let passes = st.passes_events();
@@ -782,6 +878,102 @@ fn build_tail(
         segments.push(cur);
     }
     segments
+}
+
+/// The prefix of a further stream's state fingerprints.
+fn in_stream(stream: Option<&str>) -> String {
+    stream.map(|s| format!("stream {s} ")).unwrap_or_default()
+}
+
+/// Adds a job graph's further streams to `nodes` (whose node 0 is the
+/// stream the source feeds), in their order: a stream reads streams
+/// before it.
+fn build_streams(
+    streams: Vec<(String, Vec<String>, PipelineBuilder)>,
+    nodes: &mut Vec<TailNode>,
+    graph_sinks: &mut Vec<Vec<Box<dyn Sink>>>,
+    problems: &mut Vec<String>,
+) {
+    for (name, from, b) in streams {
+        let at = |p: &dyn std::fmt::Display| format!("stream `{name}`: {p}");
+        if nodes.iter().any(|n| n.name == name) {
+            problems.push(at(&"another stream has this name"));
+        }
+        if b.source.is_some() {
+            problems.push(at(
+                &"a stream that reads other streams has no source of its own",
+            ));
+        }
+        problems.extend(b.problems.iter().map(|p| at(p)));
+        let shapes: Vec<StepShape> = b.entries.iter().map(Entry::shape).collect();
+        for p in rules::check_steps(&shapes, Some(true)) {
+            problems.push(at(&match p.subject {
+                rules::Subject::Step { index, .. } => format!("steps[{index}]: {}", p.message),
+                rules::Subject::Workers => p.message,
+            }));
+        }
+        if from.is_empty() {
+            problems.push(at(&"`from` names no stream"));
+        }
+        let mut input_names: Vec<String> = Vec::new();
+        let mut inputs = Vec::new();
+        for f in &from {
+            let Some(i) = nodes.iter().position(|n| n.name == *f) else {
+                problems.push(at(&format!("reads `{f}`, which is not a stream before it")));
+                continue;
+            };
+            let slots = nodes[i]
+                .output_schema()
+                .names
+                .into_iter()
+                .map(|n| match input_names.iter().position(|m| *m == n) {
+                    Some(s) => s,
+                    None => {
+                        input_names.push(n);
+                        input_names.len() - 1
+                    }
+                })
+                .collect();
+            nodes[i].read = true;
+            inputs.push((i, slots));
+        }
+        let segments = match b.entries.is_empty() {
+            true => Vec::new(),
+            false => {
+                let mut found = Vec::new();
+                let input = crate::msg::Schema {
+                    names: input_names.clone(),
+                };
+                let segments = build_tail(b.entries, input, &mut found, Some(&name));
+                problems.extend(found.iter().map(|p| at(p)));
+                segments
+            }
+        };
+        let route = match b.sinks.is_empty() {
+            true => None,
+            false => {
+                graph_sinks.push(b.sinks);
+                Some(crate::msg::Stream::Graph(graph_sinks.len() as u16 - 1))
+            }
+        };
+        nodes.push(TailNode {
+            name,
+            inputs,
+            input_names,
+            segments,
+            route,
+            read: false,
+            watermark: i64::MIN,
+        });
+    }
+    for n in nodes.iter().skip(1) {
+        if n.route.is_none() && !n.read {
+            problems.push(format!(
+                "stream `{}`: its records go nowhere; give it a sink, or read it from another stream",
+                n.name
+            ));
+        }
+    }
 }
 
 /// Whether events go out as they came (no window, no `alert`).
