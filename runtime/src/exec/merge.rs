@@ -48,6 +48,9 @@ pub(super) struct OutBatch {
     pub savepoint: Option<Arc<SavepointRequest>>,
 }
 
+/// A further stream's name, fields and sinks.
+pub(super) type GraphSinks = (String, Schema, Vec<Box<dyn Sink>>);
+
 /// The sinks of a run.
 pub(super) struct Sinks {
     /// The fields of the main stream's records (rows are written as JSON
@@ -58,7 +61,7 @@ pub(super) struct Sinks {
     pub main: Vec<Box<dyn Sink>>,
     /// A job graph's further streams: name, fields and sinks, by
     /// [`Stream::Graph`] index.
-    pub graph: Vec<(String, Schema, Vec<Box<dyn Sink>>)>,
+    pub graph: Vec<GraphSinks>,
     pub late: Vec<Box<dyn Sink>>,
     pub dead: Vec<Box<dyn Sink>>,
 }
