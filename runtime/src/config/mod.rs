@@ -266,7 +266,7 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
 
     // Steps: meaning and order.
     // Generated events have fixed fields, so misspellings can be caught.
-    let mut known: Option<Vec<String>> = source
+    let known: Option<Vec<String>> = source
         .as_ref()
         .filter(|(s, _)| s.generator.is_some() && s.mqtt.is_none() && s.file.is_none())
         .map(|_| generator::FIELDS.iter().map(|s| s.to_string()).collect());
@@ -287,6 +287,76 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
             );
         }
     }
+    let has_time = checked_source.as_ref().map(|_| time != TimeSpec::None);
+    let rules_ctx = StepRules {
+        peers: peers.is_some(),
+        raw: source_cfg_format.as_deref() == Some("raw"),
+        windowed,
+        whole_topic: whole_topic.as_deref(),
+        has_time,
+    };
+    let (specs, results, _) = check_step_list(&mut c, &steps, "steps", known, &rules_ctx);
+    if let (Some(fields), Some(node)) = (&results, get("sink")) {
+        check_sink_fields(&mut c, &sinks, node, "sink", fields);
+    }
+
+    if !c.problems.is_empty() {
+        c.problems.sort_by_key(|p| (p.line == 0, p.line, p.column));
+        return Err(c.problems);
+    }
+    let (Some(name), Some((source, time, max_payload))) = (name, checked_source) else {
+        return Err(c.problems);
+    };
+    let format = match source_cfg_format.as_deref() {
+        Some("text") => Format::Text,
+        Some("raw") => Format::Raw,
+        _ => Format::Json,
+    };
+    let status = status_spec(&mut c, get("status"), &name, &source, &sinks, &peers)?;
+    let http = http_spec(&mut c, get("http"))?;
+    Ok(ValidPipeline {
+        name,
+        source,
+        format,
+        time,
+        max_payload,
+        steps: specs,
+        sinks,
+        late,
+        dead_letter,
+        state_dir,
+        checkpoint_interval,
+        workers,
+        peers,
+        status,
+        http,
+    })
+}
+
+/// What the checks of a step list need to know of the pipeline.
+struct StepRules<'a> {
+    peers: bool,
+    /// The source's `format` is `raw`.
+    raw: bool,
+    /// The pipeline has a window (its sinks get results, not events).
+    windowed: bool,
+    /// The field holding the whole topic (writing it rewrites the topic).
+    whole_topic: Option<&'a str>,
+    /// Whether records have a time; `None` when not known.
+    has_time: Option<bool>,
+}
+
+/// Checks the steps at `prefix` (`steps`, `streams.<name>.steps`), whose
+/// input has the fields `known` (when known); returns their specs, the
+/// fields of the last keyed step's results (when there is one), and the
+/// fields known after the last step.
+fn check_step_list(
+    c: &mut Checker,
+    steps: &[(StepConfig, &Node)],
+    prefix: &str,
+    mut known: Option<Vec<String>>,
+    r: &StepRules<'_>,
+) -> (Vec<StepSpec>, Option<Vec<String>>, Option<Vec<String>>) {
     let mut specs = Vec::new();
     // The shape rules (order and number of steps) are the plan's.
     let shapes: Vec<StepShape> = steps
@@ -303,12 +373,11 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
             StepConfig::Alert(_) => StepShape::Stateful { passes: false },
         })
         .collect();
-    let has_time = checked_source.as_ref().map(|_| time != TimeSpec::None);
-    for p in rules::check_steps(&shapes, has_time) {
+    for p in rules::check_steps(&shapes, r.has_time) {
         if let rules::Subject::Step { index, part } = p.subject {
             let path = match part {
-                Some(part) => format!("steps[{index}].{part}"),
-                None => format!("steps[{index}]"),
+                Some(part) => format!("{prefix}[{index}].{part}"),
+                None => format!("{prefix}[{index}]"),
             };
             c.node(steps[index].1, &path, p.message);
         }
@@ -320,8 +389,8 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
     let mut results: Option<Vec<String>> = None;
     let mut first_keyed: Option<usize> = None;
     for (i, (step, node)) in steps.iter().enumerate() {
-        let path = format!("steps[{i}]");
-        if let (Some(k), true) = (first_keyed, peers.is_some()) {
+        let path = format!("{prefix}[{i}]");
+        if let (Some(k), true) = (first_keyed, r.peers) {
             c.node(
                 node,
                 &path,
@@ -338,17 +407,14 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
                             let mut used = Vec::new();
                             ast.fields(&mut used);
                             for f in used {
-                                check_field(&mut c, fields, &f, v.line, v.column, &p);
+                                check_field(c, fields, &f, v.line, v.column, &p);
                             }
                         }
                     }
                     if !valid_field_name(k) {
                         c.sp(k, &p, "a field name is letters, digits and `_`, with `.` between nested names");
                     }
-                    if source_cfg_format.as_deref() == Some("raw")
-                        && !windowed
-                        && whole_topic.as_deref() != Some(k.value.as_str())
-                    {
+                    if r.raw && !r.windowed && r.whole_topic != Some(k.value.as_str()) {
                         c.sp(k, &p, "`format: raw` forwards payloads unchanged, so a step cannot add fields to them; use `format: json` or `text`, or write only `topic`");
                     }
                     if let Some(fields) = &mut known {
@@ -371,7 +437,7 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
                         let mut used = Vec::new();
                         ast.fields(&mut used);
                         for f in used {
-                            check_field(&mut c, fields, &f, e.line, e.column, &p);
+                            check_field(c, fields, &f, e.line, e.column, &p);
                         }
                     }
                 }
@@ -384,7 +450,7 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
                     if !valid_field_name(f) {
                         c.sp(k, &p, format!("`{f}` is not a field name"));
                     } else if let Some(known) = &known {
-                        check_field(&mut c, known, f, k.line, k.column, &p);
+                        check_field(c, known, f, k.line, k.column, &p);
                     }
                 }
                 segment_key = fields.clone();
@@ -393,7 +459,7 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
             StepConfig::Window(w) => {
                 first_keyed.get_or_insert(i);
                 if let Some(def) =
-                    check_window(&mut c, w, node, &format!("{path}.window"), known.as_deref())
+                    check_window(c, w, node, &format!("{path}.window"), known.as_deref())
                 {
                     // Steps after a window read its results, which have
                     // exactly these fields.
@@ -423,7 +489,7 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
                         );
                     } else if let Some(known) = &known {
                         check_field(
-                            &mut c,
+                            c,
                             known,
                             f,
                             d.fields.line,
@@ -467,7 +533,7 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
                     );
                 } else if let Some(known) = &known {
                     check_field(
-                        &mut c,
+                        c,
                         known,
                         &d.field.value,
                         d.field.line,
@@ -520,7 +586,7 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
                             let mut used = Vec::new();
                             ast.fields(&mut used);
                             for f in used {
-                                check_field(&mut c, fields, &f, e.line, e.column, &ep);
+                                check_field(c, fields, &f, e.line, e.column, &ep);
                             }
                         }
                         exprs.push(ast);
@@ -553,78 +619,61 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
         }
     }
 
-    // A window's results have known fields: check the MQTT topics that use them.
-    if let Some(fields) = results {
-        for (i, sink) in sinks.iter().enumerate() {
-            if let SinkSpec::Mqtt(m) = sink {
-                for f in m.topic.fields() {
-                    if let (false, Some(node)) = (fields.contains(&f), get("sink")) {
-                        let hint = suggest(&f, fields.iter().map(String::as_str))
-                            .map(|s| format!("; did you mean `{s}`?"))
-                            .unwrap_or_default();
-                        c.node(node, &format!("sink[{i}].mqtt.topic"), format!(
-                            "the topic uses `{{{f}}}`, which window results lack{hint} (they have: {})",
-                            fields.join(", ")
-                        ));
-                    }
-                }
-                // Home Assistant announces result fields, and names devices by them.
-                let announced = m.home_assistant.iter().flat_map(|d| {
-                    d.fields
-                        .iter()
-                        .map(|f| f.field.clone())
-                        .chain(d.name_fields())
-                });
-                for f in announced {
-                    if let (false, Some(node)) = (fields.contains(&f), get("sink")) {
-                        let hint = suggest(&f, fields.iter().map(String::as_str))
-                            .map(|s| format!("; did you mean `{s}`?"))
-                            .unwrap_or_default();
-                        c.node(
-                            node,
-                            &format!("sink[{i}].mqtt.home_assistant"),
-                            format!(
-                                "`{f}` is not a field of the results{hint} (they have: {})",
-                                fields.join(", ")
-                            ),
-                        );
-                    }
-                }
+    (specs, results, known)
+}
+
+/// Checks that the MQTT topics and Home Assistant fields of `sinks` name
+/// fields of the results they get (`fields`).
+fn check_sink_fields(
+    c: &mut Checker,
+    sinks: &[SinkSpec],
+    node: &Node,
+    path: &str,
+    fields: &[String],
+) {
+    let hint = |f: &str| {
+        suggest(f, fields.iter().map(String::as_str))
+            .map(|s| format!("; did you mean `{s}`?"))
+            .unwrap_or_default()
+    };
+    for (i, sink) in sinks.iter().enumerate() {
+        let SinkSpec::Mqtt(m) = sink else {
+            continue;
+        };
+        for f in m.topic.fields() {
+            if !fields.contains(&f) {
+                c.node(
+                    node,
+                    &format!("{path}[{i}].mqtt.topic"),
+                    format!(
+                        "the topic uses `{{{f}}}`, which window results lack{} (they have: {})",
+                        hint(&f),
+                        fields.join(", ")
+                    ),
+                );
+            }
+        }
+        // Home Assistant announces result fields, and names devices by them.
+        let announced = m.home_assistant.iter().flat_map(|d| {
+            d.fields
+                .iter()
+                .map(|f| f.field.clone())
+                .chain(d.name_fields())
+        });
+        for f in announced {
+            if !fields.contains(&f) {
+                c.node(
+                    node,
+                    &format!("{path}[{i}].mqtt.home_assistant"),
+                    format!(
+                        "`{f}` is not a field of the results{} (they have: {})",
+                        hint(&f),
+                        fields.join(", ")
+                    ),
+                );
             }
         }
     }
-
-    if !c.problems.is_empty() {
-        c.problems.sort_by_key(|p| (p.line == 0, p.line, p.column));
-        return Err(c.problems);
-    }
-    let (Some(name), Some((source, time, max_payload))) = (name, checked_source) else {
-        return Err(c.problems);
-    };
-    let format = match source_cfg_format.as_deref() {
-        Some("text") => Format::Text,
-        Some("raw") => Format::Raw,
-        _ => Format::Json,
-    };
-    let status = status_spec(&mut c, get("status"), &name, &source, &sinks, &peers)?;
-    let http = http_spec(&mut c, get("http"))?;
-    Ok(ValidPipeline {
-        name,
-        source,
-        format,
-        time,
-        max_payload,
-        steps: specs,
-        sinks,
-        late,
-        dead_letter,
-        state_dir,
-        checkpoint_interval,
-        workers,
-        peers,
-        status,
-        http,
-    })
 }
 
 fn valid_field_name(s: &str) -> bool {
