@@ -237,6 +237,80 @@ peers: { cluster: t }
 }
 
 #[test]
+fn validate_checks_the_streams_of_a_job_graph() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, err) = validate_text(
+        dir.path(),
+        "graph.yaml",
+        "name: graph
+sources:
+  temps:
+    generator: { sensors: 2 }
+    event_time: { field: ts, max_out_of_orderness: 1s }
+  unused:
+    file: { path: more.jsonl }
+streams:
+  per_sensor:
+    from: temps
+    steps:
+      - key_by: sensor_id
+      - window: { tumbling: 10s, aggregate: { avg_t: avg(temperature) } }
+    sink: { stdout: {} }
+  hot:
+    from: [per_sensor, calm]
+    steps:
+      - filter: avg_t > 30 && humidity > 3
+  calm:
+    from: hot
+    steps:
+      - deadband: { field: avg_t, delta: 1 }
+    sink: { stdout: {} }
+  lost:
+    from: per_sensr
+    steps:
+      - deduplicate: { fields: [avg_t], within: 1m }
+  per_site:
+    from: per_sensor
+    steps:
+      - key_by: site
+      - window: { tumbling: 1m, aggregate: { hi: max(avg_t) } }
+    sink:
+      mqtt: { url: mqtt://localhost:1883, topic: \"hi/{sensor_id}\" }
+",
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert_lines(
+        &err,
+        &[
+            "graph.yaml:7:9: sources.unused: no stream reads source `unused`; name it in a `from`",
+            "graph.yaml:16:11: streams.hot.from: a cycle: `hot` → `calm` → `hot` (a stream reads only streams before it)",
+            "graph.yaml:25:11: streams.lost.from: unknown `per_sensr`: `from` names sources and streams; did you mean `per_sensor`?",
+            "graph.yaml:27:20: streams.lost.steps[0]: a stateful step keeps state per key: put a `key_by` before it",
+            "graph.yaml:24:3: streams.lost: this stream's records go nowhere",
+            // Window results have exactly their key, window and aggregate fields.
+            "graph.yaml:31:17: streams.per_site.steps[0].key_by: unknown field `site` (fields known here: sensor_id, window_start, window_end, avg_t)",
+            "streams.per_site.sink[0].mqtt.topic: the topic uses `{sensor_id}`, which window results lack",
+        ],
+    );
+    // The one-stream keys do not mix with the general form.
+    let (code, err) = validate_text(
+        dir.path(),
+        "mixed.yaml",
+        "name: mixed
+source: { generator: {} }
+sources: { g: { generator: {} } }
+streams:
+  s: { from: g, sink: { stdout: {} } }
+",
+    );
+    assert_eq!(code, Some(1));
+    assert_lines(
+        &err,
+        &["mixed.yaml:2:9: source: `source` belongs to a pipeline of one stream"],
+    );
+}
+
+#[test]
 fn validate_rejects_broken_yaml_and_structure_without_panicking() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [

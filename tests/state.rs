@@ -870,3 +870,53 @@ fn state_inspect_shows_every_stage_with_its_own_names() {
         );
     }
 }
+
+#[test]
+fn a_job_graph_killed_again_and_again_gives_the_same_final_results_in_every_stream() {
+    // `per_second` feeds `big` (a filter) and `per_5s` (a window of its
+    // windows); each stream writes its own file.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_input(&d.join("events.jsonl"), 200_000);
+    let yaml = |tag: &str, state: bool| {
+        let state = if state {
+            "state: { dir: state, checkpoint_interval: 40ms }\n"
+        } else {
+            ""
+        };
+        let p = d.join(format!("{tag}.yaml"));
+        std::fs::write(
+            &p,
+            format!(
+                "name: graph\nsources:\n  events:\n    file: {{ path: events.jsonl }}\n    event_time: {{ field: ts, max_out_of_orderness: 300ms, plausible_years: any }}\n\
+                 streams:\n  per_second:\n    from: events\n    steps:\n      - key_by: k\n      - window: {{ tumbling: 1s, aggregate: {{ n: count(), total: sum(v) }} }}\n    sink: {{ file: {{ path: {tag}-a.jsonl }} }}\n\
+                 \x20 big:\n    from: per_second\n    steps: [ {{ filter: total > 250 }} ]\n    sink: {{ file: {{ path: {tag}-b.jsonl }} }}\n\
+                 \x20 per_5s:\n    from: per_second\n    steps:\n      - key_by: k\n      - window: {{ tumbling: 5s, aggregate: {{ windows: count(), events: sum(n), hi: max(total) }} }}\n    sink: {{ file: {{ path: {tag}-c.jsonl }} }}\n{state}"
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let reference = yaml("reference", false);
+    let out = rivulet(d, &reference).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let crashing = yaml("crashed", true);
+    crash_until_done(d, &crashing, "crashed-c.jsonl", 12);
+    for part in ["a", "b", "c"] {
+        let expected = finals(&d.join(format!("reference-{part}.jsonl")));
+        assert!(expected.len() > 100, "{part}: {} results", expected.len());
+        let got = finals(&d.join(format!("crashed-{part}.jsonl")));
+        let wrong: Vec<_> = expected
+            .iter()
+            .filter(|(k, v)| got.get(*k) != Some(v))
+            .take(3)
+            .map(|(k, v)| (k.clone(), v.clone(), got.get(k).cloned()))
+            .collect();
+        assert!(wrong.is_empty(), "{part}: results differ: {wrong:?}");
+        assert_eq!(got.len(), expected.len(), "{part}");
+    }
+}

@@ -107,15 +107,7 @@ impl ValidPipeline {
                 }
             }
         };
-        for s in &self.steps {
-            b = match s {
-                StepSpec::Map(a) => b.map(a.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
-                StepSpec::Filter(f) => b.filter(f),
-                StepSpec::KeyBy(k) => b.key_by(k),
-                StepSpec::Window(w) => b.window(w.clone()),
-                StepSpec::Stateful(st, max_keys) => b.stateful_limited(st.clone(), *max_keys),
-            };
-        }
+        b = add_steps(b, &self.steps);
         // A field holding the whole incoming topic keeps its levels in sink topics.
         let topic_field = match &self.source {
             SourceSpec::Mqtt(m) => m.topic_field.as_deref(),
@@ -170,6 +162,17 @@ impl ValidPipeline {
         for (i, s) in self.sinks.iter().enumerate() {
             b = b.boxed_sink(open(s, "sink", i)?);
         }
+        if let Some(g) = &self.graph {
+            b = b.stream_name(&g.head);
+            for st in &g.streams {
+                let mut sb = add_steps(Pipeline::builder(&st.name), &st.steps);
+                for (i, s) in st.sinks.iter().enumerate() {
+                    sb = sb.boxed_sink(open(s, &format!("{}-sink", st.name), i)?);
+                }
+                let from: Vec<&str> = st.from.iter().map(String::as_str).collect();
+                b = b.stream(&st.name, &from, sb);
+            }
+        }
         for (i, s) in self.late.iter().enumerate() {
             b = b.late(open(s, "late", i)?);
         }
@@ -204,6 +207,20 @@ impl ValidPipeline {
 
 /// The client's endpoint: the checked settings, the password read from
 /// where it is kept, and a default client id.
+/// Adds checked steps to a builder.
+fn add_steps(mut b: PipelineBuilder, steps: &[StepSpec]) -> PipelineBuilder {
+    for s in steps {
+        b = match s {
+            StepSpec::Map(a) => b.map(a.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+            StepSpec::Filter(f) => b.filter(f),
+            StepSpec::KeyBy(k) => b.key_by(k),
+            StepSpec::Window(w) => b.window(w.clone()),
+            StepSpec::Stateful(st, max_keys) => b.stateful_limited(st.clone(), *max_keys),
+        };
+    }
+    b
+}
+
 pub(super) fn endpoint(
     c: &ConnSpec,
     pipeline: &str,

@@ -36,6 +36,7 @@ use types::*;
 
 mod build;
 pub mod diag;
+mod graph;
 mod http;
 pub mod peers;
 mod sink;
@@ -64,6 +65,8 @@ const TOP_KEYS: &[&str] = &[
     "source",
     "steps",
     "sink",
+    "sources",
+    "streams",
     "late",
     "dead_letter",
     "state",
@@ -144,9 +147,30 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
             None
         }
     };
-    let source = match get("source") {
-        Some(n) => c.section::<SourceConfig>(n, "source").map(|s| (s, n)),
-        None => {
+    // The general form: named sources and streams (a job graph).
+    let graph_form = get("sources").is_some() || get("streams").is_some();
+    let mut graph = None;
+    if graph_form {
+        for k in ["source", "steps", "sink"] {
+            if let Some(n) = get(k) {
+                c.node(n, k, format!("`{k}` belongs to a pipeline of one stream; with `sources` and `streams`, each stream has its own `from`, `steps` and `sink`"));
+            }
+        }
+        graph = graph::read(&mut c, &root, get("sources"), get("streams"));
+    }
+    let source = match (&mut graph, get("source")) {
+        (Some(g), _) => match g.sources.len() {
+            1 => g.sources.pop().map(|(_, s, n)| (s, n)),
+            _ => {
+                for (name, _, n) in &g.sources[1..] {
+                    c.node(n, &format!("sources.{name}"), "a union of several sources is not supported yet: give this pipeline one source");
+                }
+                None
+            }
+        },
+        (None, _) if graph_form => None,
+        (None, Some(n)) => c.section::<SourceConfig>(n, "source").map(|s| (s, n)),
+        (None, None) => {
             c.node(&root, "", "missing `source`");
             None
         }
@@ -160,7 +184,9 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
 
     // Steps, each on its own so one bad step does not hide the others.
     let mut steps: Vec<(StepConfig, &Node)> = Vec::new();
-    if let Some(n) = get("steps") {
+    if let Some(g) = &mut graph {
+        steps = std::mem::take(&mut g.head.steps);
+    } else if let Some(n) = get("steps") {
         match n.as_sequence() {
             Some(seq) => {
                 for (i, item) in seq.iter().enumerate() {
@@ -173,8 +199,14 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
         }
     }
 
-    let sinks = match get("sink") {
-        Some(n) => sink_list(&mut c, n, "sink"),
+    // The sinks of the (first) stream: where they are, and their path.
+    let (sink_node, sink_path) = match &graph {
+        Some(g) => (g.head.sink, format!("streams.{}.sink", g.head.name)),
+        None => (get("sink"), "sink".to_string()),
+    };
+    let sinks = match sink_node {
+        Some(n) => sink_list(&mut c, n, &sink_path),
+        None if graph_form => Vec::new(),
         None => {
             c.node(
                 &root,
@@ -242,11 +274,12 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
     {
         let v5 =
             matches!(&checked_source, Some((SourceSpec::Mqtt(m), _, _)) if m.conn.version == 5);
-        if let Some(n) = get("sink") {
+        if let Some(n) = sink_node {
+            let path = format!("{sink_path}.mqtt.retain");
             if windowed {
-                c.node(n, "sink.mqtt.retain", "`keep` keeps the flag of forwarded messages; window results have none (use `true` or `false`)");
+                c.node(n, &path, "`keep` keeps the flag of forwarded messages; window results have none (use `true` or `false`)");
             } else if checked_source.is_some() && !v5 {
-                c.node(n, "sink.mqtt.retain", "`keep` needs an MQTT source with `version: 5`: MQTT 3.1.1 brokers clear the retain flag of the messages they forward to a subscriber");
+                c.node(n, &path, "`keep` needs an MQTT source with `version: 5`: MQTT 3.1.1 brokers clear the retain flag of the messages they forward to a subscriber");
             }
         }
     }
@@ -295,10 +328,28 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
         whole_topic: whole_topic.as_deref(),
         has_time,
     };
-    let (specs, results, _) = check_step_list(&mut c, &steps, "steps", known, &rules_ctx);
-    if let (Some(fields), Some(node)) = (&results, get("sink")) {
-        check_sink_fields(&mut c, &sinks, node, "sink", fields);
+    let steps_path = match &graph {
+        Some(g) => format!("streams.{}.steps", g.head.name),
+        None => "steps".to_string(),
+    };
+    let (specs, results, known_after) =
+        check_step_list(&mut c, &steps, &steps_path, known, &rules_ctx);
+    if let (Some(fields), Some(node)) = (&results, sink_node) {
+        check_sink_fields(&mut c, &sinks, node, &sink_path, fields);
     }
+    let graph_spec = graph.as_ref().map(|g| {
+        // The first stream's records have known fields when they are
+        // results (a window's or an alert's).
+        let head_out = results.as_ref().and(known_after.clone());
+        check_streams(
+            &mut c,
+            g,
+            head_out,
+            has_time,
+            peers.is_some(),
+            get("streams"),
+        )
+    });
 
     if !c.problems.is_empty() {
         c.problems.sort_by_key(|p| (p.line == 0, p.line, p.column));
@@ -330,7 +381,108 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
         peers,
         status,
         http,
+        graph: graph_spec,
     })
+}
+
+/// Checks the steps and sinks of a job graph's further streams, each
+/// reading the records of streams before it (the first stream's fields:
+/// `head_out`, `None` when they are not results); and that every
+/// stream's records go somewhere.
+fn check_streams(
+    c: &mut Checker,
+    g: &graph::GraphRead<'_>,
+    head_out: Option<Vec<String>>,
+    has_time: Option<bool>,
+    peers: bool,
+    streams_node: Option<&Node>,
+) -> GraphSpec {
+    if let (true, false, Some(n)) = (peers, g.streams.is_empty(), streams_node) {
+        c.node(
+            n,
+            "streams",
+            "streams that read other streams are not supported in peer mode yet",
+        );
+    }
+    // Each stream's output fields (`None`: not results, or not known).
+    let mut outputs: Vec<(&str, Option<Vec<String>>)> = vec![(&g.head.name, head_out)];
+    let mut read: Vec<&str> = Vec::new();
+    let mut streams = Vec::new();
+    for s in &g.streams {
+        let path = format!("streams.{}", s.name);
+        let mut input: Option<Vec<String>> = Some(Vec::new());
+        for f in &s.from {
+            read.push(f);
+            match outputs.iter().find(|(n, _)| n == f) {
+                Some((_, Some(fields))) => {
+                    if let Some(input) = input.as_mut() {
+                        for field in fields {
+                            if !input.contains(field) {
+                                input.push(field.clone());
+                            }
+                        }
+                    }
+                }
+                Some((_, None)) if *f == g.head.name => {
+                    let msg = format!("stream `{f}` has no window or `alert`, so other streams cannot read it yet (they read results, whose fields are known)");
+                    match s.from_node {
+                        Some(n) => c.node(n, &format!("{path}.from"), msg),
+                        None => c.at(s.at.0, s.at.1, &path, msg),
+                    }
+                    input = None;
+                }
+                _ => input = None,
+            }
+        }
+        let rules = StepRules {
+            peers: false,
+            raw: false,
+            windowed: true,
+            whole_topic: None,
+            has_time,
+        };
+        let (specs, _, out) = check_step_list(c, &s.steps, &format!("{path}.steps"), input, &rules);
+        let sink_path = format!("{path}.sink");
+        let sinks = s
+            .sink
+            .map(|n| sink_list(c, n, &sink_path))
+            .unwrap_or_default();
+        if let Some(n) = s.sink {
+            if let Some(fields) = &out {
+                check_sink_fields(c, &sinks, n, &sink_path, fields);
+            }
+            if sinks
+                .iter()
+                .any(|s| matches!(s, SinkSpec::Mqtt(m) if m.keep_retain))
+            {
+                c.node(n, &format!("{sink_path}.mqtt.retain"), "`keep` keeps the flag of forwarded messages; this stream's records have none (use `true` or `false`)");
+            }
+        }
+        outputs.push((&s.name, out));
+        streams.push(StreamSpec {
+            name: s.name.clone(),
+            from: s.from.clone(),
+            steps: specs,
+            sinks,
+        });
+    }
+    let heads_sinks = g.head.sink.is_some();
+    for (name, at, has_sink) in std::iter::once((&g.head.name, g.head.at, heads_sinks))
+        .chain(g.streams.iter().map(|s| (&s.name, s.at, s.sink.is_some())))
+    {
+        if !has_sink && !read.contains(&name.as_str()) {
+            c.at(
+                at.0,
+                at.1,
+                &format!("streams.{name}"),
+                "this stream's records go nowhere: give it a `sink`, or read it in another stream's `from`",
+            );
+        }
+    }
+    GraphSpec {
+        head: g.head.name.clone(),
+        streams,
+    }
 }
 
 /// What the checks of a step list need to know of the pipeline.

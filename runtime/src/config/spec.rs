@@ -115,6 +115,27 @@ pub struct ValidPipeline {
     pub status: Option<StatusSpec>,
     /// The HTTP endpoint, when the file asks for one.
     pub http: Option<HttpSpec>,
+    /// The general form (`sources`, `streams`): the stream the source
+    /// feeds (its steps and sinks are `steps` and `sinks`) and the others.
+    pub graph: Option<GraphSpec>,
+}
+
+/// A job graph's streams.
+#[derive(Clone, Debug)]
+pub struct GraphSpec {
+    /// The name of the stream that reads the sources.
+    pub head: String,
+    /// The other streams, each after the streams it reads.
+    pub streams: Vec<StreamSpec>,
+}
+
+/// A stream that reads other streams.
+#[derive(Clone, Debug)]
+pub struct StreamSpec {
+    pub name: String,
+    pub from: Vec<String>,
+    pub steps: Vec<StepSpec>,
+    pub sinks: Vec<SinkSpec>,
 }
 
 /// A checked `http` section.
