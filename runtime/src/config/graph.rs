@@ -134,7 +134,7 @@ pub(super) fn read<'a>(
                 ),
             );
         }
-        if s.from.iter().any(|f| *f == s.name) {
+        if s.from.contains(&s.name) {
             at(c, format!("stream `{}` reads itself", s.name));
         }
         let reads_sources = s.from.iter().any(|f| is_source(f));
