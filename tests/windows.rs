@@ -1464,3 +1464,58 @@ fn a_job_graph_reports_streams_it_cannot_run() {
     );
     assert!(e.contains("stream `x`: its records go nowhere"), "{e}");
 }
+
+#[test]
+fn a_union_of_sources_keeps_a_watermark_per_source() {
+    // `live` is far ahead of `backlog` (which names its time `at`, and is
+    // out of order within its own 500 ms bound). One watermark over both
+    // would make every backlog event late; one per source makes none late.
+    let live = [ev("a", 5000, 1), ev("a", 5500, 2), ev("a", 9000, 3)];
+    let backlog: Vec<String> = [(100, 10), (1200, 20), (800, 5)]
+        .iter()
+        .map(|(at, v)| json!({"k": "b", "at": at, "v": v}).to_string())
+        .collect();
+    let run = |workers: usize| {
+        let (main, late) = (MemorySink::new(), MemorySink::new());
+        let event = |field: &str, bound: i64| rivulet::plan::TimeMode::Event {
+            field: field.into(),
+            max_out_of_orderness: bound,
+            idle_timeout: None,
+            stamps: Default::default(),
+        };
+        let part = |name: &str, lines: &[String], time| rivulet::plan::UnionPart {
+            name: name.into(),
+            source: Box::new(MemorySource::from_lines(lines)),
+            time,
+            max_payload: 1 << 20,
+        };
+        let stats = Pipeline::builder("union")
+            .union(vec![
+                part("live", &live, event("ts", 0)),
+                part("backlog", &backlog, event("at", 500)),
+            ])
+            .key_by(["k"])
+            .window(sum_count(WindowDef::tumbling(ms(1000))))
+            .sink(main.clone())
+            .late(Box::new(late.clone()))
+            .workers(workers)
+            .build()
+            .expect("valid pipeline")
+            .run(RunOptions::default())
+            .expect("runs");
+        assert_eq!(stats.late, 0);
+        assert!(late.records().is_empty());
+        let mut got = parse_all(main.records());
+        got.sort_by_key(|v| v.to_string());
+        got
+    };
+    let mut want = vec![
+        res("a", 5000, 6000, 3, 2),
+        res("a", 9000, 10000, 3, 1),
+        res("b", 0, 1000, 15, 2),
+        res("b", 1000, 2000, 20, 1),
+    ];
+    want.sort_by_key(|v| v.to_string());
+    assert_eq!(run(1), want);
+    assert_eq!(run(3), want);
+}

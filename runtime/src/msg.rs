@@ -84,6 +84,11 @@ pub struct KeyedBatch {
     /// Every owner gets them all (windows of any key may fire); within one
     /// process they are shared, not copied.
     pub watermarks: Arc<Vec<(u32, i64)>>,
+    /// For a union of sources: the source of each of `watermarks` (empty:
+    /// all are source 0's). The keyed stage takes the least of the
+    /// sources' watermarks.
+    #[serde(default)]
+    pub watermark_parts: Arc<Vec<u16>>,
     /// Payloads and topics of the records, back to back; filled only when a
     /// late or dead-letter output may need them.
     pub payloads: Vec<u8>,

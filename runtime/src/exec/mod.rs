@@ -414,6 +414,7 @@ fn run(
         host.count(&window_ctx, j);
         host.queries = Some(opts.queries.clone());
         host.marks = has_tail;
+        host.valve.set_parts(plan.parts.len());
         if let Some(w) = restored_input_watermark {
             host.valve.restore(w);
         }

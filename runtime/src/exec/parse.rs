@@ -166,6 +166,10 @@ impl ParseWorker {
         // Event-time watermarks reached inside the batch, by event.
         let mut watermarks = Vec::new();
         let mut running = i64::MIN;
+        // A union of sources: each one's largest timestamp, and the source
+        // of each watermark.
+        let mut part_running = vec![i64::MIN; plan.parts.len()];
+        let mut watermark_parts: Vec<u16> = Vec::new();
         let bound = match plan.time {
             TimeMode::Event {
                 max_out_of_orderness,
@@ -204,6 +208,26 @@ impl ParseWorker {
             if let (Some((binder, slots)), Some(topic)) = (&plan.binder, raw.topic(item)) {
                 bind_topic(binder, slots, topic, row);
             }
+            if let Some(part) = plan.parts.get(item.source as usize) {
+                match part.stamps.read(&row[part.ts_slot]) {
+                    Ok(t) => ts[i] = t,
+                    Err(e) => {
+                        self.status[i] = Status::Dead(
+                            reason::BAD_TIMESTAMP,
+                            format!("event_time `{}`: {e}", part.field),
+                        );
+                        undecoded += 1;
+                        continue;
+                    }
+                }
+                let r = &mut part_running[item.source as usize];
+                if ts[i] > *r {
+                    *r = ts[i];
+                    watermarks.push((i as u32, bounded(*r, part.bound)));
+                    watermark_parts.push(item.source);
+                }
+                continue;
+            }
             ts[i] = match (&plan.time, plan.ts_slot) {
                 (TimeMode::Event { field, stamps, .. }, Some(slot)) => {
                     match stamps.read(&row[slot]) {
@@ -226,6 +250,13 @@ impl ParseWorker {
                     running = ts[i];
                     watermarks.push((i as u32, bounded(running, bound)));
                 }
+            }
+        }
+        // Sources of a union that ended: their event time is +infinity.
+        if !plan.parts.is_empty() {
+            for &p in &raw.finished {
+                watermarks.push((n as u32, i64::MAX));
+                watermark_parts.push(p);
             }
         }
         let counters = &self.counters;
@@ -288,10 +319,12 @@ impl ParseWorker {
         let mut frames: Vec<Frame> = Vec::new();
         if plan.keyed() {
             let watermarks = Arc::new(watermarks);
+            let watermark_parts = Arc::new(watermark_parts);
             let mut data: Vec<KeyedBatch> = (0..owners)
                 .map(|_| KeyedBatch {
                     recs: Vec::with_capacity(n / owners + 1),
                     watermarks: watermarks.clone(),
+                    watermark_parts: watermark_parts.clone(),
                     ..Default::default()
                 })
                 .collect();

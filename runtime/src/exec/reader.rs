@@ -122,7 +122,7 @@ pub(super) fn read(
         let mut batch = RawBatch {
             data: Vec::with_capacity(cap_bytes),
             items: Vec::with_capacity(cap_items),
-            topics: Vec::new(),
+            ..Default::default()
         };
         let started = Instant::now();
         let mut end = None;
@@ -191,6 +191,7 @@ pub(super) fn read(
         let quiet_checkpoint = due && read_since_checkpoint;
         let asked = queries.as_ref().is_some_and(|q| q.waiting());
         if batch.is_empty()
+            && batch.finished.is_empty()
             && end.is_none()
             && !ticks
             && savepoint.is_none()

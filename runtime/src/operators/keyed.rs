@@ -117,10 +117,15 @@ pub trait KeyedOperator: Send {
         out: &mut Vec<Output>,
     ) {
         let (recs, wms) = (&batch.recs, &batch.watermarks[..]);
+        let parts = &batch.watermark_parts[..];
+        let mut valve_at = |w: usize, wm: i64| match parts.get(w) {
+            Some(&p) => valve.part_watermark(input, p, wm),
+            None => valve.watermark(input, wm),
+        };
         let (mut r, mut w) = (0, 0);
         while r < recs.len() {
             while w < wms.len() && wms[w].0 < recs[r].idx {
-                if let Some(wm) = valve.watermark(input, wms[w].1) {
+                if let Some(wm) = valve_at(w, wms[w].1) {
                     let order = Order::after(wms[w].0);
                     self.advance(wm.min(cap), order, out);
                     if marks {
@@ -144,8 +149,8 @@ pub trait KeyedOperator: Send {
             self.process(batch, r..end, out);
             r = end;
         }
-        for &(at, wm) in &wms[w..] {
-            if let Some(wm) = valve.watermark(input, wm) {
+        for (k, &(at, wm)) in wms.iter().enumerate().skip(w) {
+            if let Some(wm) = valve_at(k, wm) {
                 self.advance(wm.min(cap), Order::after(at), out);
                 if marks {
                     out.push(Output::mark(Order::after(at), self.watermark()));

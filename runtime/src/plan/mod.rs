@@ -72,6 +72,18 @@ pub enum TimeMode {
     Ingestion,
 }
 
+impl TimeMode {
+    /// Its name in messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TimeMode::None => "no time",
+            TimeMode::Event { .. } => "event time",
+            TimeMode::Processing => "processing time",
+            TimeMode::Ingestion => "ingestion time",
+        }
+    }
+}
+
 /// How long an ingestion-time input may be quiet before its event time
 /// follows the wall clock (so the last windows fire).
 pub const INGESTION_IDLE_MS: i64 = 200;
@@ -118,6 +130,8 @@ pub struct PipelineBuilder {
     /// streams it reads and a builder holding its steps and sinks.
     head: Option<String>,
     streams: Vec<(String, Vec<String>, PipelineBuilder)>,
+    /// A union of sources: each one's time.
+    union_times: Vec<TimeMode>,
 }
 
 /// Default largest payload: 1 MiB.
@@ -127,6 +141,25 @@ pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 #[error("invalid pipeline:\n  {}", .0.join("\n  "))]
 pub struct BuildError(pub Vec<String>);
+
+/// The event time of one source of a union.
+pub(crate) struct PartTime {
+    pub field: String,
+    pub ts_slot: usize,
+    pub bound: i64,
+    pub stamps: crate::time::stamp::StampFormat,
+}
+
+/// One source of a union (see [`PipelineBuilder::union`]).
+pub struct UnionPart {
+    pub name: String,
+    pub source: Box<dyn Source>,
+    /// Its time: each source of a union has its own event-time field and
+    /// bound (and so its own watermark); all use the same kind of time.
+    pub time: TimeMode,
+    /// Its largest accepted payload.
+    pub max_payload: usize,
+}
 
 /// What a pipeline compiles to; immutable and shared by all workers.
 pub(crate) struct Plan {
@@ -140,6 +173,9 @@ pub(crate) struct Plan {
     pub binder: Option<(crate::sources::TopicBinder, Vec<(String, usize)>)>,
     pub time: TimeMode,
     pub ts_slot: Option<usize>,
+    /// A union of sources with event time: each source's timestamps (by
+    /// [`crate::sources::RawItem::source`]); empty otherwise.
+    pub parts: Vec<PartTime>,
     pub key_names: Vec<String>,
     pub key_slots: Vec<usize>,
     pub window: Option<WindowDef>,
@@ -247,6 +283,7 @@ impl Pipeline {
             state: None,
             head: None,
             streams: Vec::new(),
+            union_times: Vec::new(),
         }
     }
 
@@ -266,6 +303,52 @@ impl PipelineBuilder {
     }
     pub fn boxed_source(mut self, s: Box<dyn Source>) -> Self {
         self.source = Some(s);
+        self
+    }
+    /// Reads several sources as one (a union), each with its own time:
+    /// with event time, each source keeps its own watermark and the
+    /// pipeline's is the least of them (a source that ends stops counting).
+    /// The first source's idle timeout applies to the union as a whole.
+    /// Replaces [`Self::source`] and the time settings.
+    pub fn union(mut self, parts: Vec<UnionPart>) -> Self {
+        let Some(first) = parts.first() else {
+            self.problems
+                .push("a union needs at least one source".into());
+            return self;
+        };
+        self.time = first.time.clone();
+        if parts
+            .iter()
+            .any(|p| std::mem::discriminant(&p.time) != std::mem::discriminant(&self.time))
+        {
+            self.problems.push(format!(
+                "the sources of a union need the same kind of time (event time in all, or processing time in all): {}",
+                parts
+                    .iter()
+                    .map(|p| format!("{} has {}", p.name, p.time.kind()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        if parts.len() > u16::MAX as usize {
+            self.problems
+                .push("a union has at most 65535 sources".into());
+        }
+        self.union_times = parts.iter().map(|p| p.time.clone()).collect();
+        self.max_payload = parts
+            .iter()
+            .map(|p| p.max_payload)
+            .max()
+            .unwrap_or(self.max_payload);
+        let parts = parts
+            .into_iter()
+            .map(|p| crate::sources::union::Part {
+                name: p.name,
+                source: p.source,
+                max_payload: p.max_payload,
+            })
+            .collect();
+        self.source = Some(Box::new(crate::sources::union::UnionSource::new(parts)));
         self
     }
     /// Event time from `field`, tolerating `max_out_of_orderness`.
@@ -505,6 +588,27 @@ impl PipelineBuilder {
             TimeMode::Event { field, .. } => Some(fields.slot(field)),
             _ => None,
         };
+        let parts = match (&self.time, self.union_times.len() > 1) {
+            (TimeMode::Event { .. }, true) => self
+                .union_times
+                .iter()
+                .filter_map(|t| match t {
+                    TimeMode::Event {
+                        field,
+                        max_out_of_orderness,
+                        stamps,
+                        ..
+                    } => Some(PartTime {
+                        field: field.clone(),
+                        ts_slot: fields.slot(field),
+                        bound: *max_out_of_orderness,
+                        stamps: stamps.clone(),
+                    }),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
         let mut before = Vec::new();
         let mut after = Vec::new();
         let mut key: Option<Vec<String>> = None;
@@ -686,6 +790,7 @@ impl PipelineBuilder {
             binder,
             time: self.time,
             ts_slot,
+            parts,
             key_names,
             key_slots,
             window,

@@ -225,6 +225,7 @@ fn finish_line(
                 oversize: Some(size),
                 topic: (0, 0),
                 retain: false,
+                source: 0,
             });
         }
         None => push_line(batch, line, line_no, max_payload),

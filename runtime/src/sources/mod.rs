@@ -8,12 +8,14 @@
 //! - [`file::FileSource`]: JSON Lines from a file or stdin (bounded).
 //! - [`generator::Generator`]: synthetic sensor readings.
 //! - [`memory::MemorySource`]: lines held in memory (tests, benchmarks, Rust users).
+//! - [`union::UnionSource`]: several sources read as one (a job graph's `from: [a, b]`).
 
 pub mod file;
 pub mod generator;
 pub mod journal;
 pub mod memory;
 pub mod mqtt;
+pub mod union;
 
 use std::time::Duration;
 
@@ -38,6 +40,8 @@ pub struct RawItem {
     pub topic: (u32, u32),
     /// The MQTT message came with the retain flag.
     pub retain: bool,
+    /// Which source of a union it came from (0 otherwise).
+    pub source: u16,
 }
 
 /// Raw payloads, stored back to back in one buffer.
@@ -47,6 +51,9 @@ pub struct RawBatch {
     pub items: Vec<RawItem>,
     /// Topics of the items that have one, back to back.
     pub topics: Vec<u8>,
+    /// Sources of a union that ended during this poll (their event time
+    /// moves to +infinity; the union ends when all have).
+    pub finished: Vec<u16>,
 }
 
 impl RawBatch {
@@ -66,6 +73,7 @@ impl RawBatch {
             oversize: None,
             topic: (0, 0),
             retain: false,
+            source: 0,
         });
     }
 
@@ -90,6 +98,7 @@ impl RawBatch {
             oversize,
             topic: (t0, self.topics.len() as u32),
             retain: false,
+            source: 0,
         });
     }
 
@@ -113,6 +122,7 @@ impl RawBatch {
         self.data.clear();
         self.items.clear();
         self.topics.clear();
+        self.finished.clear();
     }
 }
 

@@ -45,6 +45,9 @@ struct Input {
 #[derive(Clone, Debug)]
 pub struct WatermarkValve {
     inputs: Vec<Input>,
+    /// For a union of sources: each input's watermark per source (the
+    /// input's own is the least of them). Empty otherwise.
+    parts: Vec<Vec<i64>>,
     /// The last watermark put out.
     output: i64,
 }
@@ -60,8 +63,33 @@ impl WatermarkValve {
                 };
                 n.max(1)
             ],
+            parts: Vec::new(),
             output: i64::MIN,
         }
+    }
+
+    /// Each input is a union of `n` sources, each with its own watermark
+    /// (all at the inputs' watermark now).
+    pub fn set_parts(&mut self, n: usize) {
+        self.parts = match n > 1 {
+            true => self.inputs.iter().map(|i| vec![i.watermark; n]).collect(),
+            false => Vec::new(),
+        };
+    }
+
+    /// A watermark of source `part` of input `i`: the input's watermark
+    /// becomes the least of its sources'. Returns the new output when it
+    /// rises.
+    #[inline]
+    pub fn part_watermark(&mut self, i: usize, part: u16, watermark: i64) -> Option<i64> {
+        let Some(parts) = self.parts.get_mut(i) else {
+            return self.watermark(i, watermark);
+        };
+        if let Some(w) = parts.get_mut(part as usize) {
+            *w = (*w).max(watermark);
+        }
+        let least = parts.iter().copied().min().unwrap_or(watermark);
+        self.watermark(i, least)
     }
 
     /// Number of inputs.
@@ -79,6 +107,9 @@ impl WatermarkValve {
         for i in &mut self.inputs {
             i.watermark = watermark;
             i.idle = None;
+        }
+        for p in self.parts.iter_mut().flatten() {
+            *p = watermark;
         }
         self.output = watermark;
     }
@@ -137,6 +168,27 @@ impl WatermarkValve {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_union_of_sources_follows_the_slowest_and_a_finished_one_stops_counting() {
+        let mut v = WatermarkValve::new(1);
+        v.set_parts(2);
+        // Source 0 is far ahead; source 1 (a backlog) holds event time.
+        assert_eq!(v.part_watermark(0, 0, 10_000), None);
+        assert_eq!(v.part_watermark(0, 1, 1_000), Some(1_000));
+        assert_eq!(v.part_watermark(0, 1, 500), None, "never back");
+        assert_eq!(v.part_watermark(0, 1, 2_000), Some(2_000));
+        // The backlog ends: +infinity for it; source 0 decides.
+        assert_eq!(v.part_watermark(0, 1, i64::MAX), Some(10_000));
+        assert_eq!(v.part_watermark(0, 0, 12_000), Some(12_000));
+        v.restore(5_000);
+        assert_eq!(
+            v.part_watermark(0, 0, 6_000),
+            None,
+            "source 1 restarts at 5000"
+        );
+        assert_eq!(v.part_watermark(0, 1, 7_000), Some(6_000));
+    }
 
     #[test]
     fn the_bounded_rule_is_max_minus_bound_minus_one() {
