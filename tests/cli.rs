@@ -292,6 +292,36 @@ streams:
             "streams.per_site.sink[0].mqtt.topic: the topic uses `{sensor_id}`, which window results lack",
         ],
     );
+    // A union's sources share a format and a kind of time.
+    let (code, err) = validate_text(
+        dir.path(),
+        "union.yaml",
+        "name: union
+sources:
+  a:
+    generator: { sensors: 2 }
+    event_time: { field: ts, max_out_of_orderness: 1s }
+  b:
+    file: { path: x.jsonl }
+    format: text
+    time: processing
+streams:
+  s:
+    from: [a, b]
+    steps:
+      - key_by: sensor_id
+      - window: { tumbling: 1s, aggregate: { n: count() } }
+    sink: { stdout: {} }
+",
+    );
+    assert_eq!(code, Some(1));
+    assert_lines(
+        &err,
+        &[
+            "union.yaml:7:9: sources.b.format: the sources of a union share a format: `a` reads `json`",
+            "union.yaml:7:9: sources.b: the sources of a union share a kind of time: `a` has event time, this one processing time",
+        ],
+    );
     // The one-stream keys do not mix with the general form.
     let (code, err) = validate_text(
         dir.path(),
@@ -360,15 +390,19 @@ fn schema_is_json_schema_of_the_pipeline_file() {
         "dead_letter",
         "state",
         "workers",
+        "sources",
+        "streams",
     ] {
         assert!(schema["properties"].get(key).is_some(), "schema has {key}");
     }
     let defs = schema["$defs"].as_object().unwrap();
     assert!(defs.contains_key("WindowConfig"));
+    assert!(defs.contains_key("StreamConfig"));
+    // `source` or `sources`: neither is required on its own.
     assert!(schema["required"]
         .as_array()
         .unwrap()
-        .contains(&json!("source")));
+        .contains(&json!("name")));
 }
 
 #[test]

@@ -920,3 +920,54 @@ fn a_job_graph_killed_again_and_again_gives_the_same_final_results_in_every_stre
         assert_eq!(got.len(), expected.len(), "{part}");
     }
 }
+
+#[test]
+fn a_union_of_two_files_killed_again_and_again_gives_the_same_final_results() {
+    // The union's position is both files' positions: a restart resumes
+    // each where the last checkpoint left it.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_input(&d.join("one.jsonl"), 120_000);
+    write_input(&d.join("two.jsonl"), 80_000);
+    let yaml = |out: &str, state: bool| {
+        let state = if state {
+            "state: { dir: state, checkpoint_interval: 40ms }\n"
+        } else {
+            ""
+        };
+        let p = d.join(format!("{out}.yaml"));
+        std::fs::write(
+            &p,
+            format!(
+                "name: union\nsources:\n  one:\n    file: {{ path: one.jsonl }}\n    event_time: {{ field: ts, max_out_of_orderness: 700ms, plausible_years: any }}\n\
+                 \x20 two:\n    file: {{ path: two.jsonl }}\n    event_time: {{ field: ts, max_out_of_orderness: 1s, plausible_years: any }}\n\
+                 streams:\n  both:\n    from: [one, two]\n    steps:\n      - key_by: k\n      - window: {{ tumbling: 1s, aggregate: {{ n: count(), total: sum(v) }} }}\n    sink: {{ file: {{ path: {out} }} }}\n{state}"
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let reference = yaml("reference.jsonl", false);
+    let out = rivulet(d, &reference).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected = finals(&d.join("reference.jsonl"));
+    assert!(expected.len() > 500, "{} windows", expected.len());
+    // Both files' events are counted: 200 000 in all.
+    let total: i64 = expected.values().map(|v| v["n"].as_i64().unwrap()).sum();
+    assert_eq!(total, 200_000);
+    let crashing = yaml("crashed.jsonl", true);
+    crash_until_done(d, &crashing, "crashed.jsonl", 12);
+    let got = finals(&d.join("crashed.jsonl"));
+    let wrong: Vec<_> = expected
+        .iter()
+        .filter(|(k, v)| got.get(*k) != Some(v))
+        .take(3)
+        .map(|(k, v)| (k.clone(), v.clone(), got.get(k).cloned()))
+        .collect();
+    assert!(wrong.is_empty(), "results differ: {wrong:?}");
+    assert_eq!(got.len(), expected.len());
+}

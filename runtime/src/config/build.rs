@@ -44,69 +44,45 @@ impl ValidPipeline {
             message,
         };
         let mut b = Pipeline::builder(&self.name).max_payload(self.max_payload);
-        b = match &self.source {
-            SourceSpec::File { path } => {
-                b.source(FileSource::open(path).map_err(|e| err(e.to_string()))?)
+        if self.union.len() > 1 {
+            // Each MQTT source of a union journals in its own directory.
+            let mut parts = Vec::new();
+            for u in &self.union {
+                let journal = self
+                    .state_dir
+                    .as_ref()
+                    .map(|d| std::path::Path::new(d).join("sources").join(&u.name));
+                parts.push(crate::plan::UnionPart {
+                    name: u.name.clone(),
+                    source: self.open_source(&u.source, journal, &u.name, &err)?,
+                    time: u.time.clone(),
+                    max_payload: u.max_payload,
+                });
             }
-            SourceSpec::Generator(g) => b.source(Generator::new(GeneratorOptions {
-                sensors: g.sensors,
-                rate: g.rate,
-                disorder_ms: g.disorder_ms,
-                seed: g.seed,
-                count: g.count,
-                start_ms: g
-                    .start_ms
-                    .unwrap_or_else(|| crate::time::Clock::now_ms(&crate::time::SystemClock)),
-            })),
-            SourceSpec::Mqtt(m) => b.source(
-                MqttSource::start(MqttSourceOptions {
-                    // With state, input is journaled and the broker keeps
-                    // a session for us while we are away.
-                    endpoint: endpoint(
-                        &m.conn,
-                        &self.client_prefix(),
-                        "in",
-                        self.max_payload,
-                        self.state_dir.is_none(),
-                    )
-                    .map_err(err)?,
-                    patterns: m.topics.clone(),
-                    qos: m.qos,
-                    topic_field: m.topic_field.clone(),
-                    journal_dir: self.state_dir.as_ref().map(std::path::PathBuf::from),
-                    stamp_arrivals: self.time == TimeSpec::Ingestion,
-                    retain_as_published: self
-                        .sinks
-                        .iter()
-                        .any(|s| matches!(s, SinkSpec::Mqtt(m) if m.keep_retain)),
-                    // Peers share the input: each gets a part of it.
-                    share_group: self
-                        .peers
-                        .as_ref()
-                        .map(|p| format!("rivulet-{}", p.cluster)),
-                })
-                .map_err(|e| err(e.to_string()))?,
-            ),
-        };
-        b = match &self.time {
-            TimeSpec::None => b,
-            TimeSpec::Processing => b.processing_time(),
-            TimeSpec::Ingestion => b.ingestion_time(),
-            TimeSpec::Event {
-                field,
-                max_out_of_orderness,
-                idle_timeout,
-                stamps,
-            } => {
-                let b = b
-                    .event_time(field, Duration::from_millis(*max_out_of_orderness as u64))
-                    .timestamps(stamps.clone());
-                match idle_timeout {
-                    Some(ms) => b.idle_timeout(Duration::from_millis(*ms as u64)),
-                    None => b,
+            b = b.union(parts);
+        } else {
+            let journal = self.state_dir.as_ref().map(std::path::PathBuf::from);
+            b = b.boxed_source(self.open_source(&self.source, journal, "in", &err)?);
+            b = match &self.time {
+                TimeSpec::None => b,
+                TimeSpec::Processing => b.processing_time(),
+                TimeSpec::Ingestion => b.ingestion_time(),
+                TimeSpec::Event {
+                    field,
+                    max_out_of_orderness,
+                    idle_timeout,
+                    stamps,
+                } => {
+                    let b = b
+                        .event_time(field, Duration::from_millis(*max_out_of_orderness as u64))
+                        .timestamps(stamps.clone());
+                    match idle_timeout {
+                        Some(ms) => b.idle_timeout(Duration::from_millis(*ms as u64)),
+                        None => b,
+                    }
                 }
-            }
-        };
+            };
+        }
         b = add_steps(b, &self.steps);
         // A field holding the whole incoming topic keeps its levels in sink topics.
         let topic_field = match &self.source {
@@ -193,6 +169,61 @@ impl ValidPipeline {
             b = b.workers(1);
         }
         Ok(b)
+    }
+
+    /// Opens one source; an MQTT source journals in `journal` (when
+    /// there is state) and names its client `client`.
+    fn open_source(
+        &self,
+        source: &SourceSpec,
+        journal: Option<std::path::PathBuf>,
+        client: &str,
+        err: impl Fn(String) -> ConfigError,
+    ) -> Result<Box<dyn crate::sources::Source>, ConfigError> {
+        Ok(match source {
+            SourceSpec::File { path } => {
+                Box::new(FileSource::open(path).map_err(|e| err(e.to_string()))?)
+            }
+            SourceSpec::Generator(g) => Box::new(Generator::new(GeneratorOptions {
+                sensors: g.sensors,
+                rate: g.rate,
+                disorder_ms: g.disorder_ms,
+                seed: g.seed,
+                count: g.count,
+                start_ms: g
+                    .start_ms
+                    .unwrap_or_else(|| crate::time::Clock::now_ms(&crate::time::SystemClock)),
+            })),
+            SourceSpec::Mqtt(m) => Box::new(
+                MqttSource::start(MqttSourceOptions {
+                    // With state, input is journaled and the broker keeps
+                    // a session for us while we are away.
+                    endpoint: endpoint(
+                        &m.conn,
+                        &self.client_prefix(),
+                        client,
+                        self.max_payload,
+                        self.state_dir.is_none(),
+                    )
+                    .map_err(&err)?,
+                    patterns: m.topics.clone(),
+                    qos: m.qos,
+                    topic_field: m.topic_field.clone(),
+                    journal_dir: journal,
+                    stamp_arrivals: self.time == TimeSpec::Ingestion,
+                    retain_as_published: self
+                        .sinks
+                        .iter()
+                        .any(|s| matches!(s, SinkSpec::Mqtt(m) if m.keep_retain)),
+                    // Peers share the input: each gets a part of it.
+                    share_group: self
+                        .peers
+                        .as_ref()
+                        .map(|p| format!("rivulet-{}", p.cluster)),
+                })
+                .map_err(|e| err(e.to_string()))?,
+            ),
+        })
     }
 
     /// What default MQTT client ids start with: the pipeline's name, and in

@@ -158,15 +158,46 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
         }
         graph = graph::read(&mut c, &root, get("sources"), get("streams"));
     }
+    // A union of several sources: each checked on its own; they share a
+    // format and a kind of time (each has its own event-time field and
+    // bound, and so its own watermark).
+    let mut union = Vec::new();
+    if let Some(g) = graph.as_ref().filter(|g| g.sources.len() > 1) {
+        let first_format = g.sources[0].1.format.as_ref().map(|f| f.value.clone());
+        for (name, s, n) in &g.sources[1..] {
+            let format = s.format.as_ref().map(|f| f.value.clone());
+            if format.as_deref().unwrap_or("json") != first_format.as_deref().unwrap_or("json") {
+                c.node(
+                    n,
+                    &format!("sources.{name}.format"),
+                    format!(
+                        "the sources of a union share a format: `{}` reads `{}`",
+                        g.sources[0].0,
+                        first_format.as_deref().unwrap_or("json")
+                    ),
+                );
+            }
+            if let Some((spec, time, max_payload)) = check_source(&mut c, s, n) {
+                union.push(UnionSpec {
+                    name: name.clone(),
+                    source: spec,
+                    time,
+                    max_payload,
+                });
+            }
+        }
+        if let Some(n) = get("peers") {
+            c.node(
+                n,
+                "peers",
+                "a union of several sources is not supported in peer mode yet",
+            );
+        }
+    }
     let source = match (&mut graph, get("source")) {
         (Some(g), _) => match g.sources.len() {
-            1 => g.sources.pop().map(|(_, s, n)| (s, n)),
-            _ => {
-                for (name, _, n) in &g.sources[1..] {
-                    c.node(n, &format!("sources.{name}"), "a union of several sources is not supported yet: give this pipeline one source");
-                }
-                None
-            }
+            0 => None,
+            _ => Some((g.sources[0].1.clone(), g.sources[0].2)),
         },
         (None, _) if graph_form => None,
         (None, Some(n)) => c.section::<SourceConfig>(n, "source").map(|s| (s, n)),
@@ -181,6 +212,36 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
     let source_cfg_format = source
         .as_ref()
         .and_then(|(s, _)| s.format.as_ref().map(|f| f.value.clone()));
+    if let (Some(g), Some((spec, time, max_payload))) = (
+        graph.as_ref().filter(|g| g.sources.len() > 1),
+        &checked_source,
+    ) {
+        union.insert(
+            0,
+            UnionSpec {
+                name: g.sources[0].0.clone(),
+                source: spec.clone(),
+                time: time.clone(),
+                max_payload: *max_payload,
+            },
+        );
+        if let Some(first) = union.first() {
+            for u in &union[1..] {
+                if std::mem::discriminant(&u.time) != std::mem::discriminant(&first.time) {
+                    if let Some((_, _, n)) = g.sources.iter().find(|(name, _, _)| *name == u.name) {
+                        c.node(
+                            n,
+                            &format!("sources.{}", u.name),
+                            format!(
+                            "the sources of a union share a kind of time: `{}` has {}, this one {}",
+                            first.name, first.time.kind(), u.time.kind()
+                        ),
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     // Steps, each on its own so one bad step does not hide the others.
     let mut steps: Vec<(StepConfig, &Node)> = Vec::new();
@@ -382,6 +443,7 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
         status,
         http,
         graph: graph_spec,
+        union,
     })
 }
 

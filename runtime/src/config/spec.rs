@@ -118,6 +118,19 @@ pub struct ValidPipeline {
     /// The general form (`sources`, `streams`): the stream the source
     /// feeds (its steps and sinks are `steps` and `sinks`) and the others.
     pub graph: Option<GraphSpec>,
+    /// A union of several sources (`from: [a, b]` in a job graph): each
+    /// one's name, source, time and largest payload. `source`, `time` and
+    /// `max_payload` are then the first one's.
+    pub union: Vec<UnionSpec>,
+}
+
+/// One source of a union.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UnionSpec {
+    pub name: String,
+    pub source: SourceSpec,
+    pub time: TimeSpec,
+    pub max_payload: usize,
 }
 
 /// A job graph's streams.

@@ -128,12 +128,18 @@ pub type DurationText = Sp<String>;
 pub struct PipelineFile {
     /// Name of the pipeline, shown in logs.
     pub name: String,
-    pub source: SourceConfig,
+    /// The source of a pipeline of one stream (or use `sources` and
+    /// `streams`, a job graph).
+    pub source: Option<SourceConfig>,
     /// Processing steps, applied in order.
     #[serde(default)]
     pub steps: Vec<StepConfig>,
     /// Where results go: one sink or a list of sinks.
-    pub sink: OneOrMany<SinkConfig>,
+    pub sink: Option<OneOrMany<SinkConfig>>,
+    /// A job graph's named sources (with `streams`, instead of `source`).
+    pub sources: Option<std::collections::BTreeMap<String, SourceConfig>>,
+    /// A job graph's named streams: each reads sources or other streams.
+    pub streams: Option<std::collections::BTreeMap<String, StreamConfig>>,
     /// Where events too late for their window go (the late side output).
     /// Without it late events are counted and dropped.
     pub late: Option<OneOrMany<SinkConfig>>,
@@ -150,6 +156,20 @@ pub struct PipelineFile {
     pub status: Option<StatusConfig>,
     /// The HTTP endpoint: Prometheus metrics, the live page, the API.
     pub http: Option<HttpConfig>,
+}
+
+/// A stream of a job graph.
+#[derive(Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    /// The sources it reads, or the streams (their results): one name or
+    /// a list (a union).
+    pub from: OneOrMany<String>,
+    /// Its steps, applied in order.
+    #[serde(default)]
+    pub steps: Vec<StepConfig>,
+    /// Where its records go (optional when another stream reads it).
+    pub sink: Option<OneOrMany<SinkConfig>>,
 }
 
 /// The `http` section.
