@@ -54,7 +54,7 @@ impl ValidPipeline {
                     .map(|d| std::path::Path::new(d).join("sources").join(&u.name));
                 parts.push(crate::plan::UnionPart {
                     name: u.name.clone(),
-                    source: self.open_source(&u.source, journal, &u.name, &err)?,
+                    source: self.open_source(&u.source, journal, &u.name, err)?,
                     time: u.time.clone(),
                     max_payload: u.max_payload,
                 });
@@ -62,7 +62,7 @@ impl ValidPipeline {
             b = b.union(parts);
         } else {
             let journal = self.state_dir.as_ref().map(std::path::PathBuf::from);
-            b = b.boxed_source(self.open_source(&self.source, journal, "in", &err)?);
+            b = b.boxed_source(self.open_source(&self.source, journal, "in", err)?);
             b = match &self.time {
                 TimeSpec::None => b,
                 TimeSpec::Processing => b.processing_time(),
