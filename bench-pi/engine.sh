@@ -3,7 +3,9 @@
 # avg/max/count over 10,000 keys -> discard. Runs the hand-written baseline
 # and rivulet (1 and 2 workers) interleaved, ROUNDS times, one process each,
 # plus a three-stage graph (the same window, then 1-minute maxima of it and
-# an alert on those), and writes bench-pi/reports/engine-latest.md.
+# an alert on those) and a job graph of three streams (the window's results
+# to a sink, to a filter and to 1-minute maxima, each with its own sink),
+# and writes bench-pi/reports/engine-latest.md.
 #   bash bench-pi/engine.sh [EVENTS] [ROUNDS]
 # With BEFORE=path/to/an/older/engine, that build's rivulet runs too, in the
 # same rounds, so a change is measured against what it replaces:
@@ -35,6 +37,8 @@ for r in $(seq "$ROUNDS"); do
   done
   # The three-stage graph (steps after the window), against the rows above.
   $B graph 2 "$EVENTS" | label now >>"$OUT"
+  # A job graph of three streams (fan-out of the window's results).
+  $B streams 2 "$EVENTS" | label now >>"$OUT"
 done
 python3 bench-pi/report.py engine "$OUT" "$($B line-length)" > bench-pi/reports/engine-latest.md
 cat bench-pi/reports/engine-latest.md

@@ -150,6 +150,37 @@ fn graph(workers: usize, events: u64) {
     });
 }
 
+/// A job graph of three streams: the same first stage, whose results go
+/// to a sink and feed two more streams, the warm ones (a filter) and
+/// 1-minute maxima per sensor (a window of its windows), each with its
+/// own sink: what fan-out and per-stream sinks cost against the
+/// one-window pipeline.
+fn streams(workers: usize, events: u64) {
+    measure("streams", workers, events, |b| {
+        first_stage(b)
+            .stream_name("per_sensor")
+            .stream(
+                "warm",
+                &["per_sensor"],
+                Pipeline::builder("warm")
+                    .filter("avg_t > 75")
+                    .sink(NullSink),
+            )
+            .stream(
+                "per_minute",
+                &["per_sensor"],
+                Pipeline::builder("per_minute")
+                    .key_by(["sensor_id"])
+                    .window(
+                        WindowDef::tumbling(Duration::from_secs(60))
+                            .aggregate("hi", "max(avg_t)")
+                            .aggregate("windows", "count()"),
+                    )
+                    .sink(NullSink),
+            )
+    });
+}
+
 /// What the source alone costs: rendering the lines the others consume.
 fn source_only(events: u64) {
     let src = SyntheticJson::new(events, KEYS, EVENTS_PER_SECOND);
@@ -175,9 +206,10 @@ fn main() {
         Some("rivulet") => rivulet(num(2, 1) as usize, num(3, 10_000_000)),
         Some("source") => source_only(num(2, 10_000_000)),
         Some("graph") => graph(num(2, 1) as usize, num(3, 10_000_000)),
+        Some("streams") => streams(num(2, 1) as usize, num(3, 10_000_000)),
         Some("line-length") => println!("{:.1}", SyntheticJson::new(1, KEYS, 1).avg_len()),
         _ => eprintln!(
-            "usage: engine baseline EVENTS | engine rivulet WORKERS EVENTS | engine graph WORKERS EVENTS"
+            "usage: engine baseline EVENTS | engine rivulet WORKERS EVENTS | engine graph WORKERS EVENTS | engine streams WORKERS EVENTS"
         ),
     }
 }
