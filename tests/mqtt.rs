@@ -942,3 +942,88 @@ fn the_status_topic_says_online_while_running_and_offline_after_a_stop_or_a_cras
         inbox.lock().unwrap()
     );
 }
+
+#[test]
+fn a_job_graph_unions_a_live_topic_with_a_backlog_file_and_publishes_each_stream() {
+    // `live` (MQTT) is far ahead of `backlog` (a file a gateway stored
+    // while offline); with a watermark per source the backlog's windows
+    // are on time. `per_sensor` publishes every 5 s count to MQTT; `busy`
+    // (a filter on its results) writes a file.
+    let broker = Broker::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let backlog: Vec<(String, i64)> = (0..500)
+        .map(|i| (format!("s{}", i % 5), 1_000 + i as i64 * 50))
+        .collect();
+    let live: Vec<(String, i64)> = (0..500)
+        .map(|i| (format!("s{}", i % 5), 100_000 + i as i64 * 40))
+        .collect();
+    let mut file = String::new();
+    for (s, ts) in &backlog {
+        file.push_str(&json!({"sensor_id": s, "ts": ts}).to_string());
+        file.push('\n');
+    }
+    std::fs::write(dir.path().join("backlog.jsonl"), file).unwrap();
+    let (published, _sub) = subscribe(broker.port, "avg/#", None);
+    let yaml = format!(
+        "name: g\nsources:\n  live:\n    mqtt: {{ url: \"{url}\", topics: [\"sensors/{{sensor_id}}/reading\"], qos: 1 }}\n    event_time: {{ field: ts, max_out_of_orderness: 200ms, plausible_years: any }}\n\
+         \x20 backlog:\n    file: {{ path: backlog.jsonl }}\n    event_time: {{ field: ts, max_out_of_orderness: 1s, plausible_years: any }}\n\
+         streams:\n  per_sensor:\n    from: [live, backlog]\n    steps:\n      - key_by: sensor_id\n      - window: {{ tumbling: 5s, aggregate: {{ n: count() }} }}\n    sink: {{ mqtt: {{ url: \"{url}\", topic: \"avg/{{sensor_id}}\", qos: 1 }} }}\n\
+         \x20 busy:\n    from: per_sensor\n    steps: [ {{ filter: n >= 20 }} ]\n    sink: {{ file: {{ path: busy.jsonl }} }}\n\
+         late: {{ file: {{ path: late.jsonl }} }}\nstate: {{ dir: state }}\n",
+        url = broker.url()
+    );
+    let run = Rivulet::start(dir.path(), &yaml);
+    eventually("rivulet to subscribe", 20, || {
+        broker.log().contains("sensors/+/reading")
+    });
+    let mut msgs: Vec<(String, String)> = live
+        .iter()
+        .map(|(s, ts)| {
+            (
+                format!("sensors/{s}/reading"),
+                json!({"ts": ts}).to_string(),
+            )
+        })
+        .collect();
+    // Moves the live watermark past every window above.
+    msgs.push((
+        "sensors/s0/reading".into(),
+        json!({"ts": SENTINEL_TS}).to_string(),
+    ));
+    publish_all(broker.port, &msgs);
+    // Expected: a count per sensor and 5 s window, over both sources.
+    let mut expected: std::collections::BTreeMap<(String, i64), i64> = Default::default();
+    for (s, ts) in backlog.iter().chain(&live) {
+        *expected.entry((s.clone(), ts - ts % 5000)).or_default() += 1;
+    }
+    eventually("every window published", 30, || {
+        published.lock().unwrap().len() >= expected.len()
+    });
+    let (code, _, err) = run.stop();
+    assert_eq!(code, Some(0), "{err}");
+    let mut got: std::collections::BTreeMap<(String, i64), i64> = Default::default();
+    for (topic, payload) in published.lock().unwrap().iter() {
+        let v: Value = serde_json::from_str(payload).unwrap();
+        let s = v["sensor_id"].as_str().unwrap().to_string();
+        assert_eq!(topic, &format!("avg/{s}"));
+        let start = v["window_start"].as_i64().unwrap();
+        if start < SENTINEL_TS - 5000 {
+            got.insert((s, start), v["n"].as_i64().unwrap());
+        }
+    }
+    assert_eq!(got, expected);
+    let late = std::fs::read_to_string(dir.path().join("late.jsonl")).unwrap_or_default();
+    assert!(late.is_empty(), "nothing is late: {late}");
+    let busy = parse(&run_lines(&dir.path().join("busy.jsonl")));
+    let want_busy = expected.values().filter(|n| **n >= 20).count();
+    assert_eq!(busy.len(), want_busy);
+    assert!(want_busy > 0 && want_busy < expected.len());
+}
+
+fn run_lines(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}

@@ -703,15 +703,21 @@ fn stateful_steps_killed_again_and_again_lose_no_event_and_invent_none() {
                 .map(String::from)
                 .collect()
         };
-        let reference = yaml("reference.jsonl", false);
+        // Each step writes files of its own: a restart from scratch in
+        // `crash_until_done` removes only this step's output.
+        let (reference_out, crashed_out) = (
+            format!("{name}-reference.jsonl"),
+            format!("{name}-crashed.jsonl"),
+        );
+        let reference = yaml(&reference_out, false);
         assert!(rivulet(d, &reference).output().unwrap().status.success());
-        let expected = lines("reference.jsonl");
+        let expected = lines(&reference_out);
         assert!(expected.len() > 1000, "{name}: {} outputs", expected.len());
-        let crashing = yaml("crashed.jsonl", true);
-        crash_until_done(d, &crashing, "crashed.jsonl", 10);
+        let crashing = yaml(&crashed_out, true);
+        crash_until_done(d, &crashing, &crashed_out, 10);
         // Outputs after the last checkpoint come again after a crash: as
         // a set they equal the uninterrupted run's.
-        let got = lines("crashed.jsonl");
+        let got = lines(&crashed_out);
         let missing: Vec<_> = expected.difference(&got).take(3).collect();
         let invented: Vec<_> = got.difference(&expected).take(3).collect();
         assert!(
