@@ -71,6 +71,17 @@ impl Graph {
                     .join(" ")
             ),
         };
+        let source = match p.union.len() {
+            0 | 1 => source,
+            _ => format!(
+                "union of {}",
+                p.union
+                    .iter()
+                    .map(|u| u.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
         node(&mut g, "source", "source", source);
         let format = match p.format {
             crate::plan::Format::Json => "json",
@@ -78,73 +89,15 @@ impl Graph {
             crate::plan::Format::Raw => "raw",
         };
         node(&mut g, "decode", "decode", format.into());
-        let mut n = 0;
         // The first keyed operator's id, when there is one; later stages
         // (after a window) get ids with their stage number.
-        let mut window: Option<&str> = None;
-        let mut stage = 1;
-        let id = |base: &str, stage: usize| {
-            if stage == 1 {
-                base.to_string()
-            } else {
-                format!("{base}_{stage}")
-            }
-        };
+        let mut window: Option<String> = None;
+        let (mut n, mut stage) = (0, 1);
         for s in &p.steps {
-            match s {
-                StepSpec::Map(a) => {
-                    n += 1;
-                    let label = a
-                        .iter()
-                        .map(|(k, v)| format!("{k} = {v}"))
-                        .collect::<Vec<_>>()
-                        .join(", ");
-                    node(&mut g, &format!("map_{n}"), "map", label);
-                }
-                StepSpec::Filter(e) => {
-                    n += 1;
-                    node(&mut g, &format!("filter_{n}"), "filter", e.clone());
-                }
-                StepSpec::KeyBy(k) => node(&mut g, &id("key_by", stage), "key_by", k.join(", ")),
-                StepSpec::Window(w) => {
-                    let shape = match w.kind {
-                        WindowKind::Tumbling { size } => format!("tumbling {}", ms(size)),
-                        WindowKind::Sliding { size, slide } => {
-                            format!("sliding {} every {}", ms(size), ms(slide))
-                        }
-                        WindowKind::Session { gap } => format!("session gap {}", ms(gap)),
-                    };
-                    let aggs = w
-                        .aggregates
-                        .iter()
-                        .map(|a| a.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ");
-                    node(
-                        &mut g,
-                        &id("window", stage),
-                        "window",
-                        format!("{shape}: {aggs}"),
-                    );
-                    window = window.or(Some("window"));
-                    stage += 1;
-                }
-                StepSpec::Stateful(st, _) => {
-                    use crate::operators::stateful::StatefulDef;
-                    let label = match st {
-                        StatefulDef::Deduplicate { fields, within } => {
-                            format!("{} within {}", fields.join(", "), ms(*within))
-                        }
-                        StatefulDef::Deadband { field, delta, .. } => format!("{field} ±{delta}"),
-                        StatefulDef::Alert { name, for_ms, .. } => {
-                            format!("{name} for {}", ms(*for_ms))
-                        }
-                        StatefulDef::Process(p) => p.0.name().to_string(),
-                    };
-                    node(&mut g, &id(st.kind(), stage), st.kind(), label);
-                    window = window.or(Some(st.kind()));
-                    stage += 1;
-                }
+            let (id, kind, label, keyed) = describe_step(s, &mut n, &mut stage);
+            node(&mut g, &id, kind, label);
+            if keyed {
+                window = window.or(Some(id));
             }
         }
         let sinks = |list: &[SinkSpec]| list.iter().map(sink_label).collect::<Vec<_>>().join(", ");
@@ -153,14 +106,78 @@ impl Graph {
         } else {
             sinks(&p.sinks)
         };
-        node(&mut g, "sink_main", "sink", main);
-        if let (false, Some(keyed)) = (p.late.is_empty(), window) {
+        // The last operator of the stream the source feeds, before its sink.
+        let head_last = g.nodes.last().map(|n| n.id.clone()).unwrap_or_default();
+        if p.graph.is_none() || !p.sinks.is_empty() {
+            node(&mut g, "sink_main", "sink", main);
+        }
+        let mut keyed_ids: Vec<String> = window.into_iter().collect();
+        if let Some(graph) = &p.graph {
+            // Each further stream: its steps (ids prefixed with its name),
+            // from the last operator of each stream it reads; its sink.
+            let mut last: Vec<(String, String)> = vec![(graph.head.clone(), head_last)];
+            for st in &graph.streams {
+                let mut prev: Vec<String> = st
+                    .from
+                    .iter()
+                    .filter_map(|f| last.iter().find(|(n, _)| n == f).map(|(_, id)| id.clone()))
+                    .collect();
+                let (mut n, mut stage) = (0, 1);
+                let push = |g: &mut Graph,
+                            prev: &mut Vec<String>,
+                            id: String,
+                            kind: &str,
+                            label: String| {
+                    for p in prev.drain(..) {
+                        g.edges.push((p, id.clone()));
+                    }
+                    g.nodes.push(Node {
+                        id: id.clone(),
+                        kind: kind.into(),
+                        label,
+                    });
+                    prev.push(id);
+                };
+                for s in &st.steps {
+                    let (id, kind, label, keyed) = describe_step(s, &mut n, &mut stage);
+                    let id = format!("{}/{id}", st.name);
+                    if keyed {
+                        keyed_ids.push(id.clone());
+                    }
+                    push(&mut g, &mut prev, id, kind, label);
+                }
+                let end = prev.first().cloned().unwrap_or_default();
+                if !st.sinks.is_empty() {
+                    let mut prev = prev.clone();
+                    push(
+                        &mut g,
+                        &mut prev,
+                        format!("sink_{}", st.name),
+                        "sink",
+                        sinks(&st.sinks),
+                    );
+                }
+                // A stream without steps passes its inputs' records on.
+                let end = match st.steps.is_empty() {
+                    true => st
+                        .from
+                        .first()
+                        .and_then(|f| last.iter().find(|(n, _)| n == f).map(|(_, id)| id.clone()))
+                        .unwrap_or(end),
+                    false => end,
+                };
+                last.push((st.name.clone(), end));
+            }
+        }
+        if !p.late.is_empty() && !keyed_ids.is_empty() {
             g.nodes.push(Node {
                 id: "sink_late".into(),
                 kind: "sink".into(),
                 label: format!("late: {}", sinks(&p.late)),
             });
-            g.edges.push((keyed.into(), "sink_late".into()));
+            for keyed in keyed_ids {
+                g.edges.push((keyed, "sink_late".into()));
+            }
         }
         if !p.dead_letter.is_empty() {
             g.nodes.push(Node {
@@ -174,8 +191,111 @@ impl Graph {
     }
 }
 
+/// A step's node: id (as its metrics name it), kind, label, and whether it
+/// is keyed (it may put out late records). `n` counts stateless steps,
+/// `stage` keyed ones.
+fn describe_step(
+    s: &StepSpec,
+    n: &mut usize,
+    stage: &mut usize,
+) -> (String, &'static str, String, bool) {
+    let id = |base: &str, stage: usize| {
+        if stage == 1 {
+            base.to_string()
+        } else {
+            format!("{base}_{stage}")
+        }
+    };
+    match s {
+        StepSpec::Map(a) => {
+            *n += 1;
+            let label = a
+                .iter()
+                .map(|(k, v)| format!("{k} = {v}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            (format!("map_{n}"), "map", label, false)
+        }
+        StepSpec::Filter(e) => {
+            *n += 1;
+            (format!("filter_{n}"), "filter", e.clone(), false)
+        }
+        StepSpec::KeyBy(k) => (id("key_by", *stage), "key_by", k.join(", "), false),
+        StepSpec::Window(w) => {
+            let shape = match w.kind {
+                WindowKind::Tumbling { size } => format!("tumbling {}", ms(size)),
+                WindowKind::Sliding { size, slide } => {
+                    format!("sliding {} every {}", ms(size), ms(slide))
+                }
+                WindowKind::Session { gap } => format!("session gap {}", ms(gap)),
+            };
+            let aggs = w
+                .aggregates
+                .iter()
+                .map(|a| a.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let out = (
+                id("window", *stage),
+                "window",
+                format!("{shape}: {aggs}"),
+                true,
+            );
+            *stage += 1;
+            out
+        }
+        StepSpec::Stateful(st, _) => {
+            use crate::operators::stateful::StatefulDef;
+            let label = match st {
+                StatefulDef::Deduplicate { fields, within } => {
+                    format!("{} within {}", fields.join(", "), ms(*within))
+                }
+                StatefulDef::Deadband { field, delta, .. } => format!("{field} ±{delta}"),
+                StatefulDef::Alert { name, for_ms, .. } => {
+                    format!("{name} for {}", ms(*for_ms))
+                }
+                StatefulDef::Process(p) => p.0.name().to_string(),
+            };
+            let out = (id(st.kind(), *stage), st.kind(), label, true);
+            *stage += 1;
+            out
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_job_graph_draws_each_stream_from_the_streams_it_reads() {
+        let p = crate::config::validate(include_str!("../../../configs/plant-graph.yaml"))
+            .map_err(|e| format!("{e:?}"))
+            .expect("valid");
+        let g = Graph::of(&p);
+        let ids: Vec<&str> = g.nodes.iter().map(|n| n.id.as_str()).collect();
+        for want in [
+            "window",
+            "sink_main",
+            "hot/filter_1",
+            "sink_hot",
+            "per_site/window",
+            "site_alarm/alert",
+            "sink_site_alarm",
+            "sink_late",
+        ] {
+            assert!(ids.contains(&want), "{want} in {ids:?}");
+        }
+        let edge = |a: &str, b: &str| g.edges.iter().any(|(x, y)| x == a && y == b);
+        assert!(edge("window", "hot/filter_1"), "{:?}", g.edges);
+        assert!(edge("window", "per_site/filter_1"));
+        assert!(edge("per_site/window", "site_alarm/key_by"));
+        assert!(edge("hot/filter_1", "sink_hot"));
+        assert!(edge("per_site/window", "sink_late"));
+        assert!(!ids.contains(&"sink_per_site"), "per_site has no sink");
+        for (from, to) in &g.edges {
+            assert!(ids.contains(&from.as_str()) && ids.contains(&to.as_str()));
+        }
+    }
+
     use super::*;
 
     #[test]
