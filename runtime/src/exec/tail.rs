@@ -298,16 +298,28 @@ impl Tail {
                     }
                 }
             }
-            if let Some(route) = node.route {
-                out.extend(rows.iter().enumerate().map(|(i, r)| Output {
-                    idx: i as u32,
-                    phase: Phase::During,
-                    end: r.ts,
-                    start: 0,
-                    key: Box::new([]),
-                    stream: route,
-                    body: Body::Row(r.values.clone()),
-                }));
+            let record = |i: usize, ts: i64, values: Box<[Value]>, stream: Stream| Output {
+                idx: i as u32,
+                phase: Phase::During,
+                end: ts,
+                start: 0,
+                key: Box::new([]),
+                stream,
+                body: Body::Row(values),
+            };
+            match (node.route, node.read) {
+                (Some(route), true) => out.extend(
+                    rows.iter()
+                        .enumerate()
+                        .map(|(i, r)| record(i, r.ts, r.values.clone(), route)),
+                ),
+                (Some(route), false) => out.extend(
+                    std::mem::take(&mut rows)
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, r)| record(i, r.ts, r.values, route)),
+                ),
+                (None, _) => {}
             }
             done.push((if node.read { rows } else { Vec::new() }, wm));
         }
