@@ -292,6 +292,47 @@ streams:
             "streams.per_site.sink[0].mqtt.topic: the topic uses `{sensor_id}`, which window results lack",
         ],
     );
+    // Several streams may read the sources: those after the first read
+    // events by field, and put out results.
+    let (code, err) = validate_text(
+        dir.path(),
+        "two.yaml",
+        "name: two
+sources:
+  temps:
+    generator: { sensors: 2 }
+    event_time: { field: ts, max_out_of_orderness: 1s }
+  other:
+    generator: { sensors: 2 }
+    event_time: { field: ts, max_out_of_orderness: 1s }
+streams:
+  forward:
+    from: temps
+    steps:
+      - filter: temperature > 0
+    sink: { stdout: {} }
+  per_sensor:
+    from: temps
+    steps:
+      - key_by: sensor_id
+      - window: { tumbling: 10s, aggregate: { t: avg(temprature) } }
+    sink: { stdout: {} }
+  both:
+    from: [temps, other]
+    steps:
+      - window: { tumbling: 10s, aggregate: { n: count() } }
+    sink: { stdout: {} }
+",
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert_lines(
+        &err,
+        &[
+            "two.yaml:10:3: streams.forward: `per_sensor` reads the sources, so this stream (which reads them too) needs a window or an `alert`",
+            "two.yaml:19:50: streams.per_sensor.steps[1].window.aggregate.t: unknown field `temprature`; did you mean `temperature`?",
+            "two.yaml:21:3: streams.both.from: streams that read sources read the same ones for now",
+        ],
+    );
     // A union's sources share a format and a kind of time.
     let (code, err) = validate_text(
         dir.path(),

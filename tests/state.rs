@@ -882,7 +882,8 @@ fn state_inspect_shows_every_stage_with_its_own_names() {
 #[test]
 fn a_job_graph_killed_again_and_again_gives_the_same_final_results_in_every_stream() {
     // `per_second` feeds `big` (a filter) and `per_5s` (a window of its
-    // windows); each stream writes its own file.
+    // windows); `raw_3s` reads the events too; each stream writes its own
+    // file.
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     write_input(&d.join("events.jsonl"), 200_000);
@@ -899,7 +900,8 @@ fn a_job_graph_killed_again_and_again_gives_the_same_final_results_in_every_stre
                 "name: graph\nsources:\n  events:\n    file: {{ path: events.jsonl }}\n    event_time: {{ field: ts, max_out_of_orderness: 300ms, plausible_years: any }}\n\
                  streams:\n  per_second:\n    from: events\n    steps:\n      - key_by: k\n      - window: {{ tumbling: 1s, aggregate: {{ n: count(), total: sum(v) }} }}\n    sink: {{ file: {{ path: {tag}-a.jsonl }} }}\n\
                  \x20 big:\n    from: per_second\n    steps: [ {{ filter: total > 250 }} ]\n    sink: {{ file: {{ path: {tag}-b.jsonl }} }}\n\
-                 \x20 per_5s:\n    from: per_second\n    steps:\n      - key_by: k\n      - window: {{ tumbling: 5s, aggregate: {{ windows: count(), events: sum(n), hi: max(total) }} }}\n    sink: {{ file: {{ path: {tag}-c.jsonl }} }}\n{state}"
+                 \x20 per_5s:\n    from: per_second\n    steps:\n      - key_by: k\n      - window: {{ tumbling: 5s, aggregate: {{ windows: count(), events: sum(n), hi: max(total) }} }}\n    sink: {{ file: {{ path: {tag}-c.jsonl }} }}\n\
+                 \x20 raw_3s:\n    from: events\n    steps:\n      - key_by: k\n      - window: {{ tumbling: 3s, aggregate: {{ n: count(), hi: max(v) }} }}\n    sink: {{ file: {{ path: {tag}-d.jsonl }} }}\n{state}"
             ),
         )
         .unwrap();
@@ -914,7 +916,7 @@ fn a_job_graph_killed_again_and_again_gives_the_same_final_results_in_every_stre
     );
     let crashing = yaml("crashed", true);
     crash_until_done(d, &crashing, "crashed-c.jsonl", 12);
-    for part in ["a", "b", "c"] {
+    for part in ["a", "b", "c", "d"] {
         let expected = finals(&d.join(format!("reference-{part}.jsonl")));
         assert!(expected.len() > 100, "{part}: {} results", expected.len());
         let got = finals(&d.join(format!("crashed-{part}.jsonl")));

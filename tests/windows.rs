@@ -1519,3 +1519,99 @@ fn a_union_of_sources_keeps_a_watermark_per_source() {
     assert_eq!(run(1), want);
     assert_eq!(run(3), want);
 }
+
+#[test]
+fn several_streams_read_the_source_each_as_its_own_pipeline_would() {
+    // `per_key` (after a filter of its own) and two more streams over the
+    // same events: a global 2 s count, and per-key 1 s maxima then 3 s
+    // sums of those (a window of windows). Each equals a one-stream
+    // pipeline with the same steps, for any number of workers.
+    let mut input = Vec::new();
+    let mut x = 11u64;
+    for i in 0..3000i64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let k = ["a", "b", "c", "d"][(x % 4) as usize];
+        input.push(ev(k, i * 7 - (x % 400) as i64, (x % 50) as i64));
+    }
+    let per_key = |b: rivulet::plan::PipelineBuilder| {
+        b.filter("v > 10")
+            .key_by(["k"])
+            .window(sum_count(WindowDef::tumbling(ms(1000))))
+    };
+    let global = |b: rivulet::plan::PipelineBuilder| {
+        b.window(WindowDef::tumbling(ms(2000)).aggregate("n", "count()"))
+    };
+    let maxima = |b: rivulet::plan::PipelineBuilder| {
+        b.key_by(["k"])
+            .window(WindowDef::tumbling(ms(1000)).aggregate("hi", "max(v)"))
+            .key_by(["k"])
+            .window(WindowDef::tumbling(ms(3000)).aggregate("total", "sum(hi)"))
+    };
+    for workers in [1, 3] {
+        let sinks: Vec<MemorySink> = (0..3).map(|_| MemorySink::new()).collect();
+        let late = MemorySink::new();
+        let stats = per_key(
+            Pipeline::builder("g")
+                .source(MemorySource::from_lines(&input))
+                .event_time("ts", ms(300))
+                .stream_name("per_key"),
+        )
+        .sink(sinks[0].clone())
+        .source_stream(
+            "global",
+            global(Pipeline::builder("global")).sink(sinks[1].clone()),
+        )
+        .source_stream(
+            "maxima",
+            maxima(Pipeline::builder("maxima")).sink(sinks[2].clone()),
+        )
+        .late(Box::new(late.clone()))
+        .workers(workers)
+        .build()
+        .expect("valid pipeline")
+        .run(RunOptions::default())
+        .expect("runs");
+        assert_eq!(stats.events, 3000);
+        let alone =
+            |stages: &dyn Fn(rivulet::plan::PipelineBuilder) -> rivulet::plan::PipelineBuilder| {
+                run_graph(&input, 300, stages, 1)
+            };
+        let want = [alone(&per_key), alone(&global), alone(&maxima)];
+        for (i, (sink, want)) in sinks.iter().zip(&want).enumerate() {
+            assert!(
+                want.main.len() > 3,
+                "stream {i}: {} results",
+                want.main.len()
+            );
+            assert_eq!(
+                parse_all(sink.records()),
+                want.main,
+                "stream {i}, {workers} workers"
+            );
+        }
+        // Late events are named by the stream they were late for.
+        let mut late_per_stream: BTreeMap<String, usize> = BTreeMap::new();
+        for r in parse_all(late.records()) {
+            *late_per_stream
+                .entry(r["stream"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+        let want_late: BTreeMap<String, usize> = [
+            ("per_key", &want[0]),
+            ("global", &want[1]),
+            ("maxima", &want[2]),
+        ]
+        .iter()
+        .filter(|(_, w)| !w.late.is_empty())
+        .map(|(n, w)| (n.to_string(), w.late.len()))
+        .collect();
+        assert_eq!(
+            want_late.len(),
+            3,
+            "each stream has late events: {want_late:?}"
+        );
+        assert_eq!(late_per_stream, want_late);
+    }
+}

@@ -155,6 +155,10 @@ pub enum Stream {
     /// The records of a further stream of a job graph: written to that
     /// stream's sinks (their index in the pipeline's graph sinks).
     Graph(u16),
+    /// Not written anywhere: an event as decoded (the fields of the plan's
+    /// `side`), for the streams of a job graph that read the sources
+    /// besides the first.
+    Side,
 }
 
 /// When, within an input batch, an output was produced: outputs are

@@ -146,7 +146,10 @@ impl ValidPipeline {
                     sb = sb.boxed_sink(open(s, &format!("{}-sink", st.name), i)?);
                 }
                 let from: Vec<&str> = st.from.iter().map(String::as_str).collect();
-                b = b.stream(&st.name, &from, sb);
+                b = match st.reads_sources {
+                    true => b.source_stream(&st.name, sb),
+                    false => b.stream(&st.name, &from, sb),
+                };
             }
         }
         for (i, s) in self.late.iter().enumerate() {

@@ -17,6 +17,8 @@ pub(super) struct StreamRead<'a> {
     pub at: (usize, usize),
     pub from: Vec<String>,
     pub from_node: Option<&'a Node>,
+    /// It reads the sources (besides the first stream that does).
+    pub reads_sources: bool,
     pub steps: Vec<(StepConfig, &'a Node)>,
     pub sink: Option<&'a Node>,
 }
@@ -145,25 +147,48 @@ pub(super) fn read<'a>(
             );
         }
     }
-    let heads: Vec<usize> = (0..all.len())
+    let mut heads: Vec<usize> = (0..all.len())
         .filter(|&i| all[i].from.iter().any(|f| is_source(f)))
         .collect();
-    if heads.len() > 1 {
-        let first = &all[heads[0]].name;
+    // Several streams may read the sources, all the same ones. The first
+    // whose first keyed step is a window or an alert runs on the workers;
+    // the others (reading events by field) after it.
+    if let Some(&first) = heads.first() {
+        let mut want = all[first].from.clone();
+        want.sort();
         for &i in &heads[1..] {
-            let s = &all[i];
-            c.at(
-                s.at.0,
-                s.at.1,
-                &format!("streams.{}.from", s.name),
-                format!(
-                    "only one stream reads sources for now (`{first}` does): read `{first}` here, or move these steps into it"
-                ),
-            );
+            let mut theirs = all[i].from.clone();
+            theirs.sort();
+            if theirs != want {
+                let s = &all[i];
+                c.at(
+                    s.at.0,
+                    s.at.1,
+                    &format!("streams.{}.from", s.name),
+                    format!(
+                        "streams that read sources read the same ones for now (`{}` reads {}); read a stream of them in a union instead",
+                        all[first].name,
+                        all[first].from.join(", ")
+                    ),
+                );
+            }
+        }
+        let results_first = |s: &StreamRead| {
+            s.steps.iter().find_map(|(st, _)| match st {
+                StepConfig::Window(_) | StepConfig::Alert(_) => Some(true),
+                StepConfig::Deduplicate(_) | StepConfig::Deadband(_) => Some(false),
+                _ => None,
+            }) == Some(true)
+        };
+        if heads.len() > 1 {
+            if let Some(at) = heads.iter().position(|&i| results_first(&all[i])) {
+                let h = heads.remove(at);
+                heads.insert(0, h);
+            }
         }
     }
     for (name, _, n) in &out_sources {
-        let read = heads.first().is_some_and(|&h| all[h].from.contains(name));
+        let read = heads.iter().any(|&h| all[h].from.contains(name));
         if !read {
             c.node(
                 n,
@@ -185,7 +210,7 @@ pub(super) fn read<'a>(
     loop {
         let next = (0..all.len()).find(|i| {
             !placed.contains(i)
-                && !heads.contains(i)
+                && heads.first() != Some(i)
                 && all[*i]
                     .from
                     .iter()
@@ -199,7 +224,7 @@ pub(super) fn read<'a>(
     }
     let mut reported: Vec<usize> = Vec::new();
     for start in 0..all.len() {
-        if placed.contains(&start) || heads.contains(&start) || reported.contains(&start) {
+        if placed.contains(&start) || reported.contains(&start) {
             continue;
         }
         // Walk back through unplaced inputs until a stream repeats.
@@ -248,7 +273,11 @@ pub(super) fn read<'a>(
     let head_read = slots[head].take()?;
     let streams = placed[1..]
         .iter()
-        .filter_map(|&i| slots[i].take())
+        .filter_map(|&i| {
+            let mut s = slots[i].take()?;
+            s.reads_sources = heads.contains(&i);
+            Some(s)
+        })
         .collect();
     Some(GraphRead {
         sources: out_sources,
@@ -362,6 +391,7 @@ fn read_stream<'a>(
         at,
         from,
         from_node,
+        reads_sources: false,
         steps,
         sink: map.get_node("sink"),
     })

@@ -393,6 +393,7 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
         Some(g) => format!("streams.{}.steps", g.head.name),
         None => "steps".to_string(),
     };
+    let source_known = known.clone();
     let (specs, results, known_after) =
         check_step_list(&mut c, &steps, &steps_path, known, &rules_ctx);
     if let (Some(fields), Some(node)) = (&results, sink_node) {
@@ -402,14 +403,13 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
         // The first stream's records have known fields when they are
         // results (a window's or an alert's).
         let head_out = results.as_ref().and(known_after.clone());
-        check_streams(
-            &mut c,
-            g,
-            head_out,
+        let inputs = StreamInputs {
+            head: head_out,
+            events: source_known,
             has_time,
-            peers.is_some(),
-            get("streams"),
-        )
+            raw: source_cfg_format.as_deref() == Some("raw"),
+        };
+        check_streams(&mut c, g, inputs, peers.is_some(), get("streams"))
     });
 
     if !c.problems.is_empty() {
@@ -451,20 +451,45 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
 /// reading the records of streams before it (the first stream's fields:
 /// `head_out`, `None` when they are not results); and that every
 /// stream's records go somewhere.
+/// What the streams of a job graph read.
+struct StreamInputs {
+    /// The first stream's output fields (`None`: not results).
+    head: Option<Vec<String>>,
+    /// The events' fields, when the source knows them.
+    events: Option<Vec<String>>,
+    has_time: Option<bool>,
+    /// The sources' format is `raw` (events are not decoded).
+    raw: bool,
+}
+
 fn check_streams(
     c: &mut Checker,
     g: &graph::GraphRead<'_>,
-    head_out: Option<Vec<String>>,
-    has_time: Option<bool>,
+    inputs: StreamInputs,
     peers: bool,
     streams_node: Option<&Node>,
 ) -> GraphSpec {
+    let StreamInputs {
+        head: head_out,
+        events,
+        has_time,
+        raw,
+    } = inputs;
     if let (true, false, Some(n)) = (peers, g.streams.is_empty(), streams_node) {
         c.node(
             n,
             "streams",
-            "streams that read other streams are not supported in peer mode yet",
+            "job graphs of several streams are not supported in peer mode yet",
         );
+    }
+    if g.streams.iter().any(|s| s.reads_sources) {
+        let h = &g.head;
+        if head_out.is_none() {
+            c.at(h.at.0, h.at.1, &format!("streams.{}", h.name), "several streams read the sources: at least one needs a window or an `alert` (the first such stream runs on the workers)");
+        }
+        if raw {
+            c.at(h.at.0, h.at.1, &format!("streams.{}", h.name), "several streams read the sources: they read decoded events, which `format: raw` does not decode (use `json` or `text`)");
+        }
     }
     // Each stream's output fields (`None`: not results, or not known).
     let mut outputs: Vec<(&str, Option<Vec<String>>)> = vec![(&g.head.name, head_out)];
@@ -473,7 +498,21 @@ fn check_streams(
     for s in &g.streams {
         let path = format!("streams.{}", s.name);
         let mut input: Option<Vec<String>> = Some(Vec::new());
-        for f in &s.from {
+        if s.reads_sources {
+            input = events.clone();
+            let first_keyed = s.steps.iter().find_map(|(st, _)| match st {
+                StepConfig::Window(_) | StepConfig::Alert(_) => Some(true),
+                StepConfig::Deduplicate(_) | StepConfig::Deadband(_) => Some(false),
+                _ => None,
+            });
+            if first_keyed != Some(true) {
+                c.at(s.at.0, s.at.1, &path, format!(
+                    "`{}` reads the sources, so this stream (which reads them too) needs a window or an `alert`: it reads the events' fields by name, and what it puts out are results",
+                    g.head.name
+                ));
+            }
+        }
+        for f in s.from.iter().filter(|_| !s.reads_sources) {
             read.push(f);
             match outputs.iter().find(|(n, _)| n == f) {
                 Some((_, Some(fields))) => {
@@ -524,6 +563,7 @@ fn check_streams(
         streams.push(StreamSpec {
             name: s.name.clone(),
             from: s.from.clone(),
+            reads_sources: s.reads_sources,
             steps: specs,
             sinks,
         });

@@ -147,6 +147,8 @@ pub struct GraphSpec {
 pub struct StreamSpec {
     pub name: String,
     pub from: Vec<String>,
+    /// It reads the sources (events as decoded), like the first stream.
+    pub reads_sources: bool,
     pub steps: Vec<StepSpec>,
     pub sinks: Vec<SinkSpec>,
 }

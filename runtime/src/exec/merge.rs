@@ -172,7 +172,7 @@ pub(super) fn merge(
             // main output, after the first stage's late and dead ones.
             let (main, rest): (Vec<Output>, Vec<Output>) = std::mem::take(outputs)
                 .into_iter()
-                .partition(|o| matches!(o.stream, Stream::Main | Stream::Mark));
+                .partition(|o| matches!(o.stream, Stream::Main | Stream::Mark | Stream::Side));
             *outputs = rest;
             if let Some(name) = t.tail.first_stream() {
                 for o in outputs.iter_mut().filter(|o| o.stream == Stream::Late) {
@@ -192,7 +192,7 @@ pub(super) fn merge(
         }
         for o in outputs.iter() {
             match o.stream {
-                Stream::Mark => {}
+                Stream::Mark | Stream::Side => {}
                 Stream::Main => {
                     stats.results += 1;
                     if let crate::msg::Body::Event(e) = &o.body {

@@ -259,6 +259,28 @@ impl ParseWorker {
                 watermark_parts.push(p);
             }
         }
+        // Events as decoded, for the streams that read the sources besides
+        // the first (before this stream's steps change them).
+        let side_rows: Vec<Output> = match &plan.side {
+            Some(slots) => (0..n)
+                .filter(|&i| self.status[i] == Status::Live)
+                .map(|i| {
+                    let row = &self.slots[i * width..(i + 1) * width];
+                    Output {
+                        idx: i as u32,
+                        phase: crate::msg::Phase::During,
+                        end: ts[i],
+                        start: 0,
+                        key: Box::new([]),
+                        stream: Stream::Side,
+                        body: crate::msg::Body::Row(
+                            slots.iter().map(|&s| row[s].clone()).collect(),
+                        ),
+                    }
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         let counters = &self.counters;
         let mut live = count(&counters.decode, n, undecoded);
         counters.batches.add(1);
@@ -313,6 +335,7 @@ impl ParseWorker {
             events: n as u64,
             checkpoint: batch.checkpoint.clone(),
             savepoint: batch.savepoint.clone(),
+            outputs: side_rows,
             ..Default::default()
         };
         let owners = self.assignment.size();

@@ -73,6 +73,10 @@ pub(crate) struct TailNode {
     /// node's input where each of that node's fields goes. Empty for node
     /// 0, which reads the first stage.
     pub inputs: Vec<(usize, Vec<usize>)>,
+    /// A stream that reads the sources besides the first: for each of its
+    /// input's fields, where it is in the events' side rows
+    /// ([`Stream::Side`]).
+    pub side: Option<Vec<usize>>,
     /// The fields of its input (a union's: every input's fields).
     pub input_names: Vec<String>,
     pub segments: Vec<TailSegment>,
@@ -92,6 +96,7 @@ impl TailNode {
         TailNode {
             name: name.to_string(),
             inputs: Vec::new(),
+            side: None,
             input_names: input.names,
             segments,
             route: Some(Stream::Main),
@@ -237,29 +242,55 @@ impl Tail {
         out: &mut Vec<Output>,
     ) {
         let mut rows: Vec<Row> = Vec::new();
+        let mut side: Vec<Row> = Vec::new();
         for o in first {
-            if o.stream == crate::msg::Stream::Mark {
-                let rows = std::mem::take(&mut rows);
-                self.chunk(rows, o.start, source_name, out);
-                continue;
-            }
-            let ts = first_op(&o);
-            if let Body::Row(values) = o.body {
-                rows.push(Row { ts, values });
+            match (o.stream, o.body) {
+                (Stream::Mark, _) => {
+                    let (rows, side) = (std::mem::take(&mut rows), std::mem::take(&mut side));
+                    self.chunk(rows, side, o.start, source_name, out);
+                }
+                (Stream::Side, Body::Row(values)) => side.push(Row { ts: o.end, values }),
+                (_, Body::Row(values)) => {
+                    let ts = first_op(&Output {
+                        body: Body::Line(Vec::new()),
+                        ..o
+                    });
+                    rows.push(Row { ts, values });
+                }
+                _ => {}
             }
         }
-        self.chunk(rows, watermark, source_name, out);
+        self.chunk(rows, side, watermark, source_name, out);
     }
 
     /// Rows through every node, then the watermark `watermark`. A node's
     /// input is its inputs' records of this chunk, one input after
     /// another; its watermark the least of theirs.
-    fn chunk(&mut self, rows: Vec<Row>, watermark: i64, source_name: &str, out: &mut Vec<Output>) {
+    fn chunk(
+        &mut self,
+        rows: Vec<Row>,
+        side: Vec<Row>,
+        watermark: i64,
+        source_name: &str,
+        out: &mut Vec<Output>,
+    ) {
         let mut first = Some(rows);
         // Each node's records (when read) and watermark after the chunk.
         let mut done: Vec<(Vec<Row>, i64)> = Vec::with_capacity(self.nodes.len());
         for node in &mut self.nodes {
-            let (mut rows, wm) = if node.inputs.is_empty() {
+            let (mut rows, wm) = if let Some(map) = &node.side {
+                let rows = side
+                    .iter()
+                    .map(|r| Row {
+                        ts: r.ts,
+                        values: map
+                            .iter()
+                            .map(|&i| r.values.get(i).cloned().unwrap_or(Value::Null))
+                            .collect(),
+                    })
+                    .collect();
+                (rows, watermark)
+            } else if node.inputs.is_empty() {
                 (first.take().unwrap_or_default(), watermark)
             } else {
                 let width = node.input_names.len();

@@ -117,11 +117,15 @@ impl Graph {
             // from the last operator of each stream it reads; its sink.
             let mut last: Vec<(String, String)> = vec![(graph.head.clone(), head_last)];
             for st in &graph.streams {
-                let mut prev: Vec<String> = st
-                    .from
-                    .iter()
-                    .filter_map(|f| last.iter().find(|(n, _)| n == f).map(|(_, id)| id.clone()))
-                    .collect();
+                // A stream that reads the sources reads the decoded events.
+                let mut prev: Vec<String> = match st.reads_sources {
+                    true => vec!["decode".to_string()],
+                    false => st
+                        .from
+                        .iter()
+                        .filter_map(|f| last.iter().find(|(n, _)| n == f).map(|(_, id)| id.clone()))
+                        .collect(),
+                };
                 let (mut n, mut stage) = (0, 1);
                 let push = |g: &mut Graph,
                             prev: &mut Vec<String>,

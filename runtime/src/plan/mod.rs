@@ -129,10 +129,15 @@ pub struct PipelineBuilder {
     /// (the one the source feeds), and the further streams, each with the
     /// streams it reads and a builder holding its steps and sinks.
     head: Option<String>,
-    streams: Vec<(String, Vec<String>, PipelineBuilder)>,
+    streams: Vec<StreamDecl>,
     /// A union of sources: each one's time.
     union_times: Vec<TimeMode>,
 }
+
+/// A further stream of a job graph: its name, what it reads (`None`: the
+/// pipeline's source, events as decoded), and a builder with its steps
+/// and sinks.
+type StreamDecl = (String, Option<Vec<String>>, PipelineBuilder);
 
 /// Default largest payload: 1 MiB.
 pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
@@ -176,6 +181,10 @@ pub(crate) struct Plan {
     /// A union of sources with event time: each source's timestamps (by
     /// [`crate::sources::RawItem::source`]); empty otherwise.
     pub parts: Vec<PartTime>,
+    /// A job graph's further streams that read the sources: the slots of
+    /// the fields they read, copied from each event as decoded (before
+    /// the first stream's steps) into a [`crate::msg::Stream::Side`] row.
+    pub side: Option<Vec<usize>>,
     pub key_names: Vec<String>,
     pub key_slots: Vec<usize>,
     pub window: Option<WindowDef>,
@@ -516,9 +525,20 @@ impl PipelineBuilder {
     pub fn stream(mut self, name: &str, from: &[&str], steps: PipelineBuilder) -> Self {
         self.streams.push((
             name.to_string(),
-            from.iter().map(|s| s.to_string()).collect(),
+            Some(from.iter().map(|s| s.to_string()).collect()),
             steps,
         ));
+        self
+    }
+
+    /// Adds a stream of a job graph that reads the pipeline's source too:
+    /// each event as decoded (before the steps of this builder's own
+    /// stream), by the fields its steps name. It needs a window or an
+    /// `alert` (what it puts out are results, with known fields); it runs
+    /// on one thread after the first stream, like the streams that read
+    /// streams.
+    pub fn source_stream(mut self, name: &str, steps: PipelineBuilder) -> Self {
+        self.streams.push((name.to_string(), None, steps));
         self
     }
 
@@ -760,18 +780,32 @@ impl PipelineBuilder {
         }
         let graph = !self.streams.is_empty();
         let mut graph_sinks = Vec::new();
+        let mut side = None;
         if graph {
+            let read = self
+                .streams
+                .iter()
+                .any(|(_, from, _)| from.as_ref().is_some_and(|f| f.contains(&head_name)));
             match (&first_results, passes) {
-                (Some(_), false) => build_streams(
-                    self.streams,
-                    &mut tail,
-                    &mut graph_sinks,
-                    &mut problems,
-                ),
-                _ => problems.push(format!(
+                (Some(_), false) => {
+                    side = build_streams(
+                        self.streams,
+                        &mut tail,
+                        &mut graph_sinks,
+                        &mut fields,
+                        &mut problems,
+                    )
+                }
+                _ if read => problems.push(format!(
                     "stream `{head_name}` is read by other streams, so it needs a window or an `alert`: streams read results, whose fields are known"
                 )),
+                _ => problems.push(format!(
+                    "stream `{head_name}`, the first to read the sources, needs a window or an `alert` when other streams read the sources too"
+                )),
             }
+        }
+        if side.is_some() && self.format == Format::Raw {
+            problems.push("streams that read the sources besides the first need decoded events: `format: raw` does not decode them".into());
         }
         if self.sinks.is_empty() && graph && tail.first().is_some_and(|h| !h.read) {
             problems.push(format!(
@@ -791,6 +825,7 @@ impl PipelineBuilder {
             time: self.time,
             ts_slot,
             parts,
+            side,
             key_names,
             key_slots,
             window,
@@ -992,22 +1027,24 @@ fn in_stream(stream: Option<&str>) -> String {
 
 /// Adds a job graph's further streams to `nodes` (whose node 0 is the
 /// stream the source feeds), in their order: a stream reads streams
-/// before it.
+/// before it. Returns the slots of the event fields the streams that read
+/// the source read (`None` when there are none).
 fn build_streams(
-    streams: Vec<(String, Vec<String>, PipelineBuilder)>,
+    streams: Vec<StreamDecl>,
     nodes: &mut Vec<TailNode>,
     graph_sinks: &mut Vec<Vec<Box<dyn Sink>>>,
+    fields: &mut FieldTree,
     problems: &mut Vec<String>,
-) {
+) -> Option<Vec<usize>> {
+    // The event fields the streams that read the source read.
+    let mut side: Option<Vec<String>> = None;
     for (name, from, b) in streams {
         let at = |p: &dyn std::fmt::Display| format!("stream `{name}`: {p}");
         if nodes.iter().any(|n| n.name == name) {
             problems.push(at(&"another stream has this name"));
         }
         if b.source.is_some() {
-            problems.push(at(
-                &"a stream that reads other streams has no source of its own",
-            ));
+            problems.push(at(&"a stream of a job graph has no source of its own"));
         }
         problems.extend(b.problems.iter().map(|p| at(p)));
         let shapes: Vec<StepShape> = b.entries.iter().map(Entry::shape).collect();
@@ -1017,32 +1054,44 @@ fn build_streams(
                 rules::Subject::Workers => p.message,
             }));
         }
-        if from.is_empty() {
-            problems.push(at(&"`from` names no stream"));
-        }
         let mut input_names: Vec<String> = Vec::new();
         let mut inputs = Vec::new();
-        for f in &from {
-            let Some(i) = nodes.iter().position(|n| n.name == *f) else {
-                problems.push(at(&format!("reads `{f}`, which is not a stream before it")));
-                continue;
-            };
-            let slots = nodes[i]
-                .output_schema()
-                .names
-                .into_iter()
-                .map(|n| match input_names.iter().position(|m| *m == n) {
-                    Some(s) => s,
-                    None => {
-                        input_names.push(n);
-                        input_names.len() - 1
-                    }
-                })
-                .collect();
-            nodes[i].read = true;
-            inputs.push((i, slots));
+        if let Some(from) = &from {
+            if from.is_empty() {
+                problems.push(at(&"`from` names no stream"));
+            }
+            for f in from {
+                let Some(i) = nodes.iter().position(|n| n.name == *f) else {
+                    problems.push(at(&format!("reads `{f}`, which is not a stream before it")));
+                    continue;
+                };
+                let slots = nodes[i]
+                    .output_schema()
+                    .names
+                    .into_iter()
+                    .map(|n| match input_names.iter().position(|m| *m == n) {
+                        Some(s) => s,
+                        None => {
+                            input_names.push(n);
+                            input_names.len() - 1
+                        }
+                    })
+                    .collect();
+                nodes[i].read = true;
+                inputs.push((i, slots));
+            }
+        } else {
+            // Reading events: what it puts out must be results.
+            let first_keyed = b.entries.iter().find_map(|e| match e {
+                Entry::Window(_) => Some(true),
+                Entry::Stateful(st, _) => Some(!st.passes_events()),
+                _ => None,
+            });
+            if first_keyed != Some(true) {
+                problems.push(at(&"a stream that reads the sources besides the first needs a window or an `alert` (it reads the events' fields by name; what it puts out are results)"));
+            }
         }
-        let segments = match b.entries.is_empty() {
+        let mut segments = match b.entries.is_empty() {
             true => Vec::new(),
             false => {
                 let mut found = Vec::new();
@@ -1054,6 +1103,28 @@ fn build_streams(
                 segments
             }
         };
+        let mut side_map = None;
+        if from.is_none() {
+            // Its input is every field its first segment names, taken from
+            // the event.
+            if let Some(first) = segments.first_mut() {
+                first.input_width = first.names.len();
+                input_names = first.names.clone();
+            }
+            let side = side.get_or_insert_with(Vec::new);
+            side_map = Some(
+                input_names
+                    .iter()
+                    .map(|n| match side.iter().position(|m| m == n) {
+                        Some(i) => i,
+                        None => {
+                            side.push(n.clone());
+                            side.len() - 1
+                        }
+                    })
+                    .collect(),
+            );
+        }
         let route = match b.sinks.is_empty() {
             true => None,
             false => {
@@ -1064,6 +1135,7 @@ fn build_streams(
         nodes.push(TailNode {
             name,
             inputs,
+            side: side_map,
             input_names,
             segments,
             route,
@@ -1079,6 +1151,7 @@ fn build_streams(
             ));
         }
     }
+    side.map(|names| names.iter().map(|n| fields.slot(n)).collect())
 }
 
 /// Whether events go out as they came (no window, no `alert`).
