@@ -916,10 +916,7 @@ fn build_tail(
                     w.clone(),
                     WindowStepOptions {
                         key_names: key_names.clone(),
-                        source_name: match stream {
-                            None => format!("window results (stage {n})"),
-                            Some(s) => format!("stream {s}"),
-                        },
+                        source_name: results_name("window results", n, stream),
                         key_limit: w.max_keys,
                         fingerprint: format!(
                             "{}stage {} keys=[{}] {:?}",
@@ -928,17 +925,14 @@ fn build_tail(
                             key_names.join(","),
                             w
                         ),
-                        layout: {
-                            let mut l = serde_json::json!({
+                        layout: layout(
+                            serde_json::json!({
                                 "keys": key_names,
                                 "aggregates": w.aggregates.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(),
                                 "stage": n + 1,
-                            });
-                            if let Some(s) = stream {
-                                l["stream"] = s.into();
-                            }
-                            l.to_string()
-                        },
+                            }),
+                            stream,
+                        ),
                     },
                 );
                 let out = op.output_schema().names;
@@ -976,10 +970,7 @@ fn build_tail(
                         key_names: key_names.clone(),
                         key_limit: max_keys,
                         max_keys,
-                        source_name: match stream {
-                            None => format!("results (stage {n})"),
-                            Some(s) => format!("stream {s}"),
-                        },
+                        source_name: results_name("results", n, stream),
                         ordered: true,
                         fingerprint: format!(
                             "{}stage {} keys=[{}] {:?}",
@@ -988,13 +979,10 @@ fn build_tail(
                             key_names.join(","),
                             st
                         ),
-                        layout: {
-                            let mut l = serde_json::json!({ "keys": key_names, "step": st.kind(), "stage": n + 1 });
-                            if let Some(s) = stream {
-                                l["stream"] = s.into();
-                            }
-                            l.to_string()
-                        },
+                        layout: layout(
+                            serde_json::json!({ "keys": key_names, "step": st.kind(), "stage": n + 1 }),
+                            stream,
+                        ),
                     },
                 );
                 let passes = st.passes_events();
@@ -1018,6 +1006,22 @@ fn build_tail(
         segments.push(cur);
     }
     segments
+}
+
+/// A tail operator's state layout: `l`, with the stream's name in a job graph.
+fn layout(mut l: serde_json::Value, stream: Option<&str>) -> String {
+    if let Some(s) = stream {
+        l["stream"] = s.into();
+    }
+    l.to_string()
+}
+
+/// What a tail operator's dead letters say they came from.
+fn results_name(what: &str, stage: usize, stream: Option<&str>) -> String {
+    match stream {
+        None => format!("{what} (stage {stage})"),
+        Some(s) => format!("stream {s}"),
+    }
 }
 
 /// The prefix of a further stream's state fingerprints.
