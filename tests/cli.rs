@@ -158,7 +158,6 @@ sink:
         "bad.yaml:6:24: steps[0].deadband.field: unknown field `temprature`; did you mean `temperature`?",
         "bad.yaml:6:43: steps[0].deadband.delta: must be a number of at least 0",
         "bad.yaml:6:60: steps[0].deadband.max_silence: must be greater than zero",
-        "bad.yaml:7:11: steps[1]: steps after deduplicate or deadband (steps[0]) are not supported yet",
         "bad.yaml:8:44: steps[2].alert.when: bad expression `temperature >`",
         "bad.yaml:8:51: steps[2].alert.for: bad duration `1 minute`",
         "steps[2].alert.max_keys: must be at least 1 (or left out: no bound)",

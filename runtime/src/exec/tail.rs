@@ -77,6 +77,10 @@ pub(crate) struct TailNode {
     /// input's fields, where it is in the events' side rows
     /// ([`Stream::Side`]).
     pub side: Option<Vec<usize>>,
+    /// Node 0 after a step that passes events on (`deduplicate`,
+    /// `deadband`): for each of its input's fields, where it is in the
+    /// events' carried fields.
+    pub event_fields: Option<Vec<usize>>,
     /// The fields of its input (a union's: every input's fields).
     pub input_names: Vec<String>,
     pub segments: Vec<TailSegment>,
@@ -97,6 +101,7 @@ impl TailNode {
             name: name.to_string(),
             inputs: Vec::new(),
             side: None,
+            event_fields: None,
             input_names: input.names,
             segments,
             route: Some(Stream::Main),
@@ -250,6 +255,18 @@ impl Tail {
                     self.chunk(rows, side, o.start, source_name, out);
                 }
                 (Stream::Side, Body::Row(values)) => side.push(Row { ts: o.end, values }),
+                (Stream::Main, Body::Event(e)) => {
+                    // An event passed on by the first stage: the fields the
+                    // steps after it read.
+                    let Some(map) = self.nodes.first().and_then(|n| n.event_fields.as_ref()) else {
+                        continue;
+                    };
+                    let values = map
+                        .iter()
+                        .map(|&i| e.fields.get(i).cloned().unwrap_or(Value::Null))
+                        .collect();
+                    rows.push(Row { ts: o.end, values });
+                }
                 (_, Body::Row(values)) => {
                     let ts = first_op(&Output {
                         body: Body::Line(Vec::new()),

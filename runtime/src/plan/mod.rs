@@ -719,7 +719,7 @@ impl PipelineBuilder {
         // Events go out as they came: without a window, or through
         // `deduplicate` and `deadband`.
         let passes = passes_events(&window, &stateful);
-        let (carry, carry_retain) = if passes {
+        let (mut carry, carry_retain) = if passes {
             let mut carry: Vec<(String, usize)> = Vec::new();
             for f in self.sinks.iter().flat_map(|s| s.topic_fields()) {
                 if !carry.iter().any(|(n, _)| *n == f) {
@@ -767,12 +767,38 @@ impl PipelineBuilder {
         };
         let head_name = self.head.clone().unwrap_or_else(|| self.name.clone());
         let mut tail = Vec::new();
+        // Steps after `deduplicate` or `deadband` read the events' fields by
+        // name (the rules make them end in results).
+        let after_passing = passes && !tail_entries.is_empty();
+        // What this stream puts out are results (a window's, an alert's).
+        let head_results = first_results.is_some() && (!passes || after_passing);
         if let Some(schema) = &first_results {
-            let segments = match tail_entries.is_empty() {
-                true => Vec::new(),
-                false => build_tail(tail_entries, schema.clone(), &mut problems, None),
+            let mut segments = match (tail_entries.is_empty(), after_passing) {
+                (true, _) => Vec::new(),
+                (false, false) => build_tail(tail_entries, schema.clone(), &mut problems, None),
+                (false, true) => build_tail(tail_entries, Default::default(), &mut problems, None),
             };
-            let mut head = TailNode::head(&head_name, schema.clone(), segments);
+            let mut event_fields = None;
+            let mut input = schema.clone();
+            if let (true, Some(first)) = (after_passing, segments.first_mut()) {
+                // Its input is every field its first segment names, carried
+                // with each event the stateful step passes on.
+                first.input_width = first.names.len();
+                input.names = first.names.clone();
+                let mut at = Vec::new();
+                for name in &first.names {
+                    match carry.iter().position(|(n, _)| n == name) {
+                        Some(i) => at.push(i),
+                        None => {
+                            carry.push((name.clone(), fields.slot(name)));
+                            at.push(carry.len() - 1);
+                        }
+                    }
+                }
+                event_fields = Some(at);
+            }
+            let mut head = TailNode::head(&head_name, input, segments);
+            head.event_fields = event_fields;
             if self.sinks.is_empty() {
                 head.route = None;
             }
@@ -786,8 +812,8 @@ impl PipelineBuilder {
                 .streams
                 .iter()
                 .any(|(_, from, _)| from.as_ref().is_some_and(|f| f.contains(&head_name)));
-            match (&first_results, passes) {
-                (Some(_), false) => {
+            match head_results {
+                true => {
                     side = build_streams(
                         self.streams,
                         &mut tail,
@@ -1140,6 +1166,7 @@ fn build_streams(
             name,
             inputs,
             side: side_map,
+            event_fields: None,
             input_names,
             segments,
             route,

@@ -52,8 +52,9 @@ fn step(index: usize, part: Option<&'static str>, message: String) -> RuleProble
 /// A pipeline is segments: steps, then optionally `key_by` and a window or
 /// a stateful step. The first window may be global (no `key_by`); a later
 /// one reads the results before it, which are not keyed, so it needs its
-/// own `key_by`. Nothing follows `deduplicate` or `deadband` yet (they pass
-/// events on, not records).
+/// own `key_by`. Steps after `deduplicate` or `deadband` (which pass events
+/// on) must lead to a window or an `alert`: they read the events' fields by
+/// name, and what comes out are results.
 pub fn check_steps(steps: &[StepShape], has_time: Option<bool>) -> Vec<RuleProblem> {
     let mut out = Vec::new();
     // The key_by of the current segment, the last keyed step, the last
@@ -72,13 +73,29 @@ pub fn check_steps(steps: &[StepShape], has_time: Option<bool>) -> Vec<RuleProbl
             ));
         }
     };
+    // Steps after a step that passes events on (`deduplicate`,
+    // `deadband`) read the events' fields by name: they must lead to a
+    // window or an `alert`, whose results have known fields.
+    let mut after_passing: Option<usize> = None;
+    let results_needed = |p: usize| {
+        format!("steps after deduplicate or deadband (steps[{p}]) need a window or an `alert` after them: they read the events' fields by name, and what comes out must be results (put other steps before steps[{p}])")
+    };
     for (i, s) in steps.iter().enumerate() {
-        if let Some(p) = passing {
-            out.push(step(
-                i,
-                None,
-                format!("steps after deduplicate or deadband (steps[{p}]) are not supported yet; put them before it"),
-            ));
+        if let (Some(_), None) = (passing, after_passing) {
+            after_passing = Some(i);
+        }
+        match *s {
+            StepShape::Window | StepShape::Stateful { passes: false } => {
+                passing = None;
+                after_passing = None;
+            }
+            StepShape::Stateful { passes: true } => {
+                if let (Some(p), Some(_)) = (passing, after_passing) {
+                    out.push(step(i, None, results_needed(p)));
+                    after_passing = None;
+                }
+            }
+            _ => {}
         }
         match *s {
             StepShape::Step => {}
@@ -128,6 +145,9 @@ pub fn check_steps(steps: &[StepShape], has_time: Option<bool>) -> Vec<RuleProbl
                 }
             }
         }
+    }
+    if let (Some(p), Some(first)) = (passing, after_passing) {
+        out.push(step(first, None, results_needed(p)));
     }
     if let Some(k) = key {
         out.push(step(
@@ -204,7 +224,17 @@ mod tests {
         assert_eq!(got.len(), 3, "{got:?}");
         assert!(got[0].contains("put a `key_by` before it"), "{got:?}");
         assert!(got[1].contains("needs time"), "{got:?}");
-        assert!(got[2].contains("not supported yet"), "{got:?}");
+        assert!(
+            got[2].contains("need a window or an `alert` after them"),
+            "{got:?}"
+        );
+        // ... unless a window or an alert follows: its results come out.
+        let k1 = KeyBy { fields: 1 };
+        assert!(messages(&[k1, dedup, Step, k1, Window], Some(true)).is_empty());
+        assert!(messages(&[k1, dedup, k1, alert, Step], Some(true)).is_empty());
+        let got = messages(&[k1, dedup, k1, dedup, k1, Window], Some(true));
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(got[0].contains("steps[1]"), "{got:?}");
         // Steps after a window; a second window needs its own key_by.
         let k = KeyBy { fields: 1 };
         assert!(messages(
