@@ -362,6 +362,41 @@ streams:
             "union.yaml:7:9: sources.b: the sources of a union share a kind of time: `a` has event time, this one processing time",
         ],
     );
+    // Peer mode runs one stream of one source for now: a clear refusal.
+    let (code, err) = validate_text(
+        dir.path(),
+        "graph-peers.yaml",
+        "name: gp
+sources:
+  a:
+    mqtt: { url: \"mqtt://127.0.0.1:1883\", topics: [\"s/{id}/t\"], qos: 1 }
+    event_time: { field: ts, max_out_of_orderness: 1s }
+  b:
+    mqtt: { url: \"mqtt://127.0.0.1:1883\", topics: [\"r/{id}/t\"], qos: 1 }
+    event_time: { field: ts, max_out_of_orderness: 1s }
+streams:
+  s:
+    from: [a, b]
+    steps:
+      - key_by: id
+      - window: { tumbling: 2s, aggregate: { n: count() } }
+    sink: { stdout: {} }
+  t:
+    from: s
+    steps: [ { filter: n > 1 } ]
+    sink: { stdout: {} }
+state: { dir: st }
+peers: { cluster: t }
+",
+    );
+    assert_eq!(code, Some(1));
+    assert_lines(
+        &err,
+        &[
+            "streams: job graphs of several streams are not supported in peer mode yet",
+            "peers: a union of several sources is not supported in peer mode yet",
+        ],
+    );
     // The one-stream keys do not mix with the general form.
     let (code, err) = validate_text(
         dir.path(),
