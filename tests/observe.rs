@@ -765,3 +765,62 @@ http: {{ listen: "127.0.0.1:{port}" }}
     let (code, _, _) = r.stop();
     assert_eq!(code, Some(0));
 }
+
+#[test]
+fn a_job_graph_counts_each_streams_sink_under_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut input = String::new();
+    for i in 0..300i64 {
+        input.push_str(&format!(
+            "{{\"sensor\":\"s{}\",\"ts\":{},\"t\":{}}}\n",
+            i % 3,
+            i * 200,
+            i % 7
+        ));
+    }
+    std::fs::write(dir.path().join("in.jsonl"), &input).unwrap();
+    let yaml = format!(
+        r#"
+name: graph-figures
+sources:
+  events:
+    file: {{ path: in.jsonl }}
+    event_time: {{ field: ts, max_out_of_orderness: 0s, plausible_years: any }}
+streams:
+  per_sensor:
+    from: events
+    steps:
+      - key_by: sensor
+      - window: {{ tumbling: 10s, aggregate: {{ n: count(), hi: max(t) }} }}
+    sink: {{ file: {{ path: out.jsonl }} }}
+  warm:
+    from: per_sensor
+    steps: [ {{ filter: window_start >= 30000 }} ]
+    sink: {{ file: {{ path: warm.jsonl }} }}
+http: {{ listen: "127.0.0.1:{port}", linger: 120s }}
+"#
+    );
+    let mut r = Rivulet::start(dir.path(), &yaml);
+    wait_for_endpoint(port, &mut r);
+    eventually("the input to end", 60, || {
+        get_json(port, "/api/status")["phase"] == "stopped"
+    });
+    let (code, text) = get(port, "/metrics");
+    assert_eq!(code, 200);
+    let m = parse_with_prometheus(&text);
+    let (main, warm) = (
+        lines(dir.path(), "out.jsonl"),
+        lines(dir.path(), "warm.jsonl"),
+    );
+    assert_eq!(main, 18, "3 sensors x 6 windows");
+    assert_eq!(warm, 9, "3 sensors x the last 3 windows");
+    assert_eq!(
+        total(&m, "rivulet_sink_records_total", &[("sink", "main")]),
+        main as f64
+    );
+    assert_eq!(
+        total(&m, "rivulet_sink_records_total", &[("sink", "warm")]),
+        warm as f64
+    );
+}

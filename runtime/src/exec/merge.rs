@@ -120,7 +120,9 @@ pub(super) fn merge(
     let mut dead_log = crate::observe::logs::RateLimit::new(std::time::Duration::from_secs(10));
     let mut pending = crate::state::Pending::default();
     let mut awaiting: Option<Awaiting> = None;
-    let counters = MergeCounters::new(ctx);
+    let counters = MergeCounters::new(ctx, &graph);
+    // Records written to each further stream's sinks in this batch.
+    let mut graph_written = vec![0u64; graph.len()];
     let mut counted = RunStats::default();
     loop {
         let mut batch = parse_out[seq % parse_out.len()]
@@ -213,6 +215,9 @@ pub(super) fn merge(
                 }
                 Stream::Graph(i) => {
                     stats.results += 1;
+                    if let Some(n) = graph_written.get_mut(i as usize) {
+                        *n += 1;
+                    }
                     if let Some((_, schema, sinks)) = graph.get_mut(i as usize) {
                         let line = o.json(schema, &mut buf);
                         for s in sinks {
@@ -299,7 +304,7 @@ pub(super) fn merge(
             None => {}
         }
         counters.batches.add(1);
-        counters.count(&stats, &mut counted);
+        counters.count(&stats, &mut counted, &mut graph_written);
         if let Some(end) = batch.end {
             stats.stopped = end == End::Stop;
             if let Some(Checkpoints::Local(cp)) = checkpointer.as_mut() {
@@ -325,12 +330,14 @@ struct MergeCounters {
     results: Counter,
     late: Counter,
     dead: Counter,
+    /// Each further stream's sinks (`sink` is the stream's name).
+    graph: Vec<Counter>,
     late_records: Counter,
     filtered: Counter,
 }
 
 impl MergeCounters {
-    fn new(ctx: &RunContext) -> Self {
+    fn new(ctx: &RunContext, graph: &[GraphSinks]) -> Self {
         let sink = |name: &str| {
             ctx.for_operator(&format!("sink_{name}")).counter(
                 names::SINK_RECORDS,
@@ -347,6 +354,7 @@ impl MergeCounters {
             results: sink("main"),
             late: sink("late"),
             dead: sink("dead_letter"),
+            graph: graph.iter().map(|(name, _, _)| sink(name)).collect(),
             late_records: ctx.counter(
                 names::LATE_EVENTS,
                 "records too late for their windows",
@@ -360,10 +368,20 @@ impl MergeCounters {
         }
     }
 
-    /// Adds what `stats` gained since `counted`, then remembers it.
-    fn count(&self, stats: &RunStats, counted: &mut RunStats) {
+    /// Adds what `stats` gained since `counted`, then remembers it;
+    /// `graph` holds what each further stream's sinks got in the batch
+    /// (part of `stats.results`, counted under their own names).
+    fn count(&self, stats: &RunStats, counted: &mut RunStats, graph: &mut [u64]) {
         let d = |now: u64, before: u64| now - before;
-        self.results.add(d(stats.results, counted.results));
+        let mut others = 0;
+        for (c, n) in self.graph.iter().zip(graph.iter_mut()) {
+            if *n > 0 {
+                c.add(*n);
+                others += std::mem::take(n);
+            }
+        }
+        self.results
+            .add(d(stats.results, counted.results).saturating_sub(others));
         self.late.add(d(stats.late, counted.late));
         self.late_records.add(d(stats.late, counted.late));
         self.dead.add(d(stats.dead_letters, counted.dead_letters));
