@@ -900,3 +900,78 @@ fn ingestion_time_excludes_event_time() {
     let out = bin().arg("validate").arg(&f).output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+#[test]
+fn a_shared_preparation_stream_feeds_each_reader_as_its_own_steps_would() {
+    // `clean` (a map and a filter, no sink) is read by two windowed
+    // streams: each gives what a one-stream pipeline with `clean`'s steps
+    // and its own gives.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut input = String::new();
+    let mut x = 3u64;
+    for i in 0..4000i64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        input.push_str(&format!(
+            "{{\"sensor\":\"s{}\",\"site\":\"p{}\",\"ts\":{},\"f\":{}}}\n",
+            x % 5,
+            x % 2,
+            1_800_000_000_000 + i * 50 - (x % 400) as i64,
+            (x % 120) as i64 - 10
+        ));
+    }
+    std::fs::write(d.join("in.jsonl"), input).unwrap();
+    let source =
+        "file: { path: in.jsonl }\n    event_time: { field: ts, max_out_of_orderness: 500ms }";
+    let clean = "- map: { c: (f - 32) * 5 / 9 }\n      - filter: c > -20";
+    let per_sensor = "- key_by: sensor\n      - window: { tumbling: 10s, aggregate: { avg_c: avg(c), n: count() } }";
+    let per_site = "- key_by: site\n      - window: { tumbling: 30s, aggregate: { hi: max(c) } }";
+    let run = |file: &str, yaml: String| {
+        std::fs::write(d.join(file), yaml).unwrap();
+        let out = bin().arg("run").arg(file).current_dir(d).output().unwrap();
+        assert!(out.status.success(), "{file}: {}", text(&out.stderr));
+    };
+    run(
+        "graph.yaml",
+        format!(
+            "name: g\nsources:\n  events:\n    {source}\nstreams:\n  clean:\n    from: events\n    steps:\n      {clean}\n\
+             \x20 per_sensor:\n    from: clean\n    steps:\n      {per_sensor}\n    sink: {{ file: {{ path: g-sensor.jsonl }} }}\n\
+             \x20 per_site:\n    from: clean\n    steps:\n      {per_site}\n    sink: {{ file: {{ path: g-site.jsonl }} }}\n"
+        ),
+    );
+    for (name, steps) in [("sensor", per_sensor), ("site", per_site)] {
+        run(
+            &format!("{name}.yaml"),
+            format!(
+                "name: {name}\nsource:\n  {}\nsteps:\n  {}\n  {}\nsink: {{ file: {{ path: alone-{name}.jsonl }} }}\n",
+                source.replace("\n    ", "\n  "),
+                clean.replace("\n      ", "\n  "),
+                steps.replace("\n      ", "\n  ")
+            ),
+        );
+        let read = |f: String| std::fs::read_to_string(d.join(f)).unwrap();
+        let (graph, alone) = (
+            read(format!("g-{name}.jsonl")),
+            read(format!("alone-{name}.jsonl")),
+        );
+        assert!(alone.lines().count() > 5, "{name}: {alone}");
+        assert_eq!(graph, alone, "{name}");
+    }
+    // A union cannot read it: its steps would apply to the other input.
+    let (code, err) = validate_text(
+        d,
+        "union.yaml",
+        &format!(
+            "name: u\nsources:\n  events:\n    {source}\nstreams:\n  clean:\n    from: events\n    steps:\n      {clean}\n\
+             \x20 per_sensor:\n    from: events\n    steps:\n      {per_sensor}\n    sink: {{ stdout: {{}} }}\n\
+             \x20 both:\n    from: [per_sensor, clean]\n    sink: {{ stdout: {{}} }}\n"
+        ),
+    );
+    assert_eq!(code, Some(1));
+    assert_lines(
+        &err,
+        &["streams.both.from: `clean` has no window or `alert`, so a union cannot read it yet"],
+    );
+}

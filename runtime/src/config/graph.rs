@@ -147,6 +147,10 @@ pub(super) fn read<'a>(
             );
         }
     }
+    // A stream of `map` and `filter` steps without a sink (a preparation
+    // several streams share) is folded into each stream that reads it.
+    inline_preparations(c, &mut all);
+    let is_stream = |n: &str| all.iter().any(|s: &StreamRead| s.name == n);
     let mut heads: Vec<usize> = (0..all.len())
         .filter(|&i| all[i].from.iter().any(|f| is_source(f)))
         .collect();
@@ -284,6 +288,68 @@ pub(super) fn read<'a>(
         head: head_read,
         streams,
     })
+}
+
+/// Folds each stream of only `map` and `filter` steps, without a sink, into
+/// the streams that read it: they read what it reads, its steps first.
+/// (Stateless steps give the same records wherever they run, so this is
+/// the graph the file describes.) A union cannot read such a stream: its
+/// steps would apply to the union's other inputs too.
+fn inline_preparations(c: &mut Checker, all: &mut Vec<StreamRead<'_>>) {
+    let stateless = |s: &StreamRead| {
+        s.steps
+            .iter()
+            .all(|(st, _)| matches!(st, StepConfig::Map(_) | StepConfig::Filter(_)))
+    };
+    // Whether stream `i` reads itself through other streams (a cycle,
+    // reported later).
+    let on_cycle = |all: &[StreamRead], i: usize| {
+        let mut seen = vec![false; all.len()];
+        let mut todo: Vec<usize> = vec![i];
+        while let Some(j) = todo.pop() {
+            for f in &all[j].from {
+                if let Some(k) = all.iter().position(|s| s.name == *f) {
+                    if k == i {
+                        return true;
+                    }
+                    if !seen[k] {
+                        seen[k] = true;
+                        todo.push(k);
+                    }
+                }
+            }
+        }
+        false
+    };
+    loop {
+        let found = (0..all.len()).find(|&i| {
+            all[i].sink.is_none()
+                && stateless(&all[i])
+                && all.iter().any(|r| r.from.contains(&all[i].name))
+                && !on_cycle(all, i)
+        });
+        let Some(i) = found else { return };
+        let s = all.remove(i);
+        for r in all.iter_mut().filter(|r| r.from.contains(&s.name)) {
+            if r.from.len() > 1 {
+                let path = format!("streams.{}.from", r.name);
+                let msg = format!(
+                    "`{}` has no window or `alert`, so a union cannot read it yet: its steps would apply to the union's other inputs (read what `{}` reads here, with its steps in this stream)",
+                    s.name, s.name
+                );
+                match r.from_node {
+                    Some(n) => c.node(n, &path, msg),
+                    None => c.at(r.at.0, r.at.1, &path, msg),
+                }
+                r.from.retain(|f| *f != s.name);
+                continue;
+            }
+            r.from = s.from.clone();
+            let mut steps = s.steps.clone();
+            steps.append(&mut r.steps);
+            r.steps = steps;
+        }
+    }
 }
 
 fn valid_name(s: &str) -> bool {

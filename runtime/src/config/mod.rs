@@ -414,6 +414,11 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
 
     if !c.problems.is_empty() {
         c.problems.sort_by_key(|p| (p.line == 0, p.line, p.column));
+        // A shared preparation's steps are checked in each stream that
+        // reads it: one problem per place in the file.
+        c.problems.dedup_by(|a, b| {
+            a.line != 0 && (a.line, a.column, &a.message) == (b.line, b.column, &b.message)
+        });
         return Err(c.problems);
     }
     let (Some(name), Some((source, time, max_payload))) = (name, checked_source) else {
