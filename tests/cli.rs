@@ -974,4 +974,41 @@ fn a_shared_preparation_stream_feeds_each_reader_as_its_own_steps_would() {
         &err,
         &["streams.both.from: `clean` has no window or `alert`, so a union cannot read it yet"],
     );
+    // A problem in a preparation is reported once, where it is written;
+    // a reader's own steps keep their own numbers.
+    let (code, err) = validate_text(
+        d,
+        "typo.yaml",
+        "name: t
+sources:
+  events: { generator: { sensors: 2 }, event_time: { field: ts, max_out_of_orderness: 1s } }
+streams:
+  clean:
+    from: events
+    steps:
+      - map: { c: (temperature - 32) * 5 / 9 }
+      - filter: humdity < 90
+  a:
+    from: clean
+    steps:
+      - key_by: sensor_id
+      - window: { tumbling: 10s, aggregate: { avg_c: avg(cc) } }
+    sink: { stdout: {} }
+  b:
+    from: clean
+    steps:
+      - key_by: sensor_id
+      - window: { tumbling: 1m, aggregate: { hi: max(c) } }
+    sink: { stdout: {} }
+",
+    );
+    assert_eq!(code, Some(1));
+    assert_eq!(err.matches("humdity").count(), 1, "{err}");
+    assert_lines(
+        &err,
+        &[
+            "typo.yaml:9:17: streams.clean.steps[1].filter: unknown field `humdity`; did you mean `humidity`?",
+            "typo.yaml:14:54: streams.a.steps[1].window.aggregate.avg_c: unknown field `cc`",
+        ],
+    );
 }

@@ -19,6 +19,9 @@ pub(super) struct StreamRead<'a> {
     pub from_node: Option<&'a Node>,
     /// It reads the sources (besides the first stream that does).
     pub reads_sources: bool,
+    /// Shared preparations folded in before its steps: each one's name,
+    /// where its own steps (not its preparations') start, and how many.
+    pub prepared: Vec<(String, usize, usize)>,
     pub steps: Vec<(StepConfig, &'a Node)>,
     pub sink: Option<&'a Node>,
 }
@@ -348,6 +351,14 @@ fn inline_preparations(c: &mut Checker, all: &mut Vec<StreamRead<'_>>) {
             let mut steps = s.steps.clone();
             steps.append(&mut r.steps);
             r.steps = steps;
+            // Its own preparations (folded in before) now come after these.
+            let n = s.steps.len();
+            for p in &mut r.prepared {
+                p.1 += n;
+            }
+            r.prepared.extend(s.prepared.iter().cloned());
+            let before: usize = s.prepared.iter().map(|p| p.2).sum();
+            r.prepared.push((s.name.clone(), before, n - before));
         }
     }
 }
@@ -458,6 +469,7 @@ fn read_stream<'a>(
         from,
         from_node,
         reads_sources: false,
+        prepared: Vec::new(),
         steps,
         sink: map.get_node("sink"),
     })

@@ -394,8 +394,9 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
         None => "steps".to_string(),
     };
     let source_known = known.clone();
+    let head_path = |i: usize| step_path(graph.as_ref().map(|g| &g.head), &steps_path, i);
     let (specs, results, known_after) =
-        check_step_list(&mut c, &steps, &steps_path, known, &rules_ctx);
+        check_step_list(&mut c, &steps, &head_path, known, &rules_ctx);
     if let (Some(fields), Some(node)) = (&results, sink_node) {
         check_sink_fields(&mut c, &sinks, node, &sink_path, fields);
     }
@@ -456,6 +457,18 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
 /// reading the records of streams before it (the first stream's fields:
 /// `head_out`, `None` when they are not results); and that every
 /// stream's records go somewhere.
+/// The path of step `i` of a stream (`prefix[i]`): a shared preparation's
+/// steps, folded in first, are named where they are written.
+fn step_path(stream: Option<&graph::StreamRead<'_>>, prefix: &str, i: usize) -> String {
+    match stream.and_then(|s| s.prepared.iter().find(|(_, at, n)| i >= *at && i < at + n)) {
+        Some((name, at, _)) => format!("streams.{name}.steps[{}]", i - at),
+        None => {
+            let shift = stream.map_or(0, |s| s.prepared.iter().map(|p| p.2).sum::<usize>());
+            format!("{prefix}[{}]", i - shift.min(i))
+        }
+    }
+}
+
 /// What the streams of a job graph read.
 struct StreamInputs {
     /// The first stream's output fields (`None`: not results).
@@ -547,7 +560,14 @@ fn check_streams(
             whole_topic: None,
             has_time,
         };
-        let (specs, _, out) = check_step_list(c, &s.steps, &format!("{path}.steps"), input, &rules);
+        let steps_path = format!("{path}.steps");
+        let (specs, _, out) = check_step_list(
+            c,
+            &s.steps,
+            &|i| step_path(Some(s), &steps_path, i),
+            input,
+            &rules,
+        );
         let sink_path = format!("{path}.sink");
         let sinks = s
             .sink
@@ -605,14 +625,14 @@ struct StepRules<'a> {
     has_time: Option<bool>,
 }
 
-/// Checks the steps at `prefix` (`steps`, `streams.<name>.steps`), whose
+/// Checks the steps named by `prefix` (`steps[i]`, `streams.<name>.steps[i]`), whose
 /// input has the fields `known` (when known); returns their specs, the
 /// fields of the last keyed step's results (when there is one), and the
 /// fields known after the last step.
 fn check_step_list(
     c: &mut Checker,
     steps: &[(StepConfig, &Node)],
-    prefix: &str,
+    prefix: &dyn Fn(usize) -> String,
     mut known: Option<Vec<String>>,
     r: &StepRules<'_>,
 ) -> (Vec<StepSpec>, Option<Vec<String>>, Option<Vec<String>>) {
@@ -635,8 +655,8 @@ fn check_step_list(
     for p in rules::check_steps(&shapes, r.has_time) {
         if let rules::Subject::Step { index, part } = p.subject {
             let path = match part {
-                Some(part) => format!("{prefix}[{index}].{part}"),
-                None => format!("{prefix}[{index}]"),
+                Some(part) => format!("{}.{part}", prefix(index)),
+                None => prefix(index),
             };
             c.node(steps[index].1, &path, p.message);
         }
@@ -648,7 +668,7 @@ fn check_step_list(
     let mut results: Option<Vec<String>> = None;
     let mut first_keyed: Option<usize> = None;
     for (i, (step, node)) in steps.iter().enumerate() {
-        let path = format!("{prefix}[{i}]");
+        let path = prefix(i);
         if let (Some(k), true) = (first_keyed, r.peers) {
             c.node(
                 node,
