@@ -308,7 +308,8 @@ streams:
   forward:
     from: temps
     steps:
-      - filter: temperature > 0
+      - key_by: sensor_id
+      - deadband: { field: temperature, delta: 1 }
     sink: { stdout: {} }
   per_sensor:
     from: temps
@@ -328,8 +329,8 @@ streams:
         &err,
         &[
             "two.yaml:10:3: streams.forward: `per_sensor` reads the sources, so this stream (which reads them too) needs a window or an `alert`",
-            "two.yaml:19:50: streams.per_sensor.steps[1].window.aggregate.t: unknown field `temprature`; did you mean `temperature`?",
-            "two.yaml:21:3: streams.both.from: streams that read sources read the same ones for now",
+            "two.yaml:20:50: streams.per_sensor.steps[1].window.aggregate.t: unknown field `temprature`; did you mean `temperature`?",
+            "two.yaml:22:3: streams.both.from: streams that read sources read the same ones for now",
         ],
     );
     // A union's sources share a format and a kind of time.

@@ -1027,3 +1027,70 @@ fn run_lines(path: &std::path::Path) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+#[test]
+fn a_job_graph_bridges_every_reading_and_windows_them_in_one_process() {
+    // `per_sensor` windows the readings; `forward` (a tee: a filter of its
+    // own) republishes the readings it keeps, payload unchanged, on a topic
+    // from the sensor id the source topic binds.
+    let broker = Broker::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let (copied, _sub) = subscribe(broker.port, "copy/#", None);
+    let yaml = format!(
+        "name: bw\nsources:\n  live:\n    mqtt: {{ url: \"{url}\", topics: [\"sensors/{{sensor_id}}/reading\"], qos: 1 }}\n    event_time: {{ field: ts, max_out_of_orderness: 300ms, plausible_years: any }}\n\
+         streams:\n  per_sensor:\n    from: live\n    steps:\n      - key_by: sensor_id\n      - window: {{ tumbling: 5s, aggregate: {{ n: count() }} }}\n    sink: {{ file: {{ path: windows.jsonl }} }}\n\
+         \x20 forward:\n    from: live\n    steps: [ {{ filter: v >= 10 }} ]\n    sink: {{ mqtt: {{ url: \"{url}\", topic: \"copy/{{sensor_id}}\", qos: 1 }} }}\n",
+        url = broker.url()
+    );
+    let run = Rivulet::start(dir.path(), &yaml);
+    eventually("rivulet to subscribe", 20, || {
+        broker.log().contains("sensors/+/reading")
+    });
+    let events = readings(1000);
+    let mut msgs: Vec<(String, String)> = events
+        .iter()
+        .map(|(s, ts, v)| {
+            (
+                format!("sensors/{s}/reading"),
+                json!({"ts": ts, "v": v}).to_string(),
+            )
+        })
+        .collect();
+    msgs.push((
+        "sensors/s0/reading".into(),
+        json!({"ts": SENTINEL_TS, "v": 0}).to_string(),
+    ));
+    publish_all(broker.port, &msgs);
+    let want_copies: Vec<(String, String)> = msgs
+        .iter()
+        .filter(|(_, p)| serde_json::from_str::<Value>(p).unwrap()["v"].as_i64() >= Some(10))
+        .map(|(t, p)| {
+            (
+                t.replace("sensors/", "copy/").replace("/reading", ""),
+                p.clone(),
+            )
+        })
+        .collect();
+    eventually("every kept reading copied", 30, || {
+        copied.lock().unwrap().len() >= want_copies.len()
+    });
+    // Every reading (not only the copied ones) is in a window; the
+    // sentinel's own window is still open.
+    let counted = || -> i64 {
+        parse(&run_lines(&dir.path().join("windows.jsonl")))
+            .iter()
+            .map(|r| r["n"].as_i64().unwrap())
+            .sum()
+    };
+    eventually("every reading windowed", 30, || {
+        counted() >= events.len() as i64
+    });
+    let (code, _, err) = run.stop();
+    assert_eq!(code, Some(0), "{err}");
+    let mut got = copied.lock().unwrap().clone();
+    let mut want = want_copies;
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    assert_eq!(counted(), events.len() as i64);
+}

@@ -1659,3 +1659,133 @@ fn a_window_after_deduplicate_counts_each_message_once() {
         assert_eq!(got.late, want.late);
     }
 }
+
+#[test]
+fn a_tee_forwards_events_beside_a_window_as_a_pass_through_pipeline_would() {
+    // `per_key` windows the events; `forward` (a tee: a filter and a map
+    // of its own, no window) writes the events it keeps, with its field
+    // added, exactly as a one-stream pass-through pipeline does. Neither
+    // sees the other's steps.
+    let mut input = Vec::new();
+    let mut x = 9u64;
+    for i in 0..2000i64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        input.push(ev(
+            ["a", "b", "c"][(x % 3) as usize],
+            i * 10 - (x % 100) as i64,
+            (x % 40) as i64,
+        ));
+    }
+    input.push("{not json".to_string());
+    let forward = |b: rivulet::plan::PipelineBuilder| b.filter("v > 30").map([("double", "v * 2")]);
+    let alone = {
+        let sink = MemorySink::new();
+        forward(Pipeline::builder("alone").source(MemorySource::from_lines(&input)))
+            .sink(sink.clone())
+            .build()
+            .expect("valid")
+            .run(RunOptions::default())
+            .expect("runs");
+        sink.records()
+    };
+    assert!(alone.len() > 100, "{} forwarded", alone.len());
+    let windows = run_graph(
+        &input,
+        100,
+        |b| {
+            b.filter("v < 35")
+                .key_by(["k"])
+                .window(sum_count(WindowDef::tumbling(ms(1000))))
+        },
+        1,
+    );
+    for workers in [1, 3] {
+        let (main, tee, dead) = (MemorySink::new(), MemorySink::new(), MemorySink::new());
+        Pipeline::builder("tee")
+            .source(MemorySource::from_lines(&input))
+            .event_time("ts", ms(100))
+            .stream_name("per_key")
+            .filter("v < 35")
+            .key_by(["k"])
+            .window(sum_count(WindowDef::tumbling(ms(1000))))
+            .sink(main.clone())
+            .source_stream(
+                "forward",
+                forward(Pipeline::builder("forward")).sink(tee.clone()),
+            )
+            .dead_letter(Box::new(dead.clone()))
+            .workers(workers)
+            .build()
+            .expect("valid pipeline")
+            .run(RunOptions::default())
+            .expect("runs");
+        assert_eq!(tee.records(), alone, "{workers} workers");
+        assert_eq!(parse_all(main.records()), windows.main, "{workers} workers");
+        assert_eq!(dead.records().len(), 1, "the bad line, once");
+    }
+}
+
+#[test]
+fn a_bridge_with_two_tees_forwards_each_its_own_events() {
+    let input: Vec<String> = (0..500)
+        .map(|i| ev(["a", "b"][i % 2], i as i64, (i % 10) as i64))
+        .collect();
+    let (low, high, all) = (MemorySink::new(), MemorySink::new(), MemorySink::new());
+    let (bad, dead) = (MemorySink::new(), MemorySink::new());
+    let stats = Pipeline::builder("bridge")
+        .source(MemorySource::from_lines(&input))
+        .stream_name("all")
+        .sink(all.clone())
+        // Its filter fails on every event: each is a dead letter, named.
+        .source_stream(
+            "bad",
+            Pipeline::builder("bad")
+                .filter("k * 2 > 1")
+                .sink(bad.clone()),
+        )
+        .dead_letter(Box::new(dead.clone()))
+        .source_stream(
+            "low",
+            Pipeline::builder("low").filter("v < 3").sink(low.clone()),
+        )
+        .source_stream(
+            "high",
+            Pipeline::builder("high")
+                .filter("v >= 7")
+                .sink(high.clone()),
+        )
+        .build()
+        .expect("valid pipeline")
+        .run(RunOptions::default())
+        .expect("runs");
+    assert_eq!(stats.events, 500);
+    assert_eq!(all.records(), input);
+    let pick = |keep: &dyn Fn(i64) -> bool| -> Vec<String> {
+        input
+            .iter()
+            .filter(|l| {
+                keep(
+                    serde_json::from_str::<Value>(l).unwrap()["v"]
+                        .as_i64()
+                        .unwrap(),
+                )
+            })
+            .cloned()
+            .collect()
+    };
+    assert_eq!(low.records(), pick(&|v| v < 3));
+    assert_eq!(high.records(), pick(&|v| v >= 7));
+    assert!(bad.records().is_empty());
+    let dead = parse_all(dead.records());
+    assert_eq!(dead.len(), 500);
+    assert!(
+        dead[0]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("stream `bad`: "),
+        "{}",
+        dead[0]
+    );
+}

@@ -500,11 +500,14 @@ fn check_streams(
             "job graphs of several streams are not supported in peer mode yet",
         );
     }
-    if g.streams.iter().any(|s| s.reads_sources) {
+    let tee = |s: &graph::StreamRead<'_>| {
+        s.reads_sources
+            && s.steps
+                .iter()
+                .all(|(st, _)| matches!(st, StepConfig::Map(_) | StepConfig::Filter(_)))
+    };
+    if g.streams.iter().any(|s| s.reads_sources && !tee(s)) {
         let h = &g.head;
-        if head_out.is_none() {
-            c.at(h.at.0, h.at.1, &format!("streams.{}", h.name), "several streams read the sources: at least one needs a window or an `alert` (the first such stream runs on the workers)");
-        }
         if raw {
             c.at(h.at.0, h.at.1, &format!("streams.{}", h.name), "several streams read the sources: they read decoded events, which `format: raw` does not decode (use `json` or `text`)");
         }
@@ -516,7 +519,11 @@ fn check_streams(
     for s in &g.streams {
         let path = format!("streams.{}", s.name);
         let mut input: Option<Vec<String>> = Some(Vec::new());
-        if s.reads_sources {
+        if tee(s) {
+            // Pass-through events, with steps of its own: checked against
+            // the events' fields; its sinks get the events.
+            input = events.clone();
+        } else if s.reads_sources {
             input = events.clone();
             let first_keyed = s.steps.iter().find_map(|(st, _)| match st {
                 StepConfig::Window(_) | StepConfig::Alert(_) => Some(true),
@@ -574,14 +581,19 @@ fn check_streams(
             .map(|n| sink_list(c, n, &sink_path))
             .unwrap_or_default();
         if let Some(n) = s.sink {
-            if let Some(fields) = &out {
+            // A tee's sinks get events, whose fields are not all known.
+            if let (false, Some(fields)) = (tee(s), &out) {
                 check_sink_fields(c, &sinks, n, &sink_path, fields);
             }
             if sinks
                 .iter()
                 .any(|s| matches!(s, SinkSpec::Mqtt(m) if m.keep_retain))
             {
-                c.node(n, &format!("{sink_path}.mqtt.retain"), "`keep` keeps the flag of forwarded messages; this stream's records have none (use `true` or `false`)");
+                let msg = match tee(s) {
+                    true => "`keep` is not supported yet in a stream beside the first (use `true` or `false`)",
+                    false => "`keep` keeps the flag of forwarded messages; this stream's records have none (use `true` or `false`)",
+                };
+                c.node(n, &format!("{sink_path}.mqtt.retain"), msg);
             }
         }
         outputs.push((&s.name, out));

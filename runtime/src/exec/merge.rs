@@ -49,7 +49,14 @@ pub(super) struct OutBatch {
 }
 
 /// A further stream's name, fields and sinks.
-pub(super) type GraphSinks = (String, Schema, Vec<Box<dyn Sink>>);
+pub(super) struct GraphSinks {
+    pub name: String,
+    /// The fields of its records (rows are written as JSON with them).
+    pub schema: Schema,
+    /// The fields its pass-through events carry for their topics.
+    pub carried: Vec<String>,
+    pub sinks: Vec<Box<dyn Sink>>,
+}
 
 /// The sinks of a run.
 pub(super) struct Sinks {
@@ -218,9 +225,20 @@ pub(super) fn merge(
                     if let Some(n) = graph_written.get_mut(i as usize) {
                         *n += 1;
                     }
-                    if let Some((_, schema, sinks)) = graph.get_mut(i as usize) {
-                        let line = o.json(schema, &mut buf);
-                        for s in sinks {
+                    if let Some(g) = graph.get_mut(i as usize) {
+                        if let crate::msg::Body::Event(e) = &o.body {
+                            let meta = crate::sinks::EventMeta {
+                                names: &g.carried,
+                                values: &e.fields,
+                                retain: e.retain,
+                            };
+                            for s in &mut g.sinks {
+                                s.write_event(&e.record, &meta)?;
+                            }
+                            continue;
+                        }
+                        let line = o.json(&g.schema, &mut buf);
+                        for s in &mut g.sinks {
                             s.write(line)?;
                         }
                     }
@@ -261,7 +279,7 @@ pub(super) fn merge(
         }
         for s in sinks
             .iter_mut()
-            .chain(graph.iter_mut().flat_map(|g| &mut g.2))
+            .chain(graph.iter_mut().flat_map(|g| &mut g.sinks))
             .chain(&mut late)
             .chain(&mut dead)
         {
@@ -312,7 +330,7 @@ pub(super) fn merge(
             }
             for s in sinks
                 .iter_mut()
-                .chain(graph.iter_mut().flat_map(|g| &mut g.2))
+                .chain(graph.iter_mut().flat_map(|g| &mut g.sinks))
                 .chain(&mut late)
                 .chain(&mut dead)
             {
@@ -354,7 +372,7 @@ impl MergeCounters {
             results: sink("main"),
             late: sink("late"),
             dead: sink("dead_letter"),
-            graph: graph.iter().map(|(name, _, _)| sink(name)).collect(),
+            graph: graph.iter().map(|g| sink(&g.name)).collect(),
             late_records: ctx.counter(
                 names::LATE_EVENTS,
                 "records too late for their windows",

@@ -293,12 +293,19 @@ fn run(
         }),
         carried: plan.carry.iter().map(|(n, _)| n.clone()).collect(),
         main: p.sinks,
-        graph: tail
-            .graph_streams()
-            .into_iter()
-            .zip(p.graph_sinks)
-            .map(|((name, schema), sinks)| (name, schema, sinks))
-            .collect(),
+        graph: {
+            let schemas = tail.graph_streams();
+            p.graph_sinks
+                .into_iter()
+                .enumerate()
+                .map(|(i, g)| merge::GraphSinks {
+                    name: g.name,
+                    schema: schemas.get(i).map(|s| s.1.clone()).unwrap_or_default(),
+                    carried: g.carried,
+                    sinks: g.sinks,
+                })
+                .collect()
+        },
         late: p.late,
         dead: p.dead_letter,
     };
@@ -312,9 +319,9 @@ fn run(
             s.start(&c);
         }
     }
-    for (name, _, list) in &mut sinks.graph {
-        let c = ctx.for_operator(&format!("sink_{name}"));
-        for s in list.iter_mut() {
+    for g in &mut sinks.graph {
+        let c = ctx.for_operator(&format!("sink_{}", g.name));
+        for s in g.sinks.iter_mut() {
             s.start(&c);
         }
     }
@@ -366,6 +373,11 @@ fn run(
             assignment: assignment.clone(),
             before: p.steps_before_key.iter().map(|s| s.clone_box()).collect(),
             after: p.steps_after_key.iter().map(|s| s.clone_box()).collect(),
+            tees: p
+                .tee_steps
+                .iter()
+                .map(|steps| steps.iter().map(|s| s.clone_box()).collect())
+                .collect(),
             carry_payloads: plan.has_late_sink
                 || plan.window.as_ref().is_some_and(|w| w.max_keys.is_some())
                 || plan.stateful_max_keys.is_some(),

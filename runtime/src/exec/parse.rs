@@ -120,6 +120,8 @@ pub(super) struct ParseWorker {
     pub assignment: Assignment,
     pub before: Vec<Box<dyn Step>>,
     pub after: Vec<Box<dyn Step>>,
+    /// The steps of each tee (the plan's `tees`).
+    pub tees: Vec<Vec<Box<dyn Step>>>,
     /// Whether keyed records carry their payload (a late output or a key
     /// bound may need it).
     pub carry_payloads: bool,
@@ -281,6 +283,60 @@ impl ParseWorker {
                 .collect(),
             None => Vec::new(),
         };
+        // Tees: each its own steps on a copy of the decoded events, then
+        // out as they came, with what the steps wrote.
+        let mut tee_out: Vec<Output> = Vec::new();
+        for (tee, steps) in plan.tees.iter().zip(&mut self.tees) {
+            let mut slots = self.slots.clone();
+            let mut status = self.status.clone();
+            let mut records = Records {
+                slots: &mut slots,
+                width,
+                status: &mut status,
+                removed: 0,
+            };
+            for s in steps.iter_mut() {
+                s.process(&mut records);
+            }
+            for i in 0..n {
+                let item = &raw.items[i];
+                match (&self.status[i], &records.status[i]) {
+                    (_, Status::Live) => {}
+                    // Its own steps failed on the event: a dead letter.
+                    (Status::Live, Status::Dead(class, reason)) => {
+                        if let Some(c) = reason::ALL.iter().position(|r| r == class) {
+                            self.counters.dead[c].add(1);
+                        }
+                        let from = DeadSource {
+                            source: &plan.source_name,
+                            position: item.position,
+                            topic: raw.topic(item),
+                            payload: raw.payload(item),
+                            oversize: item.oversize,
+                        };
+                        let reason = format!("stream `{}`: {reason}", tee.name);
+                        tee_out.push(Output::plain(
+                            i as u32,
+                            Stream::Dead,
+                            dead_letter_line(&reason, &from),
+                        ));
+                        continue;
+                    }
+                    _ => continue,
+                }
+                let row = records.get(i);
+                let line = passthrough_with(&tee.writes, plan, raw.payload(item), row);
+                let event = crate::msg::Event {
+                    record: line,
+                    fields: tee.carry.iter().map(|(_, s)| row[*s].clone()).collect(),
+                    retain: item.retain,
+                };
+                tee_out.push(Output {
+                    stream: Stream::Graph(tee.route),
+                    ..Output::event(i as u32, event)
+                });
+            }
+        }
         let counters = &self.counters;
         let mut live = count(&counters.decode, n, undecoded);
         counters.batches.add(1);
@@ -335,7 +391,7 @@ impl ParseWorker {
             events: n as u64,
             checkpoint: batch.checkpoint.clone(),
             savepoint: batch.savepoint.clone(),
-            outputs: side_rows,
+            outputs: side_rows.into_iter().chain(tee_out).collect(),
             ..Default::default()
         };
         let owners = self.assignment.size();
@@ -577,7 +633,16 @@ fn bind_topic(
 /// A text payload passes through as it came, unless steps wrote fields:
 /// then it becomes an object with `value` and those fields.
 fn passthrough(plan: &Plan, payload: &[u8], row: &[Value]) -> Vec<u8> {
-    let writes = &plan.writes;
+    passthrough_with(&plan.writes, plan, payload, row)
+}
+
+/// [`passthrough`] with the fields `writes` (a tee's).
+fn passthrough_with(
+    writes: &[(String, usize)],
+    plan: &Plan,
+    payload: &[u8],
+    row: &[Value],
+) -> Vec<u8> {
     if writes.is_empty() {
         return payload.to_vec();
     }

@@ -134,6 +134,14 @@ pub struct PipelineBuilder {
     union_times: Vec<TimeMode>,
 }
 
+/// The sinks of a further stream: its name, the fields its pass-through
+/// events carry for their topics (a tee's), and the sinks.
+pub(crate) struct GraphSinkDef {
+    pub name: String,
+    pub carried: Vec<String>,
+    pub sinks: Vec<Box<dyn Sink>>,
+}
+
 /// A further stream of a job graph: its name, what it reads (`None`: the
 /// pipeline's source, events as decoded), and a builder with its steps
 /// and sinks.
@@ -153,6 +161,18 @@ pub(crate) struct PartTime {
     pub ts_slot: usize,
     pub bound: i64,
     pub stamps: crate::time::stamp::StampFormat,
+}
+
+/// A stream of pass-through events beside the first (a tee): what its
+/// events go out with. Its steps are [`Pipeline`]'s `tee_steps`.
+pub(crate) struct TeePlan {
+    pub name: String,
+    /// Fields its steps write, overlaid on each event.
+    pub writes: Vec<(String, usize)>,
+    /// Fields its sinks fill their topics from.
+    pub carry: Vec<(String, usize)>,
+    /// Its sinks' [`crate::msg::Stream::Graph`] index.
+    pub route: u16,
 }
 
 /// One source of a union (see [`PipelineBuilder::union`]).
@@ -185,6 +205,9 @@ pub(crate) struct Plan {
     /// the fields they read, copied from each event as decoded (before
     /// the first stream's steps) into a [`crate::msg::Stream::Side`] row.
     pub side: Option<Vec<usize>>,
+    /// A job graph's further streams of pass-through events that read the
+    /// sources (a `map`/`filter` chain of their own, then their sinks).
+    pub tees: Vec<TeePlan>,
     pub key_names: Vec<String>,
     pub key_slots: Vec<usize>,
     pub window: Option<WindowDef>,
@@ -268,7 +291,9 @@ pub struct Pipeline {
     pub(crate) graph: bool,
     pub(crate) sinks: Vec<Box<dyn Sink>>,
     /// The sinks of a job graph's further streams, by [`crate::msg::Stream::Graph`] index.
-    pub(crate) graph_sinks: Vec<Vec<Box<dyn Sink>>>,
+    pub(crate) graph_sinks: Vec<GraphSinkDef>,
+    /// The steps of each tee ([`Plan`]'s `tees`), bound, cloned per worker.
+    pub(crate) tee_steps: Vec<Vec<Box<dyn Step>>>,
     pub(crate) late: Vec<Box<dyn Sink>>,
     pub(crate) dead_letter: Vec<Box<dyn Sink>>,
     pub(crate) clock: Arc<dyn Clock>,
@@ -807,15 +832,43 @@ impl PipelineBuilder {
         let graph = !self.streams.is_empty();
         let mut graph_sinks = Vec::new();
         let mut side = None;
-        if graph {
-            let read = self
-                .streams
+        // Streams of pass-through events beside the first (tees): a chain
+        // of `map`/`filter` steps of their own on each decoded event.
+        let (tee_decls, streams): (Vec<StreamDecl>, Vec<StreamDecl>) =
+            self.streams.into_iter().partition(|(_, from, b)| {
+                from.is_none() && b.entries.iter().all(|e| matches!(e, Entry::Step(_)))
+            });
+        let tee_names: Vec<String> = tee_decls.iter().map(|(n, _, _)| n.clone()).collect();
+        let mut tees = Vec::new();
+        let mut tee_steps = Vec::new();
+        for (name, _, b) in tee_decls {
+            let (tee, steps) = build_tee(
+                &name,
+                b,
+                &mut fields,
+                topic_field.as_deref(),
+                self.format,
+                &mut graph_sinks,
+                &mut problems,
+            );
+            tees.push(tee);
+            tee_steps.push(steps);
+        }
+        for (name, from, _) in &streams {
+            for t in from.iter().flatten().filter(|f| tee_names.contains(f)) {
+                problems.push(format!(
+                    "stream `{name}`: `{t}` passes events on (it has no window or `alert`), so other streams cannot read it yet; read what it reads, with its steps"
+                ));
+            }
+        }
+        if !streams.is_empty() {
+            let read = streams
                 .iter()
                 .any(|(_, from, _)| from.as_ref().is_some_and(|f| f.contains(&head_name)));
             match head_results {
                 true => {
                     side = build_streams(
-                        self.streams,
+                        streams,
                         &mut tail,
                         &mut graph_sinks,
                         &mut fields,
@@ -833,7 +886,7 @@ impl PipelineBuilder {
         if side.is_some() && self.format == Format::Raw {
             problems.push("streams that read the sources besides the first need decoded events: `format: raw` does not decode them".into());
         }
-        if self.sinks.is_empty() && graph && tail.first().is_some_and(|h| !h.read) {
+        if self.sinks.is_empty() && graph && !tail.first().is_some_and(|h| h.read) {
             problems.push(format!(
                 "stream `{head_name}`: its records go nowhere; give it a sink, or read it from another stream"
             ));
@@ -852,6 +905,7 @@ impl PipelineBuilder {
             ts_slot,
             parts,
             side,
+            tees,
             key_names,
             key_slots,
             window,
@@ -876,6 +930,7 @@ impl PipelineBuilder {
             graph,
             sinks: self.sinks,
             graph_sinks,
+            tee_steps,
             late: self.late,
             dead_letter: self.dead_letter,
             clock: self.clock,
@@ -1062,7 +1117,7 @@ fn in_stream(stream: Option<&str>) -> String {
 fn build_streams(
     streams: Vec<StreamDecl>,
     nodes: &mut Vec<TailNode>,
-    graph_sinks: &mut Vec<Vec<Box<dyn Sink>>>,
+    graph_sinks: &mut Vec<GraphSinkDef>,
     fields: &mut FieldTree,
     problems: &mut Vec<String>,
 ) -> Option<Vec<usize>> {
@@ -1158,7 +1213,11 @@ fn build_streams(
         let route = match b.sinks.is_empty() {
             true => None,
             false => {
-                graph_sinks.push(b.sinks);
+                graph_sinks.push(GraphSinkDef {
+                    name: name.clone(),
+                    carried: Vec::new(),
+                    sinks: b.sinks,
+                });
                 Some(crate::msg::Stream::Graph(graph_sinks.len() as u16 - 1))
             }
         };
@@ -1183,6 +1242,67 @@ fn build_streams(
         }
     }
     side.map(|names| names.iter().map(|n| fields.slot(n)).collect())
+}
+
+/// A stream of pass-through events beside the first (a tee): its steps,
+/// bound to the event fields, and what its events go out with.
+fn build_tee(
+    name: &str,
+    b: PipelineBuilder,
+    fields: &mut FieldTree,
+    topic_field: Option<&str>,
+    format: Format,
+    graph_sinks: &mut Vec<GraphSinkDef>,
+    problems: &mut Vec<String>,
+) -> (TeePlan, Vec<Box<dyn Step>>) {
+    let at = |p: &dyn std::fmt::Display| format!("stream `{name}`: {p}");
+    if b.source.is_some() {
+        problems.push(at(&"a stream of a job graph has no source of its own"));
+    }
+    problems.extend(b.problems.iter().map(|p| at(p)));
+    let mut steps = Vec::new();
+    let mut writes: Vec<(String, usize)> = Vec::new();
+    for entry in b.entries {
+        if let Entry::Step(mut s) = entry {
+            let slots: Vec<usize> = s.fields().iter().map(|f| fields.slot(f)).collect();
+            s.bind(&slots);
+            for w in s.writes() {
+                let slot = fields.slot(&w);
+                writes.retain(|(n, _)| *n != w);
+                writes.push((w, slot));
+            }
+            steps.push(s);
+        }
+    }
+    // Writing the whole-topic field changes where an event goes.
+    writes.retain(|(w, _)| Some(w.as_str()) != topic_field);
+    if let (Format::Raw, Some((w, _))) = (format, writes.first()) {
+        problems.push(at(&format!(
+            "a step writes `{w}`, but `format: raw` forwards payloads unchanged; use `format: json` or `text` to add fields"
+        )));
+    }
+    let mut carry: Vec<(String, usize)> = Vec::new();
+    for f in b.sinks.iter().flat_map(|s| s.topic_fields()) {
+        if !carry.iter().any(|(n, _)| *n == f) {
+            let slot = fields.slot(&f);
+            carry.push((f, slot));
+        }
+    }
+    if b.sinks.is_empty() {
+        problems.push(at(&"its events go nowhere; give it a sink"));
+    }
+    graph_sinks.push(GraphSinkDef {
+        name: name.to_string(),
+        carried: carry.iter().map(|(n, _)| n.clone()).collect(),
+        sinks: b.sinks,
+    });
+    let tee = TeePlan {
+        name: name.to_string(),
+        writes,
+        carry,
+        route: graph_sinks.len() as u16 - 1,
+    };
+    (tee, steps)
 }
 
 /// Whether events go out as they came (no window, no `alert`).
