@@ -1031,15 +1031,15 @@ fn run_lines(path: &std::path::Path) -> Vec<String> {
 #[test]
 fn a_job_graph_bridges_every_reading_and_windows_them_in_one_process() {
     // `per_sensor` windows the readings; `forward` (a tee: a filter of its
-    // own) republishes the readings it keeps, payload unchanged, on a topic
-    // from the sensor id the source topic binds.
+    // own) republishes the readings it keeps, payload unchanged, under
+    // `copy/` with the incoming topic's levels (`{topic}`).
     let broker = Broker::start("");
     let dir = tempfile::tempdir().unwrap();
     let (copied, _sub) = subscribe(broker.port, "copy/#", None);
     let yaml = format!(
         "name: bw\nsources:\n  live:\n    mqtt: {{ url: \"{url}\", topics: [\"sensors/{{sensor_id}}/reading\"], qos: 1 }}\n    event_time: {{ field: ts, max_out_of_orderness: 300ms, plausible_years: any }}\n\
          streams:\n  per_sensor:\n    from: live\n    steps:\n      - key_by: sensor_id\n      - window: {{ tumbling: 5s, aggregate: {{ n: count() }} }}\n    sink: {{ file: {{ path: windows.jsonl }} }}\n\
-         \x20 forward:\n    from: live\n    steps: [ {{ filter: v >= 10 }} ]\n    sink: {{ mqtt: {{ url: \"{url}\", topic: \"copy/{{sensor_id}}\", qos: 1 }} }}\n",
+         \x20 forward:\n    from: live\n    steps: [ {{ filter: v >= 10 }} ]\n    sink: {{ mqtt: {{ url: \"{url}\", topic: \"copy/{{topic}}\", qos: 1 }} }}\n",
         url = broker.url()
     );
     let run = Rivulet::start(dir.path(), &yaml);
@@ -1064,12 +1064,7 @@ fn a_job_graph_bridges_every_reading_and_windows_them_in_one_process() {
     let want_copies: Vec<(String, String)> = msgs
         .iter()
         .filter(|(_, p)| serde_json::from_str::<Value>(p).unwrap()["v"].as_i64() >= Some(10))
-        .map(|(t, p)| {
-            (
-                t.replace("sensors/", "copy/").replace("/reading", ""),
-                p.clone(),
-            )
-        })
+        .map(|(t, p)| (format!("copy/{t}"), p.clone()))
         .collect();
     eventually("every kept reading copied", 30, || {
         copied.lock().unwrap().len() >= want_copies.len()
