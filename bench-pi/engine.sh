@@ -39,6 +39,8 @@ for r in $(seq "$ROUNDS"); do
   $B graph 2 "$EVENTS" | label now >>"$OUT"
   # A job graph of three streams (fan-out of the window's results).
   $B streams 2 "$EVENTS" | label now >>"$OUT"
+  # The window with a tee beside it (every event forwarded as it came).
+  $B tee 2 "$EVENTS" | label now >>"$OUT"
 done
 python3 bench-pi/report.py engine "$OUT" "$($B line-length)" > bench-pi/reports/engine-latest.md
 cat bench-pi/reports/engine-latest.md

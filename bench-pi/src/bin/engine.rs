@@ -181,6 +181,20 @@ fn streams(workers: usize, events: u64) {
     });
 }
 
+/// The one-window pipeline with a tee beside it: every event, through a
+/// filter of its own, forwarded as it came (bridge and window in one
+/// process): what a tee costs per event.
+fn tee(workers: usize, events: u64) {
+    measure("tee", workers, events, |b| {
+        first_stage(b).stream_name("per_sensor").source_stream(
+            "forward",
+            Pipeline::builder("forward")
+                .filter("temperature > -40")
+                .sink(NullSink),
+        )
+    });
+}
+
 /// What the source alone costs: rendering the lines the others consume.
 fn source_only(events: u64) {
     let src = SyntheticJson::new(events, KEYS, EVENTS_PER_SECOND);
@@ -207,9 +221,10 @@ fn main() {
         Some("source") => source_only(num(2, 10_000_000)),
         Some("graph") => graph(num(2, 1) as usize, num(3, 10_000_000)),
         Some("streams") => streams(num(2, 1) as usize, num(3, 10_000_000)),
+        Some("tee") => tee(num(2, 1) as usize, num(3, 10_000_000)),
         Some("line-length") => println!("{:.1}", SyntheticJson::new(1, KEYS, 1).avg_len()),
         _ => eprintln!(
-            "usage: engine baseline EVENTS | engine rivulet WORKERS EVENTS | engine graph WORKERS EVENTS | engine streams WORKERS EVENTS"
+            "usage: engine baseline EVENTS | engine rivulet WORKERS EVENTS | engine graph WORKERS EVENTS | engine streams WORKERS EVENTS | engine tee WORKERS EVENTS"
         ),
     }
 }
