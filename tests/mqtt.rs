@@ -1089,3 +1089,37 @@ fn a_job_graph_bridges_every_reading_and_windows_them_in_one_process() {
     assert_eq!(got, want);
     assert_eq!(counted(), events.len() as i64);
 }
+
+#[test]
+fn a_tee_keeps_each_messages_retained_flag() {
+    let a = Broker::start("");
+    let b = Broker::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "name: tee-retain\nsources:\n  live:\n    mqtt: {{ url: \"{}\", topics: [\"local/{{id}}\"], qos: 1, version: 5 }}\n    event_time: {{ field: ts, max_out_of_orderness: 0ms, plausible_years: any }}\n\
+         streams:\n  count:\n    from: live\n    steps: [ {{ key_by: id }}, {{ window: {{ tumbling: 1s, aggregate: {{ n: count() }} }} }} ]\n    sink: {{ file: {{ path: counts.jsonl }} }}\n\
+         \x20 forward:\n    from: live\n    sink: {{ mqtt: {{ url: \"{}\", topic: \"remote/{{id}}\", qos: 1, retain: keep }} }}\n",
+        a.url(),
+        b.url()
+    );
+    let (inbox, _sub) = subscribe_raw(b.port, "#");
+    let run = Rivulet::start(dir.path(), &yaml);
+    eventually("rivulet to subscribe", 20, || a.log().contains("local/+"));
+    let msgs: Vec<(String, Vec<u8>, bool)> = vec![
+        ("local/x".into(), br#"{"ts":1000}"#.to_vec(), true),
+        ("local/y".into(), br#"{"ts":1100}"#.to_vec(), false),
+    ];
+    publish_raw(a.port, &msgs);
+    eventually("both forwarded", 20, || inbox.lock().unwrap().len() >= 2);
+    let (code, _, err) = run.stop();
+    assert_eq!(code, Some(0), "{err}");
+    // A new subscriber sees what was retained: only the retained one.
+    let (late, _sub) = subscribe_raw(b.port, "remote/#");
+    eventually("the retained message", 20, || {
+        !late.lock().unwrap().is_empty()
+    });
+    let late = late.lock().unwrap().clone();
+    assert_eq!(late.len(), 1, "{late:?}");
+    assert_eq!((late[0].0.as_str(), late[0].2), ("remote/x", true));
+    assert_eq!(late[0].1, br#"{"ts":1000}"#.to_vec());
+}

@@ -214,9 +214,17 @@ impl ValidPipeline {
                     topic_field: m.topic_field.clone(),
                     journal_dir: journal,
                     stamp_arrivals: self.time == TimeSpec::Ingestion,
+                    // The first stream's sinks, and a job graph's tees,
+                    // may keep each message's retain flag.
                     retain_as_published: self
                         .sinks
                         .iter()
+                        .chain(self.graph.iter().flat_map(|g| {
+                            g.streams
+                                .iter()
+                                .filter(|s| s.reads_sources)
+                                .flat_map(|s| &s.sinks)
+                        }))
                         .any(|s| matches!(s, SinkSpec::Mqtt(m) if m.keep_retain)),
                     // Peers share the input: each gets a part of it.
                     share_group: self

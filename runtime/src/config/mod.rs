@@ -409,6 +409,7 @@ pub fn validate(text: &str) -> Result<ValidPipeline, Vec<Problem>> {
             events: source_known,
             has_time,
             raw: source_cfg_format.as_deref() == Some("raw"),
+            source_v5: matches!(&checked_source, Some((SourceSpec::Mqtt(m), _, _)) if m.conn.version == 5),
         };
         check_streams(&mut c, g, inputs, peers.is_some(), get("streams"))
     });
@@ -478,6 +479,8 @@ struct StreamInputs {
     has_time: Option<bool>,
     /// The sources' format is `raw` (events are not decoded).
     raw: bool,
+    /// The (first) source is MQTT 5 (it can keep retain flags).
+    source_v5: bool,
 }
 
 fn check_streams(
@@ -492,6 +495,7 @@ fn check_streams(
         events,
         has_time,
         raw,
+        source_v5,
     } = inputs;
     if let (true, false, Some(n)) = (peers, g.streams.is_empty(), streams_node) {
         c.node(
@@ -589,11 +593,14 @@ fn check_streams(
                 .iter()
                 .any(|s| matches!(s, SinkSpec::Mqtt(m) if m.keep_retain))
             {
-                let msg = match tee(s) {
-                    true => "`keep` is not supported yet in a stream beside the first (use `true` or `false`)",
-                    false => "`keep` keeps the flag of forwarded messages; this stream's records have none (use `true` or `false`)",
+                let msg = match (tee(s), source_v5) {
+                    (true, true) => None,
+                    (true, false) => Some("`keep` needs an MQTT source with `version: 5`: MQTT 3.1.1 brokers clear the retain flag of the messages they forward to a subscriber"),
+                    (false, _) => Some("`keep` keeps the flag of forwarded messages; this stream's records have none (use `true` or `false`)"),
                 };
-                c.node(n, &format!("{sink_path}.mqtt.retain"), msg);
+                if let Some(msg) = msg {
+                    c.node(n, &format!("{sink_path}.mqtt.retain"), msg);
+                }
             }
         }
         outputs.push((&s.name, out));
