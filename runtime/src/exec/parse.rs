@@ -307,19 +307,8 @@ impl ParseWorker {
                         if let Some(c) = reason::ALL.iter().position(|r| r == class) {
                             self.counters.dead[c].add(1);
                         }
-                        let from = DeadSource {
-                            source: &plan.source_name,
-                            position: item.position,
-                            topic: raw.topic(item),
-                            payload: raw.payload(item),
-                            oversize: item.oversize,
-                        };
                         let reason = format!("stream `{}`: {reason}", tee.name);
-                        tee_out.push(Output::plain(
-                            i as u32,
-                            Stream::Dead,
-                            dead_letter_line(&reason, &from),
-                        ));
+                        tee_out.push(dead_letter(plan, raw, i, &reason));
                         continue;
                     }
                     _ => continue,
@@ -527,19 +516,7 @@ impl ParseWorker {
                     if let Some(c) = reason::ALL.iter().position(|r| r == class) {
                         dead[c] += 1;
                     }
-                    let item = &raw.items[i];
-                    let from = DeadSource {
-                        source: &plan.source_name,
-                        position: item.position,
-                        topic: raw.topic(item),
-                        payload: raw.payload(item),
-                        oversize: item.oversize,
-                    };
-                    out.outputs.push(Output::plain(
-                        i as u32,
-                        Stream::Dead,
-                        dead_letter_line(reason, &from),
-                    ));
+                    out.outputs.push(dead_letter(plan, raw, i, reason));
                 }
                 Status::Live => {}
             }
@@ -551,6 +528,19 @@ impl ParseWorker {
         }
         (out, frames)
     }
+}
+
+/// The dead-letter output of event `i` of the batch, for `reason`.
+fn dead_letter(plan: &Plan, raw: &crate::sources::RawBatch, i: usize, reason: &str) -> Output {
+    let item = &raw.items[i];
+    let from = DeadSource {
+        source: &plan.source_name,
+        position: item.position,
+        topic: raw.topic(item),
+        payload: raw.payload(item),
+        oversize: item.oversize,
+    };
+    Output::plain(i as u32, Stream::Dead, dead_letter_line(reason, &from))
 }
 
 /// One owner's frame for a batch (see the module docs for the order).

@@ -249,6 +249,7 @@ impl Tail {
         let mut rows: Vec<Row> = Vec::new();
         let mut side: Vec<Row> = Vec::new();
         for o in first {
+            let ts = first_op(&o);
             match (o.stream, o.body) {
                 (Stream::Mark, _) => {
                     let (rows, side) = (std::mem::take(&mut rows), std::mem::take(&mut side));
@@ -267,13 +268,7 @@ impl Tail {
                         .collect();
                     rows.push(Row { ts: o.end, values });
                 }
-                (_, Body::Row(values)) => {
-                    let ts = first_op(&Output {
-                        body: Body::Line(Vec::new()),
-                        ..o
-                    });
-                    rows.push(Row { ts, values });
-                }
+                (_, Body::Row(values)) => rows.push(Row { ts, values }),
                 _ => {}
             }
         }

@@ -677,13 +677,7 @@ impl PipelineBuilder {
             }
             match entry {
                 Entry::Step(mut s) => {
-                    let slots: Vec<usize> = s.fields().iter().map(|f| fields.slot(f)).collect();
-                    s.bind(&slots);
-                    for w in s.writes() {
-                        let slot = fields.slot(&w);
-                        writes.retain(|(n, _)| *n != w);
-                        writes.push((w, slot));
-                    }
+                    bind_event_step(&mut s, &mut fields, &mut writes);
                     if key.is_some() {
                         &mut after
                     } else {
@@ -734,25 +728,17 @@ impl PipelineBuilder {
         // the event.
         let topic_field = binder.as_ref().and_then(|b| b.0.topic_field.clone());
         writes.retain(|(w, _)| Some(w) != topic_field.as_ref());
-        if self.format == Format::Raw && passes_events(&window, &stateful) {
-            if let Some((w, _)) = writes.first() {
-                problems.push(format!(
-                    "a step writes `{w}`, but `format: raw` forwards payloads unchanged; use `format: json` or `text` to add fields"
-                ));
-            }
+        if passes_events(&window, &stateful) {
+            problems.extend(raw_writes_problem(self.format, &writes));
         }
         // Events go out as they came: without a window, or through
         // `deduplicate` and `deadband`.
         let passes = passes_events(&window, &stateful);
         let (mut carry, carry_retain) = if passes {
-            let mut carry: Vec<(String, usize)> = Vec::new();
-            for f in self.sinks.iter().flat_map(|s| s.topic_fields()) {
-                if !carry.iter().any(|(n, _)| *n == f) {
-                    let slot = fields.slot(&f);
-                    carry.push((f, slot));
-                }
-            }
-            (carry, self.sinks.iter().any(|s| s.keeps_retain()))
+            (
+                topic_carry(&self.sinks, &mut fields),
+                self.sinks.iter().any(|s| s.keeps_retain()),
+            )
         } else {
             (Vec::new(), false)
         };
@@ -1128,10 +1114,7 @@ fn build_streams(
         if nodes.iter().any(|n| n.name == name) {
             problems.push(at(&"another stream has this name"));
         }
-        if b.source.is_some() {
-            problems.push(at(&"a stream of a job graph has no source of its own"));
-        }
-        problems.extend(b.problems.iter().map(|p| at(p)));
+        check_stream_decl(&name, &b, problems);
         let shapes: Vec<StepShape> = b.entries.iter().map(Entry::shape).collect();
         for p in rules::check_steps(&shapes, Some(true)) {
             problems.push(at(&match p.subject {
@@ -1244,6 +1227,55 @@ fn build_streams(
     side.map(|names| names.iter().map(|n| fields.slot(n)).collect())
 }
 
+/// Binds a step to the event fields, and notes the fields it writes (a
+/// later write of a field replaces an earlier one).
+fn bind_event_step(
+    s: &mut Box<dyn Step>,
+    fields: &mut FieldTree,
+    writes: &mut Vec<(String, usize)>,
+) {
+    let slots: Vec<usize> = s.fields().iter().map(|f| fields.slot(f)).collect();
+    s.bind(&slots);
+    for w in s.writes() {
+        let slot = fields.slot(&w);
+        writes.retain(|(n, _)| *n != w);
+        writes.push((w, slot));
+    }
+}
+
+/// `format: raw` cannot take the fields steps write into forwarded events.
+fn raw_writes_problem(format: Format, writes: &[(String, usize)]) -> Option<String> {
+    match (format, writes.first()) {
+        (Format::Raw, Some((w, _))) => Some(format!(
+            "a step writes `{w}`, but `format: raw` forwards payloads unchanged; use `format: json` or `text` to add fields"
+        )),
+        _ => None,
+    }
+}
+
+/// The fields `sinks` fill their topics from, with their slots, each once.
+fn topic_carry(sinks: &[Box<dyn Sink>], fields: &mut FieldTree) -> Vec<(String, usize)> {
+    let mut carry: Vec<(String, usize)> = Vec::new();
+    for f in sinks.iter().flat_map(|s| s.topic_fields()) {
+        if !carry.iter().any(|(n, _)| *n == f) {
+            let slot = fields.slot(&f);
+            carry.push((f, slot));
+        }
+    }
+    carry
+}
+
+/// What holds for the builder of any further stream: no source of its
+/// own; its own problems (bad expressions) under its name.
+fn check_stream_decl(name: &str, b: &PipelineBuilder, problems: &mut Vec<String>) {
+    if b.source.is_some() {
+        problems.push(format!(
+            "stream `{name}`: a stream of a job graph has no source of its own"
+        ));
+    }
+    problems.extend(b.problems.iter().map(|p| format!("stream `{name}`: {p}")));
+}
+
 /// A stream of pass-through events beside the first (a tee): its steps,
 /// bound to the event fields, and what its events go out with.
 fn build_tee(
@@ -1256,38 +1288,19 @@ fn build_tee(
     problems: &mut Vec<String>,
 ) -> (TeePlan, Vec<Box<dyn Step>>) {
     let at = |p: &dyn std::fmt::Display| format!("stream `{name}`: {p}");
-    if b.source.is_some() {
-        problems.push(at(&"a stream of a job graph has no source of its own"));
-    }
-    problems.extend(b.problems.iter().map(|p| at(p)));
+    check_stream_decl(name, &b, problems);
     let mut steps = Vec::new();
     let mut writes: Vec<(String, usize)> = Vec::new();
     for entry in b.entries {
         if let Entry::Step(mut s) = entry {
-            let slots: Vec<usize> = s.fields().iter().map(|f| fields.slot(f)).collect();
-            s.bind(&slots);
-            for w in s.writes() {
-                let slot = fields.slot(&w);
-                writes.retain(|(n, _)| *n != w);
-                writes.push((w, slot));
-            }
+            bind_event_step(&mut s, fields, &mut writes);
             steps.push(s);
         }
     }
     // Writing the whole-topic field changes where an event goes.
     writes.retain(|(w, _)| Some(w.as_str()) != topic_field);
-    if let (Format::Raw, Some((w, _))) = (format, writes.first()) {
-        problems.push(at(&format!(
-            "a step writes `{w}`, but `format: raw` forwards payloads unchanged; use `format: json` or `text` to add fields"
-        )));
-    }
-    let mut carry: Vec<(String, usize)> = Vec::new();
-    for f in b.sinks.iter().flat_map(|s| s.topic_fields()) {
-        if !carry.iter().any(|(n, _)| *n == f) {
-            let slot = fields.slot(&f);
-            carry.push((f, slot));
-        }
-    }
+    problems.extend(raw_writes_problem(format, &writes).map(|p| at(&p)));
+    let carry = topic_carry(&b.sinks, fields);
     if b.sinks.is_empty() {
         problems.push(at(&"its events go nowhere; give it a sink"));
     }
