@@ -32,3 +32,25 @@ fn the_design_example_is_shipped_verbatim_and_valid() {
     assert_eq!(v.steps.len(), 4);
     assert_eq!(v.checkpoint_interval, Some(10_000));
 }
+
+#[test]
+fn the_job_graph_of_the_docs_is_the_issues_contract_and_valid() {
+    // docs/pipeline.md shows the general form exactly as the job-graph
+    // issue gives it; it must validate, with every stream in place.
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/pipeline.md"))
+            .expect("docs/pipeline.md");
+    let start = doc
+        .find("```yaml\nname: plant\n")
+        .expect("the job graph example")
+        + 8;
+    let end = start + doc[start..].find("```").expect("its end");
+    let v = config::validate(&doc[start..end])
+        .map_err(|p| format!("{p:?}"))
+        .unwrap();
+    let g = v.graph.expect("a job graph");
+    assert_eq!(g.head, "per_sensor");
+    let names: Vec<&str> = g.streams.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["hot", "per_site"]);
+    assert_eq!(v.union.len(), 2, "temps and more_temps");
+}
