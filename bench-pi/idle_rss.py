@@ -3,7 +3,11 @@
 local Mosquitto (state on, no input), `--http` on, one request each to
 /metrics, / and /api/status at 11 s, RSS read every 5 s for 70 s.
 
-    python3 bench-pi/idle_rss.py BINARY [BINARY ...]
+    python3 bench-pi/idle_rss.py [--traffic] BINARY [BINARY ...]
+
+With --traffic, each pipeline first gets 5,000 readings over 50 sensors at
+8 s (windows fire, the journal and checkpoints are written), so the figures
+after it are those of a pipeline that has worked and gone quiet.
 
 Each binary runs at the same time as the others, on its own broker, state
 directory and port (idle memory does not drift with CPU speed the way CPU
@@ -43,6 +47,18 @@ def memory(pid, exe):
     return rss, code, anon
 
 
+def publish(port):
+    """5,000 readings over 50 sensors, 100 per sensor, 10 ms of event
+    time apart, ending now: windows fire and checkpoints are written."""
+    now = int(time.time() * 1000)
+    lines = "\n".join(f'{{"temperature": {60 + i % 20}, "ts": {now + i * 10}}}' for i in range(-100, 0))
+    pubs = [subprocess.Popen(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-l",
+                              "-t", f"sensors/s{s}/temperature"], stdin=subprocess.PIPE, text=True)
+            for s in range(50)]
+    for p in pubs:
+        p.communicate(lines)
+
+
 def switches(pid):
     total = 0
     for t in os.listdir(f"/proc/{pid}/task"):
@@ -57,7 +73,9 @@ def switches(pid):
 
 
 def main():
-    binaries = [os.path.realpath(b) for b in sys.argv[1:]]
+    args = sys.argv[1:]
+    traffic = "--traffic" in args
+    binaries = [os.path.realpath(b) for b in args if b != "--traffic"]
     if not binaries:
         sys.exit(__doc__)
     work = tempfile.mkdtemp(prefix="idle-rss-")
@@ -76,10 +94,10 @@ def main():
                 yaml = f.read().replace("localhost:1883", f"127.0.0.1:{port}")
             with open(os.path.join(d, "p.yaml"), "w") as f:
                 f.write(yaml)
-            runs.append((exe, d, free_port()))
+            runs.append((exe, d, free_port(), port))
         time.sleep(0.5)
         children = []
-        for exe, d, http in runs:
+        for exe, d, http, _ in runs:
             p = subprocess.Popen([exe, "run", "p.yaml", "--http", f"127.0.0.1:{http}"], cwd=d,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             procs.append(p)
@@ -87,9 +105,15 @@ def main():
         rows = {exe: [] for exe in binaries}
         start = time.time()
         asked = False
+        sent = not traffic
         wake = {}
         for t in range(1, 72, 5):
             time.sleep(max(0, start + t - time.time()))
+            if t >= 6 and not sent:
+                time.sleep(max(0, start + 8 - time.time()))
+                for _, _, _, port in runs:
+                    publish(port)
+                sent = True
             if t >= 11 and not asked:
                 for exe, p, http in children:
                     for path in ["/metrics", "/", "/api/status"]:
