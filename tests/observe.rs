@@ -283,6 +283,107 @@ http: {{ listen: "127.0.0.1:{port}", linger: 120s }}
 }
 
 #[test]
+fn a_job_graphs_further_stream_answers_for_its_own_keys() {
+    let broker = Broker::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let yaml = format!(
+        r#"
+name: graph-query
+workers: 2
+sources:
+  readings:
+    mqtt: {{ url: "mqtt://127.0.0.1:{}", topics: ["q/{{site}}/{{sensor}}"], qos: 1 }}
+    event_time: {{ field: ts, max_out_of_orderness: 0s, plausible_years: any }}
+streams:
+  per_sensor:
+    from: readings
+    steps:
+      - key_by: [site, sensor]
+      - window: {{ tumbling: 10s, aggregate: {{ n: count(), max_t: max(t) }} }}
+    sink: {{ file: {{ path: sensors.jsonl }} }}
+  per_site:
+    from: per_sensor
+    steps:
+      - key_by: site
+      - window: {{ tumbling: 1m, aggregate: {{ sensors: count(), readings: sum(n), hottest: max(max_t) }} }}
+    sink: {{ file: {{ path: sites.jsonl }} }}
+http: {{ listen: "127.0.0.1:{port}" }}
+"#,
+        broker.port
+    );
+    let mut r = Rivulet::start(dir.path(), &yaml);
+    wait_for_endpoint(port, &mut r);
+    eventually("the subscription", 30, || broker.log().contains("q/+/+"));
+    // Two sensors of site "lab" in the window [0, 10 s), then an event of
+    // the yard at 15 s that fires it: their results reach per_site's
+    // 1-minute window.
+    let msgs: Vec<(String, String)> = [
+        ("q/lab/a", 1000, 20.0),
+        ("q/lab/a", 2000, 24.0),
+        ("q/lab/b", 3000, 30.5),
+        ("q/yard/c", 4000, 5.0),
+        ("q/yard/c", 15000, 1.0),
+    ]
+    .iter()
+    .map(|(t, ts, v)| (t.to_string(), format!("{{\"ts\":{ts},\"t\":{v}}}")))
+    .collect();
+    publish_all(broker.port, &msgs);
+    let answer = std::cell::RefCell::new(serde_json::Value::Null);
+    eventually("lab's sensors in per_site's window", 30, || {
+        let a = get_json(port, "/api/state?stream=per_site&key=lab");
+        let done = a["windows"][0]["sensors"] == 2;
+        *answer.borrow_mut() = a;
+        done
+    });
+    let answer = answer.into_inner();
+    assert_eq!(answer["stream"], "per_site");
+    assert_eq!(answer["key"]["site"], "lab");
+    let live = &answer["windows"][0];
+    assert_eq!(
+        (&live["window_start"], &live["window_end"]),
+        (&serde_json::json!(0), &serde_json::json!(60000))
+    );
+    assert_eq!(live["readings"], 3);
+    assert_eq!(live["hottest"], 30.5);
+    // The first stream answers by its name too, for its own (two-field) keys.
+    let first = get_json(port, "/api/state?stream=per_sensor&site=yard&sensor=c");
+    assert_eq!(first["stream"], "per_sensor");
+    assert_eq!(first["windows"][0]["n"], 1, "c's reading at 15 s");
+    assert_eq!(first["windows"][0]["window_start"], 10000);
+    // An unknown stream names the ones there are.
+    let (code, body) = get(port, "/api/state?stream=per_sit&key=lab");
+    assert_eq!(code, 404);
+    assert!(
+        body.contains("per_sensor") && body.contains("per_site"),
+        "{body}"
+    );
+    // Event time passes the minute: the result equals what was live.
+    publish_all(
+        broker.port,
+        &[
+            ("q/yard/c".to_string(), "{\"ts\":70000,\"t\":1}".to_string()),
+            (
+                "q/yard/c".to_string(),
+                "{\"ts\":140000,\"t\":1}".to_string(),
+            ),
+        ],
+    );
+    eventually("per_site's result", 30, || {
+        r.lines("sites.jsonl").iter().any(|l| l.contains("\"lab\""))
+    });
+    let result: serde_json::Value = r
+        .lines("sites.jsonl")
+        .iter()
+        .find(|l| l.contains("\"lab\""))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .unwrap();
+    assert_eq!(&result, live, "the live state is the later result");
+    let (code, _, _) = r.stop();
+    assert_eq!(code, Some(0));
+}
+
+#[test]
 fn the_state_of_a_key_is_what_its_window_result_later_shows() {
     let broker = Broker::start("");
     let dir = tempfile::tempdir().unwrap();

@@ -81,6 +81,9 @@ pub(super) struct TailRun {
     /// not `end − 1` (window results).
     pub at_end: bool,
     pub source_name: String,
+    /// Live state queries of further streams (node, segment, board),
+    /// answered after each batch.
+    pub queries: Vec<(usize, usize, Arc<crate::observe::query::Board>)>,
 }
 
 /// Where the merger hands checkpoints: the local writer, or in peer mode
@@ -198,6 +201,9 @@ pub(super) fn merge(
             };
             t.tail
                 .run(main, &time, first_watermark, &t.source_name, outputs);
+            for (node, seg, board) in t.queries.iter().filter(|(_, _, b)| b.waiting()) {
+                t.tail.answer(*node, *seg, board);
+            }
         }
         for o in outputs.iter() {
             match o.stream {

@@ -284,6 +284,11 @@ fn run(
             schema: op.output_schema(),
         });
     }
+    // A job graph's further streams answer `/api/state` from the merger.
+    if let Some(first) = tail.first_stream() {
+        opts.queries.name_first(first);
+    }
+    let tail_queries = tail.queryable(&opts.queries);
     let mut sinks = merge::Sinks {
         schema: tail.output_schema().unwrap_or_else(|| {
             operators
@@ -507,6 +512,7 @@ fn run(
         // Alerts carry their time; window results end − 1.
         at_end: plan.stateful.is_some(),
         source_name: plan.source_name.clone(),
+        queries: tail_queries,
     });
     let merged = merge::merge(checkpointer, &ctx, parse_out_rx, keyed_out_rx, sinks, tail);
     opts.queries.close();

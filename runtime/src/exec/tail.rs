@@ -171,6 +171,45 @@ impl Tail {
         out
     }
 
+    /// Boards for the live state of the further streams (`/api/state`):
+    /// each stream after the first whose steps keep keyed state gets one,
+    /// registered on `run` under its name, for its first keyed segment.
+    pub fn queryable(
+        &self,
+        run: &Arc<crate::observe::query::Board>,
+    ) -> Vec<(usize, usize, Arc<crate::observe::query::Board>)> {
+        let mut out = Vec::new();
+        for (n, node) in self.nodes.iter().enumerate().skip(1) {
+            let Some((s, k)) = node
+                .segments
+                .iter()
+                .enumerate()
+                .find_map(|(s, seg)| seg.keyed.as_ref().map(|k| (s, k)))
+            else {
+                continue;
+            };
+            let shape = crate::observe::query::Queryable {
+                workers: 1,
+                key_names: k.key_names.clone(),
+                schema: k.op.output_schema(),
+            };
+            out.push((n, s, run.add_stream(&node.name, shape)));
+        }
+        out
+    }
+
+    /// Answers what waits on `board` from segment `seg` of node `node`.
+    pub fn answer(&self, node: usize, seg: usize, board: &crate::observe::query::Board) {
+        if let Some(k) = self
+            .nodes
+            .get(node)
+            .and_then(|n| n.segments.get(seg))
+            .and_then(|s| s.keyed.as_ref())
+        {
+            board.answer(0, k.op.watermark(), |key| k.op.query(key));
+        }
+    }
+
     /// The name late records of the first stage carry, in a job graph.
     pub fn first_stream(&self) -> Option<&str> {
         self.nodes

@@ -618,18 +618,26 @@ fn state(o: &Arc<Observed>, query: &str) -> Reply {
         return error(400, "the query string is not valid UTF-8 percent-encoding");
     };
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-    if let Some(s) = get("stream") {
-        if s != "main" && s != o.pipeline {
-            return error(
-                404,
-                &format!(
-                    "no stream `{s}`: this pipeline has one, `main` (or `{}`)",
-                    o.pipeline
-                ),
-            );
-        }
-    }
-    let Some(shape) = o.queries.shape() else {
+    // The stream: `main` (or the pipeline's name) is the first stream's
+    // keyed state; a job graph's streams are asked for by name.
+    let stream = get("stream").unwrap_or("main");
+    let board = if stream == "main" || stream == o.pipeline {
+        Some(o.queries.clone())
+    } else {
+        o.queries.stream(stream)
+    };
+    let Some(board) = board else {
+        let mut known = vec!["main".to_string()];
+        known.extend(o.queries.stream_names());
+        return error(
+            404,
+            &format!(
+                "no stream `{stream}` with keyed state in this run; ask for one of: {}",
+                known.join(", ")
+            ),
+        );
+    };
+    let Some(shape) = board.shape() else {
         return error(
             404,
             "this pipeline keeps no keyed state (no window), or is not running",
@@ -692,7 +700,7 @@ fn state(o: &Arc<Observed>, query: &str) -> Reply {
             return error(400, "the key is too ambiguous; give it as JSON");
         }
     }
-    let (rows, watermark) = match o.queries.ask(keys, QUERY_TIMEOUT) {
+    let (rows, watermark) = match board.ask(keys, QUERY_TIMEOUT) {
         Ok(x) => x,
         Err(super::query::QueryError::NoState) => {
             return error(404, "this pipeline keeps no keyed state, or is not running")
@@ -722,7 +730,7 @@ fn state(o: &Arc<Observed>, query: &str) -> Reply {
     json(
         200,
         &serde_json::json!({
-            "stream": "main",
+            "stream": stream,
             "key": key,
             "watermark": (watermark != i64::MAX && watermark > i64::MIN / 2).then_some(watermark),
             "windows": windows,
