@@ -899,6 +899,12 @@ streams:
     from: per_sensor
     steps: [ {{ filter: window_start >= 30000 }} ]
     sink: {{ file: {{ path: warm.jsonl }} }}
+  per_minute:
+    from: per_sensor
+    steps:
+      - key_by: sensor
+      - window: {{ tumbling: 1m, aggregate: {{ windows: count(), hi: max(hi) }} }}
+    sink: {{ file: {{ path: minute.jsonl }} }}
 http: {{ listen: "127.0.0.1:{port}", linger: 120s }}
 "#
     );
@@ -924,4 +930,117 @@ http: {{ listen: "127.0.0.1:{port}", linger: 120s }}
         total(&m, "rivulet_sink_records_total", &[("sink", "warm")]),
         warm as f64
     );
+    // The further streams' operators, under the ids the page draws and
+    // their stream's name.
+    let minute = lines(dir.path(), "minute.jsonl");
+    assert_eq!(minute, 3, "3 sensors x one minute");
+    let records = |op: &str, stream: &str, dir: &str| {
+        total(
+            &m,
+            "rivulet_operator_records_total",
+            &[("operator", op), ("stream", stream), ("direction", dir)],
+        )
+    };
+    assert_eq!(records("warm/filter_1", "warm", "in"), 18.0);
+    assert_eq!(records("warm/filter_1", "warm", "out"), warm as f64);
+    assert_eq!(records("per_minute/key_by", "per_minute", "in"), 18.0);
+    assert_eq!(records("per_minute/key_by", "per_minute", "out"), 18.0);
+    assert_eq!(records("per_minute/window", "per_minute", "in"), 18.0);
+    assert_eq!(
+        records("per_minute/window", "per_minute", "out"),
+        minute as f64
+    );
+    let status = get_json(port, "/api/status");
+    let ids: Vec<&str> = status["graph"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["id"].as_str())
+        .collect();
+    for op in ["warm/filter_1", "per_minute/key_by", "per_minute/window"] {
+        assert!(ids.contains(&op), "{op} is drawn on the page: {ids:?}");
+    }
+    assert!(
+        m.iter().any(|(_, n, l, _)| n == "rivulet_state_keys"
+            && l.get("operator").map(String::as_str) == Some("per_minute/window")),
+        "the further stream's window reports its keys"
+    );
+    let lag_streams: Vec<&str> = m
+        .iter()
+        .filter(|(_, n, _, _)| n == "rivulet_watermark_lag_seconds")
+        .filter_map(|(_, _, l, _)| l.get("stream").map(String::as_str))
+        .collect();
+    for stream in ["main", "warm", "per_minute"] {
+        assert!(
+            lag_streams.contains(&stream),
+            "a lag for {stream}: {lag_streams:?}"
+        );
+    }
+}
+
+#[test]
+fn later_stages_are_counted_under_the_ids_the_page_draws() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut input = String::new();
+    for i in 0..300i64 {
+        input.push_str(&format!(
+            "{{\"site\":\"p{}\",\"sensor\":\"s{}\",\"ts\":{},\"t\":{}}}\n",
+            i % 2,
+            i % 3,
+            i * 200,
+            i % 7
+        ));
+    }
+    std::fs::write(dir.path().join("in.jsonl"), &input).unwrap();
+    let yaml = format!(
+        r#"
+name: stages
+source:
+  file: {{ path: in.jsonl }}
+  event_time: {{ field: ts, max_out_of_orderness: 0s, plausible_years: any }}
+steps:
+  - map: {{ f: t * 2 }}
+  - key_by: [site, sensor]
+  - window: {{ tumbling: 10s, aggregate: {{ hi: max(f) }} }}
+  - filter: hi > 0
+  - key_by: site
+  - window: {{ tumbling: 1m, aggregate: {{ n: count(), hi: max(hi) }} }}
+sink: {{ file: {{ path: out.jsonl }} }}
+http: {{ listen: "127.0.0.1:{port}", linger: 120s }}
+"#
+    );
+    let mut r = Rivulet::start(dir.path(), &yaml);
+    wait_for_endpoint(port, &mut r);
+    eventually("the input to end", 60, || {
+        get_json(port, "/api/status")["phase"] == "stopped"
+    });
+    let (_, text) = get(port, "/metrics");
+    let m = parse_with_prometheus(&text);
+    let status = get_json(port, "/api/status");
+    let ids: Vec<&str> = status["graph"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["id"].as_str())
+        .collect();
+    // Each pair (site, sensor) x 6 windows of 10 s; then 2 sites x 1 minute.
+    let results = lines(dir.path(), "out.jsonl");
+    assert_eq!(results, 2, "2 sites x one minute");
+    let records = |op: &str, dir: &str| {
+        total(
+            &m,
+            "rivulet_operator_records_total",
+            &[("operator", op), ("stream", "main"), ("direction", dir)],
+        )
+    };
+    let first = records("window", "out");
+    assert!(first > 0.0, "the first window's results are counted");
+    assert_eq!(records("filter_2", "in"), first);
+    assert_eq!(records("key_by_2", "in"), records("filter_2", "out"));
+    assert_eq!(records("window_2", "in"), records("key_by_2", "out"));
+    assert_eq!(records("window_2", "out"), results as f64);
+    for op in ["filter_2", "key_by_2", "window_2"] {
+        assert!(ids.contains(&op), "{op} is drawn on the page: {ids:?}");
+    }
 }

@@ -289,6 +289,7 @@ fn run(
         opts.queries.name_first(first);
     }
     let tail_queries = tail.queryable(&opts.queries);
+    tail.count(&ctx, p.steps_before_key.len() + p.steps_after_key.len());
     let mut sinks = merge::Sinks {
         schema: tail.output_schema().unwrap_or_else(|| {
             operators

@@ -20,7 +20,7 @@
 //! restarts.
 
 use crate::expr::Expr;
-use crate::metrics::reason;
+use crate::metrics::{names, reason, Counter, Gauge};
 use crate::msg::{Body, KeyedBatch, KeyedRec, Order, Output, Phase, Schema, Stream};
 use crate::operators::keyed::{KeyChange, KeyedOperator, StateDecl};
 use crate::operators::{Records, Status, Step};
@@ -39,6 +39,32 @@ pub(crate) struct TailKeyed {
     /// The operator passes its records on (`deduplicate`, `deadband`):
     /// its output is the segment's rows.
     pub passes: bool,
+}
+
+/// What a node of the tail counts: its watermark and each segment's
+/// operators, under the operator ids the live page draws.
+struct NodeCounters {
+    watermark: Gauge,
+    segments: Vec<SegmentCounters>,
+}
+
+/// Records in and out of each step, of `key_by` and of the keyed operator;
+/// the keyed operator's keys.
+#[derive(Default)]
+struct SegmentCounters {
+    steps: Vec<(Counter, Counter)>,
+    key_by: Option<(Counter, Counter)>,
+    keyed: Option<(Counter, Counter)>,
+    keys: Option<Gauge>,
+}
+
+/// Adds `live_in` records in and what is left of them out; returns that.
+fn count(pair: Option<&(Counter, Counter)>, live_in: usize, out: usize) -> usize {
+    if let Some((i, o)) = pair {
+        i.add(live_in as u64);
+        o.add(out as u64);
+    }
+    out
 }
 
 /// One segment: steps, then optionally a keyed operator.
@@ -128,6 +154,8 @@ pub(crate) struct Tail {
     pub nodes: Vec<TailNode>,
     /// A job graph: late records carry their stream's name.
     tag_late: bool,
+    /// What each node counts, by node ([`Tail::count`]); empty until then.
+    counters: Vec<NodeCounters>,
 }
 
 /// A row going into a segment: its event time and values.
@@ -138,7 +166,11 @@ struct Row {
 
 impl Tail {
     pub fn new(nodes: Vec<TailNode>, tag_late: bool) -> Self {
-        Tail { nodes, tag_late }
+        Tail {
+            nodes,
+            tag_late,
+            counters: Vec::new(),
+        }
     }
 
     /// Nothing to run: the first stage's results are the output.
@@ -169,6 +201,90 @@ impl Tail {
             }
         }
         out
+    }
+
+    /// Registers what each node counts: `rivulet_operator_records_total`
+    /// per step, `key_by` and keyed operator (labelled with the stream's
+    /// name), `rivulet_state_keys` per keyed operator and the stream's
+    /// watermark. The ids are the live page's (`observe/graph.rs`): node 0
+    /// goes on numbering after the `first_steps` steps and the first keyed
+    /// stage of its stream; a further stream's ids start again, after its
+    /// name (`per_site/window`).
+    pub fn count(&mut self, ctx: &crate::context::RunContext, first_steps: usize) {
+        self.counters = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| {
+                let stream = if i == 0 && !self.tag_late {
+                    "main"
+                } else {
+                    node.name.as_str()
+                };
+                let prefix = if i == 0 {
+                    String::new()
+                } else {
+                    format!("{}/", node.name)
+                };
+                let (mut n, mut stage) = if i == 0 { (first_steps, 2) } else { (0, 1) };
+                let staged = |base: &str, stage: usize| match stage {
+                    1 => format!("{prefix}{base}"),
+                    _ => format!("{prefix}{base}_{stage}"),
+                };
+                let pair = |id: &str| {
+                    let c = ctx.for_operator(id);
+                    let one = |dir: &str| {
+                        c.counter(
+                            names::OPERATOR_RECORDS,
+                            "records into or out of an operator",
+                            &[("stream", stream), ("direction", dir)],
+                        )
+                    };
+                    (one("in"), one("out"))
+                };
+                let segments = node
+                    .segments
+                    .iter()
+                    .map(|seg| {
+                        let steps = seg
+                            .steps
+                            .iter()
+                            .map(|s| {
+                                n += 1;
+                                pair(&format!("{prefix}{}_{n}", s.kind()))
+                            })
+                            .collect();
+                        let Some(k) = &seg.keyed else {
+                            return SegmentCounters {
+                                steps,
+                                ..Default::default()
+                            };
+                        };
+                        let op = staged(k.op.state().name, stage);
+                        let counters = SegmentCounters {
+                            steps,
+                            key_by: Some(pair(&staged("key_by", stage))),
+                            keyed: Some(pair(&op)),
+                            keys: Some(ctx.for_operator(&op).gauge(
+                                names::STATE_KEYS,
+                                "keys with state in a keyed operator",
+                                &[("stream", stream)],
+                            )),
+                        };
+                        stage += 1;
+                        counters
+                    })
+                    .collect();
+                NodeCounters {
+                    watermark: ctx.gauge_ms(
+                        names::WATERMARK,
+                        "a stream's watermark (further streams and later stages)",
+                        &[("stream", stream)],
+                    ),
+                    segments,
+                }
+            })
+            .collect();
     }
 
     /// Boards for the live state of the further streams (`/api/state`):
@@ -328,7 +444,8 @@ impl Tail {
         let mut first = Some(rows);
         // Each node's records (when read) and watermark after the chunk.
         let mut done: Vec<(Vec<Row>, i64)> = Vec::with_capacity(self.nodes.len());
-        for node in &mut self.nodes {
+        for (ni, node) in self.nodes.iter_mut().enumerate() {
+            let counters = self.counters.get(ni);
             let (mut rows, wm) = if let Some(map) = &node.side {
                 let rows = side
                     .iter()
@@ -369,9 +486,13 @@ impl Tail {
                 continue;
             }
             node.watermark = wm;
+            if let Some(c) = counters {
+                c.watermark.set(wm.max(i64::MIN / 2));
+            }
             let mark = out.len();
-            for seg in &mut node.segments {
-                (rows, wm) = seg.run(rows, wm, source_name, out);
+            for (si, seg) in node.segments.iter_mut().enumerate() {
+                let c = counters.and_then(|c| c.segments.get(si));
+                (rows, wm) = seg.run(rows, wm, source_name, c, out);
             }
             if self.tag_late {
                 for o in &mut out[mark..] {
@@ -446,6 +567,7 @@ impl TailSegment {
         rows: Vec<Row>,
         watermark: i64,
         source_name: &str,
+        counters: Option<&SegmentCounters>,
         out: &mut Vec<Output>,
     ) -> (Vec<Row>, i64) {
         let width = self.names.len();
@@ -471,8 +593,12 @@ impl TailSegment {
             status: &mut status,
             removed: 0,
         };
-        for s in &mut self.steps {
+        let mut live = n;
+        for (i, s) in self.steps.iter_mut().enumerate() {
+            records.removed = 0;
             s.process(&mut records);
+            let pair = counters.and_then(|c| c.steps.get(i));
+            live = count(pair, live, live.saturating_sub(records.removed));
         }
         // The JSON of each record, for late and dead-letter outputs.
         let input_schema = Schema {
@@ -563,6 +689,8 @@ impl TailSegment {
             kb.carry(&line, None);
         }
         dead_letters(&records, source_name, &json, &mut produced);
+        let keyed_in = kb.recs.len();
+        count(counters.and_then(|c| c.key_by.as_ref()), live, keyed_in);
         let mut keyed_out = Vec::new();
         k.op.process(&kb, 0..kb.recs.len(), &mut keyed_out);
         if watermark > k.op.watermark() {
@@ -593,6 +721,12 @@ impl TailSegment {
             }
         }
         out.extend(produced);
+        if let Some(c) = counters {
+            count(c.keyed.as_ref(), keyed_in, next.len());
+            if let Some(g) = &c.keys {
+                g.set(k.op.keys() as i64);
+            }
+        }
         (next, k.op.watermark())
     }
 }

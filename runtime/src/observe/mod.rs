@@ -171,11 +171,32 @@ fn queues(all: &[Sample]) -> Vec<Queue> {
 }
 
 /// The lowest watermark of the keyed workers, ms (none before the first).
+/// The first keyed stage's watermark: the least of its workers'. (The
+/// watermarks of later stages and further streams carry a `stream` label.)
 fn watermark(all: &[Sample]) -> Option<i64> {
     all.iter()
-        .filter(|s| s.name == names::WATERMARK && s.value > 0)
+        .filter(|s| s.name == names::WATERMARK && s.value > 0 && label(s, "stream").is_none())
         .map(|s| s.value)
         .min()
+}
+
+/// Each further stream's watermark (its tail node's), by name; `main`'s
+/// later stages are left to the first stage's figure.
+fn stream_watermarks(all: &[Sample]) -> Vec<(String, i64)> {
+    let mut out: Vec<(String, i64)> = Vec::new();
+    for s in all
+        .iter()
+        .filter(|s| s.name == names::WATERMARK && s.value > 0)
+    {
+        match label(s, "stream") {
+            Some(name) if name != "main" => match out.iter_mut().find(|(n, _)| n == name) {
+                Some(e) => e.1 = e.1.min(s.value),
+                None => out.push((name.to_string(), s.value)),
+            },
+            _ => {}
+        }
+    }
+    out
 }
 
 impl Observed {
@@ -361,13 +382,20 @@ impl Observed {
             "1 while the pipeline makes progress or is idle by design (GET /health)",
             &[(with(&[]), if health.healthy { 1.0 } else { 0.0 })],
         );
-        if let Some(w) = watermark(&all) {
+        let now = now_ms();
+        let lags: Vec<(Vec<(String, String)>, f64)> = watermark(&all)
+            .map(|w| ("main".to_string(), w))
+            .into_iter()
+            .chain(stream_watermarks(&all))
+            .map(|(stream, w)| (with(&[("stream", &stream)]), (now - w) as f64 / 1000.0))
+            .collect();
+        if !lags.is_empty() {
             write_family(
                 &mut out,
                 names::WATERMARK_LAG,
                 "gauge",
                 "wall clock minus the watermark",
-                &[(with(&[("stream", "main")]), (now_ms() - w) as f64 / 1000.0)],
+                &lags,
             );
         }
         let queues = queues(&all);
