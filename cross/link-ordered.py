@@ -16,7 +16,7 @@ Environment:
   RIVULET_NM       nm for the target's objects (default: nm)
   RIVULET_ORDER    the list (default: steady-order.txt beside this file)
 """
-import hashlib, os, re, subprocess, sys
+import fnmatch, hashlib, os, re, subprocess, sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -62,6 +62,17 @@ def symbols(nm, objects):
     return table
 
 
+def libc_symbols(nm, linker):
+    """The functions of the target's static C library (for the patterns of
+    glibc's per-processor string functions)."""
+    res = subprocess.run(linker + ["-print-file-name=libc.a"], capture_output=True, text=True)
+    path = res.stdout.strip()
+    if not os.path.isfile(path):
+        return set()
+    res = subprocess.run([nm, "--defined-only", "-p", path], capture_output=True, text=True)
+    return {p[2] for p in (line.split() for line in res.stdout.splitlines()) if len(p) == 3 and p[1] in "tTwWiI"}
+
+
 def main():
     linker = os.environ.get("RIVULET_LINKER", "cc").split()
     nm = os.environ.get("RIVULET_NM", "nm")
@@ -74,6 +85,7 @@ def main():
         table = symbols(nm, [a for a in args if a.endswith(".o") and os.path.isfile(a)])
         found = missing = 0
         names = []
+        libc = None
         with open(order) as f:
             for line in f:
                 name = line.rstrip("\n")
@@ -82,6 +94,10 @@ def main():
                 if name in table:
                     names.extend(table[name])
                     found += 1
+                elif "*" in name:
+                    if libc is None:
+                        libc = libc_symbols(nm, linker)
+                    names.extend(sorted(n for n in libc if fnmatch.fnmatchcase(n, name)))
                 elif "::" in name or name.startswith("<"):
                     missing += 1
                 else:

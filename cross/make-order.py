@@ -101,6 +101,26 @@ def demangled(mangled):
     return out
 
 
+# glibc picks one of several versions of its string functions at start-up
+# (IFUNC), by processor: callgrind's is not the one a Pi or another x86
+# runs. A listed version stands for its whole family, as a pattern that
+# cross/link-ordered.py expands against libc.a; memcpy, memmove and mempcpy
+# share their code, so each brings the others.
+IFUNC = re.compile(r"^__(mem\w*?|str\w*?|stp\w*?|wmem\w*?|wcs\w*?|raw\w*?)_(?:sse|ssse|avx|evex|erms|generic|simd|asimd|thunderx|falkor|a64fx|emag|kunpeng|zva|mte|sve|unaligned)")
+
+
+def variants(names):
+    out = set(names)
+    for name in names:
+        m = IFUNC.match(name)
+        if not m:
+            continue
+        family = m.group(1)
+        for f in (["memcpy", "memmove", "mempcpy"] if family in ("memcpy", "memmove", "mempcpy") else [family]):
+            out.add(f"__{f}_*")
+    return out
+
+
 def main():
     exe = build()
     work = tempfile.mkdtemp(prefix="make-order-")
@@ -168,7 +188,7 @@ def main():
         parts = [functions(os.path.join(work, d)) for d in dumps if re.search(r"\.\d+$", d)]
         if len(parts) < 2:
             sys.exit(f"make-order: expected two dumps, found {dumps}")
-        idle, traffic = demangled(parts[0]), demangled(parts[1])
+        idle, traffic = variants(demangled(parts[0])), variants(demangled(parts[1]))
         with open(OUT, "w") as f:
             f.write("# Written by cross/make-order.py: what a running pipeline executes, idle first.\n")
             for name in sorted(idle):
