@@ -65,6 +65,21 @@ impl RunContext {
     pub fn gauge_ms(&self, name: &str, help: &str, extra: &[(&str, &str)]) -> Gauge {
         self.metrics.gauge_ms(name, help, &self.labels(extra))
     }
+
+    /// `rivulet_operator_records_total` of this operator, `direction="in"`
+    /// and `"out"`, with `extra` labels (`stream`, `worker`).
+    pub fn records_in_out(&self, extra: &[(&str, &str)]) -> (Counter, Counter) {
+        let one = |dir: &str| {
+            let mut labels = extra.to_vec();
+            labels.push(("direction", dir));
+            self.counter(
+                crate::metrics::names::OPERATOR_RECORDS,
+                "records into or out of an operator",
+                &labels,
+            )
+        };
+        (one("in"), one("out"))
+    }
 }
 
 #[cfg(test)]

@@ -129,17 +129,11 @@ impl KeyedHost {
     /// Registers what this host counts, as worker `worker`.
     pub fn count(&mut self, ctx: &RunContext, worker: usize) {
         let w = worker.to_string();
-        let records = |dir: &str| {
-            ctx.counter(
-                names::OPERATOR_RECORDS,
-                "records into or out of an operator",
-                &[("stream", "main"), ("direction", dir), ("worker", &w)],
-            )
-        };
+        let (records_in, records_out) = ctx.records_in_out(&[("stream", "main"), ("worker", &w)]);
         self.worker = worker;
         self.counters = HostCounters {
-            records_in: records("in"),
-            records_out: records("out"),
+            records_in,
+            records_out,
             frames: ctx.counter(
                 names::STAGE_BATCHES,
                 "batches a stage has taken from its queues",

@@ -284,11 +284,6 @@ fn run(
             schema: op.output_schema(),
         });
     }
-    // A job graph's further streams answer `/api/state` from the merger.
-    if let Some(first) = tail.first_stream() {
-        opts.queries.name_first(first);
-    }
-    let tail_queries = tail.queryable(&opts.queries);
     tail.count(&ctx, p.steps_before_key.len() + p.steps_after_key.len());
     let mut sinks = merge::Sinks {
         schema: tail.output_schema().unwrap_or_else(|| {
@@ -508,12 +503,18 @@ fn run(
         )?)),
         (None, None) => None,
     };
+    // A job graph's further streams answer `/api/state` from the merger.
+    // Registered here, as nothing can fail between this and the merge,
+    // after which the boards are closed.
+    if let Some(first) = tail.first_stream() {
+        opts.queries.name_first(first);
+    }
     let tail = (!tail.is_empty()).then(|| merge::TailRun {
+        queries: tail.queryable(&opts.queries),
         tail,
         // Alerts carry their time; window results end − 1.
         at_end: plan.stateful.is_some(),
         source_name: plan.source_name.clone(),
-        queries: tail_queries,
     });
     let merged = merge::merge(checkpointer, &ctx, parse_out_rx, keyed_out_rx, sinks, tail);
     opts.queries.close();

@@ -52,15 +52,8 @@ impl ParseCounters {
     ) -> Self {
         let w = worker.to_string();
         let pair = |op: &str| {
-            let c = ctx.for_operator(op);
-            let one = |dir: &str| {
-                c.counter(
-                    names::OPERATOR_RECORDS,
-                    "records into or out of an operator",
-                    &[("stream", "main"), ("direction", dir), ("worker", &w)],
-                )
-            };
-            (one("in"), one("out"))
+            ctx.for_operator(op)
+                .records_in_out(&[("stream", "main"), ("worker", &w)])
         };
         let ids = operator_ids(before, after);
         let mut ids = ids.iter();

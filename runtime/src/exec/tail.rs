@@ -205,7 +205,7 @@ impl Tail {
 
     /// Registers what each node counts: `rivulet_operator_records_total`
     /// per step, `key_by` and keyed operator (labelled with the stream's
-    /// name), `rivulet_state_keys` per keyed operator and the stream's
+    /// name, `main` for the first stream), `rivulet_state_keys` per keyed operator and the stream's
     /// watermark. The ids are the live page's (`observe/graph.rs`): node 0
     /// goes on numbering after the `first_steps` steps and the first keyed
     /// stage of its stream; a further stream's ids start again, after its
@@ -216,11 +216,8 @@ impl Tail {
             .iter()
             .enumerate()
             .map(|(i, node)| {
-                let stream = if i == 0 && !self.tag_late {
-                    "main"
-                } else {
-                    node.name.as_str()
-                };
+                // The first stream is `main`, as its first stage's figures.
+                let stream = if i == 0 { "main" } else { node.name.as_str() };
                 let prefix = if i == 0 {
                     String::new()
                 } else {
@@ -231,17 +228,7 @@ impl Tail {
                     1 => format!("{prefix}{base}"),
                     _ => format!("{prefix}{base}_{stage}"),
                 };
-                let pair = |id: &str| {
-                    let c = ctx.for_operator(id);
-                    let one = |dir: &str| {
-                        c.counter(
-                            names::OPERATOR_RECORDS,
-                            "records into or out of an operator",
-                            &[("stream", stream), ("direction", dir)],
-                        )
-                    };
-                    (one("in"), one("out"))
-                };
+                let pair = |id: &str| ctx.for_operator(id).records_in_out(&[("stream", stream)]);
                 let segments = node
                     .segments
                     .iter()

@@ -170,9 +170,8 @@ fn queues(all: &[Sample]) -> Vec<Queue> {
     ]
 }
 
-/// The lowest watermark of the keyed workers, ms (none before the first).
-/// The first keyed stage's watermark: the least of its workers'. (The
-/// watermarks of later stages and further streams carry a `stream` label.)
+/// The first keyed stage's watermark, ms: the least of its workers' (none
+/// before the first). The tail's watermarks carry a `stream` label.
 fn watermark(all: &[Sample]) -> Option<i64> {
     all.iter()
         .filter(|s| s.name == names::WATERMARK && s.value > 0 && label(s, "stream").is_none())
@@ -180,23 +179,16 @@ fn watermark(all: &[Sample]) -> Option<i64> {
         .min()
 }
 
-/// Each further stream's watermark (its tail node's), by name; `main`'s
-/// later stages are left to the first stage's figure.
+/// Each further stream's watermark, ms (one tail node each); the first
+/// stream's later stages (`stream="main"`) are left to [`watermark`].
 fn stream_watermarks(all: &[Sample]) -> Vec<(String, i64)> {
-    let mut out: Vec<(String, i64)> = Vec::new();
-    for s in all
-        .iter()
+    all.iter()
         .filter(|s| s.name == names::WATERMARK && s.value > 0)
-    {
-        match label(s, "stream") {
-            Some(name) if name != "main" => match out.iter_mut().find(|(n, _)| n == name) {
-                Some(e) => e.1 = e.1.min(s.value),
-                None => out.push((name.to_string(), s.value)),
-            },
-            _ => {}
-        }
-    }
-    out
+        .filter_map(|s| match label(s, "stream") {
+            Some(name) if name != "main" => Some((name.to_string(), s.value)),
+            _ => None,
+        })
+        .collect()
 }
 
 impl Observed {
