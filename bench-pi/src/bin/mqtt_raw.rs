@@ -163,7 +163,20 @@ fn run_pub(port: u16, qos: u8, count: u64, rate: u64, sensors: u64) -> std::io::
     Ok(())
 }
 
-fn run_sub(port: u16, filter: &str, qos: u8, want: u64, timeout_s: u64) -> std::io::Result<()> {
+/// With `coalesce_us` > 0 the reader, like rivulet's MQTT source, reads a
+/// busy stream in slices: when its last read waited less than that long,
+/// it sleeps that long before the next one, so one wake-up takes many
+/// messages.
+fn run_sub(
+    port: u16,
+    filter: &str,
+    qos: u8,
+    want: u64,
+    timeout_s: u64,
+    coalesce_us: u64,
+) -> std::io::Result<()> {
+    let coalesce = Duration::from_micros(coalesce_us);
+    let mut busy = false;
     let mut s = connect(port, &format!("raw-sub-{}", std::process::id()))?;
     let mut sub = Vec::new();
     sub.extend_from_slice(&1u16.to_be_bytes());
@@ -188,9 +201,16 @@ fn run_sub(port: u16, filter: &str, qos: u8, want: u64, timeout_s: u64) -> std::
         if end == buf.len() {
             buf.resize(buf.len() * 2, 0);
         }
+        if busy {
+            std::thread::sleep(coalesce);
+        }
+        let waited = Instant::now();
         let n = match s.read(&mut buf[end..]) {
             Ok(0) => break,
-            Ok(n) => n,
+            Ok(n) => {
+                busy = !coalesce.is_zero() && waited.elapsed() < coalesce;
+                n
+            }
             Err(e)
                 if matches!(
                     e.kind(),
@@ -295,9 +315,10 @@ fn main() {
             n(4) as u8,
             n(5),
             n(6),
+            n(7),
         ),
         _ => {
-            eprintln!("usage: mqtt_raw pub PORT QOS COUNT RATE SENSORS | sub PORT FILTER QOS COUNT TIMEOUT_S");
+            eprintln!("usage: mqtt_raw pub PORT QOS COUNT RATE SENSORS | sub PORT FILTER QOS COUNT TIMEOUT_S [COALESCE_US]");
             std::process::exit(2);
         }
     };

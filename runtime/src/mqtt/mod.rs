@@ -9,6 +9,7 @@
 //! credentials) before the first successful connection are *fatal*: the
 //! pipeline stops with a message naming the broker and the reason.
 
+mod direct;
 pub mod status;
 pub mod topic;
 
@@ -134,6 +135,15 @@ impl Endpoint {
         }
     }
 
+    /// Opens a connection for a subscriber that never publishes: read in
+    /// batches without an event loop (see [`direct`]). With `manual_acks`
+    /// incoming QoS 1 messages are acknowledged only through
+    /// [`Client::try_ack`].
+    pub fn subscriber(&self, manual_acks: bool) -> Result<(Client, Connection), String> {
+        let (conn, handle) = direct::Conn::new(self, manual_acks)?;
+        Ok((Client::Direct(handle), Connection::Direct(Box::new(conn))))
+    }
+
     /// Opens a client; the connection starts once [`drive`] iterates it.
     pub fn connect(&self, request_capacity: usize) -> Result<(Client, Connection), String> {
         self.connect_with(request_capacity, false)
@@ -253,7 +263,12 @@ fn qos5(q: u8) -> rumqttc::v5::mqttbytes::QoS {
 pub enum Client {
     V4(rumqttc::Client),
     V5(rumqttc::v5::Client),
+    /// A subscriber's connection ([`Endpoint::subscriber`]).
+    Direct(direct::Handle),
 }
+
+/// What a subscriber's connection answers to a publish.
+const SUBSCRIBER_ONLY: &str = "this MQTT connection only subscribes";
 
 impl Client {
     /// Queues an UNSUBSCRIBE, waiting for room (never from the
@@ -262,6 +277,10 @@ impl Client {
         match self {
             Client::V4(c) => c.unsubscribe(filter).map_err(|e| e.to_string()),
             Client::V5(c) => c.unsubscribe(filter).map_err(|e| e.to_string()),
+            Client::Direct(h) => {
+                h.unsubscribe(filter);
+                Ok(())
+            }
         }
     }
     pub fn subscribe(&self, filter: &str, qos: u8) -> Result<(), String> {
@@ -282,6 +301,10 @@ impl Client {
                 f.preserve_retain = retain_as_published;
                 c.subscribe_many([f]).map_err(|e| e.to_string())
             }
+            Client::Direct(h) => {
+                h.subscribe(filter, qos, retain_as_published);
+                Ok(())
+            }
         }
     }
     /// Queues a publish, waiting for room in the client's request queue
@@ -300,6 +323,7 @@ impl Client {
             Client::V5(c) => c
                 .publish(topic, qos5(qos), retain, payload)
                 .map_err(|e| e.to_string()),
+            Client::Direct(_) => Err(SUBSCRIBER_ONLY.into()),
         }
     }
     /// Queues a publish without waiting; `false` when the client's request
@@ -308,6 +332,7 @@ impl Client {
         match self {
             Client::V4(c) => c.try_publish(topic, qos4(qos), retain, payload).is_ok(),
             Client::V5(c) => c.try_publish(topic, qos5(qos), retain, payload).is_ok(),
+            Client::Direct(_) => false,
         }
     }
     /// Queues the PUBACK of an incoming QoS 1 message (with manual acks)
@@ -329,12 +354,20 @@ impl Client {
                 p.pkid = pkid;
                 c.try_ack(&p).is_ok()
             }
+            Client::Direct(h) => {
+                h.ack(pkid);
+                true
+            }
         }
     }
     pub fn disconnect(&self) {
         let _ = match self {
             Client::V4(c) => c.disconnect().map_err(|e| e.to_string()),
             Client::V5(c) => c.disconnect().map_err(|e| e.to_string()),
+            Client::Direct(h) => {
+                h.disconnect();
+                Ok(())
+            }
         };
     }
 }
@@ -343,6 +376,7 @@ impl Client {
 pub enum Connection {
     V4(rumqttc::Connection),
     V5(rumqttc::v5::Connection),
+    Direct(Box<direct::Conn>),
 }
 
 /// What the connection thread reports to its handler.
@@ -550,6 +584,7 @@ impl Connection {
                 refusal5,
                 conn_error5
             ),
+            Connection::Direct(c) => c.step(wait),
         }
     }
 }

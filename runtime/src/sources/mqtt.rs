@@ -46,8 +46,6 @@ use std::time::{Duration, Instant};
 /// 640 KiB of an idle pipeline's memory, and hand over one wake-up per
 /// group instead of one per message.
 const QUEUE: usize = 32;
-/// Requests (subscribes, PUBACKs) the client queues for its connection.
-const REQUESTS: usize = 2 * journal::GROUP;
 /// Without a journal, the longest a message is held for the ones after it
 /// while they keep coming (handing over in groups saves a wake-up per
 /// message; a pause hands over at once).
@@ -151,7 +149,7 @@ impl MqttSource {
         };
         let (client, conn) = opts
             .endpoint
-            .connect_with(REQUESTS, journal.is_some())
+            .subscriber(journal.is_some())
             .map_err(|e| SourceError::Other(format!("MQTT source {url}: {e}")))?;
         if journal.is_some() && opts.qos == 1 && opts.endpoint.clean_session {
             tracing::warn!(
@@ -626,21 +624,15 @@ impl Inbound {
                 // peers subscribe again on every connect (a shared
                 // subscription drops retained messages anyway).
                 if !self.ever_connected || !session_present || self.drop_retained {
-                    // Subscribing waits for room in the client's queue,
-                    // which only this thread empties: do it from another.
-                    let (client, filters) = (self.client.clone(), self.filters.clone());
-                    let (url, qos, rap) = (self.url.clone(), self.qos, self.retain_as_published);
-                    let spawned = std::thread::Builder::new()
-                        .name("rivulet-mqtt-sub".into())
-                        .spawn(move || {
-                            for f in &filters {
-                                if let Err(e) = client.subscribe_with(f, qos, rap) {
-                                    tracing::error!(broker = %url, filter = %f, error = %e, "cannot subscribe");
-                                }
-                            }
-                        });
-                    if let Err(e) = spawned {
-                        tracing::error!(broker = %self.url, error = %e, "cannot subscribe: no thread");
+                    // The subscriber connection queues these without
+                    // waiting and writes them before it reads again.
+                    for f in &self.filters {
+                        if let Err(e) =
+                            self.client
+                                .subscribe_with(f, self.qos, self.retain_as_published)
+                        {
+                            tracing::error!(broker = %self.url, filter = %f, error = %e, "cannot subscribe");
+                        }
                     }
                 }
                 self.ever_connected = true;

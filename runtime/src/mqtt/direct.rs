@@ -1,0 +1,957 @@
+//! A subscriber's connection without an event loop: rumqttc's codec
+//! (`rumqttc::mqttbytes`, both protocol versions) over a `std::net` socket,
+//! with rustls for `mqtts://`.
+//!
+//! rumqttc's client hands over one event per message through its tokio
+//! runtime: a wake-up, a `select!`, and a ~200-byte `Event` moved several
+//! times, for every message. A subscriber needs none of that. Here one
+//! `read` takes whatever the broker has sent (up to 64 KiB), every packet in
+//! it is decoded at once, and the PUBACKs they call for leave in one
+//! `write` before the next read. The connection thread sleeps in `poll(2)`
+//! on the socket and on a wake-up socket that other threads use when they
+//! queue a request (subscribe, unsubscribe, disconnect).
+//!
+//! The session logic a subscriber needs is small and lives here: packet ids
+//! for SUBSCRIBE and UNSUBSCRIBE (nothing is published, so nothing else is
+//! in flight), PINGREQ after a keep-alive interval without sending, and a
+//! dropped connection when a ping goes unanswered for another interval.
+//! [`super::drive`] reconnects as for rumqttc's connections; this type
+//! answers its [`super::Step`]s.
+
+use super::{io_reason, refusal4, refusal5, Endpoint, Ev, Step};
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::v4 as p4;
+use rumqttc::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes as m5;
+use rumqttc::v5::mqttbytes::v5 as p5;
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Bytes asked of the socket per read.
+const READ: usize = 64 << 10;
+/// How long connecting, the TLS handshake and the CONNACK may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a write may wait for room in the socket.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// While messages come closer together than this, the connection waits
+/// this long for more instead of waking at each one (see [`Conn::exchange`]).
+const COALESCE: Duration = Duration::from_micros(200);
+
+/// What other threads (and the handler, on the connection's own thread)
+/// ask of the connection.
+#[derive(Debug)]
+enum Request {
+    Subscribe {
+        filter: String,
+        qos: u8,
+        retain_as_published: bool,
+    },
+    Unsubscribe(String),
+    /// PUBACK for an incoming QoS 1 message (manual acks).
+    Ack(u16),
+    Disconnect,
+}
+
+/// Shared between the connection and its [`Handle`]s.
+struct Shared {
+    requests: Mutex<Vec<Request>>,
+    /// Set while the connection thread sleeps in `poll`: a request then
+    /// writes a byte to `waker`.
+    parked: AtomicBool,
+    waker: UnixStream,
+}
+
+/// The request side: cheap to clone, never blocks.
+#[derive(Clone)]
+pub struct Handle(Arc<Shared>);
+
+impl Handle {
+    fn push(&self, r: Request) {
+        let mut q = self.0.requests.lock().unwrap_or_else(|e| e.into_inner());
+        q.push(r);
+        drop(q);
+        // The connection thread sets `parked` before it looks at the queue
+        // a last time and sleeps: either it sees this request, or it is
+        // parked and the byte wakes it. A full wake-up socket already holds
+        // a wake-up.
+        if self.0.parked.load(Ordering::SeqCst) {
+            let _ = (&self.0.waker).write(&[1]);
+        }
+    }
+
+    pub fn subscribe(&self, filter: &str, qos: u8, retain_as_published: bool) {
+        self.push(Request::Subscribe {
+            filter: filter.to_string(),
+            qos,
+            retain_as_published,
+        });
+    }
+
+    pub fn unsubscribe(&self, filter: &str) {
+        self.push(Request::Unsubscribe(filter.to_string()));
+    }
+
+    pub fn ack(&self, pkid: u16) {
+        self.push(Request::Ack(pkid));
+    }
+
+    pub fn disconnect(&self) {
+        self.push(Request::Disconnect);
+    }
+}
+
+/// The socket of one connection, in non-blocking mode once connected.
+struct Link {
+    sock: TcpStream,
+    tls: Option<Box<rustls::ClientConnection>>,
+}
+
+impl Link {
+    /// Reads what is there into `scratch`: `Ok(0)` when the broker closed
+    /// the connection, `WouldBlock` when nothing is waiting.
+    fn read(&mut self, scratch: &mut [u8]) -> io::Result<usize> {
+        let Some(tls) = &mut self.tls else {
+            return self.sock.read(scratch);
+        };
+        loop {
+            match tls.reader().read(scratch) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            // No plaintext buffered: take TLS records from the socket.
+            if tls.read_tls(&mut self.sock)? == 0 {
+                return Ok(0);
+            }
+            if let Err(e) = tls.process_new_packets() {
+                // Send the alert that says why, then give up.
+                let _ = tls.write_tls(&mut self.sock);
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+            if tls.wants_write() {
+                flush_tls(tls, &mut self.sock)?;
+            }
+        }
+    }
+
+    /// Writes all of `data`, waiting for room when the socket is full.
+    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        if let Some(tls) = &mut self.tls {
+            tls.writer().write_all(data)?;
+            return self.flush_tls();
+        }
+        let mut rest = data;
+        while !rest.is_empty() {
+            match self.sock.write(rest) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait_writable()?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_tls(&mut self) -> io::Result<()> {
+        match &mut self.tls {
+            Some(tls) => flush_tls(tls, &mut self.sock),
+            None => Ok(()),
+        }
+    }
+
+    fn wait_writable(&self) -> io::Result<()> {
+        wait_fd(self.sock.as_raw_fd(), libc::POLLOUT, WRITE_TIMEOUT)
+    }
+}
+
+/// Writes out the TLS records rustls holds, waiting for room.
+fn flush_tls(tls: &mut rustls::ClientConnection, sock: &mut TcpStream) -> io::Result<()> {
+    while tls.wants_write() {
+        match tls.write_tls(sock) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                wait_fd(sock.as_raw_fd(), libc::POLLOUT, WRITE_TIMEOUT)?
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Waits until `fd` is ready for `events`, or fails with `TimedOut`.
+fn wait_fd(fd: i32, events: libc::c_short, timeout: Duration) -> io::Result<()> {
+    let mut p = [libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    }];
+    match poll(&mut p, Some(timeout))? {
+        0 => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the broker took no data for 10 s",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `poll(2)`; `None` waits without limit. Interruptions count as "nothing
+/// ready" (the caller looks again).
+fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<usize> {
+    let ms = match timeout {
+        None => -1,
+        // Round up, so a wait of 0.2 ms does not spin.
+        Some(t) => t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
+    };
+    // SAFETY: `fds` is a valid, exclusively borrowed slice of pollfd for the
+    // length given.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(0);
+        }
+        return Err(e);
+    }
+    Ok(n as usize)
+}
+
+/// A packet from the broker, in the terms a subscriber needs.
+enum Incoming {
+    ConnAck {
+        session_present: bool,
+        refused: Option<(String, bool)>,
+    },
+    Publish {
+        topic: String,
+        payload: Bytes,
+        pkid: u16,
+        qos: QoS,
+        dup: bool,
+        retain: bool,
+    },
+    PubAck(u16),
+    /// Packet id and whether any filter was refused.
+    SubAck(u16, bool),
+    PingResp,
+    /// MQTT 5: the broker ends the connection, with its reason.
+    Disconnect(String),
+    Other,
+}
+
+/// One subscriber connection; see the module's documentation.
+pub struct Conn {
+    ep: Endpoint,
+    manual_acks: bool,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    shared: Arc<Shared>,
+    wake_rx: UnixStream,
+    link: Option<Link>,
+    scratch: Box<[u8]>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    events: VecDeque<Ev>,
+    /// Requests taken from the queue, kept across a reconnect (subscribes).
+    taken: Vec<Request>,
+    /// PUBACKs in `wbuf` (manual acks), reported as sent once written.
+    acks_in_wbuf: Vec<u16>,
+    last_pkid: u16,
+    /// SUBSCRIBE packet ids → their filters, to name a refused one.
+    subscribing: HashMap<u16, String>,
+    last_write: Instant,
+    awaiting_ping: bool,
+    closing: bool,
+    /// The stream is busy: the last wait for data ended within
+    /// [`COALESCE`].
+    busy: bool,
+}
+
+impl Conn {
+    pub fn new(ep: &Endpoint, manual_acks: bool) -> Result<(Conn, Handle), String> {
+        let tls = if ep.tls {
+            Some(Arc::new(ep.rustls_config()?))
+        } else {
+            None
+        };
+        let (waker, wake_rx) =
+            UnixStream::pair().map_err(|e| format!("cannot make a wake-up socket: {e}"))?;
+        for s in [&waker, &wake_rx] {
+            s.set_nonblocking(true)
+                .map_err(|e| format!("cannot make a wake-up socket: {e}"))?;
+        }
+        let shared = Arc::new(Shared {
+            requests: Mutex::new(Vec::new()),
+            parked: AtomicBool::new(false),
+            waker,
+        });
+        let conn = Conn {
+            ep: ep.clone(),
+            manual_acks,
+            tls,
+            shared: shared.clone(),
+            wake_rx,
+            link: None,
+            scratch: vec![0; READ].into_boxed_slice(),
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            events: VecDeque::new(),
+            taken: Vec::new(),
+            acks_in_wbuf: Vec::new(),
+            last_pkid: 0,
+            subscribing: HashMap::new(),
+            last_write: Instant::now(),
+            awaiting_ping: false,
+            closing: false,
+            busy: false,
+        };
+        Ok((conn, Handle(shared)))
+    }
+
+    fn v5(&self) -> bool {
+        self.ep.version == 5
+    }
+
+    /// The keep-alive as sent in CONNECT (whole seconds; MQTT 5 at least 5
+    /// s, as for rumqttc's connections).
+    fn keep_alive(&self) -> Duration {
+        let k = self.ep.keep_alive;
+        if k.is_zero() {
+            return k;
+        }
+        let secs = k.as_secs_f64().ceil().max(1.0) as u64;
+        let secs = if self.v5() { secs.max(5) } else { secs };
+        Duration::from_secs(secs.min(u16::MAX as u64))
+    }
+
+    fn next_pkid(&mut self) -> u16 {
+        self.last_pkid = self.last_pkid.checked_add(1).unwrap_or(1);
+        self.last_pkid
+    }
+
+    /// One step for [`super::drive`]: the next event, waiting up to `wait`
+    /// for one.
+    pub(super) fn step(&mut self, wait: Duration) -> Step {
+        if let Some(ev) = self.events.pop_front() {
+            return Step::Ev(ev);
+        }
+        if self.closing {
+            return Step::Closed;
+        }
+        if self.link.is_none() {
+            self.take_requests();
+            if self.closing {
+                return Step::Closed;
+            }
+            return match self.connect() {
+                Ok(session_present) => Step::Ev(Ev::Connected { session_present }),
+                Err((reason, permanent)) => Step::Ev(Ev::Disconnected { reason, permanent }),
+            };
+        }
+        match self.exchange(wait) {
+            Ok(()) => match self.events.pop_front() {
+                Some(ev) => Step::Ev(ev),
+                None if self.closing => Step::Closed,
+                None => Step::Nothing,
+            },
+            Err(reason) => {
+                self.drop_link();
+                // What was read before the error still counts.
+                self.events.push_back(Ev::Disconnected {
+                    reason,
+                    permanent: false,
+                });
+                match self.events.pop_front() {
+                    Some(ev) => Step::Ev(ev),
+                    None => Step::Other,
+                }
+            }
+        }
+    }
+
+    fn drop_link(&mut self) {
+        if let Some(l) = self.link.take() {
+            let _ = l.sock.shutdown(std::net::Shutdown::Both);
+        }
+        self.rbuf.clear();
+        self.wbuf.clear();
+        self.acks_in_wbuf.clear();
+        self.subscribing.clear();
+        self.awaiting_ping = false;
+    }
+
+    /// Moves queued requests to `taken`, dropping PUBACKs meant for a
+    /// connection that is gone (the broker sends those messages again).
+    fn take_requests(&mut self) {
+        let mut q = self
+            .shared
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        self.taken.append(&mut q);
+        drop(q);
+        if self.link.is_none() {
+            self.taken.retain(|r| !matches!(r, Request::Ack(_)));
+            if self.taken.iter().any(|r| matches!(r, Request::Disconnect)) {
+                self.closing = true;
+            }
+        }
+    }
+
+    /// Connects, logs in and waits for the CONNACK: whether the broker
+    /// kept a session, or why it failed and whether retrying can help.
+    fn connect(&mut self) -> Result<bool, (String, bool)> {
+        self.drop_link();
+        let addrs = (self.ep.host.as_str(), self.ep.port)
+            .to_socket_addrs()
+            .map_err(|e| (format!("cannot resolve {}: {e}", self.ep.host), false))?;
+        let mut last = None;
+        let mut sock = None;
+        for a in addrs {
+            match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+                Ok(s) => {
+                    sock = Some(s);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let sock = sock.ok_or_else(|| match last {
+            Some(e) => io_reason(&e),
+            None => (format!("{} has no address", self.ep.host), false),
+        })?;
+        let io = |e: io::Error| io_reason(&e);
+        sock.set_nodelay(true).map_err(io)?;
+        sock.set_read_timeout(Some(CONNECT_TIMEOUT)).map_err(io)?;
+        sock.set_write_timeout(Some(CONNECT_TIMEOUT)).map_err(io)?;
+        let tls = match &self.tls {
+            None => None,
+            Some(cfg) => {
+                let name = rustls::pki_types::ServerName::try_from(self.ep.host.clone())
+                    .map_err(|e| (format!("TLS: bad server name: {e}"), true))?;
+                let mut c = rustls::ClientConnection::new(cfg.clone(), name)
+                    .map_err(|e| (super::tls_reason(&e), true))?;
+                let mut s = &sock;
+                while c.is_handshaking() {
+                    c.complete_io(&mut s).map_err(io)?;
+                }
+                Some(Box::new(c))
+            }
+        };
+        let mut link = Link { sock, tls };
+        let connect = self.encode_connect().map_err(|e| (e, true))?;
+        link.write_all(&connect).map_err(io)?;
+        // The CONNACK, read blocking (with the timeout above).
+        let ack = loop {
+            match self.decode_one() {
+                Ok(Some(p)) => break p,
+                Ok(None) => {}
+                Err(e) => return Err((e, false)),
+            }
+            let n = link.read(&mut self.scratch).map_err(|e| {
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) {
+                    (
+                        "the broker did not answer CONNECT within 5 s".to_string(),
+                        false,
+                    )
+                } else {
+                    io_reason(&e)
+                }
+            })?;
+            if n == 0 {
+                return Err(("the broker closed the connection".into(), false));
+            }
+            self.rbuf.extend_from_slice(&self.scratch[..n]);
+        };
+        let Incoming::ConnAck {
+            session_present,
+            refused,
+        } = ack
+        else {
+            return Err(("the broker sent something other than CONNACK".into(), false));
+        };
+        if let Some(r) = refused {
+            return Err(r);
+        }
+        link.sock.set_read_timeout(None).map_err(io)?;
+        link.sock.set_write_timeout(None).map_err(io)?;
+        link.sock.set_nonblocking(true).map_err(io)?;
+        self.link = Some(link);
+        self.last_write = Instant::now();
+        Ok(session_present)
+    }
+
+    fn encode_connect(&self) -> Result<BytesMut, String> {
+        let mut buf = BytesMut::new();
+        let keep_alive = self.keep_alive().as_secs() as u16;
+        let login = self
+            .ep
+            .username
+            .as_ref()
+            .map(|u| (u.clone(), self.ep.password.clone().unwrap_or_default()));
+        let r = if self.v5() {
+            let mut props = p5::ConnectProperties::new();
+            props.max_packet_size = Some(self.ep.max_packet as u32);
+            if !self.ep.clean_session {
+                props.session_expiry_interval = Some(u32::MAX);
+            }
+            let c = p5::Connect {
+                keep_alive,
+                client_id: self.ep.client_id.clone(),
+                clean_start: self.ep.clean_session,
+                properties: Some(props),
+            };
+            let will = self.ep.last_will.as_ref().map(|w| {
+                p5::LastWill::new(&w.topic, w.payload.clone(), qos5(w.qos), w.retain, None)
+            });
+            let login = login.map(|(u, p)| p5::Login::new(u, p));
+            p5::Packet::Connect(c, will, login)
+                .write(&mut buf, None)
+                .map_err(|e| e.to_string())
+        } else {
+            let mut c = p4::Connect::new(self.ep.client_id.clone());
+            c.keep_alive = keep_alive;
+            c.clean_session = self.ep.clean_session;
+            c.last_will = self
+                .ep
+                .last_will
+                .as_ref()
+                .map(|w| p4::LastWill::new(&w.topic, w.payload.clone(), qos(w.qos), w.retain));
+            if let Some((u, p)) = login {
+                c.set_login(u, p);
+            }
+            p4::Packet::Connect(c)
+                .write(&mut buf, usize::MAX)
+                .map_err(|e| e.to_string())
+        };
+        r.map(|_| buf)
+    }
+
+    /// Decodes the next whole packet in `rbuf`, if there is one.
+    fn decode_one(&mut self) -> Result<Option<Incoming>, String> {
+        if self.rbuf.is_empty() {
+            return Ok(None);
+        }
+        let max = self.ep.max_packet;
+        if self.v5() {
+            match p5::Packet::read(&mut self.rbuf, Some(max as u32)) {
+                Ok(p) => Ok(Some(incoming5(p))),
+                Err(m5::Error::InsufficientBytes(_)) => Ok(None),
+                Err(e) => Err(bad_packet(&e, max)),
+            }
+        } else {
+            match p4::Packet::read(&mut self.rbuf, max) {
+                Ok(p) => Ok(Some(incoming4(p))),
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+                Err(e) => Err(bad_packet(&e, max)),
+            }
+        }
+    }
+
+    /// Writes what is queued, then reads what is there; waits up to `wait`
+    /// when there is nothing. `Err`: the connection is lost.
+    ///
+    /// A quiet stream is read as each message comes: the thread sleeps in
+    /// `poll` and wakes at once. A busy one (the last wait ended within
+    /// [`COALESCE`]) is read in slices: when the socket is empty the thread
+    /// sleeps [`COALESCE`] on a timer, not in `poll`, and then reads what
+    /// came meanwhile, so dozens of messages cost one wake-up instead of
+    /// one each; even with `wait` zero it looks once more after such a
+    /// pause before it reports that nothing came.
+    fn exchange(&mut self, wait: Duration) -> Result<(), String> {
+        let started = Instant::now();
+        let mut coalesced = false;
+        loop {
+            self.take_requests();
+            self.encode_requests()?;
+            self.flush()?;
+            if self.closing {
+                return Ok(());
+            }
+            let keep_alive = self.keep_alive();
+            if !keep_alive.is_zero() && self.last_write.elapsed() >= keep_alive {
+                if self.awaiting_ping {
+                    return Err(format!(
+                        "the broker did not answer a ping within {} s",
+                        keep_alive.as_secs()
+                    ));
+                }
+                self.awaiting_ping = true;
+                self.encode(Out::Ping)?;
+                self.flush()?;
+            }
+            let Some(link) = &mut self.link else {
+                return Err("not connected".into());
+            };
+            match link.read(&mut self.scratch) {
+                Ok(0) => return Err("the broker closed the connection".into()),
+                Ok(n) => {
+                    coalesced = false;
+                    self.rbuf.extend_from_slice(&self.scratch[..n]);
+                    self.decode_all()?;
+                    if !self.events.is_empty() {
+                        return Ok(());
+                    }
+                    // Only pings or SUBACKs: go on reading.
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_reason(&e).0),
+            }
+            // Nothing to read.
+            let left = wait.saturating_sub(started.elapsed());
+            if self.busy && !coalesced {
+                coalesced = true;
+                std::thread::sleep(if left.is_zero() {
+                    COALESCE
+                } else {
+                    left.min(COALESCE)
+                });
+                continue;
+            }
+            if left.is_zero() {
+                self.busy = false;
+                return Ok(());
+            }
+            let until_ping = if keep_alive.is_zero() {
+                left
+            } else {
+                keep_alive.saturating_sub(self.last_write.elapsed())
+            };
+            self.sleep(left.min(until_ping).max(Duration::from_micros(1)))?;
+        }
+    }
+
+    /// Sleeps until the socket is readable, a request wakes us, or
+    /// `timeout` passes.
+    fn sleep(&mut self, timeout: Duration) -> Result<(), String> {
+        let Some(link) = &self.link else {
+            return Ok(());
+        };
+        // `exchange` sleeps only after a read found nothing: no TLS
+        // plaintext is buffered.
+        self.shared.parked.store(true, Ordering::SeqCst);
+        let queued = !self
+            .shared
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty();
+        if queued {
+            self.shared.parked.store(false, Ordering::SeqCst);
+            return Ok(());
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: link.sock.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.wake_rx.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let slept = Instant::now();
+        let r = poll(&mut fds, Some(timeout));
+        self.shared.parked.store(false, Ordering::SeqCst);
+        r.map_err(|e| format!("poll: {e}"))?;
+        self.busy = fds[0].revents != 0 && slept.elapsed() < COALESCE;
+        if fds[1].revents != 0 {
+            let mut drain = [0u8; 64];
+            while matches!((&self.wake_rx).read(&mut drain), Ok(n) if n > 0) {}
+        }
+        Ok(())
+    }
+
+    /// Decodes every whole packet read so far into events (and PUBACKs).
+    fn decode_all(&mut self) -> Result<(), String> {
+        while let Some(p) = self.decode_one()? {
+            match p {
+                Incoming::Publish {
+                    topic,
+                    payload,
+                    pkid,
+                    qos,
+                    dup,
+                    retain,
+                } => {
+                    if qos == QoS::ExactlyOnce {
+                        // Subscriptions ask for at most QoS 1, and the
+                        // broker sends at most what was granted.
+                        return Err(
+                            "the broker sent a QoS 2 message to a QoS 1 subscription".into()
+                        );
+                    }
+                    if qos == QoS::AtLeastOnce && !self.manual_acks {
+                        self.encode(Out::PubAck(pkid))?;
+                    }
+                    self.events.push_back(Ev::Message {
+                        topic,
+                        payload,
+                        pkid,
+                        dup,
+                        retain,
+                    });
+                }
+                Incoming::PubAck(id) => self.events.push_back(Ev::PubAck(id)),
+                Incoming::SubAck(id, refused) => {
+                    let filter = self.subscribing.remove(&id);
+                    if refused {
+                        tracing::error!(
+                            broker = %self.ep.url,
+                            filter = filter.as_deref().unwrap_or("?"),
+                            "the broker refused the subscription (check its ACL and the filter)"
+                        );
+                    }
+                }
+                Incoming::PingResp => self.awaiting_ping = false,
+                Incoming::Disconnect(reason) => return Err(reason),
+                Incoming::ConnAck { .. } => {
+                    return Err("the broker sent a second CONNACK".into());
+                }
+                Incoming::Other => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn encode_requests(&mut self) -> Result<(), String> {
+        for r in std::mem::take(&mut self.taken) {
+            match r {
+                Request::Subscribe {
+                    filter,
+                    qos,
+                    retain_as_published,
+                } => {
+                    let pkid = self.next_pkid();
+                    self.encode(Out::Subscribe {
+                        pkid,
+                        filter: &filter,
+                        qos,
+                        retain_as_published,
+                    })?;
+                    self.subscribing.insert(pkid, filter);
+                }
+                Request::Unsubscribe(filter) => {
+                    let pkid = self.next_pkid();
+                    self.encode(Out::Unsubscribe {
+                        pkid,
+                        filter: &filter,
+                    })?;
+                }
+                Request::Ack(pkid) => {
+                    self.encode(Out::PubAck(pkid))?;
+                    self.acks_in_wbuf.push(pkid);
+                }
+                Request::Disconnect => {
+                    self.encode(Out::Disconnect)?;
+                    self.closing = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn encode(&mut self, out: Out<'_>) -> Result<(), String> {
+        let max = self.ep.max_packet;
+        let r = if self.v5() {
+            let p = match out {
+                Out::PubAck(id) => p5::Packet::PubAck(p5::PubAck::new(id, None)),
+                Out::Ping => p5::Packet::PingReq(p5::PingReq),
+                Out::Disconnect => p5::Packet::Disconnect(p5::Disconnect::new(
+                    p5::DisconnectReasonCode::NormalDisconnection,
+                )),
+                Out::Subscribe {
+                    pkid,
+                    filter,
+                    qos: q,
+                    retain_as_published,
+                } => {
+                    let mut f = p5::Filter::new(filter, qos5(q));
+                    f.preserve_retain = retain_as_published;
+                    let mut s = p5::Subscribe::new(f, None);
+                    s.pkid = pkid;
+                    p5::Packet::Subscribe(s)
+                }
+                Out::Unsubscribe { pkid, filter } => {
+                    let mut u = p5::Unsubscribe::new(filter, None);
+                    u.pkid = pkid;
+                    p5::Packet::Unsubscribe(u)
+                }
+            };
+            p.write(&mut self.wbuf, Some(max as u32))
+                .map_err(|e| e.to_string())
+        } else {
+            let p = match out {
+                Out::PubAck(id) => p4::Packet::PubAck(p4::PubAck::new(id)),
+                Out::Ping => p4::Packet::PingReq,
+                Out::Disconnect => p4::Packet::Disconnect,
+                Out::Subscribe {
+                    pkid,
+                    filter,
+                    qos: q,
+                    ..
+                } => {
+                    let mut s = p4::Subscribe::new(filter, qos(q));
+                    s.pkid = pkid;
+                    p4::Packet::Subscribe(s)
+                }
+                Out::Unsubscribe { pkid, filter } => {
+                    let mut u = p4::Unsubscribe::new(filter);
+                    u.pkid = pkid;
+                    p4::Packet::Unsubscribe(u)
+                }
+            };
+            p.write(&mut self.wbuf, max).map_err(|e| e.to_string())
+        };
+        r.map(|_| ())
+            .map_err(|e| format!("cannot encode a packet: {e}"))
+    }
+
+    /// Writes `wbuf` out; reports manual PUBACKs as sent.
+    fn flush(&mut self) -> Result<(), String> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let Some(link) = &mut self.link else {
+            return Err("not connected".into());
+        };
+        link.write_all(&self.wbuf).map_err(|e| io_reason(&e).0)?;
+        self.wbuf.clear();
+        self.last_write = Instant::now();
+        for id in self.acks_in_wbuf.drain(..) {
+            self.events.push_back(Ev::AckSent(id));
+        }
+        if self.closing {
+            self.drop_link();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.drop_link();
+    }
+}
+
+/// A packet to send.
+enum Out<'a> {
+    PubAck(u16),
+    Ping,
+    Disconnect,
+    Subscribe {
+        pkid: u16,
+        filter: &'a str,
+        qos: u8,
+        retain_as_published: bool,
+    },
+    Unsubscribe {
+        pkid: u16,
+        filter: &'a str,
+    },
+}
+
+fn qos(q: u8) -> QoS {
+    if q == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    }
+}
+
+fn qos5(q: u8) -> m5::QoS {
+    if q == 0 {
+        m5::QoS::AtMostOnce
+    } else {
+        m5::QoS::AtLeastOnce
+    }
+}
+
+fn bad_packet(e: &dyn std::fmt::Display, max: usize) -> String {
+    let s = e.to_string();
+    if s.contains("limit") || s.contains("Size") || s.contains("size") {
+        format!("the broker sent a packet larger than {max} bytes ({s})")
+    } else {
+        format!("malformed packet from the broker: {s}")
+    }
+}
+
+fn incoming4(p: p4::Packet) -> Incoming {
+    match p {
+        p4::Packet::ConnAck(a) => Incoming::ConnAck {
+            session_present: a.session_present,
+            refused: (a.code != p4::ConnectReturnCode::Success).then(|| refusal4(a.code)),
+        },
+        p4::Packet::Publish(p) => Incoming::Publish {
+            topic: p.topic,
+            payload: p.payload,
+            pkid: p.pkid,
+            qos: p.qos,
+            dup: p.dup,
+            retain: p.retain,
+        },
+        p4::Packet::PubAck(a) => Incoming::PubAck(a.pkid),
+        p4::Packet::SubAck(a) => Incoming::SubAck(
+            a.pkid,
+            a.return_codes
+                .iter()
+                .any(|c| matches!(c, p4::SubscribeReasonCode::Failure)),
+        ),
+        p4::Packet::PingResp => Incoming::PingResp,
+        _ => Incoming::Other,
+    }
+}
+
+fn incoming5(p: p5::Packet) -> Incoming {
+    match p {
+        p5::Packet::ConnAck(a) => Incoming::ConnAck {
+            session_present: a.session_present,
+            refused: (a.code != p5::ConnectReturnCode::Success).then(|| refusal5(a.code)),
+        },
+        p5::Packet::Publish(p) => Incoming::Publish {
+            topic: match String::from_utf8(p.topic.to_vec()) {
+                Ok(t) => t,
+                Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+            },
+            payload: p.payload,
+            pkid: p.pkid,
+            qos: match p.qos {
+                m5::QoS::AtMostOnce => QoS::AtMostOnce,
+                m5::QoS::AtLeastOnce => QoS::AtLeastOnce,
+                m5::QoS::ExactlyOnce => QoS::ExactlyOnce,
+            },
+            dup: p.dup,
+            retain: p.retain,
+        },
+        p5::Packet::PubAck(a) => Incoming::PubAck(a.pkid),
+        p5::Packet::SubAck(a) => Incoming::SubAck(
+            a.pkid,
+            a.return_codes
+                .iter()
+                .any(|c| !matches!(c, p5::SubscribeReasonCode::Success(_))),
+        ),
+        p5::Packet::PingResp(_) => Incoming::PingResp,
+        p5::Packet::Disconnect(d) => Incoming::Disconnect(format!(
+            "the broker ended the connection ({:?}{})",
+            d.reason_code,
+            d.properties
+                .and_then(|p| p.reason_string)
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        )),
+        _ => Incoming::Other,
+    }
+}
