@@ -594,3 +594,93 @@ fn ingestion_time_survives_kill_9_the_replay_windows_each_message_as_the_first_t
     );
     assert!(want.keys().all(|w| *w < restarted));
 }
+
+/// The source's broker stops (saving its sessions) and starts again twice
+/// while QoS 1 messages arrive, for MQTT 3.1.1 and 5: rivulet reconnects,
+/// the broker redelivers what it had sent and not seen acknowledged, and
+/// every message comes out exactly once. At QoS 0 rivulet reconnects and
+/// subscribes again, and what is published after that arrives.
+#[test]
+fn the_source_broker_restarting_mid_stream_loses_and_doubles_nothing() {
+    for (version, qos) in [(3, 0), (3, 1), (5, 1)] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let mut broker = Broker::start(
+            "persistence true\npersistence_location ./\nmax_queued_messages 0\nmax_inflight_messages 50\n",
+        );
+        let yaml = format!(
+            "name: broker-restart\nsource:\n  mqtt: {{ url: \"{}\", topics: [in/#], qos: {qos}, version: {version}, client_id: restart-{version}-{qos} }}\n\
+             sink: {{ file: {{ path: out.jsonl }} }}\nstate: {{ dir: state, checkpoint_interval: 100ms }}\n",
+            broker.url()
+        );
+        std::fs::write(d.join("p.yaml"), yaml).unwrap();
+        let run = start(d, "p.yaml");
+        eventually("rivulet's subscription", 20, || {
+            broker.log().contains("in/#")
+        });
+        let msgs = |from: usize, to: usize| -> Vec<(String, String)> {
+            (from..to)
+                .map(|i| (format!("in/{}", i % 7), format!("{{\"id\":{i}}}")))
+                .collect()
+        };
+        let ids = || -> Vec<u64> {
+            lines(&d.join("out.jsonl"))
+                .iter()
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                        .as_u64()
+                        .unwrap()
+                })
+                .collect()
+        };
+        let client = format!("restart-{version}-{qos}");
+        let mut sent = 0;
+        for round in 0..3 {
+            publish_all(broker.port, &msgs(sent, sent + 1000));
+            sent += 1000;
+            if round < 2 {
+                // Stop while messages may still be on their way to rivulet.
+                broker.restart();
+                eventually("rivulet to connect again", 30, || {
+                    broker.log().contains(&format!("as {client} ("))
+                });
+            }
+        }
+        let want: Vec<u64> = if qos == 1 {
+            (0..sent as u64).collect()
+        } else {
+            // QoS 0: what was published after the last reconnect.
+            (2000..sent as u64).collect()
+        };
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < until {
+            let got: BTreeSet<u64> = ids().into_iter().collect();
+            if want.iter().all(|i| got.contains(i)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let got = ids();
+        let log = std::fs::read_to_string(d.join("rivulet.log")).unwrap_or_default();
+        let mut seen = BTreeSet::new();
+        let doubled: Vec<u64> = got.iter().filter(|i| !seen.insert(**i)).copied().collect();
+        let missing: Vec<u64> = want.iter().filter(|i| !seen.contains(i)).copied().collect();
+        assert!(
+            missing.is_empty(),
+            "v{version} QoS {qos}: {} missing, e.g. {:?}\n{log}\nbroker:\n{}",
+            missing.len(),
+            &missing[..missing.len().min(10)],
+            broker.log()
+        );
+        if qos == 1 {
+            assert!(
+                doubled.is_empty(),
+                "v{version}: doubled {:?}\n{log}",
+                &doubled[..doubled.len().min(10)]
+            );
+        }
+        assert!(log.contains("MQTT connection lost"), "{log}");
+        let (code, _, err) = run.stop();
+        assert_eq!(code, Some(0), "{err}");
+    }
+}

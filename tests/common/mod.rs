@@ -300,9 +300,13 @@ pub struct Rivulet {
 }
 
 /// `rivulet` with `args`, run in `dir` with no standard input; the caller
-/// may change it before [`Rivulet::spawn`].
+/// may change it before [`Rivulet::spawn`]. `RIVULET_TEST_BIN` runs the
+/// tests against another build (an earlier release, say, to tell a
+/// regression from a test that is wrong).
 pub fn rivulet_cmd(dir: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_rivulet"));
+    let bin = std::env::var("RIVULET_TEST_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_rivulet").to_string());
+    let mut c = Command::new(bin);
     c.args(args).current_dir(dir).stdin(Stdio::null());
     c
 }

@@ -260,13 +260,19 @@ pub struct Conn {
     events: VecDeque<Ev>,
     /// Requests taken from the queue, kept across a reconnect (subscribes).
     taken: Vec<Request>,
-    /// PUBACKs in `wbuf` (manual acks), reported as sent once written.
+    /// PUBACKs in `wbuf` (manual acks).
     acks_in_wbuf: Vec<u16>,
+    /// Manual PUBACKs written and not yet known to be processed, oldest
+    /// first; the first `acks_pinged` of them were written before the
+    /// outstanding PINGREQ.
+    acks_written: Vec<u16>,
+    acks_pinged: usize,
     last_pkid: u16,
     /// SUBSCRIBE packet ids → their filters, to name a refused one.
     subscribing: HashMap<u16, String>,
     last_write: Instant,
     awaiting_ping: bool,
+    ping_sent: Instant,
     closing: bool,
     /// The stream is busy: the last wait for data ended within
     /// [`COALESCE`].
@@ -304,10 +310,13 @@ impl Conn {
             events: VecDeque::new(),
             taken: Vec::new(),
             acks_in_wbuf: Vec::new(),
+            acks_written: Vec::new(),
+            acks_pinged: 0,
             last_pkid: 0,
             subscribing: HashMap::new(),
             last_write: Instant::now(),
             awaiting_ping: false,
+            ping_sent: Instant::now(),
             closing: false,
             busy: false,
         };
@@ -382,6 +391,8 @@ impl Conn {
         self.rbuf.clear();
         self.wbuf.clear();
         self.acks_in_wbuf.clear();
+        self.acks_written.clear();
+        self.acks_pinged = 0;
         self.subscribing.clear();
         self.awaiting_ping = false;
     }
@@ -577,17 +588,24 @@ impl Conn {
             if self.closing {
                 return Ok(());
             }
+            // A PINGREQ after a keep-alive without writing, and after
+            // PUBACKs: its PINGRESP says the broker processed them.
             let keep_alive = self.keep_alive();
-            if !keep_alive.is_zero() && self.last_write.elapsed() >= keep_alive {
-                if self.awaiting_ping {
+            if self.awaiting_ping {
+                if !keep_alive.is_zero() && self.ping_sent.elapsed() >= keep_alive {
                     return Err(format!(
                         "the broker did not answer a ping within {} s",
                         keep_alive.as_secs()
                     ));
                 }
+            } else if !self.acks_written.is_empty()
+                || (!keep_alive.is_zero() && self.last_write.elapsed() >= keep_alive)
+            {
                 self.awaiting_ping = true;
+                self.acks_pinged = self.acks_written.len();
                 self.encode(Out::Ping)?;
                 self.flush()?;
+                self.ping_sent = self.last_write;
             }
             let Some(link) = &mut self.link else {
                 return Err("not connected".into());
@@ -625,6 +643,8 @@ impl Conn {
             }
             let until_ping = if keep_alive.is_zero() {
                 left
+            } else if self.awaiting_ping {
+                keep_alive.saturating_sub(self.ping_sent.elapsed())
             } else {
                 keep_alive.saturating_sub(self.last_write.elapsed())
             };
@@ -716,7 +736,15 @@ impl Conn {
                         );
                     }
                 }
-                Incoming::PingResp => self.awaiting_ping = false,
+                Incoming::PingResp => {
+                    // The broker handles a connection's packets in order:
+                    // the PUBACKs written before this ping are processed.
+                    self.awaiting_ping = false;
+                    for id in self.acks_written.drain(..self.acks_pinged) {
+                        self.events.push_back(Ev::AckSent(id));
+                    }
+                    self.acks_pinged = 0;
+                }
                 Incoming::Disconnect(reason) => return Err(reason),
                 Incoming::ConnAck { .. } => {
                     return Err("the broker sent a second CONNACK".into());
@@ -831,9 +859,7 @@ impl Conn {
         link.write_all(&self.wbuf).map_err(|e| io_reason(&e).0)?;
         self.wbuf.clear();
         self.last_write = Instant::now();
-        for id in self.acks_in_wbuf.drain(..) {
-            self.events.push_back(Ev::AckSent(id));
-        }
+        self.acks_written.append(&mut self.acks_in_wbuf);
         if self.closing {
             self.drop_link();
         }

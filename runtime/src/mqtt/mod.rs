@@ -401,7 +401,9 @@ pub enum Ev {
     PubAck(u16),
     /// A publish (packet id; 0 for QoS 0) was written to the network.
     Sent(u16),
-    /// A PUBACK for an incoming message was written to the network.
+    /// A PUBACK for an incoming message was written to the network (for a
+    /// subscriber's connection: and processed by the broker, as a PINGRESP
+    /// sent after it says).
     AckSent(u16),
     /// The connection dropped; the reason, and whether retrying cannot help.
     Disconnected {

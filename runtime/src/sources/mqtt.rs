@@ -531,13 +531,14 @@ struct Inbound {
     /// PUBACKs not yet taken by the client's request queue: packet id and
     /// the journal number of the message.
     acks: VecDeque<(u16, u64)>,
-    /// Journal numbers of PUBACKs in the client's queue, not yet written
-    /// to the network (the client writes them in order).
+    /// Journal numbers of PUBACKs in the client's queue, not yet known to
+    /// be processed by the broker (see [`Ev::AckSent`]; in order).
     acks_in_client: VecDeque<u64>,
-    /// The first entry left by an earlier run, while its redeliveries may
-    /// still come: the broker sends them first after resuming the session,
-    /// so the first new message (or a connection without a session) ends
-    /// it. Nothing from there on is trimmed before.
+    /// The first entry left by an earlier run or connection (the oldest
+    /// whose PUBACK the broker may not have processed), while its
+    /// redeliveries may still come: the broker sends them first after
+    /// resuming the session, so the first new message (or a connection
+    /// without a session) ends it. Nothing from there on is trimmed before.
     earlier_run: Option<u64>,
     /// Packet id → journal number of the latest journaled message with it
     /// (a redelivery is compared with that entry).
@@ -664,8 +665,22 @@ impl Inbound {
                 // thing after reconnecting, and the redelivery is recognised
                 // (the journal always keeps more than a group's worth).
                 let ok = self.commit(false);
+                // So are messages whose PUBACK the broker may not have
+                // processed: their entries are kept until the first new
+                // message shows the redeliveries are over (a broker that
+                // stopped with our PUBACKs unread sends those messages
+                // again after its restart, however old they are).
+                let unconfirmed = [
+                    self.acks.front().map(|a| a.1),
+                    self.acks_in_client.front().copied(),
+                    self.earlier_run,
+                ]
+                .into_iter()
+                .flatten()
+                .min();
+                self.earlier_run = unconfirmed;
                 self.acks.clear();
-                // The client may drop what it held for the old connection.
+                // The client drops what it held for the old connection.
                 self.acks_in_client.clear();
                 ok
             }
