@@ -106,44 +106,123 @@ struct Awaiting {
 
 /// The merger: writes each batch's outputs in order.
 pub(super) fn merge(
-    mut checkpointer: Option<Checkpoints>,
+    checkpointer: Option<Checkpoints>,
     ctx: &RunContext,
     parse_out: Vec<Receiver<OutBatch>>,
     win_out: Vec<Receiver<OutBatch>>,
     sinks: Sinks,
-    mut tail: Option<TailRun>,
+    tail: Option<TailRun>,
 ) -> Result<RunStats, RunError> {
-    let Sinks {
-        schema,
-        carried,
-        main: mut sinks,
-        mut graph,
-        mut late,
-        mut dead,
-    } = sinks;
-    let mut buf = Vec::with_capacity(256);
-    let mut stats = RunStats::default();
+    let mut m = Merger::new(checkpointer, ctx, win_out, sinks, tail);
     let mut seq = 0usize;
-    let lost = || RunError::Internal("a worker stopped unexpectedly".into());
-    // Dead letters without a dead-letter sink are logged: the first, then
-    // at most one line (with a count) every 10 s.
-    let mut dead_log = crate::observe::logs::RateLimit::new(std::time::Duration::from_secs(10));
-    let mut pending = crate::state::Pending::default();
-    let mut awaiting: Option<Awaiting> = None;
-    let counters = MergeCounters::new(ctx, &graph);
-    // Records written to each further stream's sinks in this batch.
-    let mut graph_written = vec![0u64; graph.len()];
-    let mut counted = RunStats::default();
     loop {
-        let mut batch = parse_out[seq % parse_out.len()]
+        let batch = parse_out[seq % parse_out.len()]
             .recv()
             .map_err(|_| lost())?;
+        if let Some(stats) = m.step(batch)? {
+            return Ok(stats);
+        }
+        seq += 1;
+    }
+}
+
+fn lost() -> RunError {
+    RunError::Internal("a worker stopped unexpectedly".into())
+}
+
+/// The merger's state between batches.
+pub(super) struct Merger {
+    checkpointer: Option<Checkpoints>,
+    ctx: RunContext,
+    win_out: Vec<Receiver<OutBatch>>,
+    schema: Schema,
+    carried: Vec<String>,
+    sinks: Vec<Box<dyn Sink>>,
+    graph: Vec<GraphSinks>,
+    late: Vec<Box<dyn Sink>>,
+    dead: Vec<Box<dyn Sink>>,
+    tail: Option<TailRun>,
+    buf: Vec<u8>,
+    stats: RunStats,
+    /// Dead letters without a dead-letter sink are logged: the first, then
+    /// at most one line (with a count) every 10 s.
+    dead_log: crate::observe::logs::RateLimit,
+    pending: crate::state::Pending,
+    awaiting: Option<Awaiting>,
+    counters: MergeCounters,
+    /// Records written to each further stream's sinks in this batch.
+    graph_written: Vec<u64>,
+    counted: RunStats,
+}
+
+impl Merger {
+    pub(super) fn new(
+        checkpointer: Option<Checkpoints>,
+        ctx: &RunContext,
+        win_out: Vec<Receiver<OutBatch>>,
+        sinks: Sinks,
+        tail: Option<TailRun>,
+    ) -> Merger {
+        let Sinks {
+            schema,
+            carried,
+            main,
+            graph,
+            late,
+            dead,
+        } = sinks;
+        Merger {
+            checkpointer,
+            ctx: ctx.clone(),
+            win_out,
+            schema,
+            carried,
+            counters: MergeCounters::new(ctx, &graph),
+            graph_written: vec![0u64; graph.len()],
+            sinks: main,
+            graph,
+            late,
+            dead,
+            tail,
+            buf: Vec::with_capacity(256),
+            stats: RunStats::default(),
+            dead_log: crate::observe::logs::RateLimit::new(std::time::Duration::from_secs(10)),
+            pending: crate::state::Pending::default(),
+            awaiting: None,
+            counted: RunStats::default(),
+        }
+    }
+
+    /// Writes one input batch's outputs (taking the keyed workers' parts
+    /// of it); at the end of the input, the run's figures.
+    pub(super) fn step(&mut self, mut batch: OutBatch) -> Result<Option<RunStats>, RunError> {
+        let Merger {
+            checkpointer,
+            ctx,
+            win_out,
+            schema,
+            carried,
+            sinks,
+            graph,
+            late,
+            dead,
+            tail,
+            buf,
+            stats,
+            dead_log,
+            pending,
+            awaiting,
+            counters,
+            graph_written,
+            counted,
+        } = self;
+        let (schema, carried) = (&*schema, &*carried);
         stats.events += batch.events;
         stats.filtered += batch.filtered;
         if let Some(cut) = batch.checkpoint.take() {
             // A newer barrier overtakes a checkpoint still waiting (a
             // peer skipped it): its changes stay pending for this one.
-            awaiting = Some(Awaiting {
+            *awaiting = Some(Awaiting {
                 cut,
                 savepoint: batch.savepoint.take(),
                 snapshots: 0,
@@ -153,7 +232,7 @@ pub(super) fn merge(
         // The keyed stage's watermark after this batch: the least of its
         // workers' (they all see the same watermarks).
         let mut first_watermark = i64::MAX;
-        for rx in &win_out {
+        for rx in win_out.iter() {
             let mut w = rx.recv().map_err(|_| lost())?;
             first_watermark = first_watermark.min(w.watermark.unwrap_or(i64::MIN));
             batch.outputs.append(&mut w.outputs);
@@ -216,13 +295,13 @@ pub(super) fn merge(
                             values: &e.fields,
                             retain: e.retain,
                         };
-                        for s in &mut sinks {
+                        for s in sinks.iter_mut() {
                             s.write_event(&e.record, &meta)?;
                         }
                         continue;
                     }
-                    let line = o.json(&schema, &mut buf);
-                    for s in &mut sinks {
+                    let line = o.json(&schema, buf);
+                    for s in sinks.iter_mut() {
                         s.write(line)?;
                     }
                 }
@@ -243,7 +322,7 @@ pub(super) fn merge(
                             }
                             continue;
                         }
-                        let line = o.json(&g.schema, &mut buf);
+                        let line = o.json(&g.schema, buf);
                         for s in &mut g.sinks {
                             s.write(line)?;
                         }
@@ -251,12 +330,12 @@ pub(super) fn merge(
                 }
                 Stream::Late => {
                     stats.late += 1;
-                    let line = o.json(&schema, &mut buf);
+                    let line = o.json(&schema, buf);
                     if noted < crate::metrics::RECENT_KEPT {
                         noted += 1;
                         ctx.metrics.note("late", &String::from_utf8_lossy(line));
                     }
-                    for s in &mut late {
+                    for s in late.iter_mut() {
                         s.write(line)?;
                     }
                 }
@@ -265,19 +344,19 @@ pub(super) fn merge(
                     if dead.is_empty() {
                         if let Some(held_back) = dead_log.hit() {
                             tracing::warn!(
-                                record = %String::from_utf8_lossy(o.json(&schema, &mut buf)),
+                                record = %String::from_utf8_lossy(o.json(&schema, buf)),
                                 since_last = held_back,
                                 "dead letter (configure `dead_letter:` to keep them; more are counted in rivulet_dead_letters_total)"
                             );
                         }
                     }
-                    let line = o.json(&schema, &mut buf);
+                    let line = o.json(&schema, buf);
                     if noted < crate::metrics::RECENT_KEPT {
                         noted += 1;
                         ctx.metrics
                             .note("dead_letter", &String::from_utf8_lossy(line));
                     }
-                    for s in &mut dead {
+                    for s in dead.iter_mut() {
                         s.write(line)?;
                     }
                 }
@@ -286,8 +365,8 @@ pub(super) fn merge(
         for s in sinks
             .iter_mut()
             .chain(graph.iter_mut().flat_map(|g| &mut g.sinks))
-            .chain(&mut late)
-            .chain(&mut dead)
+            .chain(late.iter_mut())
+            .chain(dead.iter_mut())
         {
             s.flush()?;
         }
@@ -311,7 +390,7 @@ pub(super) fn merge(
         }
         match checkpointer.as_mut() {
             Some(Checkpoints::Local(cp)) => match ready {
-                Some(a) => cp.checkpoint(a.cut.position, a.time, &mut pending, a.savepoint),
+                Some(a) => cp.checkpoint(a.cut.position, a.time, pending, a.savepoint),
                 None => cp.poll(),
             },
             Some(Checkpoints::Peer(tx)) => {
@@ -321,14 +400,14 @@ pub(super) fn merge(
                         position: a.cut.position,
                         watermark: a.time.0,
                         input_watermark: a.time.1,
-                        pending: std::mem::take(&mut pending),
+                        pending: std::mem::take(pending),
                     });
                 }
             }
             None => {}
         }
         counters.batches.add(1);
-        counters.count(&stats, &mut counted, &mut graph_written);
+        counters.count(&stats, counted, graph_written);
         if let Some(end) = batch.end {
             stats.stopped = end == End::Stop;
             if let Some(Checkpoints::Local(cp)) = checkpointer.as_mut() {
@@ -337,14 +416,14 @@ pub(super) fn merge(
             for s in sinks
                 .iter_mut()
                 .chain(graph.iter_mut().flat_map(|g| &mut g.sinks))
-                .chain(&mut late)
-                .chain(&mut dead)
+                .chain(late.iter_mut())
+                .chain(dead.iter_mut())
             {
                 s.close()?;
             }
-            return Ok(stats);
+            return Ok(Some(stats.clone()));
         }
-        seq += 1;
+        Ok(None)
     }
 }
 

@@ -335,6 +335,35 @@ fn run(
         }
     }
 
+    let clock = p.clock.clone();
+    let shutdown = opts.shutdown.clone();
+    let peer_mode = peer.is_some();
+    let drain = peer.as_ref().map(|pr| pr.drain.clone());
+    // A process function's processing-time timers need frames while the
+    // input is quiet.
+    let process_fn = matches!(
+        plan.stateful,
+        Some(crate::operators::stateful::StatefulDef::Process(_))
+    );
+    let ticks = peer_mode
+        || process_fn
+        || matches!(plan.time, TimeMode::Processing | TimeMode::Ingestion)
+        || matches!(
+            plan.time,
+            TimeMode::Event {
+                idle_timeout: Some(_),
+                ..
+            }
+        );
+    // A stateless pipeline reading a live source runs on one thread:
+    // each batch is read, parsed and written where it was read, so a
+    // quiet stream goes through at once, without a hand-over per stage.
+    let inline = operators.is_empty()
+        && !has_tail
+        && sinks.graph.is_empty()
+        && peer.is_none()
+        && plan.parts.len() <= 1
+        && source.runs_inline();
     // reader -> parse workers
     let mut to_parse = Vec::new();
     let mut parse_rx = Vec::new();
@@ -364,28 +393,51 @@ fn run(
     let mut parse_out_rx = Vec::new();
     let mut keyed_out_rx = Vec::new();
 
+    let make_worker = |i: usize| parse::ParseWorker {
+        plan: plan.clone(),
+        assignment: assignment.clone(),
+        before: p.steps_before_key.iter().map(|s| s.clone_box()).collect(),
+        after: p.steps_after_key.iter().map(|s| s.clone_box()).collect(),
+        tees: p
+            .tee_steps
+            .iter()
+            .map(|steps| steps.iter().map(|s| s.clone_box()).collect())
+            .collect(),
+        carry_payloads: plan.has_late_sink
+            || plan.window.as_ref().is_some_and(|w| w.max_keys.is_some())
+            || plan.stateful_max_keys.is_some(),
+        slots: Vec::new(),
+        status: Vec::new(),
+        counters: parse::ParseCounters::new(&ctx, i, &p.steps_before_key, &p.steps_after_key),
+    };
+    if inline {
+        return run_inline(
+            Inline {
+                worker: make_worker(0),
+                merger: None,
+                done: None,
+            },
+            InlineParts {
+                source,
+                clock: p.clock.clone(),
+                shutdown: opts.shutdown.clone(),
+                ticks,
+                max_payload: plan.max_payload,
+                checkpoint_every,
+                savepoints: control.as_mut().and_then(|c| c.take_requests()),
+                queries: opts.queries.clone(),
+                store,
+                on_checkpoint,
+                sinks,
+            },
+            &ctx,
+        );
+    }
     let mut handles = Vec::new();
     for (i, (rx, outbox)) in parse_rx.into_iter().zip(outboxes).enumerate() {
         let (tx, out_rx) = sync_channel(QUEUE);
         parse_out_rx.push(out_rx);
-        let counters = parse::ParseCounters::new(&ctx, i, &p.steps_before_key, &p.steps_after_key);
-        let worker = parse::ParseWorker {
-            plan: plan.clone(),
-            assignment: assignment.clone(),
-            before: p.steps_before_key.iter().map(|s| s.clone_box()).collect(),
-            after: p.steps_after_key.iter().map(|s| s.clone_box()).collect(),
-            tees: p
-                .tee_steps
-                .iter()
-                .map(|steps| steps.iter().map(|s| s.clone_box()).collect())
-                .collect(),
-            carry_payloads: plan.has_late_sink
-                || plan.window.as_ref().is_some_and(|w| w.max_keys.is_some())
-                || plan.stateful_max_keys.is_some(),
-            slots: Vec::new(),
-            status: Vec::new(),
-            counters,
-        };
+        let worker = make_worker(i);
         match &peer_parts {
             Some((me, links, ..)) => {
                 let outbox = peer::PeerOutbox::new(*me, outbox, links.clone(), keyed);
@@ -451,26 +503,6 @@ fn run(
         )
         .set(room as i64);
     }
-    let clock = p.clock.clone();
-    let shutdown = opts.shutdown.clone();
-    let peer_mode = peer.is_some();
-    let drain = peer.as_ref().map(|pr| pr.drain.clone());
-    // A process function's processing-time timers need frames while the
-    // input is quiet.
-    let process_fn = matches!(
-        plan.stateful,
-        Some(crate::operators::stateful::StatefulDef::Process(_))
-    );
-    let ticks = peer_mode
-        || process_fn
-        || matches!(plan.time, TimeMode::Processing | TimeMode::Ingestion)
-        || matches!(
-            plan.time,
-            TimeMode::Event {
-                idle_timeout: Some(_),
-                ..
-            }
-        );
     let max_payload = plan.max_payload;
     let source_ctx = ctx.for_operator("source");
     let savepoint_rx = control.as_mut().and_then(|c| c.take_requests());
@@ -489,6 +521,7 @@ fn run(
                 clock_ids: peer_mode,
                 drain,
                 queries: Some(queries),
+                linger: reader::LINGER,
             },
             &source_ctx,
         )
@@ -528,5 +561,99 @@ fn run(
     }
     let stats = merged?;
     read_result?;
+    Ok(stats)
+}
+
+/// A stateless pipeline on one thread: the reader hands each batch to the
+/// parse stage and the merger right there (see `run`).
+struct Inline {
+    worker: parse::ParseWorker,
+    merger: Option<merge::Merger>,
+    /// The merger's outcome once it ended or failed.
+    done: Option<Result<RunStats, RunError>>,
+}
+
+impl reader::Deal for Inline {
+    fn deal(&mut self, _seq: u64, batch: reader::InBatch) -> bool {
+        let Some(merger) = self.merger.as_mut() else {
+            return false;
+        };
+        // No keyed stage: the parse stage's frames have no one to go to.
+        let (out, _frames) = self.worker.process(batch);
+        match merger.step(out) {
+            Ok(None) => true,
+            Ok(Some(stats)) => {
+                self.done = Some(Ok(stats));
+                false
+            }
+            Err(e) => {
+                self.done = Some(Err(e));
+                false
+            }
+        }
+    }
+}
+
+/// What an inline run needs besides its parse stage.
+struct InlineParts {
+    source: Box<dyn crate::sources::Source>,
+    clock: Arc<dyn crate::time::Clock>,
+    shutdown: Arc<AtomicBool>,
+    ticks: bool,
+    max_payload: usize,
+    checkpoint_every: Option<std::time::Duration>,
+    savepoints: Option<std::sync::mpsc::Receiver<SavepointRequest>>,
+    queries: Arc<crate::observe::query::Board>,
+    store: Option<crate::state::StateStore>,
+    on_checkpoint: Option<crate::sources::CheckpointHook>,
+    sinks: merge::Sinks,
+}
+
+fn run_inline(
+    mut inline: Inline,
+    parts: InlineParts,
+    ctx: &RunContext,
+) -> Result<RunStats, RunError> {
+    let checkpointer = match parts.store {
+        Some(s) => Some(merge::Checkpoints::Local(checkpoint::Checkpointer::start(
+            s,
+            parts.on_checkpoint,
+            &ctx.for_operator("checkpoint"),
+        )?)),
+        None => None,
+    };
+    inline.merger = Some(merge::Merger::new(
+        checkpointer,
+        ctx,
+        Vec::new(),
+        parts.sinks,
+        None,
+    ));
+    let read = reader::read(
+        parts.source,
+        &mut inline,
+        parts.clock,
+        parts.shutdown,
+        reader::ReaderConfig {
+            ticks: parts.ticks,
+            max_payload: parts.max_payload,
+            checkpoint_every: parts.checkpoint_every,
+            savepoints: parts.savepoints,
+            clock_ids: false,
+            drain: None,
+            queries: Some(parts.queries.clone()),
+            // Processed where it is read: a batch is what has arrived.
+            linger: std::time::Duration::ZERO,
+        },
+        &ctx.for_operator("source"),
+    );
+    parts.queries.close();
+    let merged = inline.done.take().unwrap_or_else(|| {
+        Err(RunError::Internal(
+            "the run stopped before its last batch".into(),
+        ))
+    });
+    let stats = merged?;
+    read?;
     Ok(stats)
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 /// Events per batch at most.
 pub const BATCH_EVENTS: usize = 1024;
 /// The longest the reader keeps adding to a batch while events keep coming.
-const LINGER: Duration = Duration::from_millis(1);
+pub(super) const LINGER: Duration = Duration::from_millis(1);
 /// How often the reader wakes when the source is quiet.
 const TICK: Duration = Duration::from_millis(250);
 
@@ -66,11 +66,34 @@ pub(super) struct ReaderConfig {
     /// Live state queries: while one waits, a quiet input still sends a
     /// batch every tick, so the keyed workers see it.
     pub queries: Option<Arc<crate::observe::query::Board>>,
+    /// How long a batch waits for more events after its first
+    /// ([`LINGER`]; zero when the same thread processes it).
+    pub linger: Duration,
+}
+
+/// Where the reader's batches go.
+pub(super) trait Deal {
+    /// Hands on batch number `seq`; `false` when the stages after it
+    /// stopped (a sink failed; the merger reports why).
+    fn deal(&mut self, seq: u64, batch: InBatch) -> bool;
+}
+
+impl<D: Deal + ?Sized> Deal for &mut D {
+    fn deal(&mut self, seq: u64, batch: InBatch) -> bool {
+        (**self).deal(seq, batch)
+    }
+}
+
+/// To the parse workers, in rotation.
+impl Deal for Vec<SyncSender<InBatch>> {
+    fn deal(&mut self, seq: u64, batch: InBatch) -> bool {
+        self[(seq % self.len() as u64) as usize].send(batch).is_ok()
+    }
 }
 
 pub(super) fn read(
     mut source: Box<dyn Source>,
-    to_parse: Vec<SyncSender<InBatch>>,
+    mut to_parse: impl Deal,
     clock: Arc<dyn Clock>,
     shutdown: Arc<AtomicBool>,
     cfg: ReaderConfig,
@@ -84,6 +107,7 @@ pub(super) fn read(
         clock_ids,
         drain,
         queries,
+        linger,
     } = cfg;
     let mut drained = false;
     let period_of = |every: Duration| {
@@ -139,7 +163,7 @@ pub(super) fn read(
             let wait = if batch.is_empty() {
                 TICK.saturating_sub(started.elapsed())
             } else {
-                LINGER.saturating_sub(started.elapsed())
+                linger.saturating_sub(started.elapsed())
             };
             let before = batch.len();
             let room = BATCH_EVENTS - batch.len();
@@ -170,7 +194,7 @@ pub(super) fn read(
                 }
             }
             let full = batch.len() >= BATCH_EVENTS;
-            let lingered = !batch.is_empty() && started.elapsed() >= LINGER;
+            let lingered = !batch.is_empty() && started.elapsed() >= linger;
             let ticked = batch.is_empty() && started.elapsed() >= TICK;
             if full || lingered || ticked {
                 break;
@@ -231,10 +255,7 @@ pub(super) fn read(
             checkpoint,
             savepoint,
         };
-        if to_parse[(seq % to_parse.len() as u64) as usize]
-            .send(msg)
-            .is_err()
-        {
+        if !to_parse.deal(seq, msg) {
             // The merger stopped (a sink failed); it reports why.
             return result;
         }

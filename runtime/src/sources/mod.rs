@@ -153,6 +153,13 @@ pub trait Source: Send {
     /// A short description for logs and dead letters, like `file events.jsonl`.
     fn describe(&self) -> String;
 
+    /// A live source whose polls hand over what arrived together: a
+    /// stateless pipeline reading it runs on one thread (read, parse,
+    /// write), without a hand-over or a wait for more per stage.
+    fn runs_inline(&self) -> bool {
+        false
+    }
+
     /// Called once before the first poll (after [`Source::seek`]), with the
     /// run's context (its metrics, and this source's operator id).
     fn start(&mut self, _ctx: &crate::context::RunContext) {}

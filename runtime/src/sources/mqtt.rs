@@ -331,6 +331,10 @@ impl Source for MqttSource {
         format!("mqtt {}", self.url)
     }
 
+    fn runs_inline(&self) -> bool {
+        true
+    }
+
     fn start(&mut self, ctx: &crate::context::RunContext) {
         if self.journal.is_some() {
             self.journal_entries = ctx.gauge(
