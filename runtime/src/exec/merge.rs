@@ -291,7 +291,7 @@ impl Merger {
                     stats.results += 1;
                     if let crate::msg::Body::Event(e) = &o.body {
                         let meta = crate::sinks::EventMeta {
-                            names: &carried,
+                            names: carried,
                             values: &e.fields,
                             retain: e.retain,
                         };
@@ -300,7 +300,7 @@ impl Merger {
                         }
                         continue;
                     }
-                    let line = o.json(&schema, buf);
+                    let line = o.json(schema, buf);
                     for s in sinks.iter_mut() {
                         s.write(line)?;
                     }
@@ -330,7 +330,7 @@ impl Merger {
                 }
                 Stream::Late => {
                     stats.late += 1;
-                    let line = o.json(&schema, buf);
+                    let line = o.json(schema, buf);
                     if noted < crate::metrics::RECENT_KEPT {
                         noted += 1;
                         ctx.metrics.note("late", &String::from_utf8_lossy(line));
@@ -344,13 +344,13 @@ impl Merger {
                     if dead.is_empty() {
                         if let Some(held_back) = dead_log.hit() {
                             tracing::warn!(
-                                record = %String::from_utf8_lossy(o.json(&schema, buf)),
+                                record = %String::from_utf8_lossy(o.json(schema, buf)),
                                 since_last = held_back,
                                 "dead letter (configure `dead_letter:` to keep them; more are counted in rivulet_dead_letters_total)"
                             );
                         }
                     }
-                    let line = o.json(&schema, buf);
+                    let line = o.json(schema, buf);
                     if noted < crate::metrics::RECENT_KEPT {
                         noted += 1;
                         ctx.metrics
@@ -407,7 +407,7 @@ impl Merger {
             None => {}
         }
         counters.batches.add(1);
-        counters.count(&stats, counted, graph_written);
+        counters.count(stats, counted, graph_written);
         if let Some(end) = batch.end {
             stats.stopped = end == End::Stop;
             if let Some(Checkpoints::Local(cp)) = checkpointer.as_mut() {
