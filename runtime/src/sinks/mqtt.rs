@@ -219,6 +219,8 @@ struct State {
     ever_connected: bool,
     fatal: Option<String>,
     dropped: u64,
+    /// `close` waits for everything to be delivered.
+    closing: bool,
     /// Home Assistant configs published so far, by config topic: sent
     /// again when Home Assistant restarts or a config is purged.
     discovery: std::collections::HashMap<String, Vec<u8>>,
@@ -322,6 +324,7 @@ impl MqttSink {
                 ever_connected: false,
                 fatal: None,
                 dropped: 0,
+                closing: false,
                 discovery: std::collections::HashMap::new(),
             }),
             cv: Condvar::new(),
@@ -345,6 +348,10 @@ impl MqttSink {
                         || Duration::from_millis(200),
                         |ev| {
                             let mut st = shared.lock();
+                            // Whom a message's progress concerns: the
+                            // publisher when the client's queue had been
+                            // full, `close` once all is delivered.
+                            let mut notify = true;
                             match ev {
                                 Ev::Connected { session_present } => {
                                     st.connected = true;
@@ -395,18 +402,23 @@ impl MqttSink {
                                     }
                                 }
                                 Ev::Sent(pkid) => {
+                                    let was_full = st.handed.len() >= CHUNK;
                                     if let Some(m) = st.handed.pop_front() {
                                         if qos > 0 && pkid != 0 {
                                             st.inflight.insert(pkid, m);
                                         }
                                     }
+                                    notify = was_full || (st.closing && st.drained());
                                 }
                                 Ev::PubAck(pkid) => {
                                     st.inflight.remove(&pkid);
+                                    notify = st.closing && st.drained();
                                 }
-                                Ev::Tick | Ev::AckSent(_) => {}
+                                Ev::Tick | Ev::AckSent(_) => notify = false,
                             }
-                            shared.cv.notify_all();
+                            if notify {
+                                shared.cv.notify_all();
+                            }
                             true
                         },
                     )
@@ -517,8 +529,9 @@ fn publish_loop(shared: &Shared, stop: &AtomicBool, client: &Client, qos: u8, re
         let idle =
             !st.connected || (st.staged.is_empty() && st.mem.is_empty() && st.disk_len() == 0);
         let wait = match (handed_any, idle) {
-            (true, _) => 1,
-            (false, true) => 1000,
+            // All handed over: until the next batch's `flush` says so.
+            (_, true) => 1000,
+            (true, false) => 1,
             (false, false) => 20,
         };
         st = shared
@@ -569,8 +582,8 @@ impl MqttSink {
         if st.mem.len() >= self.opts.buffer.memory {
             st = self.make_room(st)?;
         }
+        // The publisher is told once per batch, by `flush`.
         st.mem.push_back(msg);
-        self.shared.cv.notify_all();
         Ok(())
     }
 }
@@ -659,16 +672,19 @@ impl Sink for MqttSink {
     }
 
     fn flush(&mut self) -> Result<(), SinkError> {
-        if let Some(g) = &self.outbox {
-            g.set(self.pending() as i64);
-        }
         let st = self.shared.lock();
+        if let Some(g) = &self.outbox {
+            g.set(st.pending() as i64);
+        }
+        // What this batch queued is there for the publisher.
+        self.shared.cv.notify_all();
         self.fatal(&st)
     }
 
     fn close(&mut self) -> Result<(), SinkError> {
         let deadline = Instant::now() + self.opts.buffer.drain_timeout;
         let mut st = self.shared.lock();
+        st.closing = true;
         // Wait until everything is delivered, while the broker is there.
         while !st.drained() && Instant::now() < deadline {
             self.fatal(&st)?;
@@ -764,6 +780,7 @@ impl MqttSink {
                     if let Some(g) = &self.outbox {
                         g.set(st.pending() as i64);
                     }
+                    self.shared.cv.notify_all();
                     st = self
                         .shared
                         .cv
