@@ -498,6 +498,13 @@ impl Conn {
         link.sock.set_nonblocking(true).map_err(io)?;
         self.link = Some(link);
         self.last_write = Instant::now();
+        // What came in the same read as the CONNACK (a session's queued
+        // messages): handed on after `Connected`.
+        if let Err(e) = self.decode_all() {
+            self.drop_link();
+            self.events.clear();
+            return Err((e, false));
+        }
         Ok(session_present)
     }
 
@@ -979,5 +986,228 @@ fn incoming5(p: p5::Packet) -> Incoming {
                 .unwrap_or_default()
         )),
         _ => Incoming::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::net::TcpListener;
+
+    fn endpoint(port: u16, max_packet: usize) -> Endpoint {
+        Endpoint {
+            url: format!("mqtt://127.0.0.1:{port}"),
+            host: "127.0.0.1".into(),
+            port,
+            tls: false,
+            version: 4,
+            client_id: "direct-test".into(),
+            clean_session: true,
+            keep_alive: Duration::from_secs(30),
+            username: None,
+            password: None,
+            ca_file: None,
+            client_cert: None,
+            max_packet,
+            last_will: None,
+        }
+    }
+
+    /// A broker that accepts one connection, reads the CONNECT and then
+    /// runs `script` on the socket.
+    fn broker(script: impl FnOnce(TcpStream) + Send + 'static) -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut head = [0u8; 2];
+            s.read_exact(&mut head).unwrap();
+            assert_eq!(head[0], 0x10, "CONNECT first");
+            let mut rest = vec![0u8; head[1] as usize];
+            s.read_exact(&mut rest).unwrap();
+            script(s);
+        });
+        port
+    }
+
+    /// Steps until `want` says an event is the one, for at most 10 s.
+    fn until(conn: &mut Conn, mut want: impl FnMut(&Ev) -> bool) -> Vec<Ev> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut seen = Vec::new();
+        while Instant::now() < deadline {
+            if let Step::Ev(ev) = conn.step(Duration::from_millis(50)) {
+                let done = want(&ev);
+                seen.push(ev);
+                if done {
+                    return seen;
+                }
+            }
+        }
+        panic!("not seen within 10 s");
+    }
+
+    #[test]
+    fn a_message_split_across_reads_arrives_whole_and_its_puback_counts_once_a_ping_confirms_it() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let port = broker(move |mut s| {
+            s.write_all(&[0x20, 0x02, 0x00, 0x00]).unwrap();
+            // QoS 1 PUBLISH to "a/b", packet id 7, payload "hello", in two
+            // writes with a pause between.
+            let publish = [
+                0x32, 12, 0, 3, b'a', b'/', b'b', 0, 7, b'h', b'e', b'l', b'l', b'o',
+            ];
+            s.write_all(&publish[..6]).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            s.write_all(&publish[6..]).unwrap();
+            // The PUBACK, then a PINGREQ; the PINGRESP is held back until
+            // the test has looked.
+            let mut got = [0u8; 6];
+            s.read_exact(&mut got).unwrap();
+            tx.send(got).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            s.write_all(&[0xD0, 0x00]).unwrap();
+            std::thread::sleep(Duration::from_secs(2));
+        });
+        let (mut conn, handle) = Conn::new(&endpoint(port, 1024), true).unwrap();
+        let seen = until(&mut conn, |e| matches!(e, Ev::Connected { .. }));
+        assert!(matches!(
+            seen.last(),
+            Some(Ev::Connected {
+                session_present: false
+            })
+        ));
+        let seen = until(&mut conn, |e| matches!(e, Ev::Message { .. }));
+        match seen.last() {
+            Some(Ev::Message {
+                topic,
+                payload,
+                pkid,
+                dup,
+                retain,
+            }) => {
+                assert_eq!(topic, "a/b");
+                assert_eq!(&payload[..], b"hello");
+                assert_eq!((*pkid, *dup, *retain), (7, false, false));
+            }
+            _ => unreachable!(),
+        }
+        handle.ack(7);
+        // Written with a PINGREQ after it, but not yet confirmed: no
+        // AckSent before the PINGRESP.
+        let early = conn.step(Duration::from_millis(100));
+        assert!(!matches!(early, Step::Ev(Ev::AckSent(_))));
+        let written = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(written, [0x40, 0x02, 0x00, 0x07, 0xC0, 0x00]);
+        let seen = until(&mut conn, |e| matches!(e, Ev::AckSent(_)));
+        assert!(matches!(seen.last(), Some(Ev::AckSent(7))));
+    }
+
+    #[test]
+    fn messages_in_the_same_read_as_the_connack_come_after_connected() {
+        let port = broker(|mut s| {
+            // CONNACK (session present) and two QoS 0 messages, one write.
+            let mut all = vec![0x20, 0x02, 0x01, 0x00];
+            all.extend_from_slice(&[0x30, 0x04, 0, 1, b'a', b'1']);
+            all.extend_from_slice(&[0x30, 0x04, 0, 1, b'b', b'2']);
+            s.write_all(&all).unwrap();
+            std::thread::sleep(Duration::from_secs(2));
+        });
+        let (mut conn, _h) = Conn::new(&endpoint(port, 1024), false).unwrap();
+        let seen = until(
+            &mut conn,
+            |e| matches!(e, Ev::Message { topic, .. } if topic == "b"),
+        );
+        let order: Vec<String> = seen
+            .iter()
+            .map(|e| match e {
+                Ev::Connected { session_present } => format!("connected {session_present}"),
+                Ev::Message { topic, payload, .. } => {
+                    format!("{topic}={}", String::from_utf8_lossy(payload))
+                }
+                _ => "other".into(),
+            })
+            .collect();
+        assert_eq!(order, ["connected true", "a=1", "b=2"]);
+    }
+
+    #[test]
+    fn a_refused_login_says_why_and_is_permanent() {
+        // CONNACK with return code 4: bad user name or password.
+        let port = broker(|mut s| {
+            s.write_all(&[0x20, 0x02, 0x00, 0x04]).unwrap();
+            std::thread::sleep(Duration::from_secs(1));
+        });
+        let (mut conn, _h) = Conn::new(&endpoint(port, 1024), false).unwrap();
+        match conn.step(Duration::from_millis(10)) {
+            Step::Ev(Ev::Disconnected { reason, permanent }) => {
+                assert!(permanent);
+                assert!(reason.contains("user name or password"), "{reason}");
+            }
+            _ => panic!("expected a refusal"),
+        }
+    }
+
+    #[test]
+    fn a_packet_over_the_limit_drops_the_connection_and_says_so() {
+        let port = broker(|mut s| {
+            s.write_all(&[0x20, 0x02, 0x00, 0x00]).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            // A QoS 0 PUBLISH announcing 5,000 bytes (remaining length
+            // 0x88 0x27), more than the client's 1,024.
+            s.write_all(&[0x30, 0x88, 0x27, 0, 1, b't']).unwrap();
+            s.write_all(&vec![b'x'; 4997]).unwrap();
+            std::thread::sleep(Duration::from_secs(1));
+        });
+        let (mut conn, _h) = Conn::new(&endpoint(port, 1024), false).unwrap();
+        until(&mut conn, |e| matches!(e, Ev::Connected { .. }));
+        let seen = until(&mut conn, |e| matches!(e, Ev::Disconnected { .. }));
+        match seen.last() {
+            Some(Ev::Disconnected { reason, permanent }) => {
+                assert!(!permanent);
+                assert!(reason.contains("larger than 1024"), "{reason}");
+            }
+            _ => unreachable!(),
+        }
+        assert!(!seen.iter().any(|e| matches!(e, Ev::Message { .. })));
+    }
+
+    #[test]
+    fn a_subscribe_request_from_another_thread_wakes_the_connection() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let port = broker(move |mut s| {
+            s.write_all(&[0x20, 0x02, 0x00, 0x00]).unwrap();
+            let mut head = [0u8; 2];
+            s.read_exact(&mut head).unwrap();
+            let mut body = vec![0u8; head[1] as usize];
+            s.read_exact(&mut body).unwrap();
+            tx.send((head[0], body)).unwrap();
+            // SUBACK, then a message on the new subscription.
+            s.write_all(&[0x90, 0x03, 0x00, 0x01, 0x01]).unwrap();
+            s.write_all(&[0x30, 0x06, 0, 3, b'x', b'/', b'y', b'!'])
+                .unwrap();
+            std::thread::sleep(Duration::from_secs(2));
+        });
+        let (mut conn, handle) = Conn::new(&endpoint(port, 1024), false).unwrap();
+        until(&mut conn, |e| matches!(e, Ev::Connected { .. }));
+        let h = handle.clone();
+        let asker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            h.subscribe("x/#", 1, false);
+        });
+        // One long wait, asleep in `poll`: only the request's wake-up lets
+        // the SUBSCRIBE out, and the message that answers it ends the wait.
+        let started = Instant::now();
+        let step = conn.step(Duration::from_secs(30));
+        asker.join().unwrap();
+        let (kind, body) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(kind, 0x82, "SUBSCRIBE");
+        assert_eq!(&body[2..], &[0, 3, b'x', b'/', b'#', 1]);
+        assert!(
+            matches!(&step, Step::Ev(Ev::Message { topic, .. }) if topic == "x/y"),
+            "the message after the SUBACK"
+        );
+        assert!(started.elapsed() < Duration::from_secs(20));
     }
 }
