@@ -598,20 +598,26 @@ fn ingestion_time_survives_kill_9_the_replay_windows_each_message_as_the_first_t
 /// The source's broker stops (saving its sessions) and starts again twice
 /// while QoS 1 messages arrive, for MQTT 3.1.1 and 5: rivulet reconnects,
 /// the broker redelivers what it had sent and not seen acknowledged, and
-/// every message comes out exactly once. At QoS 0 rivulet reconnects and
-/// subscribes again, and what is published after that arrives.
+/// every message comes out exactly once. At QoS 0, and without `state:`
+/// (the pipeline's own thread then drives the connection), rivulet
+/// reconnects and what is published after that arrives.
 #[test]
 fn the_source_broker_restarting_mid_stream_loses_and_doubles_nothing() {
-    for (version, qos) in [(3, 0), (3, 1), (5, 1)] {
+    for (version, qos, state) in [(3, 0, true), (3, 1, true), (5, 1, true), (3, 0, false)] {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let mut broker = Broker::start(
             "persistence true\npersistence_location ./\nmax_queued_messages 0\nmax_inflight_messages 50\n",
         );
         let yaml = format!(
-            "name: broker-restart\nsource:\n  mqtt: {{ url: \"{}\", topics: [in/#], qos: {qos}, version: {version}, client_id: restart-{version}-{qos} }}\n\
-             sink: {{ file: {{ path: out.jsonl }} }}\nstate: {{ dir: state, checkpoint_interval: 100ms }}\n",
-            broker.url()
+            "name: broker-restart\nsource:\n  mqtt: {{ url: \"{}\", topics: [in/#], qos: {qos}, version: {version}, client_id: restart-{version}-{qos}, clean_session: false }}\n\
+             sink: {{ file: {{ path: out.jsonl }} }}\n{}",
+            broker.url(),
+            if state {
+                "state: { dir: state, checkpoint_interval: 100ms }\n"
+            } else {
+                ""
+            }
         );
         std::fs::write(d.join("p.yaml"), yaml).unwrap();
         let run = start(d, "p.yaml");

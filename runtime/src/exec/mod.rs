@@ -622,6 +622,8 @@ fn run_inline(
         )?)),
         None => None,
     };
+    let mut source = parts.source;
+    source.poll_on_caller();
     inline.merger = Some(merge::Merger::new(
         checkpointer,
         ctx,
@@ -630,7 +632,7 @@ fn run_inline(
         None,
     ));
     let read = reader::read(
-        parts.source,
+        source,
         &mut inline,
         parts.clock,
         parts.shutdown,

@@ -874,6 +874,17 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// Says DISCONNECT (a clean end: no Last Will) and closes, now.
+    pub(super) fn close(&mut self) {
+        if self.link.is_some() && self.encode(Out::Disconnect).is_ok() {
+            let _ = self.flush();
+        }
+        self.closing = true;
+        self.drop_link();
+    }
+}
+
 impl Drop for Conn {
     fn drop(&mut self) {
         self.drop_link();

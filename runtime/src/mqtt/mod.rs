@@ -413,7 +413,7 @@ pub enum Ev {
 }
 
 /// Outcome of waiting for one event.
-enum Step {
+pub(crate) enum Step {
     Ev(Ev),
     /// Nothing happened within the wait.
     Nothing,
@@ -564,7 +564,15 @@ macro_rules! step_on {
 }
 
 impl Connection {
-    fn step(&mut self, wait: Duration) -> Step {
+    /// Ends a subscriber's connection cleanly, now (the others end when
+    /// their client disconnects).
+    pub(crate) fn close(&mut self) {
+        if let Connection::Direct(c) = self {
+            c.close();
+        }
+    }
+
+    pub(crate) fn step(&mut self, wait: Duration) -> Step {
         match self {
             Connection::V4(c) => step_on!(
                 c,
@@ -658,11 +666,71 @@ fn now_ms() -> i64 {
     crate::time::SystemClock.now_ms()
 }
 
+/// What a connection's driver remembers between events: whether it is
+/// connected, the backoff before the next attempt, the last error logged.
+/// It logs each change of state once and keeps the connection's line in
+/// [`connections`].
+pub(crate) struct Supervisor {
+    url: String,
+    role: &'static str,
+    listed: Listed,
+    backoff: Duration,
+    connected: bool,
+    ever: bool,
+    last_error: Option<String>,
+    rng: fastrand::Rng,
+}
+
+impl Supervisor {
+    pub(crate) fn new(url: &str, role: &'static str) -> Supervisor {
+        Supervisor {
+            url: url.to_string(),
+            role,
+            listed: Listed::new(url, role),
+            backoff: Duration::from_millis(100),
+            connected: false,
+            ever: false,
+            last_error: None,
+            rng: fastrand::Rng::new(),
+        }
+    }
+
+    /// The connection is up.
+    pub(crate) fn connected(&mut self) {
+        tracing::info!(broker = %self.url, role = self.role, "MQTT connected");
+        if self.ever {
+            self.listed.0.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        self.ever = true;
+        self.listed.set(true);
+        self.connected = true;
+        self.last_error = None;
+        self.backoff = Duration::from_millis(100);
+    }
+
+    /// The connection is down (or could not be made): how long to wait
+    /// before the next attempt (0.1 s doubling to 30 s, with ±25 %
+    /// jitter).
+    pub(crate) fn lost(&mut self, reason: &str) -> Duration {
+        if self.connected {
+            tracing::warn!(broker = %self.url, role = self.role, %reason, "MQTT connection lost; reconnecting");
+        } else if self.last_error.as_deref() != Some(reason) {
+            tracing::warn!(broker = %self.url, role = self.role, %reason, "cannot connect to the MQTT broker; retrying");
+        }
+        self.last_error = Some(reason.to_string());
+        self.connected = false;
+        self.listed.set(false);
+        let pause = self.backoff.mul_f64(0.75 + self.rng.f64() * 0.5);
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
+        pause
+    }
+}
+
 /// Runs a connection until `stop` is set or the client side is dropped:
 /// hands every event to `on_event`, reconnects with exponential backoff
-/// (0.1 s doubling to 30 s, with ±25 % jitter) and logs each change of
-/// state once. When nothing happens for `tick()` (asked before each wait),
-/// `on_event` gets [`Ev::Tick`]. `on_event` returns `false` to end the loop.
+/// (see [`Supervisor::lost`]) and logs each change of state once. When
+/// nothing happens for `tick()` (asked before each wait), `on_event` gets
+/// [`Ev::Tick`]. `on_event` returns `false` to end the loop.
 pub fn drive(
     mut conn: Connection,
     url: &str,
@@ -671,12 +739,7 @@ pub fn drive(
     tick: impl Fn() -> Duration,
     mut on_event: impl FnMut(Ev) -> bool,
 ) {
-    let mut backoff = Duration::from_millis(100);
-    let mut connected = false;
-    let mut last_error: Option<String> = None;
-    let mut rng = fastrand::Rng::new();
-    let listed = Listed::new(url, role);
-    let mut ever = false;
+    let mut sup = Supervisor::new(url, role);
     while !stop.load(Ordering::Relaxed) {
         match conn.step(tick()) {
             Step::Nothing => {
@@ -688,39 +751,21 @@ pub fn drive(
             Step::Closed => return,
             Step::Ev(ev) => match ev {
                 Ev::Connected { .. } => {
-                    tracing::info!(broker = url, role, "MQTT connected");
-                    if ever {
-                        listed.0.reconnects.fetch_add(1, Ordering::Relaxed);
-                    }
-                    ever = true;
-                    listed.set(true);
-                    connected = true;
-                    last_error = None;
-                    backoff = Duration::from_millis(100);
+                    sup.connected();
                     if !on_event(ev) {
                         return;
                     }
                 }
                 Ev::Disconnected { ref reason, .. } => {
-                    if connected {
-                        tracing::warn!(broker = url, role, %reason, "MQTT connection lost; reconnecting");
-                    } else if last_error.as_deref() != Some(reason) {
-                        tracing::warn!(broker = url, role, %reason, "cannot connect to the MQTT broker; retrying");
-                    }
-                    last_error = Some(reason.clone());
-                    connected = false;
-                    listed.set(false);
+                    let pause = sup.lost(reason);
                     if !on_event(ev) {
                         return;
                     }
-                    let jitter = 0.75 + rng.f64() * 0.5;
-                    let pause = backoff.mul_f64(jitter);
                     // Sleep in slices so a stop request is seen promptly.
                     let until = std::time::Instant::now() + pause;
                     while std::time::Instant::now() < until && !stop.load(Ordering::Relaxed) {
                         std::thread::sleep(Duration::from_millis(20).min(pause));
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
                 other => {
                     if !on_event(other) {

@@ -160,6 +160,11 @@ pub trait Source: Send {
         false
     }
 
+    /// Called before the first poll when the pipeline runs on one thread:
+    /// a source with a thread of its own may drive its input from `poll`
+    /// instead (each poll then waits on the input itself).
+    fn poll_on_caller(&mut self) {}
+
     /// Called once before the first poll (after [`Source::seek`]), with the
     /// run's context (its metrics, and this source's operator id).
     fn start(&mut self, _ctx: &crate::context::RunContext) {}

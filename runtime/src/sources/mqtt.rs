@@ -27,7 +27,7 @@ use super::{
     count_position, read_count_position, Poll, RawBatch, Source, SourceError, TopicBinder,
 };
 use crate::mqtt::topic::TopicPattern;
-use crate::mqtt::{drive, Client, Connection, Endpoint, Ev};
+use crate::mqtt::{drive, Client, Connection, Endpoint, Ev, Step, Supervisor};
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -105,8 +105,28 @@ struct Start {
     journal: Option<(Journal, journal::Opened)>,
 }
 
+/// Without a journal, in a pipeline run on one thread
+/// ([`Source::poll_on_caller`]), the thread that polls the source drives
+/// its connection itself: no connection thread, no hand-over.
+struct Polled {
+    conn: Connection,
+    sup: Supervisor,
+    filters: Vec<String>,
+    qos: u8,
+    retain_as_published: bool,
+    /// Shared subscription: retained messages are dropped.
+    drop_retained: bool,
+    dropped_retained: u64,
+    stamp_arrivals: bool,
+    ever_connected: bool,
+    /// After a failed attempt: when to try again.
+    retry_at: Option<Instant>,
+}
+
 pub struct MqttSource {
     url: String,
+    /// Without a journal: the connection, driven by `poll`.
+    polled: Option<Polled>,
     /// The subscription filters (with the share prefix in peer mode).
     filters: Vec<String>,
     rx: Option<Receiver<Vec<Live>>>,
@@ -174,6 +194,7 @@ impl MqttSource {
             None => (0, None),
         };
         Ok(MqttSource {
+            polled: None,
             url,
             filters: filters.clone(),
             rx: Some(rx),
@@ -335,6 +356,29 @@ impl Source for MqttSource {
         true
     }
 
+    fn poll_on_caller(&mut self) {
+        // Without a journal there is nothing for a thread of its own to
+        // do between polls: the caller drives the connection.
+        if self.journal.is_some() || self.polled.is_some() {
+            return;
+        }
+        if let Some(st) = self.start.take() {
+            self.rx = None;
+            self.polled = Some(Polled {
+                conn: st.conn,
+                sup: Supervisor::new(&self.url, "source"),
+                filters: st.filters,
+                qos: st.qos,
+                retain_as_published: st.retain_as_published,
+                drop_retained: st.drop_retained,
+                dropped_retained: 0,
+                stamp_arrivals: st.stamp_arrivals,
+                ever_connected: false,
+                retry_at: None,
+            });
+        }
+    }
+
     fn start(&mut self, ctx: &crate::context::RunContext) {
         if self.journal.is_some() {
             self.journal_entries = ctx.gauge(
@@ -354,6 +398,9 @@ impl Source for MqttSource {
     ) -> Result<Poll, SourceError> {
         if let Some(e) = self.fatal_error() {
             return Err(e);
+        }
+        if self.polled.is_some() {
+            return self.poll_polled(batch, max_items, max_payload, wait);
         }
         self.launch()?;
         let result = self.poll_inner(batch, max_items, max_payload, wait);
@@ -394,6 +441,98 @@ impl Source for MqttSource {
 }
 
 impl MqttSource {
+    /// Without a journal: reads the connection on this thread. Waits up to
+    /// `wait` for the first message, then takes only what has arrived.
+    fn poll_polled(
+        &mut self,
+        batch: &mut RawBatch,
+        max_items: usize,
+        max_payload: usize,
+        wait: Duration,
+    ) -> Result<Poll, SourceError> {
+        let Some(p) = self.polled.as_mut() else {
+            return Ok(Poll::Finished);
+        };
+        let before = batch.len();
+        let started = Instant::now();
+        loop {
+            let left = wait.saturating_sub(started.elapsed());
+            if let Some(at) = p.retry_at {
+                let now = Instant::now();
+                if now < at {
+                    if left.is_zero() || batch.len() > before {
+                        return Ok(Poll::Open);
+                    }
+                    std::thread::sleep(left.min(at - now));
+                    continue;
+                }
+                p.retry_at = None;
+            }
+            if batch.len() - before >= max_items {
+                return Ok(Poll::Open);
+            }
+            let w = if batch.len() > before {
+                Duration::ZERO
+            } else {
+                left
+            };
+            let ev = match p.conn.step(w) {
+                Step::Nothing => return Ok(Poll::Open),
+                Step::Closed => return Ok(Poll::Finished),
+                Step::Other => continue,
+                Step::Ev(ev) => ev,
+            };
+            match ev {
+                Ev::Connected { session_present } => {
+                    p.sup.connected();
+                    // As with a journal (see `Inbound::on_event`).
+                    if !p.ever_connected || !session_present || p.drop_retained {
+                        for f in &p.filters {
+                            if let Err(e) =
+                                self.client.subscribe_with(f, p.qos, p.retain_as_published)
+                            {
+                                tracing::error!(broker = %self.url, filter = %f, error = %e, "cannot subscribe");
+                            }
+                        }
+                    }
+                    p.ever_connected = true;
+                }
+                Ev::Disconnected { reason, permanent } => {
+                    if permanent && !p.ever_connected {
+                        return Err(SourceError::Other(format!(
+                            "MQTT broker {}: {reason}",
+                            self.url
+                        )));
+                    }
+                    let pause = p.sup.lost(&reason);
+                    p.retry_at = Some(Instant::now() + pause);
+                }
+                Ev::Message { retain: true, .. } if p.drop_retained => {
+                    p.dropped_retained += 1;
+                    if p.dropped_retained == 1 {
+                        tracing::warn!(broker = %self.url, "ignoring retained messages on the shared subscription (each member would count them)");
+                    }
+                }
+                Ev::Message {
+                    topic,
+                    payload,
+                    retain,
+                    ..
+                } => {
+                    self.position += 1;
+                    batch.push_message(&topic, &payload, self.position, max_payload);
+                    if let Some(it) = batch.items.last_mut() {
+                        it.retain = retain;
+                        if p.stamp_arrivals {
+                            it.arrival_ms = crate::time::Clock::now_ms(&crate::time::SystemClock);
+                        }
+                    }
+                }
+                Ev::Tick | Ev::PubAck(_) | Ev::Sent(_) | Ev::AckSent(_) => {}
+            }
+        }
+    }
+
     fn poll_inner(
         &mut self,
         batch: &mut RawBatch,
@@ -488,6 +627,9 @@ impl MqttSource {
 
 impl Drop for MqttSource {
     fn drop(&mut self) {
+        if let Some(p) = self.polled.as_mut() {
+            p.conn.close();
+        }
         self.stop.store(true, Ordering::SeqCst);
         // Unblock a connection thread waiting on a full queue, then wait for it.
         self.rx = None;
