@@ -487,39 +487,49 @@ fn listen_to_home_assistant(client: &Client, url: &str, birth: &str, configs: &s
     }
 }
 
-/// Hands messages to the client while connected, oldest first. It holds
-/// the lock while handing over (`try_publish` never blocks), so a message
-/// is either handed before a disconnect is seen or after the reconnect.
+/// Hands messages to the client while it is connected and its queue has
+/// room, oldest first; `true` if it handed any. The caller holds the lock
+/// (`try_publish` never blocks), so a message is either handed before a
+/// disconnect is seen or after the reconnect.
+fn hand_over(st: &mut State, client: &Client, qos: u8, retain: bool) -> Result<bool, String> {
+    let mut handed_any = false;
+    while st.connected && st.handed.len() < CHUNK {
+        let Some(msg) = st.next()? else {
+            break;
+        };
+        let retain = msg.retain.unwrap_or(retain);
+        if client.try_publish(&msg.topic, qos, retain, msg.payload.clone()) {
+            let mut msg = msg;
+            msg.seq = st.next_seq;
+            st.next_seq += 1;
+            st.handed.push_back(msg);
+            handed_any = true;
+        } else {
+            // The client's queue is full: try again shortly.
+            st.staged.push_front(msg);
+            break;
+        }
+    }
+    Ok(handed_any)
+}
+
+/// Hands messages to the client while connected, oldest first: what
+/// `flush` left (a backlog, the disk buffer, what a reconnect put back, a
+/// full client queue).
 fn publish_loop(shared: &Shared, stop: &AtomicBool, client: &Client, qos: u8, retain: bool) {
     let mut st = shared.lock();
     loop {
         if stop.load(Ordering::SeqCst) || st.fatal.is_some() {
             return;
         }
-        let mut handed_any = false;
-        while st.connected && st.handed.len() < CHUNK {
-            let msg = match st.next() {
-                Ok(Some(m)) => m,
-                Ok(None) => break,
-                Err(e) => {
-                    st.fatal = Some(e);
-                    shared.cv.notify_all();
-                    return;
-                }
-            };
-            let retain = msg.retain.unwrap_or(retain);
-            if client.try_publish(&msg.topic, qos, retain, msg.payload.clone()) {
-                let mut msg = msg;
-                msg.seq = st.next_seq;
-                st.next_seq += 1;
-                st.handed.push_back(msg);
-                handed_any = true;
-            } else {
-                // The client's queue is full: try again shortly.
-                st.staged.push_front(msg);
-                break;
+        let handed_any = match hand_over(&mut st, client, qos, retain) {
+            Ok(h) => h,
+            Err(e) => {
+                st.fatal = Some(e);
+                shared.cv.notify_all();
+                return;
             }
-        }
+        };
         if handed_any {
             shared.cv.notify_all();
         }
@@ -672,12 +682,21 @@ impl Sink for MqttSink {
     }
 
     fn flush(&mut self) -> Result<(), SinkError> {
-        let st = self.shared.lock();
+        let mut st = self.shared.lock();
+        // This batch's messages go to the client from here when nothing
+        // older waits: a quiet stream then wakes no publisher thread.
+        if st.staged.is_empty() && st.disk_len() == 0 {
+            if let Err(e) = hand_over(&mut st, &self.client, self.opts.qos, self.opts.retain) {
+                st.fatal = Some(e);
+            }
+        }
         if let Some(g) = &self.outbox {
             g.set(st.pending() as i64);
         }
-        // What this batch queued is there for the publisher.
-        self.shared.cv.notify_all();
+        // The publisher takes what is left.
+        if !(st.staged.is_empty() && st.mem.is_empty() && st.disk_len() == 0) {
+            self.shared.cv.notify_all();
+        }
         self.fatal(&st)
     }
 
