@@ -442,7 +442,9 @@ impl Source for MqttSource {
 
 impl MqttSource {
     /// Without a journal: reads the connection on this thread. Waits up to
-    /// `wait` for the first message, then takes only what has arrived.
+    /// `wait` for the first message, then takes what has arrived, and
+    /// while a busy stream keeps coming, what comes within
+    /// [`PLAIN_LINGER`] of the first (the connection reads it in slices).
     fn poll_polled(
         &mut self,
         batch: &mut RawBatch,
@@ -455,6 +457,7 @@ impl MqttSource {
         };
         let before = batch.len();
         let started = Instant::now();
+        let mut first_at: Option<Instant> = None;
         loop {
             let left = wait.saturating_sub(started.elapsed());
             if let Some(at) = p.retry_at {
@@ -468,7 +471,9 @@ impl MqttSource {
                 }
                 p.retry_at = None;
             }
-            if batch.len() - before >= max_items {
+            if batch.len() - before >= max_items
+                || first_at.is_some_and(|t| t.elapsed() >= PLAIN_LINGER)
+            {
                 return Ok(Poll::Open);
             }
             let w = if batch.len() > before {
@@ -520,6 +525,7 @@ impl MqttSource {
                     ..
                 } => {
                     self.position += 1;
+                    first_at.get_or_insert_with(Instant::now);
                     batch.push_message(&topic, &payload, self.position, max_payload);
                     if let Some(it) = batch.items.last_mut() {
                         it.retain = retain;
