@@ -690,3 +690,47 @@ fn the_source_broker_restarting_mid_stream_loses_and_doubles_nothing() {
         assert_eq!(code, Some(0), "{err}");
     }
 }
+
+/// A message larger than the source's connection takes (`max_payload` plus
+/// 64 KiB) becomes a dead letter with its topic and size, is acknowledged
+/// (not redelivered forever), and the messages after it flow: with and
+/// without `state:`.
+#[test]
+fn a_message_too_large_for_the_connection_is_a_dead_letter_and_the_stream_goes_on() {
+    for state in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let broker = Broker::start("");
+        let yaml = format!(
+            "name: too-large\nsource:\n  mqtt: {{ url: \"{}\", topics: [big/#], qos: 1 }}\n  max_payload: 1KiB\n\
+             sink: {{ file: {{ path: out.jsonl }} }}\ndead_letter: {{ file: {{ path: dead.jsonl }} }}\n{}",
+            broker.url(),
+            if state { "state: { dir: state, checkpoint_interval: 100ms }\n" } else { "" }
+        );
+        std::fs::write(d.join("p.yaml"), yaml).unwrap();
+        let run = start(d, "p.yaml");
+        eventually("rivulet's subscription", 20, || {
+            broker.log().contains("big/#")
+        });
+        common::publish_raw(
+            broker.port,
+            &[
+                ("big/camera".into(), vec![b'x'; 300_000], false),
+                ("big/after".into(), br#"{"n":1}"#.to_vec(), false),
+            ],
+        );
+        eventually("the message after it", 20, || {
+            lines(&d.join("out.jsonl"))
+                .iter()
+                .any(|l| l.contains("\"n\":1"))
+        });
+        let dead = lines(&d.join("dead.jsonl"));
+        let log = std::fs::read_to_string(d.join("rivulet.log")).unwrap_or_default();
+        assert_eq!(dead.len(), 1, "state: {state}: {dead:?}\n{log}");
+        assert!(dead[0].contains("300000 bytes"), "{}", dead[0]);
+        assert!(dead[0].contains("big/camera"), "{}", dead[0]);
+        assert!(!log.contains("connection lost"), "{log}");
+        let (code, _, _) = run.stop();
+        assert_eq!(code, Some(0), "{log}");
+    }
+}

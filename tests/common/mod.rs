@@ -262,6 +262,8 @@ pub fn publish_raw(port: u16, msgs: &[(String, Vec<u8>, bool)]) {
         rumqttc::MqttOptions::new(format!("test-pub-{}", fastrand::u32(..)), "127.0.0.1", port);
     o.set_keep_alive(Duration::from_secs(5));
     o.set_inflight(100);
+    // Room for the large payloads of the oversize tests.
+    o.set_max_packet_size(8 << 20, 8 << 20);
     let (client, mut conn) = rumqttc::Client::new(o, 1000);
     let n = msgs.len();
     let msgs = msgs.to_vec();

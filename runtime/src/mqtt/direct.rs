@@ -19,6 +19,7 @@
 //! answers its [`super::Step`]s.
 
 use super::{io_reason, refusal4, refusal5, Endpoint, Ev, Step};
+use crate::sources::OVERSIZE_PREFIX;
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::v4 as p4;
 use rumqttc::mqttbytes::QoS;
@@ -231,7 +232,10 @@ enum Incoming {
     },
     Publish {
         topic: String,
+        /// The payload, or its first [`OVERSIZE_PREFIX`] bytes when it is
+        /// larger than the connection takes (`size` says how large).
         payload: Bytes,
+        size: usize,
         pkid: u16,
         qos: QoS,
         dup: bool,
@@ -277,6 +281,8 @@ pub struct Conn {
     /// The stream is busy: the last wait for data ended within
     /// [`COALESCE`].
     busy: bool,
+    /// Bytes of an oversized message still to be discarded as they come.
+    skip: usize,
 }
 
 impl Conn {
@@ -319,6 +325,7 @@ impl Conn {
             ping_sent: Instant::now(),
             closing: false,
             busy: false,
+            skip: 0,
         };
         Ok((conn, Handle(shared)))
     }
@@ -389,6 +396,7 @@ impl Conn {
             let _ = l.sock.shutdown(std::net::Shutdown::Both);
         }
         self.rbuf.clear();
+        self.skip = 0;
         self.wbuf.clear();
         self.acks_in_wbuf.clear();
         self.acks_written.clear();
@@ -556,10 +564,23 @@ impl Conn {
 
     /// Decodes the next whole packet in `rbuf`, if there is one.
     fn decode_one(&mut self) -> Result<Option<Incoming>, String> {
+        if self.skip > 0 {
+            let n = self.skip.min(self.rbuf.len());
+            let _ = self.rbuf.split_to(n);
+            self.skip -= n;
+            if self.skip > 0 {
+                return Ok(None);
+            }
+        }
         if self.rbuf.is_empty() {
             return Ok(None);
         }
         let max = self.ep.max_packet;
+        if let Some((byte0, header, remaining)) = fixed_header(&self.rbuf) {
+            if remaining > max && byte0 >> 4 == 3 {
+                return self.oversized(byte0, header, remaining);
+            }
+        }
         if self.v5() {
             match p5::Packet::read(&mut self.rbuf, Some(max as u32)) {
                 Ok(p) => Ok(Some(incoming5(p))),
@@ -572,6 +593,75 @@ impl Conn {
                 Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
                 Err(e) => Err(bad_packet(&e, max)),
             }
+        }
+    }
+
+    /// A PUBLISH larger than the connection takes: its head (topic, packet
+    /// id, the payload's first [`OVERSIZE_PREFIX`] bytes) is decoded and
+    /// handed on with its size, so the pipeline dead-letters it and a QoS 1
+    /// message is acknowledged, not sent again forever; the rest is
+    /// discarded as it comes, never held.
+    fn oversized(
+        &mut self,
+        byte0: u8,
+        header: usize,
+        remaining: usize,
+    ) -> Result<Option<Incoming>, String> {
+        // Topic (at most 65,535 bytes), packet id, MQTT 5 properties, and
+        // the payload's first bytes.
+        let keep = remaining.min(HEAD);
+        if self.rbuf.len() < header + keep {
+            return Ok(None);
+        }
+        let mut head = BytesMut::with_capacity(keep + 5);
+        head.extend_from_slice(&[byte0]);
+        let mut n = keep;
+        loop {
+            let b = (n % 128) as u8;
+            n /= 128;
+            head.extend_from_slice(&[if n > 0 { b | 0x80 } else { b }]);
+            if n == 0 {
+                break;
+            }
+        }
+        head.extend_from_slice(&self.rbuf[header..header + keep]);
+        let _ = self.rbuf.split_to(header + keep);
+        self.skip = remaining - keep;
+        let decoded = if self.v5() {
+            p5::Packet::read(&mut head, None)
+                .map(incoming5)
+                .map_err(|e| e.to_string())
+        } else {
+            p4::Packet::read(&mut head, usize::MAX)
+                .map(incoming4)
+                .map_err(|e| e.to_string())
+        };
+        match decoded {
+            Ok(Incoming::Publish {
+                topic,
+                payload,
+                pkid,
+                qos,
+                dup,
+                retain,
+                ..
+            }) => {
+                let size = remaining - (keep - payload.len());
+                tracing::debug!(topic = %topic, size, max = self.ep.max_packet, "message larger than the connection takes: handed on as oversized");
+                Ok(Some(Incoming::Publish {
+                    topic,
+                    payload: payload.slice(..payload.len().min(OVERSIZE_PREFIX)),
+                    size,
+                    pkid,
+                    qos,
+                    dup,
+                    retain,
+                }))
+            }
+            Ok(_) | Err(_) => Err(format!(
+                "the broker sent a message of {remaining} bytes, more than {} and with a head that cannot be read",
+                self.ep.max_packet
+            )),
         }
     }
 
@@ -709,6 +799,7 @@ impl Conn {
                 Incoming::Publish {
                     topic,
                     payload,
+                    size,
                     pkid,
                     qos,
                     dup,
@@ -727,6 +818,7 @@ impl Conn {
                     self.events.push_back(Ev::Message {
                         topic,
                         payload,
+                        size,
                         pkid,
                         dup,
                         retain,
@@ -891,6 +983,25 @@ impl Drop for Conn {
     }
 }
 
+/// What of an oversized PUBLISH is read: up to the longest topic, the
+/// packet id, some properties and the payload's kept prefix.
+const HEAD: usize = (64 << 10) + 1024 + OVERSIZE_PREFIX;
+
+/// A packet's first byte, the length of its fixed header and its
+/// remaining length, once the header is all there.
+fn fixed_header(b: &[u8]) -> Option<(u8, usize, usize)> {
+    let byte0 = *b.first()?;
+    let mut len = 0usize;
+    for i in 0..4 {
+        let c = *b.get(1 + i)?;
+        len |= ((c & 0x7f) as usize) << (7 * i);
+        if c & 0x80 == 0 {
+            return Some((byte0, 2 + i, len));
+        }
+    }
+    None
+}
+
 /// A packet to send.
 enum Out<'a> {
     PubAck(u16),
@@ -941,6 +1052,7 @@ fn incoming4(p: p4::Packet) -> Incoming {
         },
         p4::Packet::Publish(p) => Incoming::Publish {
             topic: p.topic,
+            size: p.payload.len(),
             payload: p.payload,
             pkid: p.pkid,
             qos: p.qos,
@@ -970,6 +1082,7 @@ fn incoming5(p: p5::Packet) -> Incoming {
                 Ok(t) => t,
                 Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
             },
+            size: p.payload.len(),
             payload: p.payload,
             pkid: p.pkid,
             qos: match p.qos {
@@ -1094,11 +1207,13 @@ mod tests {
             Some(Ev::Message {
                 topic,
                 payload,
+                size,
                 pkid,
                 dup,
                 retain,
             }) => {
                 assert_eq!(topic, "a/b");
+                assert_eq!(*size, 5);
                 assert_eq!(&payload[..], b"hello");
                 assert_eq!((*pkid, *dup, *retain), (7, false, false));
             }
@@ -1161,27 +1276,53 @@ mod tests {
     }
 
     #[test]
-    fn a_packet_over_the_limit_drops_the_connection_and_says_so() {
-        let port = broker(|mut s| {
+    fn a_message_over_the_limit_is_handed_on_as_its_head_and_size_and_acknowledged() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let port = broker(move |mut s| {
             s.write_all(&[0x20, 0x02, 0x00, 0x00]).unwrap();
-            std::thread::sleep(Duration::from_millis(100));
-            // A QoS 0 PUBLISH announcing 5,000 bytes (remaining length
-            // 0x88 0x27), more than the client's 1,024.
-            s.write_all(&[0x30, 0x88, 0x27, 0, 1, b't']).unwrap();
-            s.write_all(&vec![b'x'; 4997]).unwrap();
+            // A QoS 1 PUBLISH to "t", packet id 5, of 5,000 bytes after the
+            // fixed header (remaining length 0x88 0x27): 4,995 of payload,
+            // more than the client's 1,024. Then a small QoS 0 message.
+            s.write_all(&[0x32, 0x88, 0x27, 0, 1, b't', 0, 5]).unwrap();
+            s.write_all(&[b'x'; 4995]).unwrap();
+            s.write_all(&[0x30, 0x04, 0, 1, b'u', b'!']).unwrap();
+            let mut ack = [0u8; 4];
+            s.read_exact(&mut ack).unwrap();
+            tx.send(ack).unwrap();
             std::thread::sleep(Duration::from_secs(1));
         });
         let (mut conn, _h) = Conn::new(&endpoint(port, 1024), false).unwrap();
-        until(&mut conn, |e| matches!(e, Ev::Connected { .. }));
-        let seen = until(&mut conn, |e| matches!(e, Ev::Disconnected { .. }));
-        match seen.last() {
-            Some(Ev::Disconnected { reason, permanent }) => {
-                assert!(!permanent);
-                assert!(reason.contains("larger than 1024"), "{reason}");
-            }
-            _ => unreachable!(),
-        }
-        assert!(!seen.iter().any(|e| matches!(e, Ev::Message { .. })));
+        let seen = until(
+            &mut conn,
+            |e| matches!(e, Ev::Message { topic, .. } if topic == "u"),
+        );
+        let msgs: Vec<(String, usize, usize, u16)> = seen
+            .iter()
+            .filter_map(|e| match e {
+                Ev::Message {
+                    topic,
+                    payload,
+                    size,
+                    pkid,
+                    ..
+                } => Some((topic.clone(), payload.len(), *size, *pkid)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            msgs,
+            [
+                ("t".to_string(), OVERSIZE_PREFIX, 4995, 5),
+                ("u".to_string(), 1, 1, 0)
+            ]
+        );
+        assert!(!seen.iter().any(|e| matches!(e, Ev::Disconnected { .. })));
+        // Acknowledged, so the broker does not send it again.
+        conn.step(Duration::from_millis(50));
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+            [0x40, 0x02, 0x00, 0x05]
+        );
     }
 
     #[test]

@@ -386,7 +386,11 @@ pub enum Ev {
     },
     Message {
         topic: String,
+        /// The payload, or its first bytes when `size` is larger (a
+        /// message larger than the connection takes).
         payload: Bytes,
+        /// The payload's size.
+        size: usize,
         /// Packet id (0 for QoS 0).
         pkid: u16,
         /// Set by the broker on a redelivery.
@@ -545,6 +549,7 @@ macro_rules! step_on {
                 }
                 m::Event::Incoming(packet::Packet::Publish(p)) => Step::Ev(Ev::Message {
                     topic: $topic(p.topic),
+                    size: p.payload.len(),
                     payload: p.payload,
                     pkid: p.pkid,
                     dup: p.dup,

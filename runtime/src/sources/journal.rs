@@ -40,6 +40,9 @@ pub const KEEP_FOR_DEDUP: u64 = 1024;
 
 /// The retain flag's bit in an entry's topic length.
 const RETAIN_BIT: u32 = 1 << 31;
+/// Set in an entry's topic length when the payload is only the first bytes
+/// of a larger one; its size (8 bytes) follows the topic.
+const OVERSIZE_BIT: u32 = 1 << 30;
 
 /// One journaled message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,15 +56,27 @@ pub struct Entry<'a> {
     /// which a topic of at most 65,535 bytes never sets: older entries read
     /// as not retained).
     pub retain: bool,
+    /// The payload's size when `payload` is only its first bytes (a message
+    /// larger than the connection takes; the pipeline dead-letters it).
+    pub oversize: Option<u64>,
 }
 
 impl<'a> Entry<'a> {
     fn encode(&self, out: &mut Vec<u8>) {
         out.clear();
         out.extend_from_slice(&self.pkid.to_le_bytes());
-        let len = self.topic.len() as u32 | if self.retain { RETAIN_BIT } else { 0 };
+        let len = self.topic.len() as u32
+            | if self.retain { RETAIN_BIT } else { 0 }
+            | if self.oversize.is_some() {
+                OVERSIZE_BIT
+            } else {
+                0
+            };
         out.extend_from_slice(&len.to_le_bytes());
         out.extend_from_slice(self.topic.as_bytes());
+        if let Some(size) = self.oversize {
+            out.extend_from_slice(&size.to_le_bytes());
+        }
         out.extend_from_slice(self.payload);
     }
 
@@ -69,14 +84,22 @@ impl<'a> Entry<'a> {
         let pkid = u16::from_le_bytes(b.get(0..2)?.try_into().ok()?);
         let len = u32::from_le_bytes(b.get(2..6)?.try_into().ok()?);
         let retain = len & RETAIN_BIT != 0;
-        let len = (len & !RETAIN_BIT) as usize;
+        let oversized = len & OVERSIZE_BIT != 0;
+        let len = (len & !(RETAIN_BIT | OVERSIZE_BIT)) as usize;
         let topic = std::str::from_utf8(b.get(6..6usize.checked_add(len)?)?).ok()?;
+        let (oversize, rest) = if oversized {
+            let size = u64::from_le_bytes(b.get(6 + len..14 + len)?.try_into().ok()?);
+            (Some(size), 14 + len)
+        } else {
+            (None, 6 + len)
+        };
         Some(Entry {
             pkid,
             topic,
-            payload: b.get(6 + len..)?,
+            payload: b.get(rest..)?,
             arrival: 0,
             retain,
+            oversize,
         })
     }
 }
@@ -335,7 +358,23 @@ mod tests {
             payload,
             arrival: 0,
             retain: false,
+            oversize: None,
         }
+    }
+
+    #[test]
+    fn an_oversized_entry_keeps_its_size_with_its_prefix_and_flags() {
+        let big = Entry {
+            retain: true,
+            oversize: Some(5_000_000),
+            ..e(9, "cam/1", b"\xff\xd8prefix")
+        };
+        let mut buf = Vec::new();
+        big.encode(&mut buf);
+        assert_eq!(Entry::decode(&buf), Some(big.clone()));
+        let plain = e(9, "cam/1", b"\xff\xd8prefix");
+        plain.encode(&mut buf);
+        assert_eq!(Entry::decode(&buf).unwrap().oversize, None);
     }
 
     #[test]

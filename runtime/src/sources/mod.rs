@@ -80,10 +80,25 @@ impl RawBatch {
     /// Appends one payload with its topic; a payload over `max_payload`
     /// keeps only a prefix and is marked oversized.
     pub fn push_message(&mut self, topic: &str, payload: &[u8], position: u64, max_payload: usize) {
+        self.push_sized(topic, payload, payload.len(), position, max_payload);
+    }
+
+    /// Like [`RawBatch::push_message`], for a payload of `size` bytes of
+    /// which `payload` may be only the first (a message larger than its
+    /// source takes).
+    pub fn push_sized(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        size: usize,
+        position: u64,
+        max_payload: usize,
+    ) {
         let t0 = self.topics.len() as u32;
         self.topics.extend_from_slice(topic.as_bytes());
         let start = self.data.len() as u32;
-        let oversize = (payload.len() > max_payload).then_some(payload.len() as u64);
+        let size = size.max(payload.len());
+        let oversize = (size > max_payload).then_some(size as u64);
         let kept = if oversize.is_some() {
             &payload[..OVERSIZE_PREFIX.min(payload.len())]
         } else {

@@ -87,6 +87,8 @@ struct Live {
     seq: u64,
     topic: String,
     payload: Bytes,
+    /// The payload's size when `payload` is only its first bytes.
+    oversize: Option<u64>,
     /// Arrival stamp (epoch ms) with `stamp_arrivals`, else 0.
     arrival: i64,
     retain: bool,
@@ -300,7 +302,8 @@ impl MqttSource {
         } else {
             self.position + 1
         };
-        batch.push_message(&msg.topic, &msg.payload, self.position, max_payload);
+        let size = msg.oversize.map_or(msg.payload.len(), |s| s as usize);
+        batch.push_sized(&msg.topic, &msg.payload, size, self.position, max_payload);
         if let Some(it) = batch.items.last_mut() {
             it.arrival_ms = msg.arrival;
             it.retain = msg.retain;
@@ -329,7 +332,8 @@ impl MqttSource {
         let mut last = self.position;
         let after = j
             .read(next, through, max_items, |seq, e| {
-                batch.push_message(e.topic, e.payload, seq, max_payload);
+                let size = e.oversize.map_or(e.payload.len(), |s| s as usize);
+                batch.push_sized(e.topic, e.payload, size, seq, max_payload);
                 if let Some(it) = batch.items.last_mut() {
                     // 0 (not stamped): the reader stamps it now.
                     it.arrival_ms = e.arrival;
@@ -521,12 +525,13 @@ impl MqttSource {
                 Ev::Message {
                     topic,
                     payload,
+                    size,
                     retain,
                     ..
                 } => {
                     self.position += 1;
                     first_at.get_or_insert_with(Instant::now);
-                    batch.push_message(&topic, &payload, self.position, max_payload);
+                    batch.push_sized(&topic, &payload, size, self.position, max_payload);
                     if let Some(it) = batch.items.last_mut() {
                         it.retain = retain;
                         if p.stamp_arrivals {
@@ -650,6 +655,8 @@ impl Drop for MqttSource {
 struct Held {
     topic: String,
     payload: Bytes,
+    /// The payload's size when `payload` is only its first bytes.
+    oversize: Option<u64>,
     pkid: u16,
     /// Arrival stamp (epoch ms) with `stamp_arrivals`, else 0.
     arrival: i64,
@@ -800,11 +807,14 @@ impl Inbound {
             Ev::Message {
                 topic,
                 payload,
+                size,
                 pkid,
                 dup,
                 retain,
-                ..
-            } => self.on_message(topic, payload, pkid, dup, retain),
+            } => {
+                let oversize = (size > payload.len()).then_some(size as u64);
+                self.on_message(topic, payload, oversize, pkid, dup, retain)
+            }
             Ev::Disconnected { reason, permanent } => {
                 if permanent && !self.ever_connected {
                     if let Ok(mut f) = self.fatal.lock() {
@@ -877,6 +887,7 @@ impl Inbound {
         &mut self,
         topic: String,
         payload: Bytes,
+        oversize: Option<u64>,
         pkid: u16,
         dup: bool,
         retain: bool,
@@ -916,6 +927,7 @@ impl Inbound {
         self.group.push(Held {
             topic,
             payload,
+            oversize,
             pkid,
             arrival,
             retain,
@@ -976,6 +988,7 @@ impl Inbound {
                     seq: 0,
                     topic: m.topic,
                     payload: m.payload,
+                    oversize: m.oversize,
                     arrival: m.arrival,
                     retain: m.retain,
                 })
@@ -996,6 +1009,7 @@ impl Inbound {
                 pkid: m.pkid,
                 topic: &m.topic,
                 payload: &m.payload,
+                oversize: m.oversize,
                 arrival: m.arrival,
                 retain: m.retain,
             })
@@ -1040,6 +1054,7 @@ impl Inbound {
                 seq: first + i as u64,
                 topic: m.topic,
                 payload: m.payload,
+                oversize: m.oversize,
                 arrival: m.arrival,
                 retain: m.retain,
             })
