@@ -57,6 +57,8 @@ enum Request {
     /// PUBACK for an incoming QoS 1 message (manual acks).
     Ack(u16),
     Disconnect,
+    /// Return from the wait: a publisher has something to write.
+    Wake,
 }
 
 /// Shared between the connection and its [`Handle`]s.
@@ -104,6 +106,12 @@ impl Handle {
 
     pub fn disconnect(&self) {
         self.push(Request::Disconnect);
+    }
+
+    /// Ends the connection's current wait (a publisher has work for it):
+    /// its step returns, or the next one does at once.
+    pub fn wake(&self) {
+        self.push(Request::Wake);
     }
 }
 
@@ -229,6 +237,8 @@ enum Incoming {
     ConnAck {
         session_present: bool,
         refused: Option<(String, bool)>,
+        /// MQTT 5: how many QoS 1 publishes the broker takes unacknowledged.
+        receive_max: Option<u16>,
     },
     Publish {
         topic: String,
@@ -283,6 +293,11 @@ pub struct Conn {
     busy: bool,
     /// Bytes of an oversized message still to be discarded as they come.
     skip: usize,
+    /// QoS 1 publishes the broker takes unacknowledged (MQTT 5's Receive
+    /// Maximum; no limit of its own in 3.1.1).
+    receive_max: u16,
+    /// A [`Request::Wake`] came: the step returns.
+    woken: bool,
 }
 
 impl Conn {
@@ -326,6 +341,8 @@ impl Conn {
             closing: false,
             busy: false,
             skip: 0,
+            receive_max: u16::MAX,
+            woken: false,
         };
         Ok((conn, Handle(shared)))
     }
@@ -494,6 +511,7 @@ impl Conn {
         let Incoming::ConnAck {
             session_present,
             refused,
+            receive_max,
         } = ack
         else {
             return Err(("the broker sent something other than CONNACK".into(), false));
@@ -504,6 +522,7 @@ impl Conn {
         link.sock.set_read_timeout(None).map_err(io)?;
         link.sock.set_write_timeout(None).map_err(io)?;
         link.sock.set_nonblocking(true).map_err(io)?;
+        self.receive_max = receive_max.unwrap_or(u16::MAX);
         self.link = Some(link);
         self.last_write = Instant::now();
         // What came in the same read as the CONNACK (a session's queued
@@ -682,7 +701,7 @@ impl Conn {
             self.take_requests();
             self.encode_requests()?;
             self.flush()?;
-            if self.closing {
+            if self.closing || std::mem::take(&mut self.woken) {
                 return Ok(());
             }
             // A PINGREQ after a keep-alive without writing, and after
@@ -886,6 +905,7 @@ impl Conn {
                     self.encode(Out::Disconnect)?;
                     self.closing = true;
                 }
+                Request::Wake => self.woken = true,
             }
         }
         Ok(())
@@ -967,6 +987,72 @@ impl Conn {
 }
 
 impl Conn {
+    /// Whether the connection is up (publishes can be written).
+    pub(crate) fn is_up(&self) -> bool {
+        self.link.is_some() && !self.closing
+    }
+
+    /// QoS 1 publishes the broker takes unacknowledged.
+    pub(crate) fn receive_max(&self) -> usize {
+        self.receive_max as usize
+    }
+
+    /// A packet id not in `used`, for a QoS 1 publish.
+    pub(crate) fn publish_id(&mut self, used: impl Fn(u16) -> bool) -> u16 {
+        loop {
+            let id = self.next_pkid();
+            if !used(id) {
+                return id;
+            }
+        }
+    }
+
+    /// Encodes a PUBLISH; it leaves with [`Conn::flush_now`] or the next
+    /// step.
+    pub(crate) fn publish(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        q: u8,
+        retain: bool,
+        pkid: u16,
+    ) -> Result<(), String> {
+        let max = self.ep.max_packet;
+        let r = if self.v5() {
+            let mut p = p5::Publish::new(topic, qos5(q), payload.to_vec(), None);
+            p.retain = retain;
+            p.pkid = pkid;
+            p5::Packet::Publish(p)
+                .write(&mut self.wbuf, Some(max as u32))
+                .map_err(|e| e.to_string())
+        } else {
+            let mut p = p4::Publish::new(topic, qos(q), payload.to_vec());
+            p.retain = retain;
+            p.pkid = pkid;
+            p4::Packet::Publish(p)
+                .write(&mut self.wbuf, max)
+                .map_err(|e| e.to_string())
+        };
+        r.map(|_| ())
+            .map_err(|e| format!("cannot encode a message for {topic}: {e}"))
+    }
+
+    /// Writes what is encoded. `false`: the connection is lost (the next
+    /// step reports it).
+    pub(crate) fn flush_now(&mut self) -> bool {
+        match self.flush() {
+            Ok(()) => true,
+            Err(reason) => {
+                self.drop_link();
+                self.events.push_back(Ev::Disconnected {
+                    reason,
+                    permanent: false,
+                });
+                false
+            }
+        }
+    }
+
     /// Says DISCONNECT (a clean end: no Last Will) and closes, now.
     pub(super) fn close(&mut self) {
         if self.link.is_some() && self.encode(Out::Disconnect).is_ok() {
@@ -1049,6 +1135,7 @@ fn incoming4(p: p4::Packet) -> Incoming {
         p4::Packet::ConnAck(a) => Incoming::ConnAck {
             session_present: a.session_present,
             refused: (a.code != p4::ConnectReturnCode::Success).then(|| refusal4(a.code)),
+            receive_max: None,
         },
         p4::Packet::Publish(p) => Incoming::Publish {
             topic: p.topic,
@@ -1076,6 +1163,7 @@ fn incoming5(p: p5::Packet) -> Incoming {
         p5::Packet::ConnAck(a) => Incoming::ConnAck {
             session_present: a.session_present,
             refused: (a.code != p5::ConnectReturnCode::Success).then(|| refusal5(a.code)),
+            receive_max: a.properties.and_then(|p| p.receive_max),
         },
         p5::Packet::Publish(p) => Incoming::Publish {
             topic: match String::from_utf8(p.topic.to_vec()) {

@@ -9,7 +9,7 @@
 //! credentials) before the first successful connection are *fatal*: the
 //! pipeline stops with a message naming the broker and the reason.
 
-mod direct;
+pub(crate) mod direct;
 pub mod status;
 pub mod topic;
 
@@ -141,6 +141,13 @@ impl Endpoint {
     /// [`Client::try_ack`].
     pub fn subscriber(&self, manual_acks: bool) -> Result<(Client, Connection), String> {
         let (conn, handle) = direct::Conn::new(self, manual_acks)?;
+        Ok((Client::Direct(handle), Connection::Direct(Box::new(conn))))
+    }
+
+    /// Opens a connection for a publisher that writes from its
+    /// connection's own thread ([`Connection::direct`]).
+    pub fn publisher(&self) -> Result<(Client, Connection), String> {
+        let (conn, handle) = direct::Conn::new(self, false)?;
         Ok((Client::Direct(handle), Connection::Direct(Box::new(conn))))
     }
 
@@ -360,6 +367,13 @@ impl Client {
             }
         }
     }
+    /// Wakes a sleeping subscriber's or publisher's connection.
+    pub fn wake(&self) {
+        if let Client::Direct(h) = self {
+            h.wake();
+        }
+    }
+
     pub fn disconnect(&self) {
         let _ = match self {
             Client::V4(c) => c.disconnect().map_err(|e| e.to_string()),
@@ -569,6 +583,14 @@ macro_rules! step_on {
 }
 
 impl Connection {
+    /// The connection without an event loop, to publish through.
+    pub(crate) fn direct(&mut self) -> Option<&mut direct::Conn> {
+        match self {
+            Connection::Direct(c) => Some(c),
+            _ => None,
+        }
+    }
+
     /// Ends a subscriber's connection cleanly, now (the others end when
     /// their client disconnects).
     pub(crate) fn close(&mut self) {

@@ -19,7 +19,7 @@
 
 use super::{Sink, SinkError};
 use crate::mqtt::topic::TopicTemplate;
-use crate::mqtt::{drive, Client, Endpoint, Ev};
+use crate::mqtt::{Client, Endpoint, Ev};
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -311,7 +311,7 @@ impl MqttSink {
                 tracing::info!(broker = %url, messages = d.len(), "sending messages buffered by an earlier run first");
             }
         }
-        let (client, conn) = opts.endpoint.connect(CHUNK).map_err(err)?;
+        let (client, conn) = opts.endpoint.publisher().map_err(err)?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 staged: VecDeque::new(),
@@ -331,111 +331,23 @@ impl MqttSink {
         });
         let stop = Arc::new(AtomicBool::new(false));
         let conn_thread = {
-            let (shared, stop, url, qos) = (shared.clone(), stop.clone(), url.clone(), opts.qos);
+            let (shared, stop, url, qos, retain) = (
+                shared.clone(),
+                stop.clone(),
+                url.clone(),
+                opts.qos,
+                opts.retain,
+            );
             let ha = opts
                 .home_assistant
                 .as_ref()
                 .map(|d| (d.birth_topic(), d.config_filter()));
             let subscriber = client.clone();
             std::thread::Builder::new()
-                .name("rivulet-mqtt-conn".into())
-                .spawn(move || {
-                    drive(
-                        conn,
-                        &url,
-                        "sink",
-                        stop,
-                        || Duration::from_millis(200),
-                        |ev| {
-                            let mut st = shared.lock();
-                            // Whom a message's progress concerns: the
-                            // publisher when the client's queue had been
-                            // full, `close` once all is delivered.
-                            let mut notify = true;
-                            match ev {
-                                Ev::Connected { session_present } => {
-                                    st.connected = true;
-                                    st.ever_connected = true;
-                                    if !session_present {
-                                        st.requeue_unfinished();
-                                    }
-                                    shared.cv.notify_all();
-                                    if let Some((birth, configs)) = &ha {
-                                        listen_to_home_assistant(&subscriber, &url, birth, configs);
-                                    }
-                                }
-                                Ev::Message { topic, payload, .. } => {
-                                    if let Some((birth, _)) = &ha {
-                                        // Home Assistant started (its birth
-                                        // message), or a config was purged.
-                                        let again: Vec<(String, Vec<u8>)> =
-                                            if topic == *birth && &payload[..] == b"online" {
-                                                st.discovery.clone().into_iter().collect()
-                                            } else if payload.is_empty() {
-                                                st.discovery
-                                                    .get(&topic)
-                                                    .map(|p| vec![(topic.clone(), p.clone())])
-                                                    .unwrap_or_default()
-                                            } else {
-                                                Vec::new()
-                                            };
-                                        if !again.is_empty() {
-                                            tracing::info!(broker = %url, configs = again.len(), "announcing results to Home Assistant again");
-                                        }
-                                        for (topic, payload) in again {
-                                            st.mem.push_back(Msg {
-                                                topic,
-                                                payload,
-                                                seq: 0,
-                                                retain: Some(true),
-                                            });
-                                        }
-                                        shared.cv.notify_all();
-                                    }
-                                }
-                                Ev::Disconnected { reason, permanent } => {
-                                    st.connected = false;
-                                    if permanent && !st.ever_connected {
-                                        st.fatal = Some(reason);
-                                        shared.cv.notify_all();
-                                        return false;
-                                    }
-                                }
-                                Ev::Sent(pkid) => {
-                                    let was_full = st.handed.len() >= CHUNK;
-                                    if let Some(m) = st.handed.pop_front() {
-                                        if qos > 0 && pkid != 0 {
-                                            st.inflight.insert(pkid, m);
-                                        }
-                                    }
-                                    notify = was_full || (st.closing && st.drained());
-                                }
-                                Ev::PubAck(pkid) => {
-                                    st.inflight.remove(&pkid);
-                                    notify = st.closing && st.drained();
-                                }
-                                Ev::Tick | Ev::AckSent(_) => notify = false,
-                            }
-                            if notify {
-                                shared.cv.notify_all();
-                            }
-                            true
-                        },
-                    )
-                })
-                .map_err(|e| err(format!("cannot start a thread: {e}")))?
-        };
-        let publisher = {
-            let (shared, stop, client, qos, retain) = (
-                shared.clone(),
-                stop.clone(),
-                client.clone(),
-                opts.qos,
-                opts.retain,
-            );
-            std::thread::Builder::new()
                 .name("rivulet-mqtt-out".into())
-                .spawn(move || publish_loop(&shared, &stop, &client, qos, retain))
+                .spawn(move || {
+                    run_connection(conn, &shared, &stop, &url, qos, retain, ha, &subscriber)
+                })
                 .map_err(|e| err(format!("cannot start a thread: {e}")))?
         };
         Ok(MqttSink {
@@ -444,7 +356,7 @@ impl MqttSink {
             shared,
             client,
             stop,
-            threads: vec![conn_thread, publisher],
+            threads: vec![conn_thread],
             warned_topic: false,
             outbox: None,
             announced: std::collections::HashSet::new(),
@@ -487,68 +399,175 @@ fn listen_to_home_assistant(client: &Client, url: &str, birth: &str, configs: &s
     }
 }
 
-/// Hands messages to the client while it is connected and its queue has
-/// room, oldest first; `true` if it handed any. The caller holds the lock
-/// (`try_publish` never blocks), so a message is either handed before a
-/// disconnect is seen or after the reconnect.
-fn hand_over(st: &mut State, client: &Client, qos: u8, retain: bool) -> Result<bool, String> {
-    let mut handed_any = false;
-    while st.connected && st.handed.len() < CHUNK {
-        let Some(msg) = st.next()? else {
+/// QoS 1 messages written and not yet acknowledged, at most (or the
+/// broker's Receive Maximum when lower).
+const MAX_INFLIGHT: usize = 100;
+
+/// Writes what waits, oldest first, while connected and (at QoS 1) the
+/// broker's window has room: up to [`CHUNK`] messages in one `write`.
+/// Messages are tracked until safe: QoS 0 ones in `handed` until written,
+/// QoS 1 ones in `inflight` until their PUBACK. `true` if it wrote any.
+fn feed(
+    st: &mut State,
+    conn: &mut crate::mqtt::direct::Conn,
+    qos: u8,
+    retain: bool,
+) -> Result<bool, String> {
+    if !st.connected || !conn.is_up() {
+        return Ok(false);
+    }
+    let window = MAX_INFLIGHT.min(conn.receive_max()).max(1);
+    let mut n = 0;
+    while n < CHUNK && (qos == 0 || st.inflight.len() < window) {
+        let Some(mut msg) = st.next()? else {
             break;
         };
-        let retain = msg.retain.unwrap_or(retain);
-        if client.try_publish(&msg.topic, qos, retain, msg.payload.clone()) {
-            let mut msg = msg;
-            msg.seq = st.next_seq;
-            st.next_seq += 1;
-            st.handed.push_back(msg);
-            handed_any = true;
+        let r = msg.retain.unwrap_or(retain);
+        let pkid = if qos > 0 {
+            conn.publish_id(|id| st.inflight.contains_key(&id))
         } else {
-            // The client's queue is full: try again shortly.
-            st.staged.push_front(msg);
-            break;
+            0
+        };
+        if let Err(e) = conn.publish(&msg.topic, &msg.payload, qos, r, pkid) {
+            // Larger than the broker takes: it can never be sent.
+            st.dropped += 1;
+            tracing::error!(error = %e, "dropping a message the broker cannot take");
+            continue;
         }
+        msg.seq = st.next_seq;
+        st.next_seq += 1;
+        if qos > 0 {
+            st.inflight.insert(pkid, msg);
+        } else {
+            st.handed.push_back(msg);
+        }
+        n += 1;
     }
-    Ok(handed_any)
+    if n == 0 {
+        return Ok(false);
+    }
+    if conn.flush_now() {
+        // Written: QoS 0 messages are done.
+        st.handed.clear();
+    }
+    Ok(true)
 }
 
-/// Hands messages to the client while connected, oldest first: what
-/// `flush` left (a backlog, the disk buffer, what a reconnect put back, a
-/// full client queue).
-fn publish_loop(shared: &Shared, stop: &AtomicBool, client: &Client, qos: u8, retain: bool) {
-    let mut st = shared.lock();
+/// The sink's connection thread: writes from the outbox (see [`feed`]),
+/// takes PUBACKs and Home Assistant's messages, reconnects. After a
+/// reconnect, what was written and not acknowledged is sent again
+/// (at-least-once).
+#[allow(clippy::too_many_arguments)]
+fn run_connection(
+    mut conn: crate::mqtt::Connection,
+    shared: &Shared,
+    stop: &AtomicBool,
+    url: &str,
+    qos: u8,
+    retain: bool,
+    ha: Option<(String, String)>,
+    subscriber: &Client,
+) {
+    use crate::mqtt::Step;
+    let mut sup = crate::mqtt::Supervisor::new(url, "sink");
     loop {
-        if stop.load(Ordering::SeqCst) || st.fatal.is_some() {
+        if stop.load(Ordering::SeqCst) {
+            conn.close();
             return;
         }
-        let handed_any = match hand_over(&mut st, client, qos, retain) {
-            Ok(h) => h,
-            Err(e) => {
-                st.fatal = Some(e);
-                shared.cv.notify_all();
+        let more = {
+            let mut st = shared.lock();
+            let Some(c) = conn.direct() else {
                 return;
+            };
+            match feed(&mut st, c, qos, retain) {
+                Ok(true) => shared.cv.notify_all(),
+                Ok(false) => {}
+                Err(e) => {
+                    st.fatal = Some(e);
+                    shared.cv.notify_all();
+                    return;
+                }
             }
+            let waiting = !(st.staged.is_empty() && st.mem.is_empty() && st.disk_len() == 0);
+            st.connected && waiting && (qos == 0 || st.inflight.len() < MAX_INFLIGHT)
         };
-        if handed_any {
-            shared.cv.notify_all();
+        let wait = if more {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(200)
+        };
+        let ev = match conn.step(wait) {
+            Step::Ev(ev) => ev,
+            Step::Closed => return,
+            Step::Nothing | Step::Other => continue,
+        };
+        let mut st = shared.lock();
+        match ev {
+            Ev::Connected { .. } => {
+                sup.connected();
+                st.connected = true;
+                st.ever_connected = true;
+                // Written and not acknowledged on the old connection:
+                // again, in order (the broker may have some of them).
+                st.requeue_unfinished();
+                shared.cv.notify_all();
+                if let Some((birth, configs)) = &ha {
+                    listen_to_home_assistant(subscriber, url, birth, configs);
+                }
+            }
+            Ev::Message { topic, payload, .. } => {
+                if let Some((birth, _)) = &ha {
+                    // Home Assistant started (its birth message), or a
+                    // config was purged.
+                    let again: Vec<(String, Vec<u8>)> =
+                        if topic == *birth && &payload[..] == b"online" {
+                            st.discovery.clone().into_iter().collect()
+                        } else if payload.is_empty() {
+                            st.discovery
+                                .get(&topic)
+                                .map(|p| vec![(topic.clone(), p.clone())])
+                                .unwrap_or_default()
+                        } else {
+                            Vec::new()
+                        };
+                    if !again.is_empty() {
+                        tracing::info!(broker = %url, configs = again.len(), "announcing results to Home Assistant again");
+                    }
+                    for (topic, payload) in again {
+                        st.mem.push_back(Msg {
+                            topic,
+                            payload,
+                            seq: 0,
+                            retain: Some(true),
+                        });
+                    }
+                }
+            }
+            Ev::Disconnected { reason, permanent } => {
+                st.connected = false;
+                if permanent && !st.ever_connected {
+                    st.fatal = Some(reason);
+                    shared.cv.notify_all();
+                    return;
+                }
+                shared.cv.notify_all();
+                drop(st);
+                let pause = sup.lost(&reason);
+                // Sleep in slices so a stop request is seen promptly.
+                let until = Instant::now() + pause;
+                while Instant::now() < until && !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(20).min(pause));
+                }
+            }
+            Ev::PubAck(pkid) => {
+                st.inflight.remove(&pkid);
+                if st.closing && st.drained() {
+                    shared.cv.notify_all();
+                }
+            }
+            Ev::Sent(_) | Ev::AckSent(_) | Ev::Tick => {}
         }
-        // Nothing to send, or not connected: wait to be told (a write and
-        // a connection notify); a second at most, to see `stop`. Else the
-        // client's queue was full: try again shortly.
-        let idle =
-            !st.connected || (st.staged.is_empty() && st.mem.is_empty() && st.disk_len() == 0);
-        let wait = match (handed_any, idle) {
-            // All handed over: until the next batch's `flush` says so.
-            (_, true) => 1000,
-            (true, false) => 1,
-            (false, false) => 20,
-        };
-        st = shared
-            .cv
-            .wait_timeout(st, Duration::from_millis(wait))
-            .map(|r| r.0)
-            .unwrap_or_else(|p| p.into_inner().0);
     }
 }
 
@@ -682,20 +701,13 @@ impl Sink for MqttSink {
     }
 
     fn flush(&mut self) -> Result<(), SinkError> {
-        let mut st = self.shared.lock();
-        // This batch's messages go to the client from here when nothing
-        // older waits: a quiet stream then wakes no publisher thread.
-        if st.staged.is_empty() && st.disk_len() == 0 {
-            if let Err(e) = hand_over(&mut st, &self.client, self.opts.qos, self.opts.retain) {
-                st.fatal = Some(e);
-            }
-        }
+        let st = self.shared.lock();
         if let Some(g) = &self.outbox {
             g.set(st.pending() as i64);
         }
-        // The publisher takes what is left.
-        if !(st.staged.is_empty() && st.mem.is_empty() && st.disk_len() == 0) {
-            self.shared.cv.notify_all();
+        // This batch's messages are there for the connection to write.
+        if !st.mem.is_empty() {
+            self.client.wake();
         }
         self.fatal(&st)
     }
@@ -717,6 +729,7 @@ impl Sink for MqttSink {
         self.fatal(&st)?;
         self.stop.store(true, Ordering::SeqCst);
         self.shared.cv.notify_all();
+        self.client.wake();
         // What is left, oldest first: unfinished, staged, then the disk part, then memory.
         st.requeue_unfinished();
         let front: Vec<Msg> = st.staged.drain(..).collect();
@@ -799,7 +812,7 @@ impl MqttSink {
                     if let Some(g) = &self.outbox {
                         g.set(st.pending() as i64);
                     }
-                    self.shared.cv.notify_all();
+                    self.client.wake();
                     st = self
                         .shared
                         .cv
