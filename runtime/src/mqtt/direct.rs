@@ -1450,4 +1450,37 @@ mod tests {
         );
         assert!(started.elapsed() < Duration::from_secs(20));
     }
+
+    #[test]
+    fn a_published_message_leaves_as_one_packet_and_its_puback_comes_back() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let port = broker(move |mut s| {
+            s.write_all(&[0x20, 0x02, 0x00, 0x00]).unwrap();
+            let mut got = [0u8; 11];
+            s.read_exact(&mut got).unwrap();
+            tx.send(got).unwrap();
+            s.write_all(&[0x40, 0x02, got[7], got[8]]).unwrap();
+            std::thread::sleep(Duration::from_secs(1));
+        });
+        let (mut conn, handle) = Conn::new(&endpoint(port, 1024), false).unwrap();
+        until(&mut conn, |e| matches!(e, Ev::Connected { .. }));
+        assert!(conn.is_up());
+        let id = conn.publish_id(|id| id == 1);
+        assert_ne!(id, 1, "an id in use is skipped");
+        conn.publish("o/k", b"hi", 1, true, id).unwrap();
+        assert!(conn.flush_now());
+        // QoS 1, retained: 0x33; topic "o/k", the packet id, "hi".
+        let [hi, lo] = id.to_be_bytes();
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+            [0x33, 9, 0, 3, b'o', b'/', b'k', hi, lo, b'h', b'i']
+        );
+        let seen = until(&mut conn, |e| matches!(e, Ev::PubAck(_)));
+        assert!(matches!(seen.last(), Some(Ev::PubAck(p)) if *p == id));
+        // A wake from another thread ends a long wait.
+        handle.wake();
+        let t = Instant::now();
+        assert!(matches!(conn.step(Duration::from_secs(30)), Step::Nothing));
+        assert!(t.elapsed() < Duration::from_secs(20));
+    }
 }

@@ -2,17 +2,16 @@
 //!
 //! Records go into an *outbox*: up to `memory` messages in memory, then (if
 //! a buffer directory is set) up to `disk` messages in a redb file, oldest
-//! first. A publisher thread sends from the outbox while the broker is
-//! connected, in order. While the broker is unreachable the outbox fills;
+//! first. The connection's thread writes from the outbox while the broker
+//! is connected, in order, many messages per `write` (the connection has
+//! no event loop: rumqttc's codec over our own socket, as the source's). While the broker is unreachable the outbox fills;
 //! when it is full, `when_full: block` stops the pipeline until there is
 //! room, `drop_oldest` drops the oldest message and counts it.
 //!
-//! Every message handed to the client is tracked until it is safe: a QoS 1
-//! message until the broker's PUBACK for its packet id, a QoS 0 message
-//! until it is written to the network. When a reconnect starts a new
-//! session (the broker forgot the old one), the client drops what it had not
-//! finished; the outbox puts those messages back in front and sends them
-//! again. A clean shutdown waits until everything is delivered; if the
+//! Every message written is tracked until it is safe: a QoS 1 message
+//! until the broker's PUBACK for its packet id, a QoS 0 message until it
+//! is written to the network. After a reconnect the outbox puts what was
+//! not finished back in front and sends it again. A clean shutdown waits until everything is delivered; if the
 //! broker is away, what is left goes to the disk buffer, oldest first, and
 //! is sent first by the next run. Delivery is at-least-once: after a
 //! reconnect or a restart a message may arrive twice.
@@ -210,7 +209,7 @@ struct State {
     staged: VecDeque<Msg>,
     disk: Option<DiskQueue>,
     mem: VecDeque<Msg>,
-    /// Handed to the client, not yet written to the network, in order.
+    /// QoS 0 messages encoded, not yet written to the network, in order.
     handed: VecDeque<Msg>,
     /// QoS 1 messages written and awaiting PUBACK, by packet id.
     inflight: std::collections::HashMap<u16, Msg>,
@@ -250,7 +249,7 @@ impl State {
             && self.inflight.is_empty()
     }
 
-    /// The client forgot what it had not finished: put it back in front.
+    /// After a reconnect: what was not finished goes back in front.
     fn requeue_unfinished(&mut self) {
         let mut back: Vec<Msg> = self.inflight.drain().map(|(_, m)| m).collect();
         back.extend(self.handed.drain(..));
@@ -379,23 +378,14 @@ impl MqttSink {
     }
 }
 
-/// Subscribes (QoS 0, from another thread: the client's queue is emptied
-/// by the connection's own) to Home Assistant's birth topic and to the
-/// sensor configs, to announce again after a restart or a purge.
+/// Subscribes (QoS 0; queued for the connection, which writes it before
+/// it reads again) to Home Assistant's birth topic and to the sensor
+/// configs, to announce again after a restart or a purge.
 fn listen_to_home_assistant(client: &Client, url: &str, birth: &str, configs: &str) {
-    let (client, url) = (client.clone(), url.to_string());
-    let filters = [birth.to_string(), configs.to_string()];
-    let spawned = std::thread::Builder::new()
-        .name("rivulet-mqtt-sub".into())
-        .spawn(move || {
-            for f in &filters {
-                if let Err(e) = client.subscribe(f, 0) {
-                    tracing::warn!(broker = %url, filter = %f, error = %e, "cannot subscribe for Home Assistant");
-                }
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot subscribe for Home Assistant: no thread");
+    for f in [birth, configs] {
+        if let Err(e) = client.subscribe(f, 0) {
+            tracing::warn!(broker = %url, filter = %f, error = %e, "cannot subscribe for Home Assistant");
+        }
     }
 }
 
