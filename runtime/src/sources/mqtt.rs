@@ -81,6 +81,16 @@ pub struct MqttSourceOptions {
     pub retain_as_published: bool,
 }
 
+/// Subscribes to every filter (queued: the connection writes them before
+/// it reads again).
+fn subscribe_all(client: &Client, url: &str, filters: &[String], qos: u8, rap: bool) {
+    for f in filters {
+        if let Err(e) = client.subscribe_with(f, qos, rap) {
+            tracing::error!(broker = %url, filter = %f, error = %e, "cannot subscribe");
+        }
+    }
+}
+
 /// A message on its way to the pipeline, with its journal number (0 when
 /// there is no journal).
 struct Live {
@@ -496,13 +506,13 @@ impl MqttSource {
                     p.sup.connected();
                     // As with a journal (see `Inbound::on_event`).
                     if !p.ever_connected || !session_present || p.drop_retained {
-                        for f in &p.filters {
-                            if let Err(e) =
-                                self.client.subscribe_with(f, p.qos, p.retain_as_published)
-                            {
-                                tracing::error!(broker = %self.url, filter = %f, error = %e, "cannot subscribe");
-                            }
-                        }
+                        subscribe_all(
+                            &self.client,
+                            &self.url,
+                            &p.filters,
+                            p.qos,
+                            p.retain_as_published,
+                        );
                     }
                     p.ever_connected = true;
                 }
@@ -784,16 +794,13 @@ impl Inbound {
                 // peers subscribe again on every connect (a shared
                 // subscription drops retained messages anyway).
                 if !self.ever_connected || !session_present || self.drop_retained {
-                    // The subscriber connection queues these without
-                    // waiting and writes them before it reads again.
-                    for f in &self.filters {
-                        if let Err(e) =
-                            self.client
-                                .subscribe_with(f, self.qos, self.retain_as_published)
-                        {
-                            tracing::error!(broker = %self.url, filter = %f, error = %e, "cannot subscribe");
-                        }
-                    }
+                    subscribe_all(
+                        &self.client,
+                        &self.url,
+                        &self.filters,
+                        self.qos,
+                        self.retain_as_published,
+                    );
                 }
                 self.ever_connected = true;
                 if !session_present {
@@ -832,15 +839,7 @@ impl Inbound {
                 // message shows the redeliveries are over (a broker that
                 // stopped with our PUBACKs unread sends those messages
                 // again after its restart, however old they are).
-                let unconfirmed = [
-                    self.acks.front().map(|a| a.1),
-                    self.acks_in_client.front().copied(),
-                    self.earlier_run,
-                ]
-                .into_iter()
-                .flatten()
-                .min();
-                self.earlier_run = unconfirmed;
+                self.earlier_run = self.oldest_unconfirmed();
                 self.acks.clear();
                 // The client drops what it held for the old connection.
                 self.acks_in_client.clear();
@@ -942,12 +941,10 @@ impl Inbound {
     /// Through which number the journal may be trimmed now, if further than
     /// before: what the last checkpoint covers, keeping a tail for
     /// recognising redeliveries.
-    fn trim_through(&self) -> Option<u64> {
-        self.journal.as_ref()?;
-        // Never past a message whose PUBACK may not have reached the broker:
-        // after a crash the broker sends it again, and only the journal can
-        // tell it was counted already.
-        let unacked = [
+    /// The oldest entry whose PUBACK the broker may not have processed
+    /// (queued, written and unconfirmed, or from an earlier connection).
+    fn oldest_unconfirmed(&self) -> Option<u64> {
+        [
             self.acks.front().map(|a| a.1),
             self.acks_in_client.front().copied(),
             self.earlier_run,
@@ -955,7 +952,14 @@ impl Inbound {
         .into_iter()
         .flatten()
         .min()
-        .unwrap_or(self.next);
+    }
+
+    fn trim_through(&self) -> Option<u64> {
+        self.journal.as_ref()?;
+        // Never past a message whose PUBACK may not have reached the broker:
+        // after a crash the broker sends it again, and only the journal can
+        // tell it was counted already.
+        let unacked = self.oldest_unconfirmed().unwrap_or(self.next);
         let keep_from = self
             .next
             .saturating_sub(journal::KEEP_FOR_DEDUP)
