@@ -412,11 +412,7 @@ fn run(
     };
     if inline {
         return run_inline(
-            Inline {
-                worker: make_worker(0),
-                merger: None,
-                done: None,
-            },
+            make_worker(0),
             InlineParts {
                 source,
                 clock: p.clock.clone(),
@@ -568,19 +564,16 @@ fn run(
 /// parse stage and the merger right there (see `run`).
 struct Inline {
     worker: parse::ParseWorker,
-    merger: Option<merge::Merger>,
+    merger: merge::Merger,
     /// The merger's outcome once it ended or failed.
     done: Option<Result<RunStats, RunError>>,
 }
 
 impl reader::Deal for Inline {
     fn deal(&mut self, _seq: u64, batch: reader::InBatch) -> bool {
-        let Some(merger) = self.merger.as_mut() else {
-            return false;
-        };
         // No keyed stage: the parse stage's frames have no one to go to.
         let (out, _frames) = self.worker.process(batch);
-        match merger.step(out) {
+        match self.merger.step(out) {
             Ok(None) => true,
             Ok(Some(stats)) => {
                 self.done = Some(Ok(stats));
@@ -610,7 +603,7 @@ struct InlineParts {
 }
 
 fn run_inline(
-    mut inline: Inline,
+    worker: parse::ParseWorker,
     parts: InlineParts,
     ctx: &RunContext,
 ) -> Result<RunStats, RunError> {
@@ -624,13 +617,11 @@ fn run_inline(
     };
     let mut source = parts.source;
     source.poll_on_caller();
-    inline.merger = Some(merge::Merger::new(
-        checkpointer,
-        ctx,
-        Vec::new(),
-        parts.sinks,
-        None,
-    ));
+    let mut inline = Inline {
+        worker,
+        merger: merge::Merger::new(checkpointer, ctx, Vec::new(), parts.sinks, None),
+        done: None,
+    };
     let read = reader::read(
         source,
         &mut inline,
