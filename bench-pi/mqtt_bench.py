@@ -348,9 +348,10 @@ sink:
 
 
 def case_bridge(work, kind, qos, rate=0, n=None):
-    """Broker A to broker B, by Mosquitto's bridge (in A) or by rivulet;
-    CPU per message is A's plus the bridge's (what bridging adds to the
-    plain broker path), and rivulet's alone."""
+    """Broker A to broker B, by Mosquitto's bridge (in A), by rivulet, or by
+    the plain relay (`mqtt_raw relay`: the floor of a bridge in its own
+    process); CPU per message is A's plus the bridge's (what bridging adds
+    to the plain broker path), and the bridge process's alone."""
     n = n or N[qos]
     b = Broker(work)
     extra = ""
@@ -362,6 +363,9 @@ def case_bridge(work, kind, qos, rate=0, n=None):
     try:
         if kind == "rivulet":
             r, _ = start_rivulet(work, RAW_BRIDGE.format(a=a.port, b=b.port, qos=qos))
+        elif kind == "relay":
+            r = subprocess.Popen([RAW, "relay", str(a.port), str(b.port), "sensors/#", str(qos)])
+            time.sleep(0.5)
         else:
             time.sleep(1.0)  # the bridge connects
         c = raw_sub(b.port, "sensors/#", qos, n)

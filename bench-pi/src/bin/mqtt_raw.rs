@@ -12,6 +12,13 @@
 //!   `{"ready":true}` after the SUBACK, reads until COUNT messages arrived
 //!   or nothing came for TIMEOUT_S, acknowledging QoS 1 messages in
 //!   batches; prints rate and latency like `mqtt_tools count`.
+//! - `relay PORT_A PORT_B FILTER QOS`: the floor of a bridge in its own
+//!   process. One thread sleeps in `poll` on both brokers, forwards every
+//!   message read from A to B with its topic and payload unchanged (one
+//!   `write` per read), acknowledges A at once and only reads B's PUBACKs.
+//!   Not a safe bridge (a message is acknowledged before B has it): a
+//!   measure of what reading, writing and waking cost, nothing more. Runs
+//!   until killed.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -281,6 +288,102 @@ fn run_sub(
     Ok(())
 }
 
+fn run_relay(port_a: u16, port_b: u16, filter: &str, qos: u8) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut a = connect(port_a, &format!("raw-relay-in-{}", std::process::id()))?;
+    let mut b = connect(port_b, &format!("raw-relay-out-{}", std::process::id()))?;
+    let mut sub = Vec::new();
+    sub.extend_from_slice(&1u16.to_be_bytes());
+    string(filter.as_bytes(), &mut sub);
+    sub.push(qos);
+    let mut p = vec![0x82];
+    remaining_length(sub.len(), &mut p);
+    p.extend_from_slice(&sub);
+    a.write_all(&p)?;
+    a.set_nonblocking(true)?;
+    b.set_nonblocking(true)?;
+    let mut buf = vec![0u8; 256 << 10];
+    let (mut start, mut end) = (0usize, 0usize);
+    let mut scratch = vec![0u8; 64 << 10];
+    let (mut acks, mut out) = (Vec::new(), Vec::new());
+    let mut pkid = 0u16;
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: a.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: b.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: a valid array of two pollfd.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            continue;
+        }
+        if fds[1].revents != 0 {
+            // B's PUBACKs (and SUBACK-free chatter): read and dropped.
+            match b.read(&mut scratch) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if fds[0].revents == 0 {
+            continue;
+        }
+        if start > 0 {
+            buf.copy_within(start..end, 0);
+            end -= start;
+            start = 0;
+        }
+        if end == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        match a.read(&mut buf[end..]) {
+            Ok(0) => return Ok(()),
+            Ok(n) => end += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+        while let Some((at, len)) = whole_packet(&buf[start..end]) {
+            let avail = &buf[start..end];
+            let body = &avail[at..at + len];
+            if avail[0] >> 4 == 3 {
+                let q = (avail[0] >> 1) & 3;
+                let tlen = u16::from_be_bytes([body[0], body[1]]) as usize;
+                let topic = &body[2..2 + tlen];
+                let mut off = 2 + tlen;
+                if q > 0 {
+                    acks.extend_from_slice(&[0x40, 0x02, body[off], body[off + 1]]);
+                    off += 2;
+                }
+                pkid = pkid.checked_add(1).unwrap_or(1);
+                publish(topic, &body[off..], q, pkid, &mut out);
+            }
+            start += at + len;
+        }
+        // Blocking writes are fine for a measure (the sockets rarely fill).
+        for (s, data) in [(&mut b, &mut out), (&mut a, &mut acks)] {
+            let mut rest = &data[..];
+            while !rest.is_empty() {
+                match s.write(rest) {
+                    Ok(n) => rest = &rest[n..],
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_micros(50))
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            data.clear();
+        }
+    }
+}
+
 /// A whole packet at the start of `b`: (header length, body length).
 fn whole_packet(b: &[u8]) -> Option<(usize, usize)> {
     let (mut len, mut mult, mut at) = (0usize, 1usize, 1usize);
@@ -317,8 +420,14 @@ fn main() {
             n(6),
             n(7),
         ),
+        Some("relay") => run_relay(
+            n(2) as u16,
+            n(3) as u16,
+            a.get(4).map(String::as_str).unwrap_or("#"),
+            n(5) as u8,
+        ),
         _ => {
-            eprintln!("usage: mqtt_raw pub PORT QOS COUNT RATE SENSORS | sub PORT FILTER QOS COUNT TIMEOUT_S [COALESCE_US]");
+            eprintln!("usage: mqtt_raw pub PORT QOS COUNT RATE SENSORS | sub PORT FILTER QOS COUNT TIMEOUT_S [COALESCE_US] | relay PORT_A PORT_B FILTER QOS");
             std::process::exit(2);
         }
     };

@@ -168,6 +168,40 @@ impl Link {
         Ok(())
     }
 
+    /// Writes as much of `data` as the socket takes now, without waiting:
+    /// how many bytes of it were taken. Under TLS the bytes taken may still
+    /// be partly in rustls's buffer ([`Link::pending`]).
+    fn try_write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if let Some(tls) = &mut self.tls {
+            let n = tls.writer().write(data)?;
+            while tls.wants_write() {
+                match tls.write_tls(&mut self.sock) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            return Ok(n);
+        }
+        let mut n = 0;
+        while n < data.len() {
+            match self.sock.write(&data[n..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
+    }
+
+    /// TLS records encrypted and not yet written.
+    fn pending(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.wants_write())
+    }
+
     fn flush_tls(&mut self) -> io::Result<()> {
         match &mut self.tls {
             Some(tls) => flush_tls(tls, &mut self.sock),
@@ -298,6 +332,12 @@ pub struct Conn {
     receive_max: u16,
     /// A [`Request::Wake`] came: the step returns.
     woken: bool,
+    /// The last read found the socket empty (and no TLS plaintext
+    /// buffered): sleeping in `poll` on it cannot miss data.
+    read_dry: bool,
+    /// A write from another thread ([`Conn::write_some`]) failed: the next
+    /// step reports the connection lost.
+    failed: Option<String>,
 }
 
 impl Conn {
@@ -343,6 +383,8 @@ impl Conn {
             skip: 0,
             receive_max: u16::MAX,
             woken: false,
+            read_dry: false,
+            failed: None,
         };
         Ok((conn, Handle(shared)))
     }
@@ -370,7 +412,7 @@ impl Conn {
 
     /// One step for [`super::drive`]: the next event, waiting up to `wait`
     /// for one.
-    pub(super) fn step(&mut self, wait: Duration) -> Step {
+    pub(crate) fn step(&mut self, wait: Duration) -> Step {
         if let Some(ev) = self.events.pop_front() {
             return Step::Ev(ev);
         }
@@ -420,6 +462,8 @@ impl Conn {
         self.acks_pinged = 0;
         self.subscribing.clear();
         self.awaiting_ping = false;
+        self.read_dry = false;
+        self.failed = None;
     }
 
     /// Moves queued requests to `taken`, dropping PUBACKs meant for a
@@ -697,6 +741,9 @@ impl Conn {
     fn exchange(&mut self, wait: Duration) -> Result<(), String> {
         let started = Instant::now();
         let mut coalesced = false;
+        if let Some(reason) = self.failed.take() {
+            return Err(reason);
+        }
         loop {
             self.take_requests();
             self.encode_requests()?;
@@ -726,10 +773,20 @@ impl Conn {
             let Some(link) = &mut self.link else {
                 return Err("not connected".into());
             };
-            match link.read(&mut self.scratch) {
+            // A socket known to be empty is not asked again (a `recv` that
+            // fails with EAGAIN costs as much as one that reads).
+            let read = if self.read_dry {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                link.read(&mut self.scratch)
+            };
+            match read {
                 Ok(0) => return Err("the broker closed the connection".into()),
                 Ok(n) => {
                     coalesced = false;
+                    // A plain socket that filled less than the buffer had
+                    // nothing more (TLS may hold decrypted bytes back).
+                    self.read_dry = n < self.scratch.len() && link.tls.is_none();
                     self.rbuf.extend_from_slice(&self.scratch[..n]);
                     self.decode_all()?;
                     if !self.events.is_empty() {
@@ -738,7 +795,7 @@ impl Conn {
                     // Only pings or SUBACKs: go on reading.
                     continue;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.read_dry = true,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(io_reason(&e).0),
             }
@@ -751,6 +808,7 @@ impl Conn {
                 } else {
                     left.min(COALESCE)
                 });
+                self.read_dry = false;
                 continue;
             }
             if left.is_zero() {
@@ -802,6 +860,7 @@ impl Conn {
         let slept = Instant::now();
         let r = poll(&mut fds, Some(timeout));
         self.shared.parked.store(false, Ordering::SeqCst);
+        self.read_dry = fds[0].revents == 0;
         r.map_err(|e| format!("poll: {e}"))?;
         self.busy = fds[0].revents != 0 && slept.elapsed() < COALESCE;
         if fds[1].revents != 0 {
@@ -967,9 +1026,13 @@ impl Conn {
             .map_err(|e| format!("cannot encode a packet: {e}"))
     }
 
-    /// Writes `wbuf` out; reports manual PUBACKs as sent.
+    /// Writes `wbuf` out (and TLS records left by [`Conn::write_some`]);
+    /// reports manual PUBACKs as sent.
     fn flush(&mut self) -> Result<(), String> {
         if self.wbuf.is_empty() {
+            if let Some(link) = self.link.as_mut().filter(|l| l.pending()) {
+                link.flush_tls().map_err(|e| io_reason(&e).0)?;
+            }
             return Ok(());
         }
         let Some(link) = &mut self.link else {
@@ -1053,8 +1116,71 @@ impl Conn {
         }
     }
 
+    /// Writes what is encoded as far as the socket takes it now, without
+    /// waiting (for a thread other than the connection's, which must not
+    /// block): `true` when all of it left. What is left leaves with the
+    /// connection's next step. A failed write never closes the link here
+    /// (the connection's thread may be waiting on its socket): the next
+    /// step reports the connection lost.
+    pub(crate) fn write_some(&mut self) -> bool {
+        let Some(link) = self.link.as_mut().filter(|_| self.failed.is_none()) else {
+            return false;
+        };
+        if !self.wbuf.is_empty() {
+            match link.try_write(&self.wbuf) {
+                Ok(n) => {
+                    use bytes::Buf;
+                    self.wbuf.advance(n);
+                    if n > 0 {
+                        self.last_write = Instant::now();
+                    }
+                }
+                Err(e) => {
+                    self.failed = Some(io_reason(&e).0);
+                    return false;
+                }
+            }
+        }
+        self.wbuf.is_empty() && !link.pending()
+    }
+
+    /// Nothing encoded waits to be written.
+    pub(crate) fn written(&self) -> bool {
+        self.wbuf.is_empty() && !self.link.as_ref().is_some_and(|l| l.pending())
+    }
+
+    /// Prepares to wait for the broker away from the connection (so other
+    /// threads can publish through it meanwhile): `None` when a step must
+    /// come first (requests queued, data possibly buffered, output left,
+    /// not connected).
+    pub(crate) fn park(&mut self) -> Option<Park> {
+        let link = self.link.as_ref()?;
+        if !self.read_dry || !self.events.is_empty() || !self.written() || self.failed.is_some() {
+            return None;
+        }
+        self.shared.parked.store(true, Ordering::SeqCst);
+        let queued = !self
+            .shared
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty();
+        if queued {
+            self.shared.parked.store(false, Ordering::SeqCst);
+            return None;
+        }
+        let park = Park {
+            shared: self.shared.clone(),
+            sock: link.sock.as_raw_fd(),
+            wake: self.wake_rx.as_raw_fd(),
+        };
+        // The step after the wait reads.
+        self.read_dry = false;
+        Some(park)
+    }
+
     /// Says DISCONNECT (a clean end: no Last Will) and closes, now.
-    pub(super) fn close(&mut self) {
+    pub(crate) fn close(&mut self) {
         if self.link.is_some() && self.encode(Out::Disconnect).is_ok() {
             let _ = self.flush();
         }
@@ -1066,6 +1192,47 @@ impl Conn {
 impl Drop for Conn {
     fn drop(&mut self) {
         self.drop_link();
+    }
+}
+
+/// A wait for the broker (or a request) made without holding the
+/// connection: see [`Conn::park`]. Invariant: only the thread that waits
+/// here steps the connection, so the socket cannot be closed (and its
+/// descriptor reused) during the wait; other threads only write to it
+/// ([`Conn::write_some`] never closes it).
+pub(crate) struct Park {
+    shared: Arc<Shared>,
+    sock: i32,
+    wake: i32,
+}
+
+impl Park {
+    /// Sleeps until the socket is readable, a request is queued, or
+    /// `timeout` passes.
+    pub(crate) fn wait(self, timeout: Duration) {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.sock,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.wake,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // An error (only EINVAL or ENOMEM here) ends the wait; the step
+        // that follows finds what is wrong.
+        let _ = poll(&mut fds, Some(timeout));
+        self.shared.parked.store(false, Ordering::SeqCst);
+        if fds[1].revents != 0 {
+            let mut drain = [0u8; 64];
+            // SAFETY: `wake` is the connection's wake-up socket, which
+            // lives as long as the connection (and `shared`); reading into
+            // a local buffer of the length given.
+            while unsafe { libc::read(self.wake, drain.as_mut_ptr().cast(), drain.len()) } > 0 {}
+        }
     }
 }
 
@@ -1482,5 +1649,116 @@ mod tests {
         let t = Instant::now();
         assert!(matches!(conn.step(Duration::from_secs(30)), Step::Nothing));
         assert!(t.elapsed() < Duration::from_secs(20));
+    }
+
+    #[test]
+    fn a_write_that_finds_the_socket_full_never_waits_and_the_next_step_finishes_it_in_order() {
+        const N: usize = 32 << 10;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let port = broker(move |mut s| {
+            s.write_all(&[0x20, 0x02, 0x00, 0x00]).unwrap();
+            // Read nothing for a while: the socket fills.
+            std::thread::sleep(Duration::from_millis(500));
+            let mut payloads = Vec::new();
+            let mut buf = Vec::new();
+            let mut chunk = vec![0u8; 1 << 16];
+            while payloads.len() < N {
+                let n = s.read(&mut chunk).unwrap();
+                assert!(n > 0, "closed early");
+                buf.extend_from_slice(&chunk[..n]);
+                let mut at = 0;
+                while let Some((byte0, header, len)) = fixed_header(&buf[at..]) {
+                    if buf.len() < at + header + len {
+                        break;
+                    }
+                    assert_eq!(byte0, 0x30, "QoS 0 PUBLISH");
+                    let body = &buf[at + header..at + header + len];
+                    // Topic "t" (3 bytes with its length), then the payload.
+                    payloads.push(u32::from_be_bytes(body[3..7].try_into().unwrap()));
+                    at += header + len;
+                }
+                buf.drain(..at);
+            }
+            tx.send(payloads).unwrap();
+            std::thread::sleep(Duration::from_secs(1));
+        });
+        let (mut conn, _handle) = Conn::new(&endpoint(port, 1 << 20), false).unwrap();
+        until(&mut conn, |e| matches!(e, Ev::Connected { .. }));
+        let mut payload = vec![0u8; 1024];
+        let mut left_over = false;
+        for i in 0..N as u32 {
+            payload[..4].copy_from_slice(&i.to_be_bytes());
+            conn.publish("t", &payload, 0, false, 0).unwrap();
+            let t = Instant::now();
+            if !conn.write_some() {
+                left_over = true;
+            }
+            assert!(
+                t.elapsed() < Duration::from_millis(400),
+                "a write waited for room"
+            );
+        }
+        assert!(
+            left_over,
+            "32 MiB fit in the socket: the test proves nothing"
+        );
+        assert!(!conn.written());
+        assert!(conn.park().is_none(), "no wait while output is left");
+        // The connection's own step writes the rest, waiting for room.
+        while !conn.written() {
+            let _ = conn.step(Duration::ZERO);
+        }
+        let got = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        assert_eq!(got, (0..N as u32).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_wait_away_from_the_connection_ends_when_the_broker_sends_or_a_request_comes() {
+        let port = broker(move |mut s| {
+            s.write_all(&[0x20, 0x02, 0x00, 0x00]).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            // PUBACK for packet id 9.
+            s.write_all(&[0x40, 0x02, 0, 9]).unwrap();
+            std::thread::sleep(Duration::from_secs(2));
+        });
+        let (mut conn, handle) = Conn::new(&endpoint(port, 1024), false).unwrap();
+        until(&mut conn, |e| matches!(e, Ev::Connected { .. }));
+        // A step that finds nothing makes a wait possible.
+        let park = loop {
+            assert!(matches!(conn.step(Duration::ZERO), Step::Nothing));
+            if let Some(p) = conn.park() {
+                break p;
+            }
+        };
+        let t = Instant::now();
+        park.wait(Duration::from_secs(5));
+        assert!(
+            t.elapsed() < Duration::from_secs(4),
+            "the PUBACK did not end the wait"
+        );
+        let seen = until(&mut conn, |e| matches!(e, Ev::PubAck(9)));
+        assert!(matches!(seen.last(), Some(Ev::PubAck(9))));
+        // Now a request from another thread ends it.
+        let park = loop {
+            let _ = conn.step(Duration::ZERO);
+            if let Some(p) = conn.park() {
+                break p;
+            }
+        };
+        let waker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            handle.wake();
+        });
+        let t = Instant::now();
+        park.wait(Duration::from_secs(5));
+        assert!(
+            t.elapsed() < Duration::from_secs(4),
+            "the wake did not end the wait"
+        );
+        waker.join().unwrap();
+        assert!(
+            conn.park().is_none(),
+            "the wake request is for the next step"
+        );
     }
 }

@@ -144,11 +144,12 @@ impl Endpoint {
         Ok((Client::Direct(handle), Connection::Direct(Box::new(conn))))
     }
 
-    /// Opens a connection for a publisher that writes from its
-    /// connection's own thread ([`Connection::direct`]).
-    pub fn publisher(&self) -> Result<(Client, Connection), String> {
+    /// Opens a connection for a publisher, which steps it on a thread of
+    /// its own and may write through it from others
+    /// ([`direct::Conn::write_some`], [`direct::Conn::park`]).
+    pub(crate) fn publisher(&self) -> Result<(Client, direct::Conn), String> {
         let (conn, handle) = direct::Conn::new(self, false)?;
-        Ok((Client::Direct(handle), Connection::Direct(Box::new(conn))))
+        Ok((Client::Direct(handle), conn))
     }
 
     /// Opens a client; the connection starts once [`drive`] iterates it.
@@ -583,14 +584,6 @@ macro_rules! step_on {
 }
 
 impl Connection {
-    /// The connection without an event loop, to publish through.
-    pub(crate) fn direct(&mut self) -> Option<&mut direct::Conn> {
-        match self {
-            Connection::Direct(c) => Some(c),
-            _ => None,
-        }
-    }
-
     /// Ends a subscriber's connection cleanly, now (the others end when
     /// their client disconnects).
     pub(crate) fn close(&mut self) {

@@ -17,6 +17,7 @@
 //! reconnect or a restart a message may arrive twice.
 
 use super::{Sink, SinkError};
+use crate::mqtt::direct::Conn;
 use crate::mqtt::topic::TopicTemplate;
 use crate::mqtt::{Client, Endpoint, Ev};
 use std::collections::VecDeque;
@@ -273,6 +274,13 @@ impl State {
 struct Shared {
     state: Mutex<State>,
     cv: Condvar,
+    /// The connection. Its thread holds it while it steps it (reads,
+    /// writes, reconnects), never while it waits for the broker; the
+    /// pipeline's thread writes through it when it is free. Lock order:
+    /// `state`, then `conn` with `try_lock` only; the connection's thread
+    /// takes `conn` first and then `state`, so neither ever waits for the
+    /// other in a cycle.
+    conn: Mutex<Conn>,
 }
 
 impl Shared {
@@ -280,6 +288,11 @@ impl Shared {
         // A panic while holding the lock is a bug elsewhere; the state
         // itself stays consistent, so keep going.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Conn> {
+        // As for `lock`: the connection is consistent between calls.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -327,6 +340,7 @@ impl MqttSink {
                 discovery: std::collections::HashMap::new(),
             }),
             cv: Condvar::new(),
+            conn: Mutex::new(conn),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let conn_thread = {
@@ -344,9 +358,7 @@ impl MqttSink {
             let subscriber = client.clone();
             std::thread::Builder::new()
                 .name("rivulet-mqtt-out".into())
-                .spawn(move || {
-                    run_connection(conn, &shared, &stop, &url, qos, retain, ha, &subscriber)
-                })
+                .spawn(move || run_connection(&shared, &stop, &url, qos, retain, ha, &subscriber))
                 .map_err(|e| err(format!("cannot start a thread: {e}")))?
         };
         Ok(MqttSink {
@@ -393,20 +405,27 @@ fn listen_to_home_assistant(client: &Client, url: &str, birth: &str, configs: &s
 /// broker's Receive Maximum when lower).
 const MAX_INFLIGHT: usize = 100;
 
-/// Writes what waits, oldest first, while connected and (at QoS 1) the
-/// broker's window has room: up to [`CHUNK`] messages in one `write`.
-/// Messages are tracked until safe: QoS 0 ones in `handed` until written,
-/// QoS 1 ones in `inflight` until their PUBACK. `true` if it wrote any.
-fn feed(
-    st: &mut State,
-    conn: &mut crate::mqtt::direct::Conn,
-    qos: u8,
-    retain: bool,
-) -> Result<bool, String> {
+/// QoS 1 messages the broker takes unacknowledged now.
+fn window(conn: &Conn) -> usize {
+    MAX_INFLIGHT.min(conn.receive_max()).max(1)
+}
+
+/// Whether [`encode_waiting`] would encode something now.
+fn can_send(st: &State, conn: &Conn, qos: u8) -> bool {
+    let waiting = !(st.staged.is_empty() && st.mem.is_empty() && st.disk_len() == 0);
+    st.connected && conn.is_up() && waiting && (qos == 0 || st.inflight.len() < window(conn))
+}
+
+/// Encodes what waits, oldest first, while connected and (at QoS 1) the
+/// broker's window has room: up to [`CHUNK`] messages, to leave in one
+/// `write`. Messages are tracked until safe: QoS 0 ones in `handed` until
+/// written, QoS 1 ones in `inflight` until their PUBACK. How many it
+/// encoded.
+fn encode_waiting(st: &mut State, conn: &mut Conn, qos: u8, retain: bool) -> Result<usize, String> {
     if !st.connected || !conn.is_up() {
-        return Ok(false);
+        return Ok(0);
     }
-    let window = MAX_INFLIGHT.min(conn.receive_max()).max(1);
+    let window = window(conn);
     let mut n = 0;
     while n < CHUNK && (qos == 0 || st.inflight.len() < window) {
         let Some(mut msg) = st.next()? else {
@@ -433,23 +452,18 @@ fn feed(
         }
         n += 1;
     }
-    if n == 0 {
-        return Ok(false);
-    }
-    if conn.flush_now() {
-        // Written: QoS 0 messages are done.
-        st.handed.clear();
-    }
-    Ok(true)
+    Ok(n)
 }
 
-/// The sink's connection thread: writes from the outbox (see [`feed`]),
-/// takes PUBACKs and Home Assistant's messages, reconnects. After a
+/// The sink's connection thread: writes from the outbox (see
+/// [`encode_waiting`]) when the pipeline's thread did not, takes PUBACKs
+/// and Home Assistant's messages, reconnects. It holds the connection only
+/// while it steps it, not while it waits for the broker, so the pipeline's
+/// thread can write through it meanwhile ([`MqttSink::flush`]). After a
 /// reconnect, what was written and not acknowledged is sent again
 /// (at-least-once).
 #[allow(clippy::too_many_arguments)]
 fn run_connection(
-    mut conn: crate::mqtt::Connection,
     shared: &Shared,
     stop: &AtomicBool,
     url: &str,
@@ -461,37 +475,51 @@ fn run_connection(
     use crate::mqtt::Step;
     let mut sup = crate::mqtt::Supervisor::new(url, "sink");
     loop {
+        let mut conn = shared.conn();
         if stop.load(Ordering::SeqCst) {
             conn.close();
             return;
         }
         let more = {
             let mut st = shared.lock();
-            let Some(c) = conn.direct() else {
-                return;
-            };
-            match feed(&mut st, c, qos, retain) {
-                Ok(true) => shared.cv.notify_all(),
-                Ok(false) => {}
+            if conn.is_up() && conn.written() && !st.handed.is_empty() {
+                // The pipeline's thread left them encoded; the last step
+                // wrote them.
+                st.handed.clear();
+                shared.cv.notify_all();
+            }
+            match encode_waiting(&mut st, &mut conn, qos, retain) {
+                Ok(0) => {}
+                Ok(_) => {
+                    if conn.flush_now() {
+                        // Written: QoS 0 messages are done.
+                        st.handed.clear();
+                    }
+                    shared.cv.notify_all();
+                }
                 Err(e) => {
                     st.fatal = Some(e);
                     shared.cv.notify_all();
                     return;
                 }
             }
-            let waiting = !(st.staged.is_empty() && st.mem.is_empty() && st.disk_len() == 0);
-            st.connected && waiting && (qos == 0 || st.inflight.len() < MAX_INFLIGHT)
+            can_send(&st, &conn, qos)
         };
-        let wait = if more {
-            Duration::ZERO
-        } else {
-            Duration::from_millis(200)
-        };
-        let ev = match conn.step(wait) {
+        let ev = match conn.step(Duration::ZERO) {
             Step::Ev(ev) => ev,
             Step::Closed => return,
-            Step::Nothing | Step::Other => continue,
+            Step::Other => continue,
+            Step::Nothing if more => continue,
+            Step::Nothing => {
+                // Wait for the broker without holding the connection.
+                if let Some(park) = conn.park() {
+                    drop(conn);
+                    park.wait(Duration::from_millis(200));
+                }
+                continue;
+            }
         };
+        drop(conn);
         let mut st = shared.lock();
         match ev {
             Ev::Connected { .. } => {
@@ -562,6 +590,35 @@ fn run_connection(
 }
 
 impl MqttSink {
+    /// Writes this batch's messages from the pipeline's thread when the
+    /// connection is free, without waiting for room in the socket: one
+    /// wake-up less per batch than handing them to the connection's
+    /// thread. `false` when something is left for that thread (the
+    /// connection is busy or down, the socket is full, or the QoS 1 window
+    /// is).
+    fn write_here(&self, st: &mut State) -> bool {
+        let Ok(mut conn) = self.shared.conn.try_lock() else {
+            return false;
+        };
+        loop {
+            match encode_waiting(st, &mut conn, self.opts.qos, self.opts.retain) {
+                Ok(0) => break,
+                Ok(_) => {
+                    if !conn.write_some() {
+                        return false;
+                    }
+                    st.handed.clear();
+                }
+                Err(e) => {
+                    st.fatal = Some(e);
+                    return false;
+                }
+            }
+        }
+        // Written; anything still waiting is for the connection's thread.
+        st.staged.is_empty() && st.mem.is_empty() && st.disk_len() == 0
+    }
+
     fn warn_topic(&mut self, e: &str) {
         if !self.warned_topic {
             tracing::warn!(broker = %self.url, error = %e, "publishing to the topic with `_unknown` for missing fields");
@@ -691,13 +748,14 @@ impl Sink for MqttSink {
     }
 
     fn flush(&mut self) -> Result<(), SinkError> {
-        let st = self.shared.lock();
+        let mut st = self.shared.lock();
+        self.fatal(&st)?;
+        if !st.mem.is_empty() && !self.write_here(&mut st) {
+            // The connection's thread writes the rest.
+            self.client.wake();
+        }
         if let Some(g) = &self.outbox {
             g.set(st.pending() as i64);
-        }
-        // This batch's messages are there for the connection to write.
-        if !st.mem.is_empty() {
-            self.client.wake();
         }
         self.fatal(&st)
     }
