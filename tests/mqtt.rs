@@ -822,6 +822,45 @@ fn mqtt5_source_and_sink() {
 }
 
 #[test]
+fn a_sink_under_a_small_receive_maximum_delivers_every_message_in_order() {
+    // Mosquitto announces its `max_inflight_messages` to MQTT 5 clients as
+    // Receive Maximum: the sink's QoS 1 window is 5, so it fills again and
+    // again, and the connection's thread must take the PUBACKs each time
+    // the pipeline's thread finds it full.
+    let a = Broker::start("");
+    let b = Broker::start("max_inflight_messages 5\nmax_queued_messages 0");
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "name: window\nsource:\n  mqtt: {{ url: \"{}\", topics: [\"in/#\"], qos: 1 }}\n  format: raw\nsink:\n  mqtt: {{ url: \"{}\", topic: \"{{topic}}\", qos: 1, version: 5 }}\n",
+        a.url(),
+        b.url()
+    );
+    let (inbox, _sub) = subscribe(b.port, "in/#", None);
+    let run = Rivulet::start(dir.path(), &yaml);
+    eventually("rivulet to subscribe", 20, || a.log().contains("in/#"));
+    let sent: Vec<(String, String)> = (0..2000)
+        .map(|i| ("in/x".to_string(), format!("m{i}")))
+        .collect();
+    publish_all(a.port, &sent);
+    eventually("every message", 60, || inbox.lock().unwrap().len() >= 2000);
+    let (code, _, err) = run.stop();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        b.log().contains("(p5,"),
+        "the sink spoke MQTT 5:\n{}",
+        b.log()
+    );
+    let got: Vec<String> = inbox
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, p)| p.clone())
+        .collect();
+    let want: Vec<String> = sent.into_iter().map(|(_, p)| p).collect();
+    assert_eq!(got, want, "in order, each once");
+}
+
+#[test]
 fn a_full_outbox_drops_the_oldest_and_keeps_the_newest_in_order() {
     let mut b = Broker::start("");
     b.stop();

@@ -1222,11 +1222,27 @@ impl Park {
                 revents: 0,
             },
         ];
+        self.poll(&mut fds, timeout);
+    }
+
+    /// Sleeps until a request is queued or `timeout` passes, leaving what
+    /// the broker sends in the socket meanwhile (to be read together).
+    pub(crate) fn nap(self, timeout: Duration) {
+        let mut fds = [libc::pollfd {
+            fd: self.wake,
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        self.poll(&mut fds, timeout);
+    }
+
+    /// `fds`' last entry is the wake-up socket.
+    fn poll(&self, fds: &mut [libc::pollfd], timeout: Duration) {
         // An error (only EINVAL or ENOMEM here) ends the wait; the step
         // that follows finds what is wrong.
-        let _ = poll(&mut fds, Some(timeout));
+        let _ = poll(fds, Some(timeout));
         self.shared.parked.store(false, Ordering::SeqCst);
-        if fds[1].revents != 0 {
+        if fds.last().is_some_and(|f| f.revents != 0) {
             let mut drain = [0u8; 64];
             // SAFETY: `wake` is the connection's wake-up socket, which
             // lives as long as the connection (and `shared`); reading into

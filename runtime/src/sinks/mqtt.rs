@@ -405,6 +405,11 @@ fn listen_to_home_assistant(client: &Client, url: &str, birth: &str, configs: &s
 /// broker's Receive Maximum when lower).
 const MAX_INFLIGHT: usize = 100;
 
+/// How long the connection's thread waits at most between steps (pings,
+/// Home Assistant's messages, a broker that went away, PUBACKs while the
+/// window has room).
+const IDLE_STEP: Duration = Duration::from_millis(200);
+
 /// QoS 1 messages the broker takes unacknowledged now.
 fn window(conn: &Conn) -> usize {
     MAX_INFLIGHT.min(conn.receive_max()).max(1)
@@ -513,8 +518,21 @@ fn run_connection(
             Step::Nothing => {
                 // Wait for the broker without holding the connection.
                 if let Some(park) = conn.park() {
+                    // PUBACKs are only needed for room in the window, and
+                    // the pipeline's thread asks when it finds the window
+                    // full (or anything else left for this thread): until
+                    // then they wait in the socket and are read together,
+                    // not at a wake-up each. Closing waits for them.
+                    let lazy = {
+                        let st = shared.lock();
+                        st.inflight.len() < window(&conn) && !st.closing
+                    };
                     drop(conn);
-                    park.wait(Duration::from_millis(200));
+                    if lazy {
+                        park.nap(IDLE_STEP);
+                    } else {
+                        park.wait(IDLE_STEP);
+                    }
                 }
                 continue;
             }
@@ -764,6 +782,8 @@ impl Sink for MqttSink {
         let deadline = Instant::now() + self.opts.buffer.drain_timeout;
         let mut st = self.shared.lock();
         st.closing = true;
+        // The connection's thread reads the PUBACKs left at once.
+        self.client.wake();
         // Wait until everything is delivered, while the broker is there.
         while !st.drained() && Instant::now() < deadline {
             self.fatal(&st)?;
