@@ -2,9 +2,12 @@
 //!
 //! Records go into an *outbox*: up to `memory` messages in memory, then (if
 //! a buffer directory is set) up to `disk` messages in a redb file, oldest
-//! first. The connection's thread writes from the outbox while the broker
-//! is connected, in order, many messages per `write` (the connection has
-//! no event loop: rumqttc's codec over our own socket, as the source's). While the broker is unreachable the outbox fills;
+//! first. While the broker is connected the outbox is written in order,
+//! many messages per `write` (the connection has no event loop: rumqttc's
+//! codec over our own socket, as the source's): by the pipeline's thread
+//! after each batch when the connection is free and the socket takes it
+//! at once, otherwise by the connection's thread. While the broker is
+//! unreachable the outbox fills;
 //! when it is full, `when_full: block` stops the pipeline until there is
 //! room, `drop_oldest` drops the oldest message and counts it.
 //!
