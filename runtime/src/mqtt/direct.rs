@@ -1236,11 +1236,25 @@ impl Park {
         self.poll(&mut fds, timeout);
     }
 
-    /// `fds`' last entry is the wake-up socket.
+    /// `fds`' last entry is the wake-up socket. The timeout is kept to the
+    /// microsecond (`ppoll`), not rounded up to a millisecond.
     fn poll(&self, fds: &mut [libc::pollfd], timeout: Duration) {
-        // An error (only EINVAL or ENOMEM here) ends the wait; the step
-        // that follows finds what is wrong.
-        let _ = poll(fds, Some(timeout));
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: `fds` is a valid, exclusively borrowed slice of pollfd for
+        // the length given; `ts` outlives the call; no signal mask. An error
+        // (EINTR, or EINVAL or ENOMEM here) ends the wait; the step that
+        // follows finds what is wrong.
+        let _ = unsafe {
+            libc::ppoll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                &ts,
+                std::ptr::null(),
+            )
+        };
         self.shared.parked.store(false, Ordering::SeqCst);
         if fds.last().is_some_and(|f| f.revents != 0) {
             let mut drain = [0u8; 64];

@@ -413,6 +413,11 @@ const MAX_INFLIGHT: usize = 100;
 /// window has room).
 const IDLE_STEP: Duration = Duration::from_millis(200);
 
+/// With the QoS 1 window full, how long PUBACKs gather in the socket before
+/// they are read together (the source reads a busy stream in slices as
+/// long).
+const ACK_SLICE: Duration = Duration::from_micros(200);
+
 /// QoS 1 messages the broker takes unacknowledged now.
 fn window(conn: &Conn) -> usize {
     MAX_INFLIGHT.min(conn.receive_max()).max(1)
@@ -526,15 +531,19 @@ fn run_connection(
                     // full (or anything else left for this thread): until
                     // then they wait in the socket and are read together,
                     // not at a wake-up each. Closing waits for them.
-                    let lazy = {
+                    // With the window full, the PUBACKs that free it are
+                    // taken a slice at a time too, not at a wake-up each.
+                    let (room, closing) = {
                         let st = shared.lock();
-                        st.inflight.len() < window(&conn) && !st.closing
+                        (st.inflight.len() < window(&conn), st.closing)
                     };
                     drop(conn);
-                    if lazy {
+                    if closing {
+                        park.wait(IDLE_STEP);
+                    } else if room {
                         park.nap(IDLE_STEP);
                     } else {
-                        park.wait(IDLE_STEP);
+                        park.nap(ACK_SLICE);
                     }
                 }
                 continue;
