@@ -73,6 +73,18 @@ fn connect(port: u16, id: &str) -> std::io::Result<TcpStream> {
     Ok(s)
 }
 
+/// SUBSCRIBE to one filter (packet id 1); the SUBACK is left to the reader.
+fn subscribe(s: &mut TcpStream, filter: &str, qos: u8) -> std::io::Result<()> {
+    let mut sub = Vec::new();
+    sub.extend_from_slice(&1u16.to_be_bytes());
+    string(filter.as_bytes(), &mut sub);
+    sub.push(qos);
+    let mut p = vec![0x82];
+    remaining_length(sub.len(), &mut p);
+    p.extend_from_slice(&sub);
+    s.write_all(&p)
+}
+
 fn publish(topic: &[u8], payload: &[u8], qos: u8, pkid: u16, out: &mut Vec<u8>) {
     out.push(0x30 | (qos << 1));
     let len = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + payload.len();
@@ -185,14 +197,7 @@ fn run_sub(
     let coalesce = Duration::from_micros(coalesce_us);
     let mut busy = false;
     let mut s = connect(port, &format!("raw-sub-{}", std::process::id()))?;
-    let mut sub = Vec::new();
-    sub.extend_from_slice(&1u16.to_be_bytes());
-    string(filter.as_bytes(), &mut sub);
-    sub.push(qos);
-    let mut p = vec![0x82];
-    remaining_length(sub.len(), &mut p);
-    p.extend_from_slice(&sub);
-    s.write_all(&p)?;
+    subscribe(&mut s, filter, qos)?;
     s.set_read_timeout(Some(Duration::from_secs(timeout_s.max(1))))?;
     let mut buf = vec![0u8; 256 << 10];
     let (mut start, mut end) = (0usize, 0usize);
@@ -200,14 +205,7 @@ fn run_sub(
     let (mut got, mut first, mut last) = (0u64, None::<Instant>, Instant::now());
     let mut lat: Vec<u64> = Vec::with_capacity(want as usize);
     while got < want {
-        if start > 0 {
-            buf.copy_within(start..end, 0);
-            end -= start;
-            start = 0;
-        }
-        if end == buf.len() {
-            buf.resize(buf.len() * 2, 0);
-        }
+        (start, end) = (0, compact(&mut buf, start, end));
         if busy {
             std::thread::sleep(coalesce);
         }
@@ -292,14 +290,7 @@ fn run_relay(port_a: u16, port_b: u16, filter: &str, qos: u8) -> std::io::Result
     use std::os::fd::AsRawFd;
     let mut a = connect(port_a, &format!("raw-relay-in-{}", std::process::id()))?;
     let mut b = connect(port_b, &format!("raw-relay-out-{}", std::process::id()))?;
-    let mut sub = Vec::new();
-    sub.extend_from_slice(&1u16.to_be_bytes());
-    string(filter.as_bytes(), &mut sub);
-    sub.push(qos);
-    let mut p = vec![0x82];
-    remaining_length(sub.len(), &mut p);
-    p.extend_from_slice(&sub);
-    a.write_all(&p)?;
+    subscribe(&mut a, filter, qos)?;
     a.set_nonblocking(true)?;
     b.set_nonblocking(true)?;
     let mut buf = vec![0u8; 256 << 10];
@@ -336,14 +327,7 @@ fn run_relay(port_a: u16, port_b: u16, filter: &str, qos: u8) -> std::io::Result
         if fds[0].revents == 0 {
             continue;
         }
-        if start > 0 {
-            buf.copy_within(start..end, 0);
-            end -= start;
-            start = 0;
-        }
-        if end == buf.len() {
-            buf.resize(buf.len() * 2, 0);
-        }
+        (start, end) = (0, compact(&mut buf, start, end));
         match a.read(&mut buf[end..]) {
             Ok(0) => return Ok(()),
             Ok(n) => end += n,
@@ -382,6 +366,17 @@ fn run_relay(port_a: u16, port_b: u16, filter: &str, qos: u8) -> std::io::Result
             data.clear();
         }
     }
+}
+
+/// Moves the unread bytes `start..end` to the front of `buf`, growing it
+/// when full: where they end now.
+fn compact(buf: &mut Vec<u8>, start: usize, end: usize) -> usize {
+    buf.copy_within(start..end, 0);
+    let end = end - start;
+    if end == buf.len() {
+        buf.resize(buf.len() * 2, 0);
+    }
+    end
 }
 
 /// A whole packet at the start of `b`: (header length, body length).

@@ -70,6 +70,24 @@ struct Shared {
     waker: UnixStream,
 }
 
+impl Shared {
+    /// Marks the connection's thread as about to sleep, so a request from
+    /// now on writes a wake-up byte: `false` (and not marked) when a
+    /// request is already queued and the thread must not sleep.
+    fn park(&self) -> bool {
+        self.parked.store(true, Ordering::SeqCst);
+        let queued = !self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty();
+        if queued {
+            self.parked.store(false, Ordering::SeqCst);
+        }
+        !queued
+    }
+}
+
 /// The request side: cheap to clone, never blocks.
 #[derive(Clone)]
 pub struct Handle(Arc<Shared>);
@@ -834,15 +852,7 @@ impl Conn {
         };
         // `exchange` sleeps only after a read found nothing: no TLS
         // plaintext is buffered.
-        self.shared.parked.store(true, Ordering::SeqCst);
-        let queued = !self
-            .shared
-            .requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty();
-        if queued {
-            self.shared.parked.store(false, Ordering::SeqCst);
+        if !self.shared.park() {
             return Ok(());
         }
         let mut fds = [
@@ -1158,15 +1168,7 @@ impl Conn {
         if !self.read_dry || !self.events.is_empty() || !self.written() || self.failed.is_some() {
             return None;
         }
-        self.shared.parked.store(true, Ordering::SeqCst);
-        let queued = !self
-            .shared
-            .requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty();
-        if queued {
-            self.shared.parked.store(false, Ordering::SeqCst);
+        if !self.shared.park() {
             return None;
         }
         let park = Park {
