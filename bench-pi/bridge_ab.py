@@ -8,8 +8,9 @@ only same-run ratios count):
 Each round runs, at QoS 0 and 1 and at 1,000 msg/s, 10,000 msg/s and full
 speed, broker A to broker B through Mosquitto's bridge (in A), through
 `mqtt_raw relay` (a plain one-thread relay in its own process: the floor of
-any bridge that is not inside the broker) and through each build
-(`case_bridge` of mqtt_bench.py), the order of the four turning each
+any bridge that is not inside the broker; `relay-lazy` leaves B's PUBACKs in
+the socket for 64 messages, one wake-up per message) and through each build
+(`case_bridge` of mqtt_bench.py), the order of the cases turning each
 round. CPU per message is broker A's plus the bridge process's, as in
 mqtt_bench.py. Prints one JSON line per case and a table of medians, with
 each case's CPU ratio to Mosquitto's bridge of its round."""
@@ -23,7 +24,7 @@ old, new = os.path.abspath(args[0]), os.path.abspath(args[1])
 rounds = int(args[2]) if len(args) > 2 else 3
 quick = "--quick" in sys.argv
 work = tempfile.mkdtemp()
-KINDS = ["mosquitto", "relay", "old", "new"]
+KINDS = ["mosquitto", "relay", "relay-lazy", "old", "new"]
 
 
 def run(kind, qos, rate, n):
@@ -35,7 +36,7 @@ def run(kind, qos, rate, n):
 
 res = {}
 for rnd in range(rounds):
-    order = KINDS[rnd % 4:] + KINDS[:rnd % 4]
+    order = KINDS[rnd % len(KINDS):] + KINDS[:rnd % len(KINDS)]
     for qos in (0, 1):
         for rate in (1000, 10000, 0):
             n = rate * (3 if quick else 6) if rate else mb.N[qos] // (4 if quick else 1)

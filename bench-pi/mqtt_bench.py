@@ -363,8 +363,9 @@ def case_bridge(work, kind, qos, rate=0, n=None):
     try:
         if kind == "rivulet":
             r, _ = start_rivulet(work, RAW_BRIDGE.format(a=a.port, b=b.port, qos=qos))
-        elif kind == "relay":
-            r = subprocess.Popen([RAW, "relay", str(a.port), str(b.port), "sensors/#", str(qos)])
+        elif kind in ("relay", "relay-lazy"):
+            lazy = ["lazy-acks"] if kind == "relay-lazy" else []
+            r = subprocess.Popen([RAW, "relay", str(a.port), str(b.port), "sensors/#", str(qos)] + lazy)
             time.sleep(0.5)
         else:
             time.sleep(1.0)  # the bridge connects

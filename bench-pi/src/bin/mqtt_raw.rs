@@ -18,7 +18,9 @@
 //!   `write` per read), acknowledges A at once and only reads B's PUBACKs.
 //!   Not a safe bridge (a message is acknowledged before B has it): a
 //!   measure of what reading, writing and waking cost, nothing more. Runs
-//!   until killed.
+//!   until killed. With a last argument `lazy-acks`, B's PUBACKs are left
+//!   in the socket until 64 messages went out (one wake-up per message, as
+//!   rivulet's sink does while its QoS 1 window has room).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -286,7 +288,13 @@ fn run_sub(
     Ok(())
 }
 
-fn run_relay(port_a: u16, port_b: u16, filter: &str, qos: u8) -> std::io::Result<()> {
+fn run_relay(
+    port_a: u16,
+    port_b: u16,
+    filter: &str,
+    qos: u8,
+    lazy_acks: bool,
+) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let mut a = connect(port_a, &format!("raw-relay-in-{}", std::process::id()))?;
     let mut b = connect(port_b, &format!("raw-relay-out-{}", std::process::id()))?;
@@ -298,6 +306,7 @@ fn run_relay(port_a: u16, port_b: u16, filter: &str, qos: u8) -> std::io::Result
     let mut scratch = vec![0u8; 64 << 10];
     let (mut acks, mut out) = (Vec::new(), Vec::new());
     let mut pkid = 0u16;
+    let mut unread = 0usize;
     loop {
         let mut fds = [
             libc::pollfd {
@@ -311,9 +320,15 @@ fn run_relay(port_a: u16, port_b: u16, filter: &str, qos: u8) -> std::io::Result
                 revents: 0,
             },
         ];
-        // SAFETY: a valid array of two pollfd.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+        // With LAZY_ACKS, B's PUBACKs wait in its socket until 64 messages
+        // went out since the last read of them: one wake-up per message.
+        let watch = if lazy_acks && unread < 64 { 1 } else { 2 };
+        // SAFETY: a valid array of pollfd, `watch` ≤ its length.
+        if unsafe { libc::poll(fds.as_mut_ptr(), watch, -1) } < 0 {
             continue;
+        }
+        if watch == 2 && fds[1].revents != 0 {
+            unread = 0;
         }
         if fds[1].revents != 0 {
             // B's PUBACKs (and SUBACK-free chatter): read and dropped.
@@ -347,6 +362,7 @@ fn run_relay(port_a: u16, port_b: u16, filter: &str, qos: u8) -> std::io::Result
                     off += 2;
                 }
                 pkid = pkid.checked_add(1).unwrap_or(1);
+                unread += 1;
                 publish(topic, &body[off..], q, pkid, &mut out);
             }
             start += at + len;
@@ -420,9 +436,10 @@ fn main() {
             n(3) as u16,
             a.get(4).map(String::as_str).unwrap_or("#"),
             n(5) as u8,
+            a.get(6).is_some_and(|s| s == "lazy-acks"),
         ),
         _ => {
-            eprintln!("usage: mqtt_raw pub PORT QOS COUNT RATE SENSORS | sub PORT FILTER QOS COUNT TIMEOUT_S [COALESCE_US] | relay PORT_A PORT_B FILTER QOS");
+            eprintln!("usage: mqtt_raw pub PORT QOS COUNT RATE SENSORS | sub PORT FILTER QOS COUNT TIMEOUT_S [COALESCE_US] | relay PORT_A PORT_B FILTER QOS [lazy-acks]");
             std::process::exit(2);
         }
     };
