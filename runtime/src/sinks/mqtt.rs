@@ -240,6 +240,11 @@ impl State {
             + self.inflight.len()
     }
 
+    /// Messages not yet handed to the connection.
+    fn waiting(&self) -> bool {
+        !(self.staged.is_empty() && self.mem.is_empty() && self.disk_len() == 0)
+    }
+
     fn disk_len(&self) -> usize {
         self.disk.as_ref().map_or(0, |d| d.len())
     }
@@ -425,8 +430,7 @@ fn window(conn: &Conn) -> usize {
 
 /// Whether [`encode_waiting`] would encode something now.
 fn can_send(st: &State, conn: &Conn, qos: u8) -> bool {
-    let waiting = !(st.staged.is_empty() && st.mem.is_empty() && st.disk_len() == 0);
-    st.connected && conn.is_up() && waiting && (qos == 0 || st.inflight.len() < window(conn))
+    st.connected && conn.is_up() && st.waiting() && (qos == 0 || st.inflight.len() < window(conn))
 }
 
 /// Encodes what waits, oldest first, while connected and (at QoS 1) the
@@ -646,7 +650,7 @@ impl MqttSink {
             }
         }
         // Written; anything still waiting is for the connection's thread.
-        st.staged.is_empty() && st.mem.is_empty() && st.disk_len() == 0
+        !st.waiting()
     }
 
     fn warn_topic(&mut self, e: &str) {
